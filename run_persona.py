@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Fine-tune a GPT/GPT-2 double-heads model into a persona chatbot (LM + next-utterance multiple-choice loss).
+
+    python run_persona.py configs/gpt2.yaml [--flag value ...]
+    accelerate launch run_persona.py configs/gpt2.yaml
+    torchrun --nproc_per_node 8 run_persona.py --model_name_or_path openai-community/gpt2 --output_dir out
+
+A lone `.yaml`/`.json` argument is a config file; flags after it override its values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import datasets
+import transformers
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from persona_collator import PersonaCollator
+from persona_data import build_features, load_dialogs
+from persona_model import load_model_and_tokenizer
+from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+PERSONACHAT_URL = "https://s3.amazonaws.com/datasets.huggingface.co/personachat/personachat_self_original.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="openai-community/openai-gpt",
+        metadata={"help": "Hub id or local path of the backbone (gpt2, distilgpt2, microsoft/DialoGPT-*, openai-gpt)."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are stored."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one stored by `hf auth`)."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights dtype at load time: 'auto', 'float32', 'bfloat16' or 'float16'.",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    dataset_path: str = field(
+        default=PERSONACHAT_URL, metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."}
+    )
+    dataset_format: str | None = field(
+        default=None, metadata={"help": "Reader to use (default: detected from the file name)."}
+    )
+    dataset_cache: str = field(
+        default="./dataset_cache", metadata={"help": "Folder caching downloads and tokenized features."}
+    )
+    num_candidates: int = field(default=2, metadata={"help": "Candidates per training example (gold included)."})
+    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
+    personality_permutations: int = field(
+        default=1, metadata={"help": "Times each dialog is used, the persona rotated by one sentence each time."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest input in tokens (default: the model's maximum positions)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str = field(default="valid", metadata={"help": "Split to evaluate on ('validation' is also tried)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild cached features."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation rows."})
+
+    def __post_init__(self):
+        if self.num_candidates < 1:
+            raise ValueError(f"--num_candidates must be >= 1, got {self.num_candidates}.")
+        if self.max_history < 0:
+            raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
+        if self.personality_permutations < 1:
+            raise ValueError(f"--personality_permutations must be >= 1, got {self.personality_permutations}.")
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, PersonaTrainingArguments))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
+    """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config_path, argv = argv[0], argv[1:]
+        with open(config_path, encoding="utf-8") as f:
+            if config_path.endswith(".json"):
+                config = json.load(f)
+            else:
+                import yaml
+
+                config = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown option(s) {unknown}.")
+        parser.set_defaults(**config)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def default_output_dir(model_name_or_path: str) -> str:
+    """runs/<date>_<host>_<model>, as the reference names its log folder."""
+    stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+    return os.path.join("runs", f"{stamp}_{socket.gethostname()}_{os.path.basename(model_name_or_path.rstrip('/'))}")
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
+    """Train and/or evaluate; returns the final metrics."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    for lib in (datasets, transformers):
+        lib.utils.logging.set_verbosity(log_level)
+    for name in ("persona_data", "persona_model", "persona_trainer"):
+        logging.getLogger(name).setLevel(log_level)
+    if training_args.auto_output_dir:
+        from accelerate.utils import broadcast_object_list
+
+        # Every process must write to the folder the main process named.
+        training_args.output_dir = broadcast_object_list([default_output_dir(model_args.model_name_or_path)])[0]
+    logger.info("Training parameters %s", training_args)
+
+    last_checkpoint = None
+    if (
+        training_args.do_train
+        and training_args.resume_from_checkpoint is None
+        and os.path.isdir(training_args.output_dir)
+    ):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
+
+    set_seed(training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path,
+        tokenizer_name_or_path=model_args.tokenizer_name,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        dtype=model_args.dtype,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    max_length = min(data_args.max_length or max_positions, max_positions)
+
+    with training_args.main_process_first(desc="loading persona dialogs"):
+        dialogs = load_dialogs(data_args.dataset_path, data_args.dataset_format, cache_dir=data_args.dataset_cache)
+
+    def features(split: str, num_candidates: int | None, max_samples: int | None) -> datasets.Dataset:
+        with training_args.main_process_first(desc=f"building {split} features"):
+            rows = build_features(
+                dialogs[split],
+                tokenizer,
+                num_candidates=num_candidates,
+                max_history=data_args.max_history,
+                personality_permutations=data_args.personality_permutations if split == data_args.train_split else 1,
+                max_length=max_length,
+                num_proc=data_args.preprocessing_num_workers,
+                cache_dir=data_args.dataset_cache,
+                load_from_cache_file=not data_args.overwrite_cache,
+                source=f"{data_args.dataset_path}: split {split!r}",
+            )
+        return rows.select(range(min(max_samples, rows.num_rows))) if max_samples is not None else rows
+
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if data_args.train_split not in dialogs:
+            raise ValueError(f"{data_args.dataset_path} has no split {data_args.train_split!r} ({list(dialogs)}).")
+        train_dataset = features(data_args.train_split, data_args.num_candidates, data_args.max_train_samples)
+    if training_args.do_eval or training_args.eval_strategy != "no":
+        eval_split = next((s for s in (data_args.eval_split, "validation", "valid") if s in dialogs), None)
+        if eval_split is None:
+            raise ValueError(f"{data_args.dataset_path} has no split {data_args.eval_split!r} ({list(dialogs)}).")
+        # Evaluation ranks every candidate (20 in PERSONA-CHAT), as ConvAI2's Hits@1.
+        eval_dataset = features(eval_split, None, data_args.max_eval_samples)
+
+    mixed = training_args.fp16 or training_args.bf16
+    trainer = PersonaTrainer(
+        model=model,
+        args=training_args,
+        data_collator=PersonaCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if mixed else None),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        train_metrics = {**result.metrics, "train_samples": len(train_dataset)}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-generation")
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console script `persona-train`."""
+    main(*parse_args(argv))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

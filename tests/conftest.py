@@ -1,0 +1,61 @@
+"""Offline fixtures: a tiny tokenizer and GPT-2 built locally once per session, synthetic persona dialogs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_data() -> dict:
+    """A small synthetic PERSONA-CHAT dict (20 candidates per turn)."""
+    return make_synthetic_personachat(num_train=24, num_valid=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def personachat_json(tmp_path_factory, synthetic_data) -> str:
+    path = tmp_path_factory.mktemp("data") / "personachat.json"
+    path.write_text(json.dumps(synthetic_data))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, synthetic_data) -> str:
+    """A random tiny GPT-2 double-heads checkpoint with a byte-level BPE tokenizer (no special tokens yet)."""
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    return make_tiny_checkpoint(str(out), corpus_texts(synthetic_data), n_layer=2, n_embd=32, n_head=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer(tiny_checkpoint):
+    """The tiny checkpoint loaded through the project's loader (special tokens added). Do not train it in place."""
+    from persona_model import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture
+def tokenizer(tiny_model_and_tokenizer):
+    return tiny_model_and_tokenizer[1]
+
+
+@pytest.fixture(scope="session")
+def shared_spc_csv() -> str:
+    path = os.path.join(SHARED_DATA, "Synthetic-Persona-Chat_valid.csv")
+    if not os.path.exists(path):
+        pytest.skip(f"real persona data not present at {path}")
+    return path
