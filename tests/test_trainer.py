@@ -1,0 +1,162 @@
+"""PersonaTrainer and run_persona: loss scaling under gradient accumulation, logging, saving, resuming."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from persona_collator import PersonaCollator
+from persona_data import build_features, load_dialogs
+from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+from run_persona import cli, parse_args
+
+
+def _without_dropout(model):
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.fixture
+def four_rows(tiny_model_and_tokenizer, personachat_json):
+    _, tokenizer = tiny_model_and_tokenizer
+    feats = build_features(load_dialogs(personachat_json)["train"], tokenizer, num_candidates=3, max_history=2)
+    rows = feats.select([0, 5, 9, 20])  # uneven reply lengths: token-mean over the step != mean of batch means
+    gold_tokens = [sum(t != -100 for t in r["labels"][-1]) for r in rows]
+    assert len(set(gold_tokens)) > 1
+    return rows
+
+
+def _one_sgd_step(model, rows, tmp_path, batch_size, accumulation, **extra):
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}ga{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        lm_coef=2.0,
+        mc_coef=1.0,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        **extra,
+    )
+    trainer = PersonaTrainer(
+        model=model, args=args, train_dataset=rows, data_collator=PersonaCollator(model.config.pad_token_id)
+    )
+    trainer.train()
+    return trainer
+
+
+def test_gradient_accumulation_scales_loss_once(tiny_model_and_tokenizer, four_rows, tmp_path):
+    base = _without_dropout(tiny_model_and_tokenizer[0])
+    one = _one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=4, accumulation=1).model
+    two = _one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=2, accumulation=2).model
+
+    # Independent expectation: one SGD step (lr 1) on 2 * token-mean LM NLL + mean MC NLL over all four rows.
+    manual = copy.deepcopy(base).train()
+    batch = PersonaCollator(base.config.pad_token_id)(list(four_rows))
+    out = manual(**batch)
+    (2.0 * out.lm_nll.sum() / out.lm_tokens.sum() + out.mc_nll.mean()).backward()
+    with torch.no_grad():
+        for p in manual.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    for name, expected in manual.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(two.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(one.transformer.wte.weight, base.transformer.wte.weight)
+
+
+def test_eval_metrics_are_corpus_level(tiny_model_and_tokenizer, personachat_json, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer
+    feats = build_features(load_dialogs(personachat_json)["valid"], tokenizer, num_candidates=None, max_history=2)
+    feats = feats.select(range(10))
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none", use_cpu=True, lm_coef=1.0
+    )
+    trainer = PersonaTrainer(
+        model=model, args=args, eval_dataset=feats, data_collator=PersonaCollator(tokenizer.pad_token_id)
+    )
+    metrics = trainer.evaluate()
+    # Second implementation: one forward over all rows, metrics computed directly.
+    model.eval()
+    with torch.no_grad():
+        out = model(**PersonaCollator(tokenizer.pad_token_id)(list(feats)))
+    hits = (out.mc_logits.argmax(dim=1) == 19).float().mean().item()
+    lm_loss = (out.lm_nll.sum() / out.lm_tokens.sum()).item()
+    assert metrics["eval_hits@1"] == pytest.approx(hits)
+    assert metrics["eval_lm_loss"] == pytest.approx(lm_loss, rel=1e-5)
+    assert metrics["eval_ppl"] == pytest.approx(torch.tensor(lm_loss).exp().item(), rel=1e-5)
+    assert metrics["eval_mc_loss"] == pytest.approx(out.mc_nll.mean().item(), rel=1e-5)
+
+
+def test_config_file_with_overrides(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model_name_or_path: some/model\nnum_candidates: 4\nlm_coef: 2.0\nlearning_rate: 1.0e-4\n")
+    model_args, data_args, training_args = parse_args([str(config), "--num_candidates", "3", "--output_dir", "x"])
+    assert model_args.model_name_or_path == "some/model"
+    assert data_args.num_candidates == 3 and training_args.lm_coef == 2.0 and training_args.learning_rate == 1e-4
+    # Reference defaults when nothing is given.
+    _, data_args, training_args = parse_args(["--output_dir", "x"])
+    assert (data_args.num_candidates, data_args.max_history, data_args.personality_permutations) == (2, 2, 1)
+    assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (4, 8)
+    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.max_grad_norm) == (
+        6.25e-5,
+        3,
+        1.0,
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_candidatez: 4\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown option"):
+        parse_args([str(bad)])
+    with pytest.raises(ValueError, match="num_candidates"):
+        parse_args(["--num_candidates", "0", "--output_dir", "x"])
+
+
+@pytest.mark.slow
+def test_run_persona_end_to_end_save_reload_resume(tiny_checkpoint, personachat_json, tmp_path):
+    out = tmp_path / "run"
+    common = [
+        "--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json,
+        "--dataset_cache", str(tmp_path / "cache"), "--output_dir", str(out), "--num_candidates", "4",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "20", "--eval_strategy", "no",
+        "--use_cpu", "true", "--report_to", "none", "--max_eval_samples", "16", "--seed", "1",
+    ]  # fmt: skip
+    cli([*common, "--max_steps", "40"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    train_logs = [log for log in state["log_history"] if "loss" in log]
+    assert all("lm_loss" in log and "mc_loss" in log for log in train_logs)
+    first, last = sum(x["loss"] for x in train_logs[:5]) / 5, sum(x["loss"] for x in train_logs[-5:]) / 5
+    assert last < first * 0.9, (first, last)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_hits@1", "eval_ppl", "eval_lm_loss", "eval_mc_loss"} <= eval_results.keys()
+
+    from transformers import AutoTokenizer, GPT2DoubleHeadsModel
+
+    GPT2DoubleHeadsModel.from_pretrained(out)
+    assert "<speaker1>" in AutoTokenizer.from_pretrained(out).get_vocab()
+
+    # Resume from the step-20 checkpoint to step 40: the same weights as the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    cli([*common, "--max_steps", "40", "--output_dir", str(resumed),
+         "--resume_from_checkpoint", str(out / "checkpoint-20")])  # fmt: skip
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert os.path.isdir(resumed / "checkpoint-40")
