@@ -352,7 +352,7 @@ def read_convai2_txt(path: str, source: str, options: ReadOptions) -> dict[str, 
         number = int(match.group(1)) if match else None
         if number == 1 or first_line == 0:
             close()
-            lines, problems, first_line = [], [], line_no
+            lines, problems, first_line, expected = [], [], line_no, None
         if problem:
             problems.append(problem)
         if match is None:
@@ -564,8 +564,13 @@ def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[s
 
 
 def _check_str_list(value, where: str, field: str, allow_empty: bool = True) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+    if not isinstance(value, list):
         raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {type(value).__name__}.")
+    bad = next((i for i, s in enumerate(value) if not isinstance(s, str)), None)
+    if bad is not None:
+        raise PersonaDataError(
+            f"{where}: field {field!r} must be a list of strings; item {bad} is {type(value[bad]).__name__}."
+        )
     if not allow_empty and not value:
         raise PersonaDataError(f"{where}: field {field!r} is empty.")
     return value
@@ -664,6 +669,8 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             dialogs, groups, needs, options.num_distractors, options.distractor_seed
         )
     report.dialogs = len(dialogs)
+    if not dialogs:  # from_list cannot take the schema from an empty list
+        return datasets.Dataset.from_dict({"personality": [], "utterances": []}, features=DIALOG_FEATURES)
     return datasets.Dataset.from_list(dialogs, features=DIALOG_FEATURES)
 
 
