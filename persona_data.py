@@ -221,22 +221,22 @@ def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | Non
         try:
             yield where, json.loads(text), None
         except json.JSONDecodeError as err:
-            yield where, None, f"{where}: not valid JSON (column {err.colno}): {err.msg}."
+            yield where, None, f"{where}, column {err.colno}: not valid JSON: {err.msg}."
         except RecursionError:
             yield where, None, f"{where}: JSON nested too deeply."
 
 
 def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """PERSONA-CHAT "self_original" JSON: ``{"train": [dialog...], "valid": [dialog...]}`` (a list: one split)."""
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise PersonaDataError(
-            f"{source}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}."
-        ) from None
+        data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
-        raise PersonaDataError(f"{source}: not UTF-8 text (byte {err.start}). Re-encode the file as UTF-8.") from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise PersonaDataError(f"{source}: line {line}: not UTF-8 (byte {err.start}); re-encode the file.") from None
+    except json.JSONDecodeError as err:
+        raise PersonaDataError(f"{source}: line {err.lineno}, column {err.colno}: not valid JSON: {err.msg}.") from None
     except RecursionError:
         raise PersonaDataError(f"{source}: JSON nested too deeply.") from None
     if isinstance(data, list):
