@@ -372,32 +372,34 @@ _SPC_TURN = re.compile(r"^[\s*]*User\s*([12])\s*\**\s*:\s*\**\s*(.*)$", re.IGNOR
 _STAGE_DIRECTION = re.compile(r"^\[.*\]$|^[\W_]*$")
 
 
-def _spc_turns(conversation: str, where: str) -> list[tuple[str, str]]:
-    """[(speaker "1"/"2", text)] of an SPC conversation; consecutive turns of one speaker are merged.
+def _spc_turns(conversation: str, where: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """[(speaker "1"/"2", text)] of an SPC conversation, and the text of every speaker line before merging.
 
-    A line without a speaker continues the previous turn (recipes, lists); bracketed stage directions and
-    separator lines are dropped.
+    Consecutive turns of one speaker are merged; a line without a speaker continues the previous turn (recipes,
+    lists); bracketed stage directions and separator lines are dropped.
     """
     turns: list[list[str]] = []
+    pieces: list[str] = []
     for line in conversation.splitlines():
         line = line.strip()
         match = _SPC_TURN.match(line)
         if match:
             speaker, text = match.group(1), match.group(2).strip()
+            pieces.append(text)
             if turns and turns[-1][0] == speaker:
                 turns[-1][1] = f"{turns[-1][1]} {text}".strip()
             else:
                 turns.append([speaker, text])
         elif line and turns and not _STAGE_DIRECTION.match(line):
             turns[-1][1] = f"{turns[-1][1]} {line}".strip()
-    return [(s, t) for s, t in turns]
+    return [(s, t) for s, t in turns], pieces
 
 
 def _spc_dialogs(row: dict, where: str, roles: list[str]) -> list[dict]:
     for name in SPC_COLUMNS:
         if not isinstance(row.get(name), str):
             raise PersonaDataError(f"{where}: field {name!r} is missing.")
-    turns = _spc_turns(row["Best Generated Conversation"], where)
+    turns, pieces = _spc_turns(row["Best Generated Conversation"], where)
     speakers = {s for s, _ in turns}
     if not turns:
         raise PersonaDataError(f"{where}: field 'Best Generated Conversation' has no 'User 1:'/'User 2:' turns.")
@@ -411,7 +413,10 @@ def _spc_dialogs(row: dict, where: str, roles: list[str]) -> list[dict]:
         texts = [t for _, t in turns]
         if turns[0][0] == bot:
             texts = [SILENCE, *texts]
-        dialogs.append(_dialog_from_turns(persona, texts, where))
+        dialog = _dialog_from_turns(persona, texts, where)
+        # Merged turns hide their lines; a distractor must not repeat any of them either.
+        dialog["_own_texts"] = pieces
+        dialogs.append(dialog)
     return dialogs
 
 
@@ -614,13 +619,19 @@ def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> di
 
 
 def sample_distractors(
-    dialogs: list[dict], groups: list[int], needs: list[list[bool]], num_distractors: int, seed: int
+    dialogs: list[dict],
+    groups: list[int],
+    needs: list[list[bool]],
+    num_distractors: int,
+    seed: int,
+    own_texts: list[list[str]] | None = None,
 ) -> int:
     """Prepend `num_distractors` distractors (in place) to the marked utterances; returns how many got fewer.
 
     Distractors are turns of dialogs of OTHER groups (a group = one source record), never a text that also occurs in
-    the dialog's own group. Each dialog draws from its own generator seeded by (seed, dialog index), and the pool is
-    ordered by first occurrence, so the result does not depend on PYTHONHASHSEED, set order or process.
+    the dialog's own group (its turns, and `own_texts`: e.g. the lines that make up a merged turn). Each dialog draws
+    from its own generator seeded by (seed, dialog index), and the pool is ordered by first occurrence, so the result
+    does not depend on PYTHONHASHSEED, set order or process.
     """
     pool: dict[str, set[int]] = {}
     for dialog, group in zip(dialogs, groups):
@@ -628,6 +639,10 @@ def sample_distractors(
             for text in chain(u["history"], u["candidates"][-1:]):
                 if text.strip() and text != SILENCE:
                     pool.setdefault(text, set()).add(group)
+    for texts_, group in zip(own_texts or [], groups):
+        for text in texts_:
+            if text.strip():
+                pool.setdefault(text, set()).add(group)
     texts, owners = list(pool), list(pool.values())
     short = 0
     for d, (dialog, group, marks) in enumerate(zip(dialogs, groups, needs)):
@@ -648,7 +663,7 @@ def sample_distractors(
 
 
 def _assemble_split(records: Iterable[Record], options: ReadOptions, report: SplitReport) -> datasets.Dataset:
-    dialogs, groups, needs = [], [], []
+    dialogs, groups, needs, own_texts = [], [], [], []
     for group, (where, build) in enumerate(records):
         report.records += 1
         try:
@@ -664,9 +679,10 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             dialogs.append(clean)
             groups.append(group)
             needs.append([bool(u.get("_sample")) for u in raw["utterances"]])
+            own_texts.append(raw.get("_own_texts", []))
     if any(chain.from_iterable(needs)):
         report.short_candidates = sample_distractors(
-            dialogs, groups, needs, options.num_distractors, options.distractor_seed
+            dialogs, groups, needs, options.num_distractors, options.distractor_seed, own_texts
         )
     report.dialogs = len(dialogs)
     if not dialogs:  # from_list cannot take the schema from an empty list

@@ -205,7 +205,7 @@ _bytes_file = st.one_of(
 FUZZ_FORMATS = {"a.json": None, "a.jsonl": None, "chat.jsonl": "chat_jsonl", "a.txt": None, "a.csv": None}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_bytes_file, name=st.sampled_from(sorted(FUZZ_FORMATS)), skip=st.booleans())
 def test_fuzz_readers(tmp_path, data, name, skip):
     path = tmp_path / name
