@@ -685,14 +685,18 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             dialogs, groups, needs, options.num_distractors, options.distractor_seed, own_texts
         )
     report.dialogs = len(dialogs)
-    if not dialogs:  # from_list cannot take the schema from an empty list
-        return datasets.Dataset.from_dict({"personality": [], "utterances": []}, features=DIALOG_FEATURES)
-    return datasets.Dataset.from_list(dialogs, features=DIALOG_FEATURES)
+    columns = {key: [d[key] for d in dialogs] for key in DIALOG_FEATURES}  # from_list cannot type an empty list
+    return datasets.Dataset.from_dict(columns, features=DIALOG_FEATURES)
 
 
 def dialogs_to_dataset_dict(splits: dict[str, list], source: str, on_bad_record: str = "error") -> datasets.DatasetDict:
     """Validate raw canonical dialogs per split and build the `DatasetDict`; bad records raise or are counted."""
     options = ReadOptions(on_bad_record=on_bad_record)
+    for split, dialogs in splits.items():
+        if not isinstance(dialogs, list):
+            raise PersonaDataError(
+                f"{source}: split {split!r} must be a list of dialogs, got {type(dialogs).__name__}."
+            )
     records = {
         split: [(f"{source}: split {split!r}, dialog {i}", partial(list, [d])) for i, d in enumerate(dialogs)]
         for split, dialogs in splits.items()

@@ -433,3 +433,17 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
     assert seen["distractor_seed"] == 5
     with pytest.raises(SystemExit):
         run_persona.parse_args(["--spc_bot_role", "bot", "--output_dir", str(tmp_path)])
+
+
+def test_dialogs_to_dataset_dict_keeps_its_contract(caplog):
+    from persona_data import dialogs_to_dataset_dict
+
+    data = {"train": [SMALL["train"][0], {"personality": []}], "valid": []}
+    with pytest.raises(PersonaDataError, match=r"^mem: split 'train', dialog 1: missing field 'utterances'"):
+        dialogs_to_dataset_dict(data, "mem")
+    with caplog.at_level("WARNING", logger="persona_data"):
+        out = dialogs_to_dataset_dict(data, "mem", "skip")
+    assert rows(out["train"]) == [SMALL["train"][0]] and out["valid"].num_rows == 0
+    assert "skipped 1 bad ones" in caplog.text
+    with pytest.raises(PersonaDataError, match="must be a list of dialogs"):
+        dialogs_to_dataset_dict({"train": {"a": 1}}, "mem")
