@@ -236,7 +236,9 @@ def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[
         line = raw[: err.start].count(b"\n") + 1
         raise PersonaDataError(f"{source}: line {line}: not UTF-8 (byte {err.start}); re-encode the file.") from None
     except json.JSONDecodeError as err:
-        raise PersonaDataError(f"{source}: line {err.lineno}, column {err.colno}: not valid JSON: {err.msg}.") from None
+        raise PersonaDataError(
+            f"{source}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}."
+        ) from None
     except RecursionError:
         raise PersonaDataError(f"{source}: JSON nested too deeply.") from None
     if isinstance(data, list):

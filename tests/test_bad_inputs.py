@@ -16,7 +16,7 @@ BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
 # file -> (where the error points (None: the file is valid), fields/words it must name, dialogs kept with "skip",
 # records skipped with "skip"; None for file-level errors that raise in both modes).
 CORPUS = {
-    "json_broken.json": ("line 1, column 34", "not valid JSON", None, None),
+    "json_broken.json": ("not valid JSON (line 1, column 34)", "Expecting", None, None),
     "json_latin1.json": ("line 1", "UTF-8", None, None),
     "json_no_utterances.json": ("split 'train', dialog 1", "'utterances'", 1, 1),
     "json_empty_persona.json": (None, None, 1, 0),
