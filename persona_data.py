@@ -15,7 +15,8 @@ Formats (``dataset_format``, detected from the file when omitted):
 - ``spc_csv``: Synthetic-Persona-Chat CSV (``user 1 personas``, ``user 2 personas``, ``Best Generated
   Conversation``); the bot plays ``spc_bot_role`` (user2, user1 or both).
 - ``hub``: a Hub id or a local ``datasets`` folder/files whose columns (after ``column_mapping``) are those of the
-  canonical record, the chat layout or the SPC layout.
+  canonical record, one row per utterance (``personality, history, candidates[, conv_id]``), the chat layout or
+  the SPC layout.
 
 Formats without distractors get ``num_distractors`` sampled (seeded) from the turns of OTHER dialogs of the split.
 Bad records raise a `PersonaDataError` naming file, line/record and field, or with ``on_bad_record="skip"`` are
@@ -518,10 +519,37 @@ def _rows_to_records(ds: datasets.Dataset, where: str) -> list[Record]:
         return [(at, partial(_canonical_row, row)) for at, row in rows]
     if {"persona", "turns"} <= columns:
         return [(at, partial(_chat_dialog, row, at)) for at, row in rows]
+    if {"personality", "history", "candidates"} <= columns:
+        return _utterance_row_records(rows)
     raise PersonaDataError(
         f"{where}: columns {ds.column_names} match no known layout: canonical (personality, utterances), "
-        f"chat (persona, turns) or Synthetic-Persona-Chat {list(SPC_COLUMNS)}; map yours with column_mapping."
+        f"one row per utterance (personality, history, candidates[, conv_id]), chat (persona, turns) or "
+        f"Synthetic-Persona-Chat {list(SPC_COLUMNS)}; map yours with column_mapping."
     )
+
+
+def _utterance_row_records(rows: Iterable[tuple[str, dict]]) -> list[Record]:
+    """One row per utterance (as bavard/personachat_truecased): consecutive rows of one `conv_id` are a dialog."""
+    records: list[Record] = []
+    group: list[dict] = []
+    first = key = None
+    for i, (at, row) in enumerate(rows):
+        row_key = row.get("conv_id", i)  # without conv_id every row is a dialog of its own
+        if group and row_key != key:
+            records.append((first, partial(_dialog_from_utterance_rows, group)))
+            group = []
+        if not group:
+            first = at
+        key = row_key
+        group.append(row)
+    if group:
+        records.append((first, partial(_dialog_from_utterance_rows, group)))
+    return records
+
+
+def _dialog_from_utterance_rows(rows: list[dict]) -> list[dict]:
+    utterances = [{"history": row["history"], "candidates": row["candidates"]} for row in rows]
+    return [{"personality": rows[0]["personality"], "utterances": utterances}]
 
 
 def _canonical_row(row: dict) -> list[dict]:

@@ -287,6 +287,29 @@ def test_saved_dataset_folder_with_column_mapping(tmp_path):
         load_dialogs(str(tmp_path / "chat"), column_mapping={"nope": "persona"})
 
 
+def test_utterance_rows_layout(tmp_path):
+    """One row per utterance with a dialog id, as bavard/personachat_truecased on the Hub."""
+    table = [
+        {"persona": ["i like tea."], "hist": ["hi"], "cands": ["no", "hello"], "dialog_id": 7},
+        {"persona": ["i like tea."], "hist": ["hi", "hello", "tea?"], "cands": ["no", "yes"], "dialog_id": 7},
+        {"persona": [], "hist": ["a"], "cands": ["b"], "dialog_id": 8},
+    ]
+    datasets.Dataset.from_list(table).save_to_disk(str(tmp_path / "rows"))
+    mapping = {"persona": "personality", "hist": "history", "cands": "candidates", "dialog_id": "conv_id"}
+    dialogs, reports = load_dialogs_with_report(str(tmp_path / "rows"), column_mapping=mapping, split="valid")
+    assert rows(dialogs["valid"]) == [
+        {
+            "personality": ["i like tea."],
+            "utterances": [
+                {"history": ["hi"], "candidates": ["no", "hello"]},
+                {"history": ["hi", "hello", "tea?"], "candidates": ["no", "yes"]},
+            ],
+        },
+        {"personality": [], "utterances": [{"history": ["a"], "candidates": ["b"]}]},
+    ]
+    assert reports["valid"].records == 2
+
+
 def test_data_files_folder(tmp_path):
     folder = tmp_path / "canonical"
     folder.mkdir()
