@@ -95,7 +95,13 @@ class ReadOptions:
 
 
 def parse_column_mapping(mapping: dict[str, str] | str | None) -> dict[str, str]:
-    """``"persona=personality,dialog=utterances"`` (or a JSON object, or a dict) → ``{dataset column: field}``."""
+    """``"persona=personality,dialog=utterances"`` (or a JSON object, or a dict) → ``{dataset column: field}``.
+
+    >>> parse_column_mapping("persona=personality, dialog = utterances")
+    {'persona': 'personality', 'dialog': 'utterances'}
+    >>> parse_column_mapping('{"who": "persona"}')
+    {'who': 'persona'}
+    """
     if mapping is None or mapping == "":
         return {}
     if isinstance(mapping, dict):
@@ -106,6 +112,8 @@ def parse_column_mapping(mapping: dict[str, str] | str | None) -> dict[str, str]
             parsed = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"column_mapping is not valid JSON: {err.msg}.") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"column_mapping must be a JSON object, got {type(parsed).__name__}.")
         return parse_column_mapping(parsed)
     out = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
@@ -193,6 +201,11 @@ def _split_from_name(path: str, options: ReadOptions) -> str:
     return "train"
 
 
+def _refuse_utf16(head: bytes, source: str) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 BOM: every line would fail on its own
+        raise PersonaDataError(f"{source}: line 1: UTF-16 text (byte-order mark); re-encode the file as UTF-8.")
+
+
 def _text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
     """(line number, text without line end, encoding error or None) of a UTF-8 file; BOM and CRLF tolerated.
 
@@ -200,8 +213,9 @@ def _text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]
     """
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+            if line_no == 1:
+                _refuse_utf16(raw, source)
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             raw = raw.rstrip(b"\r\n")
             try:
                 yield line_no, raw.decode("utf-8"), None
@@ -231,6 +245,7 @@ def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[
     """PERSONA-CHAT "self_original" JSON: ``{"train": [dialog...], "valid": [dialog...]}`` (a list: one split)."""
     with open(path, "rb") as f:
         raw = f.read()
+    _refuse_utf16(raw, source)
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
@@ -584,7 +599,10 @@ def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[s
                 raise PersonaDataError(
                     f"{source}: split {split!r}: column_mapping names column(s) {absent} it lacks ({ds.column_names})."
                 )
-            ds = ds.rename_columns(options.column_mapping)
+            try:
+                ds = ds.rename_columns(options.column_mapping)
+            except ValueError as err:  # e.g. a target name that is already a column
+                raise PersonaDataError(f"{source}: split {split!r}: column_mapping: {err}") from None
         where = f"{source}: split {split!r}"
         if set(SPC_COLUMNS) <= set(ds.column_names):
             rows = [(f"{where}, record {i}", row, None) for i, row in enumerate(ds)]
