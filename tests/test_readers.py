@@ -107,6 +107,36 @@ def test_convai2_txt(tmp_path):
     assert rows(dialogs["train"]) == CONVAI2_EXPECTED
 
 
+def to_convai2_txt(dialogs: list[dict], with_cands: bool = True) -> str:
+    """A second implementation, the other way: canonical dialogs → ParlAI text (the candidates keep their order)."""
+    lines = []
+    for dialog in dialogs:
+        number = 1
+        for sentence in dialog["personality"]:
+            lines.append(f"{number} your persona: {sentence}")
+            number += 1
+        for u in dialog["utterances"]:
+            gold = u["candidates"][-1]
+            cands = "\t\t" + "|".join(u["candidates"]) if with_cands else ""
+            lines.append(f"{number} {u['history'][-1]}\t{gold}{cands}")
+            number += 1
+    return "\n".join(lines) + "\n"
+
+
+def test_convai2_txt_round_trip(tmp_path, synthetic_data):
+    train = synthetic_data["train"]
+    path = write(tmp_path, "train_self_original.txt", to_convai2_txt(train))
+    assert rows(load_dialogs(path)["train"]) == train
+    no_cands = load_dialogs(write(tmp_path, "train_no_cands.txt", to_convai2_txt(train, with_cands=False)))["train"]
+    assert no_cands.num_rows == len(train)
+    for read, original in zip(no_cands, train):
+        assert [u["history"] for u in read["utterances"]] == [u["history"] for u in original["utterances"]]
+        assert [u["candidates"][-1] for u in read["utterances"]] == [
+            u["candidates"][-1] for u in original["utterances"]
+        ]
+        assert all(len(u["candidates"]) == 20 for u in read["utterances"])
+
+
 def test_convai2_both_keeps_only_your_persona(tmp_path):
     dialogs = load_dialogs(write(tmp_path, "valid_both_original.txt", CONVAI2_BOTH_TXT))
     assert rows(dialogs["valid"]) == [
