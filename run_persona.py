@@ -109,6 +109,8 @@ class DataArguments:
             raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
         if self.personality_permutations < 1:
             raise ValueError(f"--personality_permutations must be >= 1, got {self.personality_permutations}.")
+        if self.num_distractors < 0:
+            raise ValueError(f"--num_distractors must be >= 0, got {self.num_distractors}.")
 
 
 def make_parser() -> HfArgumentParser:
