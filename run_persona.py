@@ -59,7 +59,30 @@ class DataArguments:
         default=PERSONACHAT_URL, metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."}
     )
     dataset_format: str | None = field(
-        default=None, metadata={"help": "Reader to use (default: detected from the file name)."}
+        default=None,
+        metadata={
+            "help": "Reader: personachat_json, jsonl, chat_jsonl, convai2_txt, spc_csv or hub (default: detected)."
+        },
+    )
+    on_bad_record: str = field(
+        default="error",
+        metadata={
+            "help": "On a malformed record: 'error' stops, 'skip' counts and reports it.",
+            "choices": ["error", "skip"],
+        },
+    )
+    num_distractors: int = field(
+        default=19, metadata={"help": "Distractors sampled from other dialogs for formats that have none."}
+    )
+    spc_bot_role: str = field(
+        default="user2",
+        metadata={"help": "Synthetic-Persona-Chat: the user the bot plays.", "choices": ["user1", "user2", "both"]},
+    )
+    column_mapping: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub datasets: rename columns to the record's fields, e.g. 'persona=personality,dialog=utterances'."
+        },
     )
     dataset_cache: str = field(
         default="./dataset_cache", metadata={"help": "Folder caching downloads and tokenized features."}
@@ -86,6 +109,8 @@ class DataArguments:
             raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
         if self.personality_permutations < 1:
             raise ValueError(f"--personality_permutations must be >= 1, got {self.personality_permutations}.")
+        if self.num_distractors < 0:
+            raise ValueError(f"--num_distractors must be >= 0, got {self.num_distractors}.")
 
 
 def make_parser() -> HfArgumentParser:
@@ -163,7 +188,16 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     max_length = min(data_args.max_length or max_positions, max_positions)
 
     with training_args.main_process_first(desc="loading persona dialogs"):
-        dialogs = load_dialogs(data_args.dataset_path, data_args.dataset_format, cache_dir=data_args.dataset_cache)
+        dialogs = load_dialogs(
+            data_args.dataset_path,
+            data_args.dataset_format,
+            cache_dir=data_args.dataset_cache,
+            on_bad_record=data_args.on_bad_record,
+            num_distractors=data_args.num_distractors,
+            spc_bot_role=data_args.spc_bot_role,
+            column_mapping=data_args.column_mapping,
+            distractor_seed=training_args.seed,
+        )
 
     def features(split: str, num_candidates: int | None, max_samples: int | None) -> datasets.Dataset:
         with training_args.main_process_first(desc=f"building {split} features"):

@@ -1,0 +1,229 @@
+"""Malformed inputs: a clear PersonaDataError naming file, line/record and field, or a counted skip; never a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from persona_data import PersonaDataError, build_features, load_dialogs, load_dialogs_with_report
+
+BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
+
+# file -> (where the error points (None: the file is valid), fields/words it must name, dialogs kept with "skip",
+# records skipped with "skip"; None for file-level errors that raise in both modes).
+CORPUS = {
+    "json_broken.json": ("not valid JSON (line 1, column 34)", "Expecting", None, None),
+    "json_latin1.json": ("line 1", "UTF-8", None, None),
+    "json_no_utterances.json": ("split 'train', dialog 1", "'utterances'", 1, 1),
+    "json_empty_persona.json": (None, None, 1, 0),
+    "json_empty_utterances.json": ("split 'train', dialog 1", "'utterances'", 1, 1),
+    "json_gold_empty.json": ("split 'train', dialog 0, utterance 0", "gold reply", 1, 1),
+    "json_candidates_not_list.json": ("split 'valid', dialog 1, utterance 0", "'candidates'", 1, 1),
+    "json_bom_crlf.json": (None, None, 2, 0),
+    "json_top_level_string.json": ("", "object of splits", None, None),
+    "json_split_not_list.json": ("split 'train'", "list of dialogs", None, None),
+    "json_history_numbers.json": ("split 'train', dialog 0, utterance 0", "'history'", 0, 1),
+    "json_long_turn.json": ("split 'train', dialog 1, utterance 0", "max_turn_chars", 1, 1),
+    "json_no_candidates.json": ("split 'train', dialog 0, utterance 0", "'candidates'", 1, 1),
+    "json_utf16.json": ("line 1", "UTF-16", None, None),
+    "jsonl_utf16.jsonl": ("line 1", "UTF-16", None, None),
+    "convai2_utf16.txt": ("line 1", "UTF-16", None, None),
+    "jsonl_broken_line.jsonl": ("line 2", "not valid JSON", 2, 1),
+    "jsonl_latin1_line.jsonl": ("line 2", "UTF-8", 2, 1),
+    "jsonl_missing_personality.jsonl": ("line 1", "'personality'", 1, 1),
+    "jsonl_array_line.jsonl": ("line 2", "must be an object", 1, 1),
+    "jsonl_bom_crlf.jsonl": (None, None, 2, 0),
+    "jsonl_blank_lines.jsonl": (None, None, 2, 0),
+    "jsonl_utterance_not_object.jsonl": ("line 1, utterance 0", "utterance must be an object", 1, 1),
+    "chat_one_turn.jsonl": ("line 1", "'turns'", 1, 1),
+    "chat_missing_turns.jsonl": ("line 1", "'turns'", 1, 1),
+    "chat_turns_not_strings.jsonl": ("line 1", "'turns'", 1, 1),
+    "chat_empty_persona.jsonl": (None, None, 2, 0),
+    "chat_empty_gold.jsonl": ("line 1, utterance 0", "gold reply", 1, 1),
+    "convai2_out_of_order.txt": ("line 3", "out of order", 1, 1),
+    "convai2_no_number.txt": ("line 2", "line number", 1, 1),
+    "convai2_missing_label.txt": ("line 2", "'label'", 1, 1),
+    "convai2_label_not_in_cands.txt": ("line 2", "'label'", 1, 1),
+    "convai2_starts_at_2.txt": ("line 1", "expected 1", 1, 1),
+    "convai2_latin1.txt": ("line 4", "UTF-8", 1, 1),
+    "convai2_crlf_bom.txt": (None, None, 2, 0),
+    "convai2_persona_only.txt": ("dialog starting at line 1", "'text\\tlabel'", 1, 1),
+    "convai2_empty_label.txt": ("line 2", "'label'", 1, 1),
+    "convai2_few_no_cands.txt": (None, None, 2, 0),
+    "spc_missing_column.csv": ("line 1", "'user 2 personas'", None, None),
+    "spc_unterminated_quote.csv": ("record 1 (line 8)", "fields", 1, 1),
+    "spc_one_sided.csv": ("record 1 (line 8)", "one-sided", 2, 1),
+    "spc_no_turns.csv": ("record 1 (line 8)", "'Best Generated Conversation'", 2, 1),
+    "spc_empty_persona.csv": (None, None, 2, 0),
+    "spc_latin1.csv": ("line 8", "UTF-8", 2, 1),
+    "spc_crlf_bom.csv": (None, None, 2, 0),
+    "spc_extra_field.csv": ("record 1 (line 8)", "4 fields", 2, 1),
+    "spc_empty.csv": ("", "header", None, None),
+    "spc_empty_gold.csv": ("record 1 (line 8), utterance 0", "gold reply", 2, 1),
+}
+
+
+def _format(name: str) -> str | None:
+    return "chat_jsonl" if name.startswith("chat_") else None  # a broken first line defeats detection
+
+
+def test_corpus_is_complete():
+    assert sorted(f for f in os.listdir(BAD_DIR) if not f.startswith(".")) == sorted(CORPUS)
+    assert sum(where is not None for where, *_ in CORPUS.values()) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_bad_input(name):
+    where, words, kept, skipped = CORPUS[name]
+    path = os.path.join(BAD_DIR, name)
+    if where is None:
+        dialogs = load_dialogs(path, _format(name))
+        assert sum(ds.num_rows for ds in dialogs.values()) == kept
+        return
+    with pytest.raises(PersonaDataError) as info:
+        load_dialogs(path, _format(name))
+    message = str(info.value)
+    assert message.startswith(f"{path}: {where}"), message
+    assert words in message
+    if kept is None:  # the whole file is unreadable: skipping cannot help
+        with pytest.raises(PersonaDataError, match="^" + path):
+            load_dialogs(path, _format(name), on_bad_record="skip")
+        return
+    dialogs, reports = load_dialogs_with_report(path, _format(name), on_bad_record="skip")
+    assert sum(ds.num_rows for ds in dialogs.values()) == kept
+    assert sum(r.skipped for r in reports.values()) == skipped
+    # count in == count out + skipped (one dialog per record in these formats)
+    assert sum(r.records for r in reports.values()) == kept + skipped
+    assert any(where in reason for r in reports.values() for reason in r.reasons)
+
+
+def test_skip_is_reported_at_the_end(caplog):
+    with caplog.at_level("WARNING", logger="persona_data"):
+        load_dialogs(os.path.join(BAD_DIR, "jsonl_broken_line.jsonl"), on_bad_record="skip")
+    assert "read 3 records, skipped 1 bad ones, kept 2 dialogs" in caplog.text
+
+
+def test_fewer_distractors_than_requested_are_reported(caplog):
+    with caplog.at_level("WARNING", logger="persona_data"):
+        dialogs = load_dialogs(os.path.join(BAD_DIR, "convai2_few_no_cands.txt"), num_distractors=5)
+    # Dialog 0 may only borrow the 2 turns of dialog 1; dialog 1 gets 4 of dialog 0's turns.
+    assert [len(u["candidates"]) for d in dialogs["train"] for u in d["utterances"]] == [3, 3, 5]
+    assert "replies got fewer than 5 distractors" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (
+            "huge.jsonl",
+            json.dumps({"personality": ["a"], "utterances": [{"history": ["x" * 3_000_000], "candidates": ["b"]}]}),
+        ),
+        ("huge.txt", "1 your persona: a.\n2 " + "y" * 3_000_000 + "\thi\n"),
+        (
+            "huge.csv",
+            'user 1 personas,user 2 personas,Best Generated Conversation\n"a","b","User 1: '
+            + "z" * 3_000_000
+            + '\nUser 2: hi"\n',
+        ),
+    ],
+)
+def test_huge_single_line(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PersonaDataError, match=r"has a text of 3000\d{3} characters"):
+        load_dialogs(str(path))
+    assert load_dialogs(str(path), max_turn_chars=None)["train"].num_rows == 1
+
+
+# Issue 2's cases: missing file, malformed JSON, a dialog without utterances, too few candidates for build_features.
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_dialogs(str(tmp_path / "nowhere.json"))
+
+
+def test_unknown_option_and_format(tmp_path):
+    path = os.path.join(BAD_DIR, "json_empty_persona.json")
+    with pytest.raises(ValueError, match="num_candidate"):
+        load_dialogs(path, num_candidate=3)
+    with pytest.raises(ValueError, match="Unknown dataset_format 'xml'"):
+        load_dialogs(path, "xml")
+    with pytest.raises(ValueError, match="on_bad_record"):
+        load_dialogs(path, on_bad_record="ignore")
+    with pytest.raises(PersonaDataError, match="cannot tell the format"):
+        (tmp_path / "data.bin").write_text("x")
+        load_dialogs(str(tmp_path / "data.bin"))
+
+
+def test_too_few_candidates_for_build_features(tokenizer):
+    dialogs = load_dialogs(os.path.join(BAD_DIR, "json_empty_persona.json"))["train"]
+    with pytest.raises(PersonaDataError, match=r"^data.json: split 'train': dialog 0, utterance 0: field 'candidates'"):
+        build_features(dialogs, tokenizer, num_candidates=4, max_history=2, source="data.json: split 'train'")
+
+
+# Fuzzing: whatever the bytes, a reader returns dialogs or raises PersonaDataError (or nothing else).
+
+_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=12,
+)
+_dialogish = st.fixed_dictionaries(
+    {},
+    optional={
+        "personality": st.lists(_text, max_size=3) | _json_value,
+        "utterances": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "history": st.lists(_text, max_size=3) | _json_value,
+                    "candidates": st.lists(_text, max_size=3),
+                },
+            ),
+            max_size=3,
+        )
+        | _json_value,
+        "persona": st.lists(_text, max_size=3) | _json_value,
+        "turns": st.lists(_text, max_size=5) | _json_value,
+    },
+)
+_line = st.one_of(
+    _dialogish.map(json.dumps),
+    _json_value.map(json.dumps),
+    st.builds(lambda n, t: f"{n} {t}", st.integers(0, 5), _text),
+    st.builds(lambda n, a, b, c: f"{n} {a}\t{b}\t\t{c}", st.integers(1, 4), _text, _text, _text),
+    _text,
+)
+_bytes_file = st.one_of(
+    st.lists(_line, max_size=8).map(lambda lines: "\n".join(lines).encode()),
+    st.binary(max_size=200),
+)
+
+FUZZ_FORMATS = {"a.json": None, "a.jsonl": None, "chat.jsonl": "chat_jsonl", "a.txt": None, "a.csv": None}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_bytes_file, name=st.sampled_from(sorted(FUZZ_FORMATS)), skip=st.booleans())
+def test_fuzz_readers(tmp_path, data, name, skip):
+    path = tmp_path / name
+    if name.endswith(".csv"):  # give the CSV reader a header half of the time so rows get parsed
+        data = (b"user 1 personas,user 2 personas,Best Generated Conversation\n" if len(data) % 2 else b"") + data
+    path.write_bytes(data)
+    try:
+        dialogs, reports = load_dialogs_with_report(
+            str(path), FUZZ_FORMATS[name], on_bad_record="skip" if skip else "error", num_distractors=2
+        )
+    except PersonaDataError as err:
+        assert str(err).startswith(str(path))
+        return
+    for split, ds in dialogs.items():
+        assert ds.num_rows == reports[split].records - reports[split].skipped
+        for dialog in ds:
+            for u in dialog["utterances"]:
+                assert u["candidates"] and u["candidates"][-1].strip()
