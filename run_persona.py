@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from persona_collator import PersonaCollator
-from persona_data import build_features, load_dialogs
+from persona_data import PersonaDataError, build_features, load_dialogs
 from persona_model import load_model_and_tokenizer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
@@ -258,7 +258,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
 def cli(argv: list[str] | None = None) -> None:
     """Console script `persona-train`."""
-    main(*parse_args(argv))
+    try:
+        main(*parse_args(argv))
+    except PersonaDataError as err:  # bad input: the message names file, record and field; no traceback
+        logger.error("%s", err)
+        raise SystemExit(f"persona-train: {err}") from None
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -33,7 +33,8 @@ def prepare(args, workdir: str) -> dict:
     from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
 
     if args.dataset_path:
-        dialogs = load_dialogs(args.dataset_path)["train" if "train" in load_dialogs(args.dataset_path) else "valid"]
+        splits = load_dialogs(args.dataset_path)
+        dialogs = splits["train"] if "train" in splits else next(iter(splits.values()))
         texts = (s for d in dialogs for s in d["personality"] + [c for u in d["utterances"] for c in u["candidates"]])
     else:
         data = make_synthetic_personachat(num_train=args.num_dialogs, num_valid=1, seed=0)
