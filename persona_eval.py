@@ -307,7 +307,9 @@ def main(args: EvalArguments) -> dict:
     """Evaluate a checkpoint; the main process prints the table and writes the JSON. Returns the results."""
     from persona_model import load_model_and_tokenizer
 
-    accelerator = Accelerator()
+    # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator (no gloo group).
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not has_accelerator)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
