@@ -116,7 +116,8 @@ def dialogs_to_dataset_dict(splits: dict[str, list], source: str, on_bad_record:
                 logger.warning("Skipped: %s", err)
         if skipped:
             logger.warning("%s: split %r: kept %d dialogs, skipped %d bad ones.", source, split, len(records), skipped)
-        out[split] = datasets.Dataset.from_list(records, features=DIALOG_FEATURES)
+        columns = {key: [r[key] for r in records] for key in DIALOG_FEATURES}  # from_list cannot type an empty list
+        out[split] = datasets.Dataset.from_dict(columns, features=DIALOG_FEATURES)
     return datasets.DatasetDict(out)
 
 

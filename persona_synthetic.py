@@ -75,19 +75,21 @@ def make_synthetic_personachat(
 ) -> dict[str, list[dict]]:
     """A PERSONA-CHAT "self_original" dict; distractors come from other dialogs' bot turns only."""
     rng = random.Random(seed)
+    raw = {split: [make_dialog(rng) for _ in range(n)] for split, n in (("train", num_train), ("valid", num_valid))}
+    # Distractors: bot turns of any other dialog (of either split), never one of the dialog's own turns.
+    replies = sorted(
+        {(split, d, turns[i]) for split, ds in raw.items() for d, (_, turns, bot) in enumerate(ds) for i in bot}
+    )
     out = {}
-    for split, n in (("train", num_train), ("valid", num_valid)):
-        raw = [make_dialog(rng) for _ in range(n)]
-        replies = [(d, turns[i]) for d, (_, turns, bot) in enumerate(raw) for i in bot]
-        dialogs = []
-        for d, (persona, turns, bot) in enumerate(raw):
-            own = {turns[i] for i in bot}
-            pool = sorted({r for other, r in replies if other != d and r not in own})
+    for split, dialogs in raw.items():
+        out[split] = []
+        for d, (persona, turns, bot) in enumerate(dialogs):
+            own = set(turns)
+            pool = sorted({r for s, other, r in replies if (s, other) != (split, d) and r not in own})
             utterances = [
                 {"history": turns[:i], "candidates": rng.sample(pool, k=num_candidates - 1) + [turns[i]]} for i in bot
             ]
-            dialogs.append({"personality": persona, "utterances": utterances})
-        out[split] = dialogs
+            out[split].append({"personality": persona, "utterances": utterances})
     return out
 
 
