@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from persona_chat import DEFAULT_OPTIONS, generate_replies
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 
@@ -160,14 +161,10 @@ def generate_for_turns(
     **generation_options,
 ) -> list[str]:
     """Replies of `persona_chat.generate_replies` to every turn's gold history, spread over the processes."""
-    try:
-        from persona_chat import generate_replies
-    except ImportError as err:
-        raise RuntimeError(
-            "F1 needs persona_chat.generate_replies (generation), which this installation lacks; pass --no_f1 "
-            "to score Hits@k and perplexity only."
-        ) from err
-
+    seed = generation_options.pop("seed", None)
+    if seed is not None:
+        # Once for the whole run: generate_replies would restart the random stream at every batch.
+        set_seed(seed + accelerator.process_index)
     loader = accelerator.prepare_data_loader(DataLoader(range(len(turns)), batch_size=batch_size))
     replies = []
     for indices in tqdm(loader, desc="Generating replies", disable=not accelerator.is_local_main_process):
@@ -266,13 +263,19 @@ class EvalArguments:
     save_predictions: bool = field(default=False, metadata={"help": "Also store the generated replies in the JSON."})
     # --- decoding, as persona-chat (default greedy, for reproducible F1)
     no_sample: bool = field(default=True, metadata={"help": "Greedy decoding; `--no_sample false` samples."})
-    max_length: int = field(default=20, metadata={"help": "Longest generated reply, in tokens."})
-    min_length: int = field(default=1, metadata={"help": "Shortest generated reply, in tokens."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (0: off)."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
-    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    max_length: int = field(
+        default=DEFAULT_OPTIONS["max_length"], metadata={"help": "Longest generated reply, in tokens."}
+    )
+    min_length: int = field(
+        default=DEFAULT_OPTIONS["min_length"], metadata={"help": "Shortest generated reply, in tokens."}
+    )
+    temperature: float = field(default=DEFAULT_OPTIONS["temperature"], metadata={"help": "Sampling temperature."})
+    top_k: int = field(
+        default=DEFAULT_OPTIONS["top_k"], metadata={"help": "Sample among the k most likely tokens (0: no limit)."}
+    )
+    top_p: float = field(default=DEFAULT_OPTIONS["top_p"], metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    num_beams: int = field(default=DEFAULT_OPTIONS["num_beams"], metadata={"help": "Beam search width (1: none)."})
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling (each process adds its rank)."})
 
     def __post_init__(self):
         for name in ("max_turns", "batch_size", "max_input_length"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import doctest
-import importlib.util
 import json
 import math
 import os
@@ -152,6 +151,23 @@ def test_ppl_and_hits_match_plain_double_heads_model(persona_checkpoint, tokeniz
     assert set(metrics) >= {"hits@1", "ppl", "lm_loss"} and "hits@5" not in metrics  # 5 candidates in some turns
 
 
+def test_f1_scores_generated_replies_against_gold(persona_checkpoint, mixed_dialogs):
+    from persona_chat import generate_replies
+    from persona_model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(persona_checkpoint)
+    metrics = evaluate_convai2(model, tok, mixed_dialogs, batch_size=3, max_turns=9, return_predictions=True)
+    # Independent: the turns read straight from the dialogs, the gold history, one generate_replies call.
+    contexts, golds = [], []
+    for dialog in mixed_dialogs:
+        for u in dialog["utterances"]:
+            contexts.append((dialog["personality"], u["history"]))
+            golds.append(u["candidates"][-1])
+    replies = generate_replies(model, tok, contexts[:9], max_history=2, no_sample=True)
+    assert metrics["predictions"] == replies
+    assert metrics["f1"] == pytest.approx(sum(f1_score(r, g) for r, g in zip(replies, golds)) / 9)
+
+
 def run_cli(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if nproc == 1:
@@ -169,8 +185,6 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
     # 13 turns in batches of 4 over 2 processes: uneven shards, the tail is padded then dropped again.
     common = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json]
     common += ["--max_turns", "13", "--batch_size", "4", "--save_predictions"]
-    if importlib.util.find_spec("persona_chat") is None:
-        common.append("--no_f1")
     one = run_cli(common + ["--output_file", str(tmp_path / "one.json")])
     two = run_cli(common + ["--output_file", str(tmp_path / "two.json")], nproc=2)
 
@@ -183,7 +197,7 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
 
     results_two = json.loads((tmp_path / "two.json").read_text())
     assert results_two["num_processes"] == 2 and results["num_processes"] == 1
+    assert two.stdout.count("Saved ") == 1  # only the main process prints and writes
     assert results_two["metrics"] == results["metrics"]  # same turns in the same order: the same sums
     assert results_two.get("predictions") == results.get("predictions")
-    if "f1" in results["metrics"]:
-        assert len(results["predictions"]) == 13
+    assert len(results["predictions"]) == 13 and 0 <= results["metrics"]["f1"] <= 1

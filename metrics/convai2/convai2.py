@@ -40,7 +40,10 @@ author={Dinan, Emily and others}, journal={arXiv preprint arXiv:1902.00098}, yea
 class ConvAI2(evaluate.Metric):
     def _info(self):
         if self.config_name == "hits":
-            features = {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+            features = {
+                "predictions": datasets.Sequence(datasets.Value("float32")),
+                "references": datasets.Value("int64"),
+            }
         elif self.config_name in ("default", "f1"):
             features = {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
         else:
