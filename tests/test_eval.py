@@ -201,3 +201,23 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
     assert results_two["metrics"] == results["metrics"]  # same turns in the same order: the same sums
     assert results_two.get("predictions") == results.get("predictions")
     assert len(results["predictions"]) == 13 and 0 <= results["metrics"]["f1"] <= 1
+
+
+@pytest.mark.slow
+def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json):
+    from run_persona import main, parse_args
+
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json, "--output_dir", str(out)]
+    args += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+    args += ["--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
+    args += ["--max_eval_samples", "6", "--per_device_eval_batch_size", "4", "--do_convai2_eval", "--use_cpu"]
+    args += ["--dataset_cache", str(tmp_path / "cache")]
+    metrics = main(*parse_args(args))
+    saved = json.loads((out / "convai2_results.json").read_text())
+    assert saved == {key: value for key, value in metrics.items() if key.startswith("convai2_")}
+    assert saved["convai2_turns"] == 6
+    # The Trainer's own evaluation of the same 6 turns (a second implementation) agrees.
+    assert saved["convai2_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
+    assert saved["convai2_hits@1"] == pytest.approx(metrics["eval_hits@1"])
+    assert set(saved) >= {"convai2_hits@1", "convai2_hits@5", "convai2_hits@10", "convai2_ppl", "convai2_f1"}
