@@ -204,6 +204,8 @@ def evaluate_convai2(
     max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     max_length = min(max_length or max_positions, max_positions)
     dialogs, turns = flatten_turns(dialogs, max_turns)
+    if not turns:
+        raise ValueError("The evaluation split has no turns (no dialog with an utterance).")
     with accelerator.main_process_first():
         features = build_features(
             dialogs, tokenizer, num_candidates=None, max_history=max_history, max_length=max_length, cache_dir=cache_dir
