@@ -125,15 +125,19 @@ def rank_candidates(
 ) -> dict[str, np.ndarray]:
     """Per-turn gold rank, summed gold-reply NLL, gold-reply tokens and candidate count, in `features` order.
 
-    Turns are batched with others of the same candidate count (the collator needs one count per batch); every
-    process takes a share of the batches and `gather_for_metrics` drops the tail padding of uneven shards.
+    Turns are batched with others of the same candidate count (the collator needs one count per batch), longest
+    first so each batch pads little and memory runs out (if it does) at once; every process takes a share of the
+    batches and `gather_for_metrics` drops the tail padding of uneven shards.
     """
-    counts = np.array([len(ids) for ids in features["mc_token_ids"]])
+    last_tokens = features["mc_token_ids"]  # [N][C]: each candidate's length - 1
+    counts = np.array([len(ids) for ids in last_tokens])
+    longest = np.array([max(ids) for ids in last_tokens])
     out = {key: np.zeros(len(counts)) for key in ("gold_rank", "lm_nll", "lm_tokens")}
     out["num_candidates"] = counts
     model.eval()
     for count in np.unique(counts):
         rows = np.flatnonzero(counts == count)
+        rows = rows[np.argsort(-longest[rows], kind="stable")]
         loader = accelerator.prepare_data_loader(
             DataLoader(features.select(rows), batch_size=batch_size, collate_fn=collator)
         )
