@@ -101,6 +101,10 @@ class DataArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild cached features."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation rows."})
+    do_convai2_eval: bool = field(
+        default=False,
+        metadata={"help": "After training, score ConvAI2 Hits@k, perplexity and F1 (persona_eval) on the eval split."},
+    )
 
     def __post_init__(self):
         if self.num_candidates < 1:
@@ -220,7 +224,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         if data_args.train_split not in dialogs:
             raise ValueError(f"{data_args.dataset_path} has no split {data_args.train_split!r} ({list(dialogs)}).")
         train_dataset = features(data_args.train_split, data_args.num_candidates, data_args.max_train_samples)
-    if training_args.do_eval or training_args.eval_strategy != "no":
+    if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
         eval_split = next((s for s in (data_args.eval_split, "validation", "valid") if s in dialogs), None)
         if eval_split is None:
             raise ValueError(f"{data_args.dataset_path} has no split {data_args.eval_split!r} ({list(dialogs)}).")
@@ -251,6 +255,25 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if data_args.do_convai2_eval:
+        from persona_eval import evaluate_convai2
+
+        convai2 = evaluate_convai2(
+            trainer.model,
+            tokenizer,
+            dialogs[eval_split],
+            accelerator=trainer.accelerator,
+            max_history=data_args.max_history,
+            max_length=max_length,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_turns=data_args.max_eval_samples,
+            cache_dir=data_args.dataset_cache,
+        )
+        convai2 = {f"convai2_{key}": value for key, value in convai2.items() if key != "candidates_per_turn"}
+        trainer.log(convai2)
+        trainer.log_metrics("convai2", convai2)
+        trainer.save_metrics("convai2", convai2)
+        metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-generation")
     return metrics

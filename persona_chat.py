@@ -1,0 +1,404 @@
+"""Talk to a persona bot: persona-conditioned generation with a KV cache, and the `persona-chat` CLI.
+
+The context is the training input builder's (`persona_data.build_inputs`) with an empty reply, so it ends with the
+bot's `<speaker1>` reply prefix; `model.generate` then extends it token by token with the library's cache and logits
+processors. Every generated token carries the reply segment's token type because `generate()` repeats the last
+`token_type_ids` value, and the last context token is the reply prefix itself.
+
+    persona-chat --model_name_or_path runs/my-bot --persona "i love cats." --persona "i am a nurse."
+    echo "hi, how are you?" | persona-chat --model_name_or_path runs/my-bot --dataset_path data.json --stdin
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from persona_data import SpeakerIds, build_inputs, fit_to_length, load_dialogs
+from persona_model import SpecialTokenIds, load_model_and_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# The reference's interact.py defaults.
+DEFAULT_OPTIONS = {
+    "max_length": 20,
+    "min_length": 1,
+    "temperature": 0.7,
+    "top_k": 0,
+    "top_p": 0.9,
+    "no_sample": False,
+    "num_beams": 1,
+    "seed": None,
+}
+
+
+def _speaker_ids(tokenizer: PreTrainedTokenizerBase) -> SpeakerIds:
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    return SpeakerIds(bos=ids.bos, eos=ids.eos, speaker1=ids.speaker1, speaker2=ids.speaker2)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every special token id: any of them ends a reply (the reference stopped at its five persona tokens)."""
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
+    return sorted(set(persona_ids) | set(tokenizer.all_special_ids))
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+
+def build_context(
+    tokenizer: PreTrainedTokenizerBase,
+    persona: Sequence[str],
+    history: Sequence[str],
+    max_history: int = 2,
+    *,
+    max_length: int | None = None,
+    reply_budget: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The generation context as 1-row tensors `input_ids`, `token_type_ids`, `attention_mask` ([1, T]).
+
+    Built by the training builder with an empty reply and no eos, so it ends with the `<speaker1>` reply prefix.
+    `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) older turns and
+    then persona sentences are dropped, as in training, so that the context plus `reply_budget` tokens fit.
+    """
+    persona_ids = _encode(tokenizer, persona)
+    history_ids = _encode(tokenizer, history[-(2 * max_history + 1) :] if history else [])
+    persona_ids, history_ids, _, cut = fit_to_length(persona_ids, history_ids, reply_budget, max_length)
+    if cut:
+        logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
+    row = build_inputs(persona_ids, history_ids, [], _speaker_ids(tokenizer), with_eos=False)
+    input_ids = torch.tensor([row["input_ids"]])
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": torch.tensor([row["token_type_ids"]]),
+        "attention_mask": torch.ones_like(input_ids),
+    }
+
+
+def generation_config_from_options(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 20,
+    min_length: int = 1,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    no_sample: bool = False,
+    num_beams: int = 1,
+) -> GenerationConfig:
+    """Map the reference's decoding options to a `GenerationConfig`.
+
+    `max_length`/`min_length` count reply tokens (new tokens). Every special token is an eos, so any of them ends the
+    reply, and `min_new_tokens` makes the library's `MinNewTokensLengthLogitsProcessor` forbid all of them before
+    `min_length`: the reference resampled until it drew a non-special token, which never ends when a special token
+    has probability 1.
+    """
+    if max_length < 1 or min_length < 0 or min_length > max_length:
+        raise ValueError(f"Need 0 <= min_length <= max_length and max_length >= 1; got {min_length}, {max_length}.")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    do_sample = not no_sample
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use no_sample for greedy.")
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_length,
+        min_new_tokens=min_length,
+        do_sample=do_sample,
+        num_beams=num_beams,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=ids.pad,
+        bos_token_id=ids.bos,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def _split_options(options: dict) -> tuple[dict, int | None]:
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}.")
+    merged = {**DEFAULT_OPTIONS, **options}
+    seed = merged.pop("seed")
+    return merged, seed
+
+
+def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack 1-row contexts into [B, T] with padding on the left, so every row's next token is at the end."""
+    width = max(r["input_ids"].size(1) for r in rows)
+    out = {key: [] for key in ("input_ids", "token_type_ids", "attention_mask")}
+    for r in rows:
+        pad = width - r["input_ids"].size(1)
+        for key, value in (("input_ids", pad_id), ("token_type_ids", pad_id), ("attention_mask", 0)):
+            out[key].append(torch.cat([torch.full((1, pad), value, dtype=torch.long), r[key]], dim=1))
+    batch = {key: torch.cat(v) for key, v in out.items()}
+    # Positions count real tokens only, as in training (right padding); pads get 0 and are masked anyway. generate()
+    # extends explicit position_ids itself; it would not build them because the dual-head forward takes **kwargs.
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+@torch.inference_mode()
+def generate_reply_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    batch_size: int = 8,
+    **generation_options,
+) -> list[list[int]]:
+    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
+    options, seed = _split_options(generation_options)
+    if seed is not None:
+        set_seed(seed)
+    config = generation_config_from_options(tokenizer, **options)
+    stops = set(config.eos_token_id)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    replies = []
+    for start in range(0, len(contexts), batch_size):
+        rows = [
+            build_context(tokenizer, p, h, max_history, max_length=max_positions, reply_budget=config.max_new_tokens)
+            for p, h in contexts[start : start + batch_size]
+        ]
+        batch = {k: v.to(model.device) for k, v in _left_pad(rows, config.pad_token_id).items()}
+        output = model.generate(**batch, generation_config=config)  # [B, T + new]
+        for new_tokens in output[:, batch["input_ids"].size(1) :].tolist():
+            # Cut at the first stop token: finished rows are padded with <pad> while the others go on.
+            end = next((i for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
+            replies.append(new_tokens[:end])
+    return replies
+
+
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    batch_size: int = 8,
+    **generation_options,
+) -> list[str]:
+    """Replies to `(persona, history)` pairs, `batch_size` at a time with left padding and a KV cache.
+
+    `history` holds the turns before the reply, the user's last (as in the dataset). `generation_options`:
+    max_length, min_length, temperature, top_k, top_p, no_sample, num_beams, seed (the reference's names and defaults;
+    see `generation_config_from_options`). Greedy results do not depend on `batch_size`.
+    """
+    ids = generate_reply_ids(
+        model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, **generation_options
+    )
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
+
+
+class PersonaBot:
+    """A conversation with one persona: `bot.reply("hi!")` answers and remembers both turns.
+
+    `generation_options` are those of `generate_replies` (max_length, min_length, temperature, top_k, top_p,
+    no_sample, num_beams, seed) plus `max_history`. Setting `persona` starts a new conversation.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, persona: Sequence[str] = (), **opts):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_history = opts.pop("max_history", 2)
+        seed = opts.pop("seed", None)
+        if seed is not None:
+            set_seed(seed)  # once per conversation: a seed per reply would repeat the same random draws
+        _split_options(opts)  # fail early on a misspelt option
+        self.generation_options = opts
+        self._persona = [s for s in persona]
+        self.history: list[str] = []
+
+    @property
+    def persona(self) -> list[str]:
+        return list(self._persona)
+
+    @persona.setter
+    def persona(self, sentences: Sequence[str]) -> None:
+        self._persona = [s.strip() for s in sentences if s.strip()]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the persona stays)."""
+        self.history = []
+
+    def reply(self, text: str) -> str:
+        """Answer `text` in character and add both turns to the history."""
+        self.history.append(text)
+        (answer,) = generate_replies(
+            self.model,
+            self.tokenizer,
+            [(self._persona, self.history)],
+            max_history=self.max_history,
+            **self.generation_options,
+        )
+        self.history.append(answer)
+        # The context only ever uses the last 2*max_history+1 turns (the reference trimmed likewise).
+        self.history = self.history[-(2 * self.max_history + 1) :]
+        return answer
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_for_chat(
+    name_or_path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, **kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a checkpoint written by `persona-train` (or any supported backbone) for inference, on `device`.
+
+    `dtype`: None (the checkpoint's), "auto", "float32", "bfloat16", "float16" or a torch dtype. Extra keyword
+    arguments (revision, token, cache_dir, ...) go to `persona_model.load_model_and_tokenizer`.
+    """
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, **kwargs)
+    model.to(resolve_device(device if device is None else str(device)))
+    model.eval()
+    return model, tokenizer
+
+
+def random_persona(dataset_path: str, dataset_format: str | None = None, seed: int | None = None) -> list[str]:
+    """The persona of a random dialog of a dataset (its validation split when there is one)."""
+    dialogs = load_dialogs(dataset_path, dataset_format)
+    split = "valid" if "valid" in dialogs else next(iter(dialogs))
+    if dialogs[split].num_rows == 0:
+        raise ValueError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
+    index = random.Random(seed).randrange(dialogs[split].num_rows)
+    return list(dialogs[split][index]["personality"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persona-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint directory or Hub id.")
+    parser.add_argument("--revision", default="main", help="Hub revision.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    group = parser.add_argument_group("persona (default: typed at start-up)")
+    group.add_argument("--persona", action="append", default=[], help="A persona sentence; repeat for more.")
+    group.add_argument("--persona_file", help="A text file with one persona sentence per line.")
+    group.add_argument(
+        "--dataset_path", help="Take a random persona from this dataset (any format persona-train reads)."
+    )
+    group.add_argument("--dataset_format", default=None, help="Format of --dataset_path when not detected.")
+    group = parser.add_argument_group("decoding (the reference's defaults)")
+    group.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept: 2*max_history+1 turns.")
+    group.add_argument("--max_length", type=int, default=DEFAULT_OPTIONS["max_length"], help="Most reply tokens.")
+    group.add_argument("--min_length", type=int, default=DEFAULT_OPTIONS["min_length"], help="Fewest reply tokens.")
+    group.add_argument("--temperature", type=float, default=DEFAULT_OPTIONS["temperature"])
+    group.add_argument("--top_k", type=int, default=DEFAULT_OPTIONS["top_k"], help="0 disables top-k.")
+    group.add_argument("--top_p", type=float, default=DEFAULT_OPTIONS["top_p"], help="Nucleus sampling; 1.0 disables.")
+    group.add_argument("--no_sample", action="store_true", help="Greedy decoding (beam search with --num_beams).")
+    group.add_argument("--num_beams", type=int, default=1)
+    group.add_argument("--seed", type=int, default=None, help="Seed for sampling and the random persona.")
+    parser.add_argument(
+        "--stdin", action="store_true", help="Read user turns from stdin, one per line; write one reply per line."
+    )
+    return parser
+
+
+def _read_persona(args: argparse.Namespace, interactive: bool) -> list[str]:
+    persona = [s.strip() for s in args.persona if s.strip()]
+    if args.persona_file:
+        with open(args.persona_file, encoding="utf-8") as f:
+            persona += [line.strip() for line in f if line.strip()]
+    if not persona and args.dataset_path:
+        persona = random_persona(args.dataset_path, args.dataset_format, args.seed)
+    if not persona and interactive:
+        persona = _type_persona()
+    return persona
+
+
+def _type_persona() -> list[str]:
+    print("Type the persona, one sentence per line; an empty line ends it.")
+    sentences = []
+    while (line := input("persona> ").strip()) != "":
+        sentences.append(line)
+    return sentences
+
+
+def _show_persona(persona: Sequence[str], file=sys.stdout) -> None:
+    print("Persona:" if persona else "Persona: (none)", file=file)
+    for sentence in persona:
+        print(f"  - {sentence}", file=file)
+
+
+def _interactive_loop(bot: PersonaBot) -> None:
+    print("Talk to the bot. /reset clears the history, /persona shows it, /persona a. | b. replaces it; Ctrl-D quits.")
+    while True:
+        text = input(">>> ").strip()
+        if not text:
+            continue
+        if text == "/reset":
+            bot.reset()
+            print("(history cleared)")
+        elif text == "/persona":
+            _show_persona(bot.persona)
+        elif text.startswith("/persona "):
+            bot.persona = [s.strip() for s in text[len("/persona ") :].split("|")]
+            _show_persona(bot.persona)
+            print("(new persona, history cleared)")
+        else:
+            print(bot.reply(text))
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    interactive = not args.stdin
+    try:
+        persona = _read_persona(args, interactive)
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, revision=args.revision)
+        bot = PersonaBot(
+            model,
+            tokenizer,
+            persona,
+            max_history=args.max_history,
+            max_length=args.max_length,
+            min_length=args.min_length,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            no_sample=args.no_sample,
+            num_beams=args.num_beams,
+            seed=args.seed,
+        )
+        # In --stdin mode stdout carries replies only, one per line.
+        _show_persona(bot.persona, file=sys.stderr if args.stdin else sys.stdout)
+        if args.stdin:
+            for line in sys.stdin:
+                if line.strip():
+                    # One reply per output line even if the model produced a newline.
+                    print(" ".join(bot.reply(line.strip()).split()), flush=True)
+        else:
+            _interactive_loop(bot)
+    except (KeyboardInterrupt, EOFError):
+        if interactive:
+            print()
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `persona-chat` console script."""
+    return main(make_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
