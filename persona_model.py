@@ -304,6 +304,13 @@ class PersonaDualHeadConfig(PreTrainedConfig):
         # Tying is declared by the backbone; the base class reads it from the top-level config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: backbone attributes (max_position_embeddings, hidden_size, vocab_size,
+        # ...) read through, so code written for a plain causal-LM config works on this one.
+        if name.startswith("_") or name == "text_config" or "text_config" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.__dict__["text_config"], name)
+
     def head_settings(self) -> dict:
         """The head settings stored next to the backbone config."""
         return {"summary_first_dropout": self.summary_first_dropout, "speaker_embeddings": self.speaker_embeddings}
