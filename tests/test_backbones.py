@@ -253,7 +253,7 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
     output_dir = str(tmp_path / "run")
     training_args = PersonaTrainingArguments(
         output_dir=output_dir,
-        max_steps=16,
+        max_steps=12,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=2,
         gradient_accumulation_steps=1,
@@ -271,12 +271,12 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
         dataset_cache=str(tmp_path / "cache"),
         num_candidates=2,
         max_history=1,
-        max_eval_samples=6,
+        max_eval_samples=4,
     )
     metrics = main(ModelArguments(model_name_or_path=backbone_checkpoints[family]), data_args, training_args)
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
         losses = [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
-    assert len(losses) == 16
+    assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
 
     # Reload: the dual-head class from the saved backbone-format folder, nothing added to the tokenizer.
@@ -288,7 +288,7 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
     # Dual-head evaluation of the reloaded model gives the metrics of the model that was trained.
     eval_rows = build_features(
         load_dialogs(backbone_data["path"])["valid"], tokenizer, num_candidates=None, max_history=1
-    ).select(range(6))
+    ).select(range(4))
     eval_args = PersonaTrainingArguments(
         output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=2, report_to="none", use_cpu=True, do_train=False
     )
