@@ -173,6 +173,31 @@ def test_kv_cached_greedy_equals_full_reencode(backbone_checkpoints, family):
     assert generated.tolist() == ids.tolist()
 
 
+def test_left_padded_batch_generates_as_one_by_one(backbone_checkpoints):
+    model, tokenizer = load_model_and_tokenizer(backbone_checkpoints["llama"])
+    special = SpecialTokenIds.from_tokenizer(tokenizer)
+    s1, s2 = special.speaker1, special.speaker2
+    long_ids, long_types = [special.bos, 10, 11, 12, s2, 20, 21, s1], [s1] * 4 + [s2] * 3 + [s1]
+    short_ids, short_types = [special.bos, 13, s2, 22, s1], [s1] * 2 + [s2] * 2 + [s1]
+    options = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "pad_token_id": special.pad}
+
+    def generate(ids, types, mask):
+        out = model.eval().generate(input_ids=ids, token_type_ids=types, attention_mask=mask, **options)
+        return out[:, ids.size(1) :].tolist()
+
+    one_by_one = [
+        generate(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        for ids, types in ((long_ids, long_types), (short_ids, short_types))
+    ]
+    pad = [special.pad] * (len(long_ids) - len(short_ids))
+    batched = generate(
+        torch.tensor([long_ids, pad + short_ids]),
+        torch.tensor([long_types, pad + short_types]),
+        torch.tensor([[1] * len(long_ids), [0] * len(pad) + [1] * len(short_ids)]),
+    )
+    assert batched == one_by_one
+
+
 def test_speaker_embeddings_change_the_output(backbone_checkpoints):
     model, tokenizer = load_model_and_tokenizer(backbone_checkpoints["qwen2"])
     special = SpecialTokenIds.from_tokenizer(tokenizer)
@@ -284,6 +309,8 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
     assert type(model) is PersonaDualHeadModel and model.config.text_config.model_type == family
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     assert model.config.pad_token_id == special.pad == tokenizer.pad_token_id
+    direct = PersonaDualHeadModel.from_pretrained(output_dir)  # without the project's loader
+    torch.testing.assert_close(direct.state_dict(), model.state_dict(), rtol=0, atol=0)
 
     # Dual-head evaluation of the reloaded model gives the metrics of the model that was trained.
     eval_rows = build_features(
