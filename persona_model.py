@@ -240,9 +240,7 @@ DOUBLE_HEADS_CLASSES.update({"gpt2": PersonaGPT2DoubleHeadsModel, "openai-gpt": 
 # of the backbone (AutoModelForCausalLM, vLLM, ... load it and ignore the head weights), and this project recognises it.
 DUAL_HEAD_CONFIG_KEY = "persona_dual_head"
 
-# PEFT/LoRA `target_modules` per model_type (attention projections: LoRA's usual choice). With LoRA, also pass
-# `modules_to_save=LORA_MODULES_TO_SAVE[model_type]`: the persona special tokens are new rows of the embeddings, and
-# the multiple-choice head is trained from scratch.
+# PEFT/LoRA `target_modules` per model_type: the attention projections, LoRA's usual choice (see `lora_settings`).
 LORA_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
     "openai-gpt": ["c_attn"],
@@ -261,17 +259,6 @@ LORA_TARGET_MODULES: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "gpt_bigcode": ["c_attn"],
 }
-LORA_MODULES_TO_SAVE: dict[str, list[str]] = {
-    "gpt2": ["wte", "multiple_choice_head"],
-    "openai-gpt": ["tokens_embed", "multiple_choice_head"],
-    "opt": ["embed_tokens", "lm_head", "multiple_choice_head"],
-    "gpt_neox": ["embed_in", "embed_out", "multiple_choice_head"],
-    "falcon": ["word_embeddings", "lm_head", "multiple_choice_head"],
-    "bloom": ["word_embeddings", "lm_head", "multiple_choice_head"],
-    "gpt_bigcode": ["wte", "lm_head", "multiple_choice_head"],
-}
-for _model_type in LORA_TARGET_MODULES.keys() - LORA_MODULES_TO_SAVE.keys():
-    LORA_MODULES_TO_SAVE[_model_type] = ["embed_tokens", "lm_head", "multiple_choice_head"]
 
 
 def lora_target_modules(model_type: str) -> list[str]:
@@ -283,6 +270,23 @@ def lora_target_modules(model_type: str) -> list[str]:
             f"No LoRA target modules known for model_type {model_type!r}; pass target_modules yourself "
             f"(known: {sorted(LORA_TARGET_MODULES)})."
         ) from None
+
+
+def lora_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Keyword arguments for `peft.LoraConfig` that fit a persona model (PEFT itself is not a dependency).
+
+    LoRA on the attention projections, the multiple-choice head trained in full (it starts from scratch), and only
+    the persona special tokens' rows of the word embeddings trained (`trainable_token_indices`, PEFT >= 0.15; tied
+    output embeddings follow). Usage: `get_peft_model(model, LoraConfig(r=16, **lora_settings(model, tokenizer)))`.
+    """
+    model_type = model.config.get_text_config().model_type
+    embeddings = model.get_input_embeddings()
+    embedding_name = next(name for name, module in model.named_modules() if module is embeddings).rsplit(".", 1)[-1]
+    return {
+        "target_modules": lora_target_modules(model_type),
+        "modules_to_save": ["multiple_choice_head"],
+        "trainable_token_indices": {embedding_name: tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)},
+    }
 
 
 class PersonaDualHeadConfig(PreTrainedConfig):

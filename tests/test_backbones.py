@@ -14,13 +14,14 @@ from persona_collator import PersonaCollator
 from persona_data import SpeakerIds, build_features, build_inputs, load_dialogs
 from persona_model import (
     DOUBLE_HEADS_CLASSES,
-    LORA_MODULES_TO_SAVE,
     LORA_TARGET_MODULES,
+    SPECIAL_TOKENS,
     DualHeadOutput,
     PersonaDualHeadConfig,
     PersonaDualHeadModel,
     SpecialTokenIds,
     load_model_and_tokenizer,
+    lora_settings,
     lora_target_modules,
 )
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
@@ -258,7 +259,6 @@ def test_config_round_trip_and_lora_targets(backbone_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
         PersonaDualHeadConfig.from_backbone(ViTConfig())  # an encoder-only vision model
     assert lora_target_modules("llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert LORA_MODULES_TO_SAVE.keys() == LORA_TARGET_MODULES.keys()
     with pytest.raises(ValueError, match="target_modules"):
         lora_target_modules("no-such-model")
     # The suggested targets exist in each family's modules.
@@ -266,7 +266,29 @@ def test_config_round_trip_and_lora_targets(backbone_checkpoints, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(backbone_checkpoints[family])
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         assert set(LORA_TARGET_MODULES[family]) <= names, family
-        assert set(LORA_MODULES_TO_SAVE[family]) - {"multiple_choice_head"} <= names, family
+
+
+def test_lora_settings_with_peft(backbone_checkpoints, backbone_data):
+    peft = pytest.importorskip("peft")
+    model, tokenizer = load_model_and_tokenizer(backbone_checkpoints["llama"])  # tied embeddings
+    settings = lora_settings(model, tokenizer)
+    assert settings["trainable_token_indices"] == {"embed_tokens": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_dropout=0.0, **settings))
+    trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert any("q_proj.lora_A" in name for name in trainable) and any("multiple_choice_head" in n for n in trainable)
+    assert not any(name.endswith("embed_tokens.weight") or "mlp" in name for name in trainable)
+    out = lora(**candidate_batch(tokenizer, backbone_data["path"]))
+    assert isinstance(out, DualHeadOutput)
+    (out.lm_loss + out.mc_loss).backward()
+    torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1.0).step()
+    merged = lora.merge_and_unload()
+    assert type(merged) is PersonaDualHeadModel
+    after = dict(merged.named_parameters())
+    embeddings_changed = (
+        (after["model.embed_tokens.weight"] - before["model.embed_tokens.weight"]).abs().sum(1).nonzero()
+    )
+    assert set(embeddings_changed.view(-1).tolist()) <= set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
 
 
 @pytest.mark.slow
