@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
+    GenerationMixin,
     GPT2DoubleHeadsModel,
     OpenAIGPTDoubleHeadsModel,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers import initialization as init
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
@@ -97,7 +106,11 @@ def load_model_and_tokenizer(
     """Load a Hub id or local checkpoint as a dual-head model plus tokenizer, with the persona special tokens."""
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
-    model_cls = double_heads_class(config.model_type)
+    if config.model_type in DOUBLE_HEADS_CLASSES:
+        model_cls = double_heads_class(config.model_type)
+    else:  # any other causal LM: the generic dual-head wrapper (section at the end of this file)
+        model_cls = PersonaDualHeadModel
+        config = PersonaDualHeadConfig.from_backbone(config)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
@@ -217,3 +230,309 @@ class PersonaOpenAIGPTDoubleHeadsModel(PersonaDoubleHeadsMixin, OpenAIGPTDoubleH
 
 
 DOUBLE_HEADS_CLASSES.update({"gpt2": PersonaGPT2DoubleHeadsModel, "openai-gpt": PersonaOpenAIGPTDoubleHeadsModel})
+
+
+# ======================================================================================================================
+# Any causal LM as the backbone (issue 8): `PersonaDualHeadModel` = an AutoModelForCausalLM + a multiple-choice head.
+# ======================================================================================================================
+
+# Key under which the head settings are stored in the backbone's own config.json: the folder stays a plain checkpoint
+# of the backbone (AutoModelForCausalLM, vLLM, ... load it and ignore the head weights), and this project recognises it.
+DUAL_HEAD_CONFIG_KEY = "persona_dual_head"
+
+# PEFT/LoRA `target_modules` per model_type: the attention projections, LoRA's usual choice (see `lora_settings`).
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "openai-gpt": ["c_attn"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],  # also SmolLM/SmolLM2, TinyLlama
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],  # Qwen2 / Qwen2.5
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "smollm3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["query_key_value"],  # Pythia
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+}
+
+
+def lora_target_modules(model_type: str) -> list[str]:
+    """LoRA `target_modules` for a backbone type (the attention projections), with a clear error for unknown ones."""
+    try:
+        return list(LORA_TARGET_MODULES[model_type])
+    except KeyError:
+        raise ValueError(
+            f"No LoRA target modules known for model_type {model_type!r}; pass target_modules yourself "
+            f"(known: {sorted(LORA_TARGET_MODULES)})."
+        ) from None
+
+
+def lora_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Keyword arguments for `peft.LoraConfig` that fit a persona model (PEFT itself is not a dependency).
+
+    LoRA on the attention projections, the multiple-choice head trained in full (it starts from scratch), and only
+    the persona special tokens' rows of the word embeddings trained (`trainable_token_indices`, PEFT >= 0.15; tied
+    output embeddings follow). Usage: `get_peft_model(model, LoraConfig(r=16, **lora_settings(model, tokenizer)))`.
+    """
+    model_type = model.config.get_text_config().model_type
+    embeddings = model.get_input_embeddings()
+    embedding_name = next(name for name, module in model.named_modules() if module is embeddings).rsplit(".", 1)[-1]
+    return {
+        "target_modules": lora_target_modules(model_type),
+        "modules_to_save": ["multiple_choice_head"],
+        "trainable_token_indices": {embedding_name: tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)},
+    }
+
+
+class PersonaDualHeadConfig(PreTrainedConfig):
+    """Configuration of `PersonaDualHeadModel`: the backbone's config (`text_config`) and the multiple-choice head.
+
+    On disk it is written as the backbone's own config.json plus a `persona_dual_head` entry holding the head
+    settings, so that the same folder loads as a plain `AutoModelForCausalLM`.
+    """
+
+    model_type = "persona_dual_head"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    text_config: dict | PreTrainedConfig | None = None
+    summary_first_dropout: float = 0.1  # dropout before the score projection, as GPT-2's sequence summary
+    speaker_embeddings: bool = True  # add the word embedding of token_type_ids to the input embeddings
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Tying is declared by the backbone; the base class reads it from the top-level config.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: backbone attributes (max_position_embeddings, hidden_size, vocab_size,
+        # ...) read through, so code written for a plain causal-LM config works on this one.
+        if name.startswith("_") or name == "text_config" or "text_config" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.__dict__["text_config"], name)
+
+    def head_settings(self) -> dict:
+        """The head settings stored next to the backbone config."""
+        return {"summary_first_dropout": self.summary_first_dropout, "speaker_embeddings": self.speaker_embeddings}
+
+    @classmethod
+    def from_backbone(cls, backbone_config: PreTrainedConfig, **head_settings) -> PersonaDualHeadConfig:
+        """Wrap a causal-LM config, reading the head settings a persona checkpoint stored in it."""
+        if isinstance(backbone_config, cls):
+            return backbone_config
+        if type(backbone_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ValueError(
+                f"Backbone type {backbone_config.model_type!r} has no AutoModelForCausalLM class, so it cannot be a "
+                f"persona backbone (double-heads types: {sorted(DOUBLE_HEADS_CLASSES)})."
+            )
+        backbone_config = copy.deepcopy(backbone_config)
+        stored = getattr(backbone_config, DUAL_HEAD_CONFIG_KEY, None) or {}
+        if hasattr(backbone_config, DUAL_HEAD_CONFIG_KEY):
+            delattr(backbone_config, DUAL_HEAD_CONFIG_KEY)
+        config = cls(text_config=backbone_config, **{**stored, **head_settings})
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, attr, getattr(backbone_config, attr, None))
+        return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Read a backbone (or persona dual-head) checkpoint's config.json as a `PersonaDualHeadConfig`."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        backbone, unused = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+        )
+        config = cls.from_backbone(backbone)
+        return (config, unused) if return_unused_kwargs else config
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Write the backbone's config.json with the head settings under `persona_dual_head`."""
+        backbone = copy.deepcopy(self.text_config)
+        setattr(backbone, DUAL_HEAD_CONFIG_KEY, self.head_settings())
+        backbone.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(backbone)].__name__]
+        # add_special_tokens sets these on the top-level config: the LM-only reload must see them too.
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(backbone, attr, getattr(self, attr, None))
+        if self.dtype is not None:
+            backbone.dtype = self.dtype
+        backbone.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+@dataclass
+class PersonaCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the multiple-choice scores when candidates and `mc_token_ids` are given."""
+
+    mc_logits: torch.Tensor | None = None  # [B, C]
+
+
+class PersonaMultipleChoiceHead(nn.Module):
+    """Score of one candidate from the hidden state at its `mc_token_ids` position (GPT-2's cls_index summary)."""
+
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.first_dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor, mc_token_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [B, C, T, H], mc_token_ids [B, C] -> scores [B, C]."""
+        index = mc_token_ids[..., None, None].expand(*mc_token_ids.shape, 1, hidden.size(-1))
+        picked = hidden.gather(-2, index).squeeze(-2)  # [B, C, H]
+        return self.summary(self.first_dropout(picked).to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
+    """Any `AutoModelForCausalLM` backbone with a multiple-choice head, trained like `GPT2DoubleHeadsModel`.
+
+    The causal LM's modules are registered under their own names (e.g. `model`, `lm_head`), so the state dict is
+    exactly the backbone's plus `multiple_choice_head.*`: a saved folder also loads as a plain causal LM.
+    Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
+    embeddings (GPT-2's convention), so the DESIGN.md inputs work on backbones without token-type embeddings.
+    With `labels`/`mc_labels` the forward returns a `DualHeadOutput` (vocabulary logits only at labelled positions);
+    without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
+    """
+
+    config_class = PersonaDualHeadConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the backbone checks its own support when it is built
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    accepts_loss_kwargs = False  # PersonaTrainer normalises over the accumulated batch itself
+
+    def __init__(self, config: PersonaDualHeadConfig):
+        super().__init__(config)
+        lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)](config.text_config)
+        output_embeddings = lm.get_output_embeddings()
+        for name, module in lm.named_children():
+            self.add_module(name, module)
+            if module is output_embeddings:
+                self._lm_head_name = name
+        self._decoder_name = lm.base_model_prefix
+        self._tied_weights_keys = lm._tied_weights_keys
+        hidden_size = output_embeddings.in_features  # OPT-350m-like projections: the LM head's input, not hidden_size
+        self.multiple_choice_head = PersonaMultipleChoiceHead(hidden_size, config.summary_first_dropout)
+        self.post_init()
+
+    @property
+    def decoder(self) -> PreTrainedModel:
+        """The backbone's base model (hidden states, KV cache)."""
+        return getattr(self, self._decoder_name)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return getattr(self, self._lm_head_name)
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        setattr(self, self._lm_head_name, new_embeddings)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the modules outside the backbone's base model land here (its PreTrainedModel initialises the rest).
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from hidden states, with the final logit transforms some families apply."""
+        logits = self.get_output_embeddings()(hidden)
+        text_config = self.config.text_config
+        if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / cap) * cap
+        if (scale := getattr(text_config, "logit_scale", None)) is not None:  # Cohere
+            logits = logits * scale
+        if (divisor := getattr(text_config, "logits_scaling", None)) is not None:  # Granite
+            logits = logits / divisor
+        return logits
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings: word embeddings plus, GPT-2 style, the word embedding of each token's speaker token."""
+        embeddings = self.get_input_embeddings()
+        inputs_embeds = embeddings(input_ids)
+        if token_type_ids is not None and self.config.speaker_embeddings:
+            inputs_embeds = inputs_embeds + embeddings(token_type_ids)
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mc_token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mc_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DualHeadOutput | PersonaCausalLMOutput:
+        """[B, C, T] candidates (training/eval) or [B, T] sequences (generation); see the class docstring."""
+        if labels is not None or mc_labels is not None:
+            if inputs_embeds is not None or position_ids is not None or cache is not None:
+                raise ValueError("The dual-head loss path takes input_ids and default positions only.")
+            return self._dual_head_forward(input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels)
+        candidates_shape = input_ids.shape if input_ids is not None and input_ids.dim() == 3 else None
+        if candidates_shape is not None:  # [B, C, T] -> [B*C, T]
+            flat = lambda t: None if t is None else t.reshape(-1, t.size(-1))  # noqa: E731
+            input_ids, token_type_ids, attention_mask = flat(input_ids), flat(token_type_ids), flat(attention_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, token_type_ids)
+        elif token_type_ids is not None and self.config.speaker_embeddings:
+            inputs_embeds = inputs_embeds + self.get_input_embeddings()(token_type_ids)
+        outputs = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_logits(slice_logits_to_keep(hidden, logits_to_keep))
+        mc_logits = None
+        if candidates_shape is not None:
+            logits = logits.view(*candidates_shape[:2], *logits.shape[1:])
+            if mc_token_ids is not None:
+                mc_logits = self.multiple_choice_head(hidden.view(*candidates_shape, -1), mc_token_ids)
+        return PersonaCausalLMOutput(
+            logits=logits,
+            mc_logits=mc_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _dual_head_forward(self, input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels):
+        """`dual_head_forward` for this backbone: one pass over the [B, C, T] candidates."""
+        batch_size, num_candidates, seq_len = input_ids.shape
+        flat = lambda t: None if t is None else t.reshape(batch_size * num_candidates, seq_len)  # noqa: E731
+        hidden = self.decoder(
+            inputs_embeds=self.embed(flat(input_ids), flat(token_type_ids)),
+            attention_mask=flat(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # [B*C, T, H]
+        out = DualHeadOutput()
+        if mc_token_ids is not None:
+            hidden_bc = hidden.view(batch_size, num_candidates, seq_len, -1)
+            out.mc_logits = self.multiple_choice_head(hidden_bc, mc_token_ids)  # [B, C]
+            if mc_labels is not None:
+                out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
+                out.mc_loss = out.mc_nll.mean()
+        if labels is not None:
+            nll, tokens = labelled_lm_nll(hidden, flat(labels), self.lm_logits)
+            out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
+            out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
+            out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()  # NaN when nothing is labelled, as the core
+        out.loss = out.lm_loss
+        return out
