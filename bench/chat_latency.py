@@ -5,7 +5,7 @@ forced in both paths (`min_length = max_length = 40`), greedy, so both produce t
 methods alternate within one run and the script prints the median of each and their ratio, because the machine is
 shared and absolute times are noisy.
 
-    python bench/chat_latency.py [--repeats 5] [--new_tokens 40] [--device cpu]
+    python bench/chat_latency.py [--repeats 5] [--new_tokens 40] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,8 +59,13 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=40)
     parser.add_argument("--history_turns", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)."
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = make_synthetic_personachat(num_train=40, num_valid=12, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
