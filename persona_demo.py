@@ -157,7 +157,11 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
+    try:
+        personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
+    except (OSError, ValueError) as err:
+        print(f"persona-demo: cannot read personas from {args.dataset_path!r}: {err}", file=sys.stderr)
+        return 2
     demo = build_demo(
         model, tokenizer, personas=personas, persona=args.persona, max_history=args.max_history, seed=args.seed
     )
