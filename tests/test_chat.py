@@ -254,3 +254,19 @@ def test_interactive_mode_commands_and_clean_eof(saved_checkpoint, personachat_j
     assert " ".join(line.strip(" -") for line in shown.split("\n") if line.strip()) in personas
     assert "(history cleared)" in result.stdout and "  - i fly planes." in result.stdout
     assert result.stdout.count(">>> ") == 7  # one prompt per line, plus the one EOF answers
+
+
+@pytest.mark.slow
+def test_persona_typed_at_start_up(saved_checkpoint):
+    result = run_cli(["--model_name_or_path", saved_checkpoint, "--no_sample"], "i like tea.\ni am tall.\n\nhello\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "persona> " in result.stdout and "  - i like tea.\n  - i am tall.\n" in result.stdout
+
+
+def test_long_context_is_cut_to_fit_the_model(tokenizer, ids):
+    history = [f"turn {i} is a rather long sentence about many different things ." for i in range(5)]
+    full = build_context(tokenizer, PERSONA, history, max_history=2)["input_ids"]
+    cut = build_context(tokenizer, PERSONA, history, max_history=2, max_length=full.size(1) + 20, reply_budget=20)
+    assert cut["input_ids"].size(1) + 20 + 1 <= full.size(1) + 20  # room for the reply and its eos
+    kept = tokenizer.decode(cut["input_ids"][0], skip_special_tokens=True)
+    assert "turn 0" not in kept and "turn 4" in kept and "i love cats." in kept  # oldest turn dropped first

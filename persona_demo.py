@@ -1,0 +1,178 @@
+"""Browser chat with a persona bot: a Gradio app over `persona_chat` (install with `pip install -e .[demo]`).
+
+Left: the persona (one sentence per line, or a random one from a dataset); right: the chat, with the decoding
+controls in an accordion. Each browser session keeps its own history; editing the persona starts a new chat.
+
+    persona-demo --model_name_or_path demo_assets/run --dataset_path demo_assets/personachat.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
+
+from persona_chat import DEFAULT_OPTIONS, PersonaBot, load_for_chat  # noqa: E402
+from persona_data import load_dialogs  # noqa: E402
+
+TITLE = "persona-chat"
+
+
+def _persona_lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _messages(turns: Sequence[str]) -> list[dict]:
+    """Chatbot messages from the turn list (the user speaks first, then user and bot alternate)."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def dataset_personas(dataset_path: str, dataset_format: str | None = None) -> list[list[str]]:
+    """Every persona of a dataset's validation split (or its first split), for the "random persona" button."""
+    dialogs = load_dialogs(dataset_path, dataset_format)
+    split = "valid" if "valid" in dialogs else next(iter(dialogs))
+    return [list(p) for p in dialogs[split]["personality"] if p]
+
+
+def build_demo(
+    model,
+    tokenizer,
+    *,
+    personas: Sequence[Sequence[str]] = (),
+    persona: Sequence[str] = (),
+    max_history: int = 2,
+    seed: int | None = None,
+):
+    """The Gradio Blocks app. API endpoints: `/send`, `/set_persona`, `/reset`, `/random_persona`."""
+    import gradio as gr
+
+    rng = random.Random(seed)
+    persona = list(persona) or (list(rng.choice(personas)) if personas else [])
+
+    def send(message, persona_text, turns, temperature, top_p, top_k, max_length, greedy):
+        """Answer `message`; `turns` is this session's history (user and bot turns alternating)."""
+        message = (message or "").strip()
+        if not message:
+            return "", _messages(turns), turns
+        bot = PersonaBot(
+            model,
+            tokenizer,
+            _persona_lines(persona_text),
+            max_history=max_history,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            max_length=int(max_length),
+            min_length=min(DEFAULT_OPTIONS["min_length"], int(max_length)),
+            no_sample=bool(greedy),
+        )
+        # The bot keeps only the turns its context uses; the page shows them all.
+        bot.history = list(turns)
+        answer = bot.reply(message)
+        turns = [*turns, message, answer]
+        return "", _messages(turns), turns
+
+    def reset():
+        return [], []
+
+    def random_persona():
+        return "\n".join(rng.choice(personas)) if personas else gr.skip()
+
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nTalk to a bot that keeps a persona. Edit the persona on the left; that starts a new chat."
+        )
+        turns = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=1):
+                persona_box = gr.Textbox(
+                    value="\n".join(persona),
+                    label="Persona (one sentence per line)",
+                    lines=6,
+                    elem_id="persona",
+                )
+                random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
+                with gr.Accordion("Decoding", open=False):
+                    temperature = gr.Slider(0.05, 2.0, value=DEFAULT_OPTIONS["temperature"], label="Temperature")
+                    top_p = gr.Slider(0.0, 1.0, value=DEFAULT_OPTIONS["top_p"], label="Top-p (1 = off)")
+                    top_k = gr.Slider(0, 200, value=DEFAULT_OPTIONS["top_k"], step=1, label="Top-k (0 = off)")
+                    max_length = gr.Slider(
+                        1, 100, value=DEFAULT_OPTIONS["max_length"], step=1, label="Max reply tokens"
+                    )
+                    greedy = gr.Checkbox(value=False, label="Greedy (no sampling)")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
+                message = gr.Textbox(placeholder="Say something and press Enter", show_label=False, elem_id="message")
+                with gr.Row():
+                    send_btn = gr.Button("Send", variant="primary", elem_id="send")
+                    reset_btn = gr.Button("Reset", elem_id="reset")
+
+        inputs = [message, persona_box, turns, temperature, top_p, top_k, max_length, greedy]
+        outputs = [message, chatbot, turns]
+        # One generation at a time: sessions share the model and torch's global random state.
+        send_btn.click(send, inputs, outputs, api_name="send", concurrency_id="generate", concurrency_limit=1)
+        message.submit(send, inputs, outputs, api_name=False, concurrency_id="generate", concurrency_limit=1)
+        reset_btn.click(reset, None, [chatbot, turns], api_name="reset")
+        # A new persona is a new conversation: the old turns were said by someone else.
+        persona_box.change(reset, None, [chatbot, turns], api_name="set_persona")
+        random_btn.click(random_persona, None, persona_box, api_name="random_persona")
+    return demo
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persona-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint directory or Hub id.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--persona", action="append", default=[], help="Initial persona sentence; repeat for more.")
+    parser.add_argument("--dataset_path", help="Dataset to draw random personas from (any format persona-train reads).")
+    parser.add_argument("--dataset_format", default=None)
+    parser.add_argument("--max_history", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network).")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("persona-demo needs Gradio: pip install 'persona-chat[demo]'", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype)
+    except (OSError, ValueError) as err:
+        print(
+            f"persona-demo: cannot load the checkpoint {args.model_name_or_path!r}: {err}\n"
+            "Pass a directory written by persona-train (or a Hub id). For an offline demo checkpoint run:\n"
+            "  python persona_synthetic.py --output_dir demo_assets && persona-train configs/demo.yaml",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
+    except (OSError, ValueError) as err:
+        print(f"persona-demo: cannot read personas from {args.dataset_path!r}: {err}", file=sys.stderr)
+        return 2
+    demo = build_demo(
+        model, tokenizer, personas=personas, persona=args.persona, max_history=args.max_history, seed=args.seed
+    )
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `persona-demo` console script."""
+    return main(make_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
