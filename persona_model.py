@@ -315,9 +315,9 @@ class SharedPrefixEncoding:
 
 def encode_shared_prefix(
     backbone: torch.nn.Module,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
     prefix_lengths: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     *,
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
@@ -409,7 +409,7 @@ def shared_prefix_forward(
         return dual_head_forward(model, input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels)
 
     batch_size, num_candidates, _ = input_ids.shape
-    enc = encode_shared_prefix(backbone, input_ids, attention_mask, prefix_lengths, token_type_ids=token_type_ids)
+    enc = encode_shared_prefix(backbone, prefix_lengths, input_ids, attention_mask, token_type_ids=token_type_ids)
     out = DualHeadOutput()
     out.mc_logits = model.multiple_choice_head(enc.hidden, enc.shift(mc_token_ids)).squeeze(-1)  # [B, C]
     if mc_labels is not None:

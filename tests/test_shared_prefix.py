@@ -77,17 +77,6 @@ def assert_same(model, batch: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(shared_grads[name], grad, atol=atol, rtol=1e-4, msg=name)
 
 
-class CallCounter:
-    """Counts the backbone's forward calls and the tokens they encode."""
-
-    def __init__(self, module):
-        self.calls, self.tokens = 0, 0
-        module.register_forward_hook(self)
-
-    def __call__(self, module, args, kwargs_or_output, *rest):
-        self.calls += 1
-
-
 def test_prefix_length_is_the_reply_speaker_position():
     """On the DESIGN.md worked example the shared context ends right before the reply's <speaker1> (index 11)."""
     persona, history = [[10, 11], [12]], [[20], [21, 22], [23]]
@@ -186,3 +175,128 @@ def test_gradient_checkpointing_falls_back():
     model.gradient_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
     assert_same(model, random_batch(1, batch_size=2, num_candidates=2), atol=0)
+
+
+def _rows(seed: int, n: int, num_candidates: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [random_example(rng, num_candidates, 2, long=i % 3 == 0, shared_start=i % 4 == 1) for i in range(n)]
+
+
+def _train_and_evaluate(tmp_path, shared: bool) -> tuple[dict, dict]:
+    from datasets import Dataset
+
+    from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+    model = tiny_gpt2(seed=5)
+    model.config.persona_shared_prefix = shared
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path / f"out-{shared}"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=3,
+        # SGD: Adam would turn the rounding noise of exactly-zero gradients (attention key biases) into full steps.
+        optim="sgd",
+        learning_rate=0.5,
+        num_train_epochs=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+    )
+    trainer = PersonaTrainer(
+        model=model,
+        args=args,
+        data_collator=PersonaCollator(pad_token_id=PAD),
+        train_dataset=Dataset.from_list(_rows(0, 12, num_candidates=4)),
+        eval_dataset=Dataset.from_list(_rows(1, 7, num_candidates=20)),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+
+
+@pytest.mark.slow
+def test_trainer_with_gradient_accumulation_matches_plain_path(tmp_path):
+    """3 optimizer steps of GA=2 x batch 2 (4 candidates), then a 20-candidate evaluation: same weights and metrics."""
+    plain_weights, plain_metrics = _train_and_evaluate(tmp_path, shared=False)
+    shared_weights, shared_metrics = _train_and_evaluate(tmp_path, shared=True)
+    moved = max((w - tiny_gpt2(seed=5).state_dict()[n]).abs().max().item() for n, w in plain_weights.items())
+    assert moved > 1e-3  # the training did something
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(shared_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("eval_hits@1", "eval_lm_loss", "eval_mc_loss", "eval_ppl"):
+        assert shared_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def _tiny_backbone(model_type: str):
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32}
+    extra = {
+        "gpt2": {"n_positions": 256, **NO_DROPOUT},
+        "llama": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "qwen2": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "opt": {"ffn_dim": 64, "max_position_embeddings": 256, "word_embed_proj_dim": 32, "dropout": 0.0},
+    }[model_type]
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **common, **extra)).eval()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "opt"])
+@pytest.mark.parametrize("use_embeds", [False, True])
+def test_encode_shared_prefix_generic_backbones(model_type, use_embeds):
+    """The candidate-frame hidden states equal the full forward's for the backbones of the generic dual-head model
+    (RoPE and learned positions, input ids or embeddings), gradients included."""
+    from persona_model import encode_shared_prefix, shared_prefix_unsupported_reason
+
+    backbone = _tiny_backbone(model_type)
+    assert shared_prefix_unsupported_reason(backbone) is None
+    batch = random_batch(4, batch_size=3, num_candidates=5)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, c, t = ids.shape
+    lengths = shared_prefix_lengths(ids, batch["token_type_ids"], mask, batch["mc_token_ids"], batch["labels"])
+    weights = torch.randn(b, c, t, backbone.config.hidden_size)  # a random linear read-out of every position
+
+    def read_out(hidden_full):  # hidden [B, C, T, H] at real, non-prefix positions
+        keep = mask.bool() & (torch.arange(t) >= lengths[:, None, None])
+        return (hidden_full * weights * keep[..., None]).sum() / keep.sum()  # a mean, like a loss
+
+    embed = backbone.get_input_embeddings()
+    backbone.zero_grad()
+    inputs = {"inputs_embeds": embed(ids.flatten(0, 1))} if use_embeds else {"input_ids": ids.flatten(0, 1)}
+    full = backbone(**inputs, attention_mask=mask.flatten(0, 1)).last_hidden_state.view(b, c, t, -1)
+    read_out(full).backward()
+    full_grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+
+    backbone.zero_grad()
+    kwargs = {"inputs_embeds": embed(ids)} if use_embeds else {"input_ids": ids}
+    enc = encode_shared_prefix(backbone, attention_mask=mask, prefix_lengths=lengths, **kwargs)
+    # Scatter the candidate frame back to full positions to compare position by position.
+    scattered = torch.zeros_like(full).scatter_add(
+        2, enc.index[..., None].expand_as(enc.hidden), enc.hidden * enc.valid[..., None]
+    )
+    read_out(scattered).backward()
+    keep = mask.bool() & (torch.arange(t) >= lengths[:, None, None])
+    torch.testing.assert_close(scattered[keep], full[keep].detach(), atol=1e-5, rtol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(backbone.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_without_attention_mask_and_token_types():
+    model = tiny_gpt2(seed=3)
+    batch = random_batch(5, batch_size=3, num_candidates=4, mixed=False)
+    assert_same(model, {k: v for k, v in batch.items() if k not in ("attention_mask", "token_type_ids")})
+
+
+def test_bf16_autocast_close_to_plain_path():
+    model = tiny_gpt2(seed=4)
+    batch = random_batch(6, batch_size=3, num_candidates=4)
+    outs = {}
+    for shared in (False, True):
+        model.config.persona_shared_prefix = shared
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[shared] = model(**batch)
+    torch.testing.assert_close(outs[True].mc_logits.float(), outs[False].mc_logits.float(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(outs[True].lm_loss, outs[False].lm_loss, atol=0.05, rtol=0.02)
