@@ -250,8 +250,8 @@ def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
     model_type = getattr(backbone.config, "model_type", type(backbone).__name__)
     if "cache" not in params:
         return f"the {model_type} backbone has no key/value cache (its forward takes no `cache`)"
-    if getattr(backbone, "gradient_checkpointing", False) and backbone.training:
-        # GPT-2 and the Llama family drop the cache in checkpointed training blocks.
+    if backbone.training and any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+        # Checkpointed blocks (GradientCheckpointingLayer) drop the cache in training.
         return "gradient checkpointing disables the key/value cache during training"
     layer_types = getattr(backbone.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):

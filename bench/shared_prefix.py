@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             examples = len(batches) * batch_size
             plain, shared = (examples / result["seconds"][k] for k in ("plain", "shared"))
             print(
-                f"{name:<11} {phase:<24} {plain:>10.2f} {shared:>11.2f} {shared / plain:>8.2f}x "
+                f"{name:<11} {phase:<24} {plain:>10.3g} {shared:>11.3g} {shared / plain:>8.2f}x "
                 f"{result['max_abs_diff']:>10.1e}",
                 flush=True,
             )

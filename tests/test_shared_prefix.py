@@ -172,7 +172,7 @@ def test_openai_gpt_falls_back_with_a_message(caplog):
 
 def test_gradient_checkpointing_falls_back():
     model = tiny_gpt2()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
     assert_same(model, random_batch(1, batch_size=2, num_candidates=2), atol=0)
 
@@ -244,8 +244,9 @@ def _tiny_backbone(model_type: str):
     return AutoModel.from_config(AutoConfig.for_model(model_type, **common, **extra)).eval()
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "opt"])
-@pytest.mark.parametrize("use_embeds", [False, True])
+@pytest.mark.parametrize(
+    "model_type, use_embeds", [("gpt2", False), ("llama", False), ("llama", True), ("qwen2", True), ("opt", False)]
+)
 def test_encode_shared_prefix_generic_backbones(model_type, use_embeds):
     """The candidate-frame hidden states equal the full forward's for the backbones of the generic dual-head model
     (RoPE and learned positions, input ids or embeddings), gradients included."""
@@ -300,3 +301,10 @@ def test_bf16_autocast_close_to_plain_path():
             outs[shared] = model(**batch)
     torch.testing.assert_close(outs[True].mc_logits.float(), outs[False].mc_logits.float(), atol=0.05, rtol=0.05)
     torch.testing.assert_close(outs[True].lm_loss, outs[False].lm_loss, atol=0.05, rtol=0.02)
+
+
+def test_run_persona_flag():
+    import run_persona
+
+    assert run_persona.parse_args(["--output_dir", "out"])[0].shared_prefix is True
+    assert run_persona.parse_args(["--shared_prefix", "false", "--output_dir", "out"])[0].shared_prefix is False
