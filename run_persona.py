@@ -51,6 +51,13 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Encode persona + history once per example and score the candidates on its KV cache (exact; "
+            "backbones without a cache, e.g. openai-gpt, and gradient checkpointing use the plain path)."
+        },
+    )
 
 
 @dataclass
@@ -188,6 +195,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
     )
+    model.config.persona_shared_prefix = model_args.shared_prefix
     max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     max_length = min(data_args.max_length or max_positions, max_positions)
 

@@ -1,0 +1,310 @@
+"""The shared-prefix dual-head forward equals the plain one: losses, logits, per-example statistics and gradients."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, OpenAIGPTConfig
+
+from persona_collator import PersonaCollator
+from persona_data import SpeakerIds, build_features, build_inputs
+from persona_model import (
+    PersonaGPT2DoubleHeadsModel,
+    PersonaOpenAIGPTDoubleHeadsModel,
+    shared_prefix_lengths,
+)
+
+SPEAKERS = SpeakerIds(bos=1, eos=2, speaker1=3, speaker2=4)
+PAD = 0
+VOCAB = 64
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
+
+
+def tiny_gpt2(seed: int = 0, n_positions: int = 256, **overrides) -> PersonaGPT2DoubleHeadsModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return PersonaGPT2DoubleHeadsModel(config).eval()
+
+
+def random_example(rng: random.Random, num_candidates: int, max_history: int, long: bool, shared_start: bool) -> dict:
+    """One `build_features`-style row (built with the reference builder) with random lengths."""
+    words = lambda n: [rng.randrange(5, VOCAB) for _ in range(n)]  # noqa: E731
+    scale = 4 if long else 1
+    persona = [words(rng.randint(1, 5 * scale)) for _ in range(rng.randint(0, 3))]
+    history = [words(rng.randint(1, 6 * scale)) for _ in range(rng.choice([1, 3, 5, 7]))]
+    history = history[-(2 * max_history + 1) :]
+    start = words(2) if shared_start else []  # candidates sharing their first reply tokens
+    replies = [start + words(rng.randint(1, 9)) for _ in range(num_candidates)]
+    gold = num_candidates - 1
+    rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == gold) for i, r in enumerate(replies)]
+    row = {key: [r[key] for r in rows] for key in ("input_ids", "token_type_ids", "labels", "mc_token_ids")}
+    row["mc_labels"] = num_candidates - 1
+    return row
+
+
+def random_batch(seed: int, batch_size: int, num_candidates: int, max_history: int = 2, mixed: bool = True) -> dict:
+    rng = random.Random(seed)
+    rows = [
+        random_example(rng, num_candidates, max_history, long=mixed and b % 2 == 0, shared_start=b % 3 == 1)
+        for b in range(batch_size)
+    ]
+    return PersonaCollator(pad_token_id=PAD)(rows)
+
+
+def run(model, batch: dict, shared: bool, backward: bool = True) -> tuple:
+    model.config.persona_shared_prefix = shared
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    if backward:
+        (out.lm_loss + out.mc_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same(model, batch: dict, atol: float = 1e-5) -> None:
+    plain, plain_grads = run(model, batch, shared=False)
+    shared, shared_grads = run(model, batch, shared=True)
+    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
+        torch.testing.assert_close(getattr(shared, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=atol, rtol=1e-4, msg=name)
+
+
+def test_prefix_length_is_the_reply_speaker_position():
+    """On the DESIGN.md worked example the shared context ends right before the reply's <speaker1> (index 11)."""
+    persona, history = [[10, 11], [12]], [[20], [21, 22], [23]]
+    rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == 2) for i, r in enumerate([[30, 31], [40], [30]])]
+    batch = PersonaCollator(pad_token_id=PAD)(
+        [
+            {
+                **{key: [r[key] for r in rows] for key in ("input_ids", "token_type_ids", "labels", "mc_token_ids")},
+                "mc_labels": 2,
+            }
+        ]
+    )
+    assert batch["input_ids"][0, 0, 11] == SPEAKERS.speaker1
+    args = [batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "labels")]
+    assert shared_prefix_lengths(*args).tolist() == [11]
+    # Without LM labels the candidates still share [speaker1]: the prefix may include it (any common prefix is exact).
+    assert shared_prefix_lengths(*args[:4]).tolist() == [12]
+    # One candidate: everything before the reply.
+    assert shared_prefix_lengths(*[a[:, 2:] for a in args]).tolist() == [11]
+
+
+@pytest.mark.parametrize("num_candidates", [1, 2, 4, 20])
+def test_equals_plain_path(num_candidates):
+    model = tiny_gpt2()
+    for seed in range(3):
+        assert_same(model, random_batch(seed, batch_size=4, num_candidates=num_candidates))
+
+
+@pytest.mark.parametrize("max_history", [0, 1, 3])
+def test_equals_plain_path_history_cuts(max_history):
+    model = tiny_gpt2(seed=1)
+    assert_same(model, random_batch(7, batch_size=5, num_candidates=4, max_history=max_history))
+
+
+def test_equals_plain_path_pad_to_multiple_and_one_example():
+    model = tiny_gpt2(seed=2)
+    rng = random.Random(3)
+    rows = [random_example(rng, 3, 2, long=True, shared_start=False)]
+    assert_same(model, PersonaCollator(pad_token_id=PAD, pad_to_multiple_of=8)(rows))
+
+
+def test_shared_path_really_runs():
+    """The backbone runs twice (prefix, then candidates) and never sees the full [B*C, T] batch."""
+    model = tiny_gpt2()
+    batch = random_batch(0, batch_size=3, num_candidates=4)
+    shapes = []
+    model.transformer.register_forward_hook(
+        lambda mod, args, kwargs, out: shapes.append(out.last_hidden_state.shape), with_kwargs=True
+    )
+    run(model, batch, shared=True, backward=False)
+    b, c, t = batch["input_ids"].shape
+    assert len(shapes) == 2
+    assert shapes[0][0] == b and shapes[1][0] == b * c
+    assert shapes[1][1] < t
+
+
+@pytest.fixture(scope="module")
+def persona_setup(tmp_path_factory):
+    """Synthetic dialogs and a tiny checkpoint of our own (conftest's synthetic_data is too small for 20 candidates)."""
+    from persona_model import load_model_and_tokenizer
+    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
+
+    data = make_synthetic_personachat(num_train=16, num_valid=16, seed=0)
+    out = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-gpt2-sp")), corpus_texts(data), n_embd=32, n_head=2)
+    model, tokenizer = load_model_and_tokenizer(out)
+    return data, model, tokenizer
+
+
+def test_through_build_features(persona_setup):
+    """Real rows from build_features (max_history and max_length cuts), the tiny checkpoint, eval mode."""
+    from datasets import Dataset
+
+    data, model, tokenizer = persona_setup
+    model = copy.deepcopy(model).eval()
+    dialogs = Dataset.from_list(data["valid"])
+    for num_candidates, max_history, max_length in [(20, 2, None), (4, 1, 48)]:
+        features = build_features(
+            dialogs, tokenizer, num_candidates=num_candidates, max_history=max_history, max_length=max_length
+        )
+        rows = [features[i] for i in range(min(6, len(features)))]
+        assert_same(model, PersonaCollator(pad_token_id=tokenizer.pad_token_id)(rows))
+
+
+def test_openai_gpt_falls_back_with_a_message(caplog):
+    torch.manual_seed(0)
+    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
+    model = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
+    batch = random_batch(0, batch_size=2, num_candidates=4)
+    with caplog.at_level(logging.WARNING, logger="persona_model"):
+        assert_same(model, batch, atol=0)
+    assert "no key/value cache" in caplog.text
+
+
+def test_gradient_checkpointing_falls_back():
+    model = tiny_gpt2()
+    model.activation_checkpointing_enable()
+    model.train()  # dropout is 0: train mode is deterministic
+    assert_same(model, random_batch(1, batch_size=2, num_candidates=2), atol=0)
+
+
+def _rows(seed: int, n: int, num_candidates: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [random_example(rng, num_candidates, 2, long=i % 3 == 0, shared_start=i % 4 == 1) for i in range(n)]
+
+
+def _train_and_evaluate(tmp_path, shared: bool) -> tuple[dict, dict]:
+    from datasets import Dataset
+
+    from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+    model = tiny_gpt2(seed=5)
+    model.config.persona_shared_prefix = shared
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path / f"out-{shared}"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=3,
+        # SGD: Adam would turn the rounding noise of exactly-zero gradients (attention key biases) into full steps.
+        optim="sgd",
+        learning_rate=0.5,
+        num_train_epochs=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+    )
+    trainer = PersonaTrainer(
+        model=model,
+        args=args,
+        data_collator=PersonaCollator(pad_token_id=PAD),
+        train_dataset=Dataset.from_list(_rows(0, 12, num_candidates=4)),
+        eval_dataset=Dataset.from_list(_rows(1, 7, num_candidates=20)),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+
+
+@pytest.mark.slow
+def test_trainer_with_gradient_accumulation_matches_plain_path(tmp_path):
+    """3 optimizer steps of GA=2 x batch 2 (4 candidates), then a 20-candidate evaluation: same weights and metrics."""
+    plain_weights, plain_metrics = _train_and_evaluate(tmp_path, shared=False)
+    shared_weights, shared_metrics = _train_and_evaluate(tmp_path, shared=True)
+    moved = max((w - tiny_gpt2(seed=5).state_dict()[n]).abs().max().item() for n, w in plain_weights.items())
+    assert moved > 1e-3  # the training did something
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(shared_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("eval_hits@1", "eval_lm_loss", "eval_mc_loss", "eval_ppl"):
+        assert shared_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def _tiny_backbone(model_type: str):
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32}
+    extra = {
+        "gpt2": {"n_positions": 256, **NO_DROPOUT},
+        "llama": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "qwen2": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "opt": {"ffn_dim": 64, "max_position_embeddings": 256, "word_embed_proj_dim": 32, "dropout": 0.0},
+    }[model_type]
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **common, **extra)).eval()
+
+
+@pytest.mark.parametrize(
+    "model_type, use_embeds", [("gpt2", False), ("llama", False), ("llama", True), ("qwen2", True), ("opt", False)]
+)
+def test_encode_shared_prefix_generic_backbones(model_type, use_embeds):
+    """The candidate-frame hidden states equal the full forward's for the backbones of the generic dual-head model
+    (RoPE and learned positions, input ids or embeddings), gradients included."""
+    from persona_model import encode_shared_prefix, shared_prefix_unsupported_reason
+
+    backbone = _tiny_backbone(model_type)
+    assert shared_prefix_unsupported_reason(backbone) is None
+    batch = random_batch(4, batch_size=3, num_candidates=5)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, c, t = ids.shape
+    lengths = shared_prefix_lengths(ids, batch["token_type_ids"], mask, batch["mc_token_ids"], batch["labels"])
+    weights = torch.randn(b, c, t, backbone.config.hidden_size)  # a random linear read-out of every position
+
+    def read_out(hidden_full):  # hidden [B, C, T, H] at real, non-prefix positions
+        keep = mask.bool() & (torch.arange(t) >= lengths[:, None, None])
+        return (hidden_full * weights * keep[..., None]).sum() / keep.sum()  # a mean, like a loss
+
+    embed = backbone.get_input_embeddings()
+    backbone.zero_grad()
+    inputs = {"inputs_embeds": embed(ids.flatten(0, 1))} if use_embeds else {"input_ids": ids.flatten(0, 1)}
+    full = backbone(**inputs, attention_mask=mask.flatten(0, 1)).last_hidden_state.view(b, c, t, -1)
+    read_out(full).backward()
+    full_grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+
+    backbone.zero_grad()
+    kwargs = {"inputs_embeds": embed(ids)} if use_embeds else {"input_ids": ids}
+    enc = encode_shared_prefix(backbone, attention_mask=mask, prefix_lengths=lengths, **kwargs)
+    # Scatter the candidate frame back to full positions to compare position by position.
+    scattered = torch.zeros_like(full).scatter_add(
+        2, enc.index[..., None].expand_as(enc.hidden), enc.hidden * enc.valid[..., None]
+    )
+    read_out(scattered).backward()
+    keep = mask.bool() & (torch.arange(t) >= lengths[:, None, None])
+    torch.testing.assert_close(scattered[keep], full[keep].detach(), atol=1e-5, rtol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(backbone.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_without_attention_mask_and_token_types():
+    model = tiny_gpt2(seed=3)
+    batch = random_batch(5, batch_size=3, num_candidates=4, mixed=False)
+    assert_same(model, {k: v for k, v in batch.items() if k not in ("attention_mask", "token_type_ids")})
+
+
+def test_bf16_autocast_close_to_plain_path():
+    model = tiny_gpt2(seed=4)
+    batch = random_batch(6, batch_size=3, num_candidates=4)
+    outs = {}
+    for shared in (False, True):
+        model.config.persona_shared_prefix = shared
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[shared] = model(**batch)
+    torch.testing.assert_close(outs[True].mc_logits.float(), outs[False].mc_logits.float(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(outs[True].lm_loss, outs[False].lm_loss, atol=0.05, rtol=0.02)
+
+
+def test_run_persona_flag():
+    import run_persona
+
+    assert run_persona.parse_args(["--output_dir", "out"])[0].shared_prefix is True
+    assert run_persona.parse_args(["--shared_prefix", "false", "--output_dir", "out"])[0].shared_prefix is False
