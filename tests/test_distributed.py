@@ -75,23 +75,30 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def expected_sgd_step(assets, init: dict[str, torch.Tensor], lm_coef: float) -> dict[str, torch.Tensor]:
-    """The SGD update of one step over all 8 training rows, from the model's own batch-mean losses on one batch."""
+@pytest.fixture(scope="module")
+def expected_step(assets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Initial weights (as run_persona seeds them) and their SGD update over all 8 rows of STEP_ARGS, computed from
+    the model's own batch-mean losses on one batch: `2.0 · lm_loss + mc_loss`."""
+    from transformers import set_seed
+
     from persona_collator import PersonaCollator
     from persona_data import build_features, load_dialogs
     from persona_model import load_model_and_tokenizer
 
+    set_seed(0)  # the new special-token rows are drawn at load time, after run_persona's set_seed(--seed)
     model, tokenizer = load_model_and_tokenizer(assets["model"])
-    model.load_state_dict(init)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
     rows = build_features(load_dialogs(assets["data"])["train"], tokenizer, num_candidates=2, max_history=2)
     batch = PersonaCollator(tokenizer.pad_token_id)([rows[i] for i in range(8)])
     model.train()
     out = model(**batch)
-    (lm_coef * out.lm_loss + out.mc_loss).backward()
+    (2.0 * out.lm_loss + out.mc_loss).backward()
     with torch.no_grad():
         for param in model.parameters():  # tied LM head and embedding: one parameter, stepped once
             param -= LR * param.grad
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    assert max(float((expected[k] - init[k]).abs().max()) for k in init) > 1e-3  # a step the tests can tell apart
+    return init, expected
 
 
 # One optimizer step over a fixed global batch of 8 rows (the whole training set): 2 per device x accumulation x
@@ -103,17 +110,15 @@ STEP_ARGS = ["--max_train_samples", "8", "--max_steps", "1", "--optim", "sgd", "
 
 
 @pytest.mark.slow
-def test_one_step_same_update_in_1_and_2_processes_and_ranks_agree(assets, tmp_path):
+def test_one_step_same_update_in_1_and_2_processes_and_ranks_agree(assets, expected_step, tmp_path):
     single = tmp_path / "single"
     launch(run_args(assets, single, *STEP_ARGS, "--gradient_accumulation_steps", "4"))
     ddp = tmp_path / "ddp"
     launch(run_args(assets, ddp, *STEP_ARGS, "--gradient_accumulation_steps", "2"), nproc=2)
 
-    init = torch.load(single / "weights_init_rank0.pt")
-    assert_same_weights(torch.load(ddp / "weights_init_rank0.pt"), init, atol=0)
-    expected = expected_sgd_step(assets, init, lm_coef=2.0)
-    moved = max(float((expected[k] - init[k]).abs().max()) for k in init)
-    assert moved > 1e-3  # the step really changes the weights, so the comparisons below can fail
+    init, expected = expected_step
+    assert_same_weights(torch.load(single / "weights_init_rank0.pt"), init, atol=0)
+    assert_same_weights(torch.load(ddp / "weights_init_rank1.pt"), init, atol=0)
     assert_same_weights(torch.load(single / "weights_final_rank0.pt"), expected)
     rank0, rank1 = torch.load(ddp / "weights_final_rank0.pt"), torch.load(ddp / "weights_final_rank1.pt")
     assert_same_weights(rank0, rank1, atol=0)  # DDP all-reduces gradients: replicas stay bit-identical
@@ -155,3 +160,85 @@ def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path):
     # and the run really moved past the checkpoint
     with pytest.raises(AssertionError):
         assert_same_weights(load_weights(killed), load_weights(killed / "checkpoint-3"))
+
+
+VALIDATE_DEEPSPEED_CONFIGS = """
+import json, sys
+from transformers import GPT2Config, GPT2DoubleHeadsModel
+from persona_trainer import PersonaTrainingArguments
+
+model = GPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+results = {}
+for path in sys.argv[1:]:
+    try:
+        args = PersonaTrainingArguments(
+            output_dir=sys.argv[0], deepspeed=path, use_cpu=True, report_to="none", bf16=True, warmup_steps=10,
+            per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5, learning_rate=3e-4,
+            adam_beta2=0.98, weight_decay=0.01,
+        )
+        args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=100)
+        results[path] = args.hf_deepspeed_config.config
+    except ValueError as error:
+        results[path] = str(error)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def find_auto(config, prefix=""):
+    if isinstance(config, dict):
+        return [p for key, value in config.items() for p in find_auto(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if config == "auto" else []
+
+
+def test_shipped_deepspeed_configs_pass_the_trainers_own_checks(tmp_path):
+    """The Trainer fills every "auto" from TrainingArguments with no mismatch; a conflicting fixed value fails."""
+    assert {os.path.basename(p) for p in DEEPSPEED_CONFIGS} == {"zero2.json", "zero3.json", "zero3_offload.json"}
+    conflicting = tmp_path / "conflicting.json"
+    config = json.load(open(DEEPSPEED_CONFIGS[0]))
+    conflicting.write_text(json.dumps({**config, "gradient_accumulation_steps": 3, "gradient_clipping": 1.0}))
+    for path in DEEPSPEED_CONFIGS:
+        assert find_auto(json.load(open(path)))  # they do defer to TrainingArguments
+    proc = subprocess.run(
+        [sys.executable, "-c", VALIDATE_DEEPSPEED_CONFIGS, str(tmp_path / "out"), *DEEPSPEED_CONFIGS, str(conflicting)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    for path in DEEPSPEED_CONFIGS:
+        filled = results[path]
+        assert isinstance(filled, dict), f"{path}: {filled}"
+        assert find_auto(filled) == [], path
+        assert filled["train_micro_batch_size_per_gpu"] == 2 and filled["gradient_accumulation_steps"] == 4
+        assert filled["train_batch_size"] == 8 and filled["gradient_clipping"] == 0.5
+        assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+        assert filled["zero_optimization"]["reduce_bucket_size"] == 32 * 32
+        if "optimizer" in filled:
+            assert filled["optimizer"]["params"] == {
+                "lr": 3e-4,
+                "betas": [0.9, 0.98],
+                "eps": 1e-8,
+                "weight_decay": 0.01,
+            }
+    assert "mismatch" in results[str(conflicting)]
+    assert "gradient_accumulation_steps=3 vs hf gradient_accumulation_steps=4" in results[str(conflicting)]
+    assert "gradient_clipping=1.0 vs hf max_grad_norm=0.5" in results[str(conflicting)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_two_processes_same_update_and_loadable_checkpoint(assets, expected_step, tmp_path, stage):
+    """ZeRO on the CPU accelerator (gloo): the STEP_ARGS step equals the hand-computed one; the saved model loads.
+
+    The first run JIT-compiles DeepSpeed's shared-memory communication op into $TORCH_EXTENSIONS_DIR (about a minute).
+    """
+    pytest.importorskip("deepspeed")
+    out = tmp_path / stage
+    config = os.path.join(ROOT, "configs", "deepspeed", f"{stage}.json")
+    args = [*STEP_ARGS, "--gradient_accumulation_steps", "2", "--deepspeed", config]
+    launch(run_args(assets, out, *args, "--save_strategy", "steps", "--save_steps", "1"), nproc=2)
+    _, expected = expected_step
+    assert_same_weights(load_weights(out), expected)  # ZeRO-3: the consolidated weights of stage3_gather_16bit...
+    assert_same_weights(load_weights(out / "checkpoint-1"), expected)
+    assert os.path.isdir(out / "checkpoint-1" / "global_step1")  # DeepSpeed's own sharded states, for resuming
+    if stage == "zero2":
+        assert_same_weights(torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt"))
