@@ -242,3 +242,107 @@ def test_deepspeed_zero_two_processes_same_update_and_loadable_checkpoint(assets
     assert os.path.isdir(out / "checkpoint-1" / "global_step1")  # DeepSpeed's own sharded states, for resuming
     if stage == "zero2":
         assert_same_weights(torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt"))
+
+
+@pytest.mark.slow
+def test_lora_adapter_trains_saves_heads_and_tokens_and_loads_back_for_eval(assets, expected_step, tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from persona_collator import PersonaCollator
+    from persona_data import build_features, load_dialogs
+    from persona_model import SPECIAL_TOKENS, PersonaGPT2DoubleHeadsModel, load_model_and_tokenizer
+
+    out = tmp_path / "lora"
+    eval_args = ["--do_eval", "true", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4"]
+    lora_args = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "c_attn", "c_fc"]
+    train_args = ["--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "2",
+                  "--gradient_accumulation_steps", "1", "--save_strategy", "no",
+                  "--gradient_checkpointing"]  # fmt: skip
+    launch(run_args(assets, out, *lora_args, *train_args, *eval_args))
+    assert not (out / "model.safetensors").exists()
+    adapter_config = json.load(open(out / "adapter_config.json"))
+    assert sorted(adapter_config["target_modules"]) == ["c_attn", "c_fc"] and adapter_config["r"] == 4
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("multiple_choice_head" in k for k in saved), sorted(saved)
+    assert any("trainable_tokens" in k for k in saved), sorted(saved)
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 2 and all(v.abs().max() > 0 for v in lora_b)  # B starts at 0: it was trained
+
+    # Merged (the default, as chat and eval load it) and unmerged adapters give the same outputs.
+    merged, tokenizer = load_model_and_tokenizer(str(out))
+    unmerged, _ = load_model_and_tokenizer(str(out), merge_adapter=False)
+    assert type(merged) is PersonaGPT2DoubleHeadsModel and isinstance(unmerged, PeftModel)
+    rows = build_features(load_dialogs(assets["data"])["valid"], tokenizer, num_candidates=None, max_history=2)
+    batch = PersonaCollator(tokenizer.pad_token_id)([rows[i] for i in range(4)])
+    merged.eval(), unmerged.eval()
+    with torch.no_grad():
+        a, b = merged(**batch), unmerged(**batch)
+    torch.testing.assert_close(a.mc_logits, b.mc_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.lm_nll, b.lm_nll, rtol=1e-4, atol=1e-4)
+
+    # Frozen: the ordinary token rows and the layer norms; trained: the persona-token rows and the MC head.
+    init, _ = expected_step
+    special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+    weights = merged.state_dict()
+    wte = "transformer.wte.weight"
+    torch.testing.assert_close(weights[wte][ordinary], init[wte][ordinary], rtol=0, atol=0)
+    torch.testing.assert_close(weights["transformer.ln_f.weight"], init["transformer.ln_f.weight"], rtol=0, atol=0)
+    assert (weights[wte][special] - init[wte][special]).abs().amax(dim=1).min() > 1e-4
+    assert (
+        weights["multiple_choice_head.summary.weight"] - init["multiple_choice_head.summary.weight"]
+    ).abs().max() > 1e-4
+
+    # run_persona evaluates the adapter folder (merged on load) exactly as the end of training did.
+    again = tmp_path / "eval"
+    launch(run_args(assets, again, *eval_args, "--do_train", "false") + ["--model_name_or_path", str(out)])
+    trained, reloaded = json.load(open(out / "eval_results.json")), json.load(open(again / "eval_results.json"))
+    for key in ("eval_hits@1", "eval_lm_loss", "eval_mc_loss"):
+        assert reloaded[key] == pytest.approx(trained[key], rel=1e-5, abs=1e-6), key
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(assets):
+    import copy
+
+    from persona_collator import PersonaCollator
+    from persona_data import build_features, load_dialogs
+    from persona_model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(assets["model"])  # dropout already 0
+    rows = build_features(load_dialogs(assets["data"])["train"], tokenizer, num_candidates=2, max_history=2)
+    batch = PersonaCollator(tokenizer.pad_token_id)([rows[i] for i in range(4)])
+
+    def grads_and_block_calls(checkpointing: bool):
+        m = copy.deepcopy(model)
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        calls = []
+        mlp = m.transformer.h[0].mlp  # inside the checkpointed block; torch runs no module hooks on recompute
+        mlp.forward = lambda *args, forward=mlp.forward, **kwargs: calls.append(1) or forward(*args, **kwargs)
+        out = m(**batch)
+        (out.lm_loss + out.mc_loss).backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads_and_block_calls(False)
+    checkpointed, checkpointed_calls = grads_and_block_calls(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block ran again in backward
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
+    from transformers import GPT2Config, OpenAIGPTConfig
+
+    from persona_model import (
+        PersonaGPT2DoubleHeadsModel,
+        PersonaOpenAIGPTDoubleHeadsModel,
+        check_gradient_checkpointing,
+    )
+
+    check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
+    gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
+    with pytest.raises(ValueError, match=r"--gradient_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"):
+        check_gradient_checkpointing(gpt)
