@@ -156,11 +156,16 @@ class PersonaTrainer(Trainer):
     ) -> None:
         """Write the project's model card (recipe, data, Hits@1/PPL/F1, usage) as `README.md` in `output_dir`.
 
-        Replaces the Trainer's generic card; `push_to_hub(**kwargs)` forwards its keyword arguments here.
-        Metrics default to the last evaluation in the log history.
+        Replaces the Trainer's generic card; `push_to_hub(**kwargs)` forwards its keyword arguments here, and
+        `self.model_card_info` (a dict of the same keywords) fills those not given. Metrics default to the last
+        evaluation in the log history.
         """
         if not self.is_world_process_zero():
             return
+        # run_persona sets model_card_info, so the push that save_model makes mid-run gets the same card.
+        info = getattr(self, "model_card_info", {})
+        finetuned_from = finetuned_from or info.get("finetuned_from")
+        dataset, recipe = dataset or info.get("dataset"), recipe or info.get("recipe")
         if eval_metrics is None:
             eval_metrics = next((log for log in reversed(self.state.log_history) if "eval_hits@1" in log), {})
         card = persona_model_card(

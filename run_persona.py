@@ -267,6 +267,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         processing_class=tokenizer,
     )
 
+    trainer.model_card_info = {
+        "finetuned_from": model_args.model_name_or_path,
+        "dataset": data_args.dataset_path,
+        "recipe": {**vars(data_args), "use_peft": model_args.use_peft},
+    }
+
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
@@ -290,13 +296,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
                 data_args,
                 training_args,
             )
-        trainer.push_to_hub(
-            finetuned_from=model_args.model_name_or_path,
-            tasks="text-generation",
-            dataset=data_args.dataset_path,
-            recipe={**vars(data_args), "use_peft": model_args.use_peft},
-            eval_metrics=metrics,
-        )
+        trainer.push_to_hub(eval_metrics=metrics)
     return metrics
 
 

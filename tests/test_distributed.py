@@ -346,3 +346,104 @@ def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
     gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
     with pytest.raises(ValueError, match=r"--gradient_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"):
         check_gradient_checkpointing(gpt)
+
+
+def test_push_to_hub_uploads_weights_tokenizer_config_and_project_model_card(assets, tmp_path, monkeypatch):
+    import fnmatch
+
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+    from persona_model import SPECIAL_TOKENS, load_model_and_tokenizer
+    from run_persona import main, parse_args
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    calls = {"create_repo": [], "create_commit": [], "upload_folder": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["create_commit"].append(repo_id)
+        raise AssertionError("the Trainer uploads with upload_folder")
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        files = {}
+        for dirpath, _, names in os.walk(folder_path):
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), folder_path)
+                if not any(fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel.split(os.sep)[0], pattern)
+                           for pattern in ignore_patterns):  # fmt: skip
+                    files[rel] = open(os.path.join(dirpath, name), "rb").read()
+        calls["upload_folder"].append({"repo_id": repo_id, "files": files, **kwargs})
+        return CommitInfo(f"https://huggingface.co/{repo_id}/commit/1", "End of training", "", "1" * 40)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+    out = tmp_path / "run"
+    argv = run_args(assets, out, "--max_steps", "2", "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", "1", "--save_strategy", "no", "--do_eval", "true",
+                    "--max_eval_samples", "4", "--lm_coef", "2.0", "--push_to_hub",
+                    "--hub_model_id", "someone/persona-tiny")  # fmt: skip
+    metrics = main(*parse_args(argv))
+
+    assert calls["create_repo"] == ["someone/persona-tiny"] and calls["create_commit"] == []
+    # Trainer.save_model pushes after training ("Model save"), then the final push carries the eval metrics.
+    assert [c["commit_message"] for c in calls["upload_folder"]] == ["Model save", "End of training"]
+    first, push = calls["upload_folder"]
+    assert "| loss | 2.0 × LM loss" in first["files"]["README.md"].decode()
+    assert push["repo_id"] == "someone/persona-tiny"
+    assert set(push["files"]) == {
+        "README.md", "training_config.yaml", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+        "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+    }  # fmt: skip
+    # What was pushed is what was uploaded (the folder on disk), and it loads as a persona model.
+    model, tokenizer = load_model_and_tokenizer(str(out))
+    assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    assert len(tokenizer) == model.get_input_embeddings().num_embeddings
+    # The training config reproduces the run's options through the CLI parser.
+    config_path = tmp_path / "pushed_config.yaml"
+    config_path.write_bytes(push["files"]["training_config.yaml"])
+    model_args, data_args, training_args = parse_args([str(config_path), "--output_dir", str(tmp_path / "again")])
+    assert (data_args.num_candidates, training_args.lm_coef, training_args.max_steps) == (2, 2.0, 2)
+    assert model_args.model_name_or_path == assets["model"] and data_args.dataset_path == assets["data"]
+    assert "hub_token" not in push["files"]["training_config.yaml"].decode()
+
+    card = push["files"]["README.md"].decode()
+    assert card.startswith("---\n") and "library_name: transformers\n" in card and "- persona-chat\n" in card
+    assert "pipeline_tag: text-generation" in card
+    assert "# persona-tiny\n" in card
+    assert 'model, tokenizer = load_model_and_tokenizer("someone/persona-tiny")' in card
+    assert "from persona_chat import PersonaBot" in card and "bot.reply(" in card
+    assert f"`{assets['data']}`" in card
+    assert "| loss | 2.0 × LM loss + 1.0 × multiple-choice loss |" in card
+    assert "| candidates per example | 2 |" in card and "| history turns kept | 5 |" in card
+    assert "| batch | 2 per device × 1 accumulation × 1 processes = 2 |" in card
+    assert f"| Hits@1 | {metrics['eval_hits@1']:.4f} |" in card
+    assert f"| Perplexity | {metrics['eval_ppl']:.2f} |" in card
+    assert "| F1 |" not in card  # not computed by this run
+
+
+def test_model_card_lists_f1_and_adapter_when_available():
+    from transformers import TrainingArguments
+
+    from persona_trainer import PersonaTrainingArguments, persona_model_card
+
+    args = PersonaTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", lm_coef=2.0)
+    assert isinstance(args, TrainingArguments)
+    card = persona_model_card(
+        model_id="someone/lora",
+        base_model="microsoft/DialoGPT-medium",
+        dataset="bavard/personachat_truecased",
+        recipe={"num_candidates": 4, "max_history": 2, "personality_permutations": 2},
+        args=args,
+        metrics={"eval_hits@1": 0.8125, "eval_ppl": 17.123, "eval_f1": 0.1934},
+        is_adapter=True,
+    )
+    assert "library_name: peft" in card and "base_model: microsoft/DialoGPT-medium" in card
+    assert "- bavard/personachat_truecased" in card and "- lora" in card
+    assert "| Hits@1 | 0.8125 |" in card and "| Perplexity | 17.12 |" in card and "| F1 | 0.1934 |" in card
+    assert "| personality permutations | 2 |" in card and "| LoRA | yes" in card
