@@ -242,7 +242,7 @@ def persona_model_card(
     lines = [
         f"# {model_id.rstrip('/').split('/')[-1]}",
         "",
-        f"A persona chatbot fine-tuned from `{base_model}` with [persona-chat](https://github.com/persona-chat)'s "
+        f"A persona chatbot fine-tuned from `{base_model}` with persona-chat's "
         "double-heads recipe (ConvAI2 / TransferTransfo): a language-modelling loss on the gold reply plus a "
         "next-utterance classification loss that picks the gold reply among distractor candidates.",
         "",
