@@ -272,6 +272,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         "dataset": data_args.dataset_path,
         "recipe": {**vars(data_args), "use_peft": model_args.use_peft},
     }
+    if training_args.do_train and trainer.is_world_process_zero():
+        # Saved with the model (and pushed with it): the options that reproduce the run.
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        config_path = os.path.join(training_args.output_dir, TRAINING_CONFIG_NAME)
+        write_training_config(config_path, make_parser(), model_args, data_args, training_args)
 
     metrics = {}
     if training_args.do_train:
@@ -288,14 +293,6 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     if training_args.push_to_hub:
-        if trainer.is_world_process_zero():
-            write_training_config(
-                os.path.join(training_args.output_dir, TRAINING_CONFIG_NAME),
-                make_parser(),
-                model_args,
-                data_args,
-                training_args,
-            )
         trainer.push_to_hub(eval_metrics=metrics)
     return metrics
 

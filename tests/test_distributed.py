@@ -393,7 +393,7 @@ def test_push_to_hub_uploads_weights_tokenizer_config_and_project_model_card(ass
     # Trainer.save_model pushes after training ("Model save"), then the final push carries the eval metrics.
     assert [c["commit_message"] for c in calls["upload_folder"]] == ["Model save", "End of training"]
     first, push = calls["upload_folder"]
-    assert "| loss | 2.0 × LM loss" in first["files"]["README.md"].decode()
+    assert "| loss | 2.0 × LM loss" in first["files"]["README.md"].decode() and "training_config.yaml" in first["files"]
     assert push["repo_id"] == "someone/persona-tiny"
     assert set(push["files"]) == {
         "README.md", "training_config.yaml", "config.json", "generation_config.json", "model.safetensors",
