@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import ModelOutput
+from transformers.utils.peft_utils import find_adapter_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +102,18 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype | None = None,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
+    merge_adapter: bool = True,
     **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a Hub id or local checkpoint as a dual-head model plus tokenizer, with the persona special tokens."""
+    """Load a Hub id or local checkpoint as a dual-head model plus tokenizer, with the persona special tokens.
+
+    A LoRA adapter folder (written by `--use_peft` training) loads its base model, then the adapter on top; with
+    `merge_adapter` (default) the adapter is merged and a plain dual-head model is returned.
+    """
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    adapter_config = find_adapter_config_file(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+    if adapter_config is not None:
+        return load_lora_adapter(name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype)
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     if config.model_type in DOUBLE_HEADS_CLASSES:
         model_cls = double_heads_class(config.model_type)
@@ -246,8 +255,9 @@ DUAL_HEAD_CONFIG_KEY = "persona_dual_head"
 
 # PEFT/LoRA `target_modules` per model_type: the attention projections, LoRA's usual choice (see `lora_settings`).
 LORA_TARGET_MODULES: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "openai-gpt": ["c_attn"],
+    # GPT/GPT-2: the fused QKV projection and the attention/MLP output projections (transformers Conv1D layers).
+    "gpt2": ["c_attn", "c_proj"],
+    "openai-gpt": ["c_attn", "c_proj"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],  # also SmolLM/SmolLM2, TinyLlama
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -288,6 +298,8 @@ def lora_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings).rsplit(".", 1)[-1]
     return {
         "target_modules": lora_target_modules(model_type),
+        # GPT/GPT-2 projections are transformers Conv1D layers (weight stored [in, out]).
+        "fan_in_fan_out": model_type in DOUBLE_HEADS_CLASSES,
         "modules_to_save": ["multiple_choice_head"],
         "trainable_token_indices": {embedding_name: tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)},
     }
@@ -743,3 +755,82 @@ def shared_prefix_forward(
         out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
     out.loss = out.lm_loss
     return out
+
+
+# --- LoRA (PEFT) and gradient checkpointing
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: list[str] | None = None,
+):
+    """Wrap `model` in a PEFT LoRA model that also trains the MC head and the persona special-token embeddings.
+
+    Everything trainable is saved in the adapter: LoRA matrices, the whole `multiple_choice_head`
+    (`modules_to_save`; it is randomly initialised for a plain LM backbone) and the rows of the persona tokens in
+    the input embedding (`trainable_token_indices`; the rows were added by `add_special_tokens`, so they are
+    random too). GPT-2 ties the LM head to the embedding: PEFT keeps the tie for those rows.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    settings = lora_settings(model, tokenizer)
+    if target_modules is not None:
+        settings["target_modules"] = list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, **settings)
+    target_modules = settings["target_modules"]
+    peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d on %s: %d of %d parameters trainable.", r, target_modules, trainable, total)
+    return peft_model
+
+
+def load_lora_adapter(
+    adapter_path: str,
+    adapter_config_file: str,
+    tokenizer_name_or_path: str | None,
+    merge_adapter: bool,
+    hub_kwargs: dict,
+    dtype: str | torch.dtype | None = None,
+):
+    """Base model (embeddings sized to the adapter's tokenizer) + LoRA adapter, merged unless `merge_adapter` is off."""
+    import json
+
+    from peft import PeftModel
+
+    with open(adapter_config_file, encoding="utf-8") as f:
+        base_name = json.load(f).get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{adapter_config_file}: no 'base_model_name_or_path'; cannot find the base model.")
+    # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: size its
+    # embeddings to that tokenizer as training did; the adapter then restores the trained rows.
+    model, tokenizer = load_model_and_tokenizer(
+        base_name,
+        tokenizer_name_or_path=tokenizer_name_or_path or adapter_path,
+        dtype=dtype,
+        token=hub_kwargs["token"],
+        cache_dir=hub_kwargs["cache_dir"],
+        trust_remote_code=hub_kwargs["trust_remote_code"],
+    )
+    if model.get_input_embeddings().num_embeddings != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, adapter_path, revision=hub_kwargs["revision"], token=hub_kwargs["token"])
+    if merge_adapter:
+        model = model.merge_and_unload()
+    logger.info("Loaded LoRA adapter %s on %s%s.", adapter_path, base_name, " (merged)" if merge_adapter else "")
+    return model, tokenizer
+
+
+def check_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Raise a clear error when the backbone cannot recompute activations (the Trainer would fail deep inside)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"--gradient_checkpointing: {type(base).__name__} (model type {base.config.model_type!r}) does not "
+            "support gradient checkpointing in transformers; drop the flag, or use a smaller per-device batch "
+            "with more --gradient_accumulation_steps."
+        )

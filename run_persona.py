@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from persona_collator import PersonaCollator
 from persona_data import PersonaDataError, build_features, load_dialogs
-from persona_model import load_model_and_tokenizer
+from persona_model import apply_lora, check_gradient_checkpointing, load_model_and_tokenizer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,27 @@ class ModelArguments:
             "backbones without a cache, e.g. openai-gpt, and gradient checkpointing use the plain path)."
         },
     )
+    # --- LoRA (PEFT)
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a LoRA adapter (plus the MC head and persona-token embeddings) instead of all weights."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names LoRA adapts (default for GPT/GPT-2: c_attn c_proj)."},
+    )
+
+    def __post_init__(self):
+        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(
+                f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "
+                f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}."
+            )
 
 
 @dataclass
@@ -149,6 +170,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+TRAINING_CONFIG_NAME = "training_config.yaml"
+
+
+def write_training_config(path: str, parser: HfArgumentParser, *args_dataclasses) -> dict:
+    """Write the options that differ from the defaults as a config file `run_persona.py` accepts back; return them.
+
+    Tokens and machine-local paths of the run (output/logging dirs) are left out: the file is pushed to the Hub.
+    """
+    import yaml
+
+    skip = {"output_dir", "logging_dir", "hub_token", "token", "push_to_hub_token", "resume_from_checkpoint"}
+    defaults = {action.dest: action.default for action in parser._actions}
+    config = {}
+    for args in args_dataclasses:
+        values = args.to_dict() if hasattr(args, "to_dict") else vars(args)
+        for key, value in values.items():
+            value = getattr(value, "value", value)  # enums (eval_strategy, ...) as their strings
+            default = getattr(defaults.get(key), "value", defaults.get(key))
+            if key in defaults and key not in skip and value != default:
+                config[key] = value
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return config
+
+
 def default_output_dir(model_name_or_path: str) -> str:
     """runs/<date>_<host>_<model>, as the reference names its log folder."""
     stamp = datetime.now().strftime("%b%d_%H-%M-%S")
@@ -185,6 +231,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         if last_checkpoint is not None:
             logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
 
+    if training_args.deepspeed and training_args.world_size > 1:
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while from_pretrained loads them (zero.Init), and reads the world size from
+        # DeepSpeed's own communicator, which accelerate leaves unset on CPU: hand it the process group now.
+        deepspeed.init_distributed()
+
     set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
@@ -196,6 +249,17 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trust_remote_code=model_args.trust_remote_code,
     )
     model.config.persona_shared_prefix = model_args.shared_prefix
+    if training_args.gradient_checkpointing:
+        check_gradient_checkpointing(model)
+    if model_args.use_peft:
+        model = apply_lora(
+            model,
+            tokenizer,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+        )
     max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     max_length = min(data_args.max_length or max_positions, max_positions)
 
@@ -249,6 +313,17 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         processing_class=tokenizer,
     )
 
+    trainer.model_card_info = {
+        "finetuned_from": model_args.model_name_or_path,
+        "dataset": data_args.dataset_path,
+        "recipe": {**vars(data_args), "use_peft": model_args.use_peft},
+    }
+    if training_args.do_train and trainer.is_world_process_zero():
+        # Saved with the model (and pushed with it): the options that reproduce the run.
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        config_path = os.path.join(training_args.output_dir, TRAINING_CONFIG_NAME)
+        write_training_config(config_path, make_parser(), model_args, data_args, training_args)
+
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
@@ -283,7 +358,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.save_metrics("convai2", convai2)
         metrics.update(convai2)
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-generation")
+        trainer.push_to_hub(eval_metrics=metrics)
     return metrics
 
 
