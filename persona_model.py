@@ -413,8 +413,9 @@ class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
     exactly the backbone's plus `multiple_choice_head.*`: a saved folder also loads as a plain causal LM.
     Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
     embeddings (GPT-2's convention), so the DESIGN.md inputs work on backbones without token-type embeddings.
-    With `labels`/`mc_labels` the forward returns a `DualHeadOutput` (vocabulary logits only at labelled positions);
-    without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
+    With `labels`/`mc_labels` the forward returns a `DualHeadOutput` (vocabulary logits only at labelled positions;
+    the shared context encoded once per example unless `config.persona_shared_prefix` is False, see the issue-9
+    section); without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
     """
 
     config_class = PersonaDualHeadConfig
@@ -566,7 +567,8 @@ class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
 # encoding that context C times, encode it once per example, broadcast its key/value cache to the C candidates and run
 # only the candidate segments on top of it (positions continue after the prefix). Exact: the same attention, the same
 # positions, the same outputs as `dual_head_forward`, up to float rounding. Built on the backbone's standard forward
-# (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache) so any causal LM with a KV cache can use it.
+# (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache) so any causal LM with a KV cache can use it:
+# GPT-2 via `shared_prefix_forward`, the generic `PersonaDualHeadModel` (inputs_embeds with speaker embeddings) too.
 # =====================================================================================================================
 
 # Config attribute switching the labels path of `PersonaDoubleHeadsMixin.forward` (absent = on).
