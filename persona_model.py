@@ -162,6 +162,38 @@ def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.n
     return per_row, mask.sum(dim=1)
 
 
+def dual_head_output(
+    hidden: torch.Tensor,
+    mc_head,
+    lm_head,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mc_labels: torch.Tensor | None = None,
+) -> DualHeadOutput:
+    """Apply the two heads to candidate hidden states and fill a `DualHeadOutput` (losses and per-example sums).
+
+    hidden: [B, C, S, H]; mc_token_ids [B, C] and labels [B, C, S] index the same S positions (the full sequences,
+    or the candidate frame of a `SharedPrefixEncoding`). `mc_head(hidden, mc_token_ids)` returns scores [B, C]
+    (a trailing singleton dimension is dropped); `lm_head` maps hidden states to vocabulary logits.
+    """
+    batch_size, num_candidates = hidden.shape[:2]
+    out = DualHeadOutput()
+    if mc_token_ids is not None:
+        mc_logits = mc_head(hidden, mc_token_ids)
+        out.mc_logits = mc_logits.squeeze(-1) if mc_logits.dim() == 3 else mc_logits  # [B, C]
+        if mc_labels is not None:
+            out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
+            out.mc_loss = out.mc_nll.mean()
+    if labels is not None:
+        nll, tokens = labelled_lm_nll(hidden.flatten(0, 1), labels.flatten(0, 1), lm_head)
+        out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
+        out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
+        # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
+        out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
+    out.loss = out.lm_loss
+    return out
+
+
 def dual_head_forward(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -180,21 +212,8 @@ def dual_head_forward(
         attention_mask=flat(attention_mask),
         use_cache=False,
     ).last_hidden_state  # [B*C, T, H]
-    out = DualHeadOutput()
-    if mc_token_ids is not None:
-        hidden_bc = hidden.view(batch_size, num_candidates, seq_len, -1)
-        out.mc_logits = model.multiple_choice_head(hidden_bc, mc_token_ids).squeeze(-1)  # [B, C]
-        if mc_labels is not None:
-            out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
-            out.mc_loss = out.mc_nll.mean()
-    if labels is not None:
-        nll, tokens = labelled_lm_nll(hidden, flat(labels), model.lm_head)
-        out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
-        out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
-        # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
-        out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
-    out.loss = out.lm_loss
-    return out
+    hidden = hidden.view(batch_size, num_candidates, seq_len, -1)
+    return dual_head_output(hidden, model.multiple_choice_head, model.lm_head, mc_token_ids, labels, mc_labels)
 
 
 class PersonaDoubleHeadsMixin:
@@ -406,8 +425,9 @@ class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
     exactly the backbone's plus `multiple_choice_head.*`: a saved folder also loads as a plain causal LM.
     Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
     embeddings (GPT-2's convention), so the DESIGN.md inputs work on backbones without token-type embeddings.
-    With `labels`/`mc_labels` the forward returns a `DualHeadOutput` (vocabulary logits only at labelled positions);
-    without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
+    With `labels`/`mc_labels` the forward returns a `DualHeadOutput` (vocabulary logits only at labelled positions;
+    the shared context encoded once per example unless `config.persona_shared_prefix` is False, see the issue-9
+    section); without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
     """
 
     config_class = PersonaDualHeadConfig
@@ -530,28 +550,26 @@ class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
         )
 
     def _dual_head_forward(self, input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels):
-        """`dual_head_forward` for this backbone: one pass over the [B, C, T] candidates."""
+        """`shared_prefix_forward` / `dual_head_forward` for this backbone (speaker embeddings added by `embed`)."""
         batch_size, num_candidates, seq_len = input_ids.shape
-        flat = lambda t: None if t is None else t.reshape(batch_size * num_candidates, seq_len)  # noqa: E731
+        inputs_embeds = self.embed(input_ids, token_type_ids)  # [B, C, T, H]
+        prefix_lengths = None
+        if shared_prefix_enabled(self):
+            prefix_lengths = shared_prefix_plan(
+                self, self.decoder, input_ids, token_type_ids, attention_mask, mc_token_ids, labels
+            )
+        if prefix_lengths is not None:  # the context encoded once per example (see the shared-prefix section)
+            enc = encode_shared_prefix(
+                self.decoder, prefix_lengths, attention_mask=attention_mask, inputs_embeds=inputs_embeds
+            )
+            return enc.dual_head_output(self.multiple_choice_head, self.lm_logits, mc_token_ids, labels, mc_labels)
         hidden = self.decoder(
-            inputs_embeds=self.embed(flat(input_ids), flat(token_type_ids)),
-            attention_mask=flat(attention_mask),
+            inputs_embeds=inputs_embeds.flatten(0, 1),
+            attention_mask=None if attention_mask is None else attention_mask.flatten(0, 1),
             use_cache=False,
         ).last_hidden_state  # [B*C, T, H]
-        out = DualHeadOutput()
-        if mc_token_ids is not None:
-            hidden_bc = hidden.view(batch_size, num_candidates, seq_len, -1)
-            out.mc_logits = self.multiple_choice_head(hidden_bc, mc_token_ids)  # [B, C]
-            if mc_labels is not None:
-                out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
-                out.mc_loss = out.mc_nll.mean()
-        if labels is not None:
-            nll, tokens = labelled_lm_nll(hidden, flat(labels), self.lm_logits)
-            out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
-            out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
-            out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()  # NaN when nothing is labelled, as the core
-        out.loss = out.lm_loss
-        return out
+        hidden = hidden.view(batch_size, num_candidates, seq_len, -1)
+        return dual_head_output(hidden, self.multiple_choice_head, self.lm_logits, mc_token_ids, labels, mc_labels)
 
 
 # =====================================================================================================================
@@ -561,7 +579,8 @@ class PersonaDualHeadModel(PreTrainedModel, GenerationMixin):
 # encoding that context C times, encode it once per example, broadcast its key/value cache to the C candidates and run
 # only the candidate segments on top of it (positions continue after the prefix). Exact: the same attention, the same
 # positions, the same outputs as `dual_head_forward`, up to float rounding. Built on the backbone's standard forward
-# (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache) so any causal LM with a KV cache can use it.
+# (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache) so any causal LM with a KV cache can use it:
+# GPT-2 via `shared_prefix_forward`, the generic `PersonaDualHeadModel` (inputs_embeds with speaker embeddings) too.
 # =====================================================================================================================
 
 # Config attribute switching the labels path of `PersonaDoubleHeadsMixin.forward` (absent = on).
@@ -643,6 +662,21 @@ class SharedPrefixEncoding:
         """Full-sequence positions [B, C] (e.g. `mc_token_ids`) as candidate-frame positions."""
         return positions - self.prefix_lengths[:, None]
 
+    def dual_head_output(self, mc_head, lm_head, mc_token_ids=None, labels=None, mc_labels=None) -> DualHeadOutput:
+        """`dual_head_output` on the candidate frame, from full-sequence `mc_token_ids` [B, C] and `labels` [B, C, T].
+
+        Every labelled pair (t, t+1) and multiple-choice token has t >= the prefix length (`shared_prefix_lengths`),
+        so nothing the heads read lies in the shared prefix.
+        """
+        return dual_head_output(
+            self.hidden,
+            mc_head,
+            lm_head,
+            None if mc_token_ids is None else self.shift(mc_token_ids),
+            None if labels is None else self.gather(labels, -100),
+            mc_labels,
+        )
+
 
 def encode_shared_prefix(
     backbone: torch.nn.Module,
@@ -709,22 +743,20 @@ def encode_shared_prefix(
     return SharedPrefixEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=index, valid=valid)
 
 
-def shared_prefix_forward(
+def shared_prefix_plan(
     model: PreTrainedModel,
+    backbone: torch.nn.Module,
     input_ids: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     mc_token_ids: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    mc_labels: torch.Tensor | None = None,
-) -> DualHeadOutput:
-    """`dual_head_forward` with the context encoded once per example (same outputs, same gradients).
+) -> torch.Tensor | None:
+    """Per-example prefix lengths [B] for `encode_shared_prefix` on `backbone`, or None when it cannot apply.
 
-    Falls back to `dual_head_forward` (logged once per model) where the shared prefix cannot apply: backbones
-    without a KV cache (openai-gpt), gradient checkpointing in training, sliding-window attention, or an example
-    with no shareable prefix.
+    None (logged once per model) for backbones without a KV cache (openai-gpt), gradient checkpointing in training,
+    sliding-window attention, inputs without `mc_token_ids`, or an example with no shareable prefix.
     """
-    backbone = model.transformer
     reason = shared_prefix_unsupported_reason(backbone)
     prefix_lengths = None
     if reason is None and mc_token_ids is None:
@@ -737,24 +769,8 @@ def shared_prefix_forward(
         if not getattr(model, "_persona_shared_prefix_warned", False):
             logger.warning("Shared-prefix forward off (%s): encoding every candidate in full.", reason)
             model._persona_shared_prefix_warned = True
-        return dual_head_forward(model, input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels)
-
-    batch_size, num_candidates, _ = input_ids.shape
-    enc = encode_shared_prefix(backbone, prefix_lengths, input_ids, attention_mask, token_type_ids=token_type_ids)
-    out = DualHeadOutput()
-    out.mc_logits = model.multiple_choice_head(enc.hidden, enc.shift(mc_token_ids)).squeeze(-1)  # [B, C]
-    if mc_labels is not None:
-        out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
-        out.mc_loss = out.mc_nll.mean()
-    if labels is not None:
-        cand_labels = enc.gather(labels, -100)  # [B, C, S]; every labelled pair (t, t+1) has t >= prefix length
-        hidden = enc.hidden.flatten(0, 1)
-        nll, tokens = labelled_lm_nll(hidden, cand_labels.flatten(0, 1), model.lm_head)
-        out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
-        out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
-        out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
-    out.loss = out.lm_loss
-    return out
+        return None
+    return prefix_lengths
 
 
 # --- LoRA (PEFT) and gradient checkpointing
@@ -834,3 +850,26 @@ def check_gradient_checkpointing(model: PreTrainedModel) -> None:
             "support gradient checkpointing in transformers; drop the flag, or use a smaller per-device batch "
             "with more --gradient_accumulation_steps."
         )
+
+
+def shared_prefix_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mc_labels: torch.Tensor | None = None,
+) -> DualHeadOutput:
+    """`dual_head_forward` with the context encoded once per example (same outputs, same gradients).
+
+    Falls back to `dual_head_forward` where `shared_prefix_plan` finds the shared prefix cannot apply.
+    """
+    inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
+    prefix_lengths = shared_prefix_plan(model, model.transformer, *inputs)
+    if prefix_lengths is None:
+        return dual_head_forward(model, *inputs, mc_labels)
+    enc = encode_shared_prefix(
+        model.transformer, prefix_lengths, input_ids, attention_mask, token_type_ids=token_type_ids
+    )
+    return enc.dual_head_output(model.multiple_choice_head, model.lm_head, mc_token_ids, labels, mc_labels)

@@ -308,3 +308,103 @@ def test_run_persona_flag():
 
     assert run_persona.parse_args(["--output_dir", "out"])[0].shared_prefix is True
     assert run_persona.parse_args(["--shared_prefix", "false", "--output_dir", "out"])[0].shared_prefix is False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generic dual-head model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_dual_head(family: str, seed: int = 0, **overrides):
+    """A tiny random `PersonaDualHeadModel` on `family` (configs as tests/test_backbones.py: OPT with a projection)."""
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+
+    from persona_model import PersonaDualHeadConfig, PersonaDualHeadModel
+
+    small = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small["max_position_embeddings"] = 256
+    if family == "opt":
+        config = OPTConfig(**small, ffn_dim=64, word_embed_proj_dim=16, dropout=0.0, **overrides)
+    elif family == "llama":
+        config = LlamaConfig(
+            **small, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **overrides
+        )
+    else:
+        config = Qwen2Config(**small, intermediate_size=64, num_key_value_heads=2, **overrides)
+    torch.manual_seed(seed)
+    model = PersonaDualHeadModel(PersonaDualHeadConfig.from_backbone(config, summary_first_dropout=0.0))
+    return model.eval()
+
+
+def count_backbone_calls(backbone) -> list:
+    """Shapes [N, L] of the backbone's outputs, one per call (a forward hook)."""
+    shapes = []
+    backbone.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.last_hidden_state.shape[:2])))
+    return shapes
+
+
+GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
+
+
+@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+@pytest.mark.parametrize("num_candidates", [1, 4, 20])
+def test_generic_dual_head_equals_plain_path(family, num_candidates):
+    """Losses, mc_logits, per-example sums and every gradient (speaker embeddings, tied/untied heads) agree."""
+    model = tiny_dual_head(family, seed=num_candidates)
+    calls = count_backbone_calls(model.decoder)
+    for seed in range(2):
+        batch = random_batch(10 + seed, batch_size=4, num_candidates=num_candidates)
+        b, c, t = batch["input_ids"].shape
+        calls.clear()
+        assert_same(model, batch)
+        # Plain path: one [B*C, T] pass; shared path: a [B, P] prefix pass, then [B*C, S] candidate segments.
+        assert calls[0] == (b * c, t) and len(calls) == 3
+        keys = ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "labels")
+        lengths = shared_prefix_lengths(*[batch[k] for k in keys])
+        segment = int((batch["attention_mask"].sum(-1) - lengths[:, None]).max())
+        assert calls[1] == (b, int(lengths.max())) and calls[2] == (b * c, segment) and segment < t
+
+
+@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+def test_generic_dual_head_loss_only_and_mc_only(family):
+    """labels without mc_labels and mc_labels without labels: each half of the output matches on its own."""
+    model = tiny_dual_head(family, seed=7)
+    batch = random_batch(20, batch_size=3, num_candidates=5)
+    for drop, keys in (("mc_labels", ("lm_loss", "lm_nll", "lm_tokens", "mc_logits")), ("labels", ("mc_loss",))):
+        inputs = {k: v for k, v in batch.items() if k != drop}
+        outs = {}
+        for shared in (False, True):
+            model.config.persona_shared_prefix = shared
+            with torch.no_grad():
+                outs[shared] = model(**inputs)
+        for key in keys:
+            torch.testing.assert_close(getattr(outs[True], key), getattr(outs[False], key), atol=1e-5, rtol=1e-5)
+
+
+def test_generic_dual_head_falls_back_with_gradient_checkpointing_and_sliding_window(caplog):
+    batch = random_batch(3, batch_size=2, num_candidates=3)
+    model = tiny_dual_head("llama", seed=1)
+    model.activation_checkpointing_enable()
+    model.train()  # dropout is 0: train mode is deterministic
+    calls = count_backbone_calls(model.decoder)
+    with caplog.at_level(logging.WARNING, logger="persona_model"):
+        assert_same(model, batch, atol=0)
+    assert "gradient checkpointing" in caplog.text
+    assert len(calls) == 2  # one full pass per path
+
+    caplog.clear()
+    model = tiny_dual_head("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert any(t != "full_attention" for t in model.config.text_config.layer_types)
+    with caplog.at_level(logging.WARNING, logger="persona_model"):
+        assert_same(model, batch, atol=0)
+    assert "non-full attention" in caplog.text
+
+
+def test_generic_dual_head_shared_prefix_switch_from_config():
+    """The switch is read from the dual-head config (as run_persona sets it); absent means on."""
+    from persona_model import shared_prefix_enabled
+
+    model = tiny_dual_head("llama")
+    assert shared_prefix_enabled(model)
+    model.config.persona_shared_prefix = False
+    assert not shared_prefix_enabled(model)
