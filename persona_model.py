@@ -773,6 +773,29 @@ def shared_prefix_plan(
     return prefix_lengths
 
 
+def shared_prefix_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mc_labels: torch.Tensor | None = None,
+) -> DualHeadOutput:
+    """`dual_head_forward` with the context encoded once per example (same outputs, same gradients).
+
+    Falls back to `dual_head_forward` where `shared_prefix_plan` finds the shared prefix cannot apply.
+    """
+    inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
+    prefix_lengths = shared_prefix_plan(model, model.transformer, *inputs)
+    if prefix_lengths is None:
+        return dual_head_forward(model, *inputs, mc_labels)
+    enc = encode_shared_prefix(
+        model.transformer, prefix_lengths, input_ids, attention_mask, token_type_ids=token_type_ids
+    )
+    return enc.dual_head_output(model.multiple_choice_head, model.lm_head, mc_token_ids, labels, mc_labels)
+
+
 # --- LoRA (PEFT) and gradient checkpointing
 
 
@@ -850,26 +873,3 @@ def check_gradient_checkpointing(model: PreTrainedModel) -> None:
             "support gradient checkpointing in transformers; drop the flag, or use a smaller per-device batch "
             "with more --gradient_accumulation_steps."
         )
-
-
-def shared_prefix_forward(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    token_type_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    mc_token_ids: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    mc_labels: torch.Tensor | None = None,
-) -> DualHeadOutput:
-    """`dual_head_forward` with the context encoded once per example (same outputs, same gradients).
-
-    Falls back to `dual_head_forward` where `shared_prefix_plan` finds the shared prefix cannot apply.
-    """
-    inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
-    prefix_lengths = shared_prefix_plan(model, model.transformer, *inputs)
-    if prefix_lengths is None:
-        return dual_head_forward(model, *inputs, mc_labels)
-    enc = encode_shared_prefix(
-        model.transformer, prefix_lengths, input_ids, attention_mask, token_type_ids=token_type_ids
-    )
-    return enc.dual_head_output(model.multiple_choice_head, model.lm_head, mc_token_ids, labels, mc_labels)
