@@ -160,3 +160,18 @@ def test_run_persona_end_to_end_save_reload_resume(tiny_checkpoint, personachat_
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     assert os.path.isdir(resumed / "checkpoint-40")
+
+
+def test_run_folder_and_tensorboard_defaults(monkeypatch):
+    from transformers.integrations import is_tensorboard_available
+
+    import run_persona
+
+    _, _, training_args = parse_args(["--model_name_or_path", "org/DialoGPT-small"])
+    assert training_args.auto_output_dir
+    assert training_args.report_to == (["tensorboard"] if is_tensorboard_available() else [])
+    monkeypatch.setattr(run_persona.socket, "gethostname", lambda: "node7")
+    folder = run_persona.default_output_dir("org/DialoGPT-small/")
+    assert folder.startswith("runs" + os.sep) and folder.endswith("_node7_DialoGPT-small")
+    _, _, explicit = parse_args(["--output_dir", "mine", "--report_to", "none"])
+    assert not explicit.auto_output_dir and explicit.output_dir == "mine"
