@@ -367,7 +367,6 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main(*parse_args(argv))
     except PersonaDataError as err:  # bad input: the message names file, record and field; no traceback
-        logger.error("%s", err)
         raise SystemExit(f"persona-train: {err}") from None
     import torch.distributed as dist
 
