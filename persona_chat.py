@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_data import SpeakerIds, build_inputs, fit_to_length, load_dialogs
-from persona_model import SpecialTokenIds, load_model_and_tokenizer
+from persona_data import build_inputs, fit_to_length, load_dialogs
+from persona_model import load_model_and_tokenizer
+from persona_tokens import SpecialTokenIds
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ DEFAULT_OPTIONS = {
 }
 
 
-def _speaker_ids(tokenizer: PreTrainedTokenizerBase) -> SpeakerIds:
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    return SpeakerIds(bos=ids.bos, eos=ids.eos, speaker1=ids.speaker1, speaker2=ids.speaker2)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -74,7 +72,7 @@ def build_context(
     persona_ids, history_ids, _, cut = fit_to_length(persona_ids, history_ids, reply_budget, max_length)
     if cut:
         logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
-    row = build_inputs(persona_ids, history_ids, [], _speaker_ids(tokenizer), with_eos=False)
+    row = build_inputs(persona_ids, history_ids, [], SpecialTokenIds.from_tokenizer(tokenizer), with_eos=False)
     input_ids = torch.tensor([row["input_ids"]])
     return {
         "input_ids": input_ids,

@@ -44,6 +44,8 @@ from itertools import chain
 import datasets
 from datasets.fingerprint import Hasher
 
+from persona_tokens import SpecialTokenIds
+
 logger = logging.getLogger(__name__)
 
 DIALOG_FEATURES = datasets.Features(
@@ -826,19 +828,11 @@ def load_dialogs(source: str, dataset_format: str | None = None, **options) -> d
 # Model inputs
 
 
-@dataclass(frozen=True)
-class SpeakerIds:
-    bos: int
-    eos: int
-    speaker1: int
-    speaker2: int
-
-
 def build_inputs(
     persona: Sequence[Sequence[int]],
     history: Sequence[Sequence[int]],
     reply: Sequence[int],
-    ids: SpeakerIds,
+    ids: SpecialTokenIds,
     *,
     lm_labels: bool = False,
     with_eos: bool = True,
@@ -910,7 +904,7 @@ def _build_batch(
     indices: list[int],
     *,
     tokenizer,
-    ids: SpeakerIds,
+    ids: SpecialTokenIds,
     num_candidates: int | None,
     max_history: int,
     personality_permutations: int,
@@ -971,16 +965,13 @@ def build_features(
     the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory dialogs.
     `source` (e.g. "data.json: split 'train'") prefixes error messages.
     """
-    from persona_model import SpecialTokenIds  # the token ids live with the model; no torch model is built here
-
     if num_candidates is not None and num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1 or None, got {num_candidates}.")
     if personality_permutations < 1:
         raise ValueError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise ValueError(f"max_history must be >= 0, got {max_history}.")
-    special = SpecialTokenIds.from_tokenizer(tokenizer)
-    ids = SpeakerIds(special.bos, special.eos, special.speaker1, special.speaker2)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
     options = dict(
         num_candidates=num_candidates,
         max_history=max_history,

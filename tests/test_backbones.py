@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, ViTConfig
 
 from persona_collator import PersonaCollator
-from persona_data import SpeakerIds, build_features, build_inputs, load_dialogs
+from persona_data import build_features, build_inputs, load_dialogs
 from persona_model import (
     DOUBLE_HEADS_CLASSES,
     LORA_TARGET_MODULES,
@@ -140,7 +140,7 @@ def test_kv_cached_greedy_equals_full_reencode(backbone_checkpoints, family):
     model, tokenizer = load_model_and_tokenizer(backbone_checkpoints[family])
     model.eval()
     special = SpecialTokenIds.from_tokenizer(tokenizer)
-    speakers = SpeakerIds(special.bos, special.eos, special.speaker1, special.speaker2)
+    speakers = special
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     inputs = build_inputs(
         [encode("i have cats at home."), encode("i live in paris.")],

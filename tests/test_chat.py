@@ -19,7 +19,7 @@ from persona_chat import (
     stop_token_ids,
 )
 from persona_data import build_features, dialogs_to_dataset_dict
-from persona_model import SpecialTokenIds
+from persona_tokens import SpecialTokenIds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSONA = ["i love cats.", "i am a nurse.", "my favorite color is purple."]

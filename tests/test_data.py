@@ -7,10 +7,10 @@ import json
 import datasets
 import pytest
 
-from persona_data import PersonaDataError, SpeakerIds, build_features, build_inputs, fit_to_length, load_dialogs
-from persona_model import SpecialTokenIds
+from persona_data import PersonaDataError, build_features, build_inputs, fit_to_length, load_dialogs
+from persona_tokens import SpecialTokenIds
 
-IDS = SpeakerIds(bos=1, eos=2, speaker1=3, speaker2=4)
+IDS = SpecialTokenIds(bos=1, eos=2, speaker1=3, speaker2=4)
 
 
 def test_design_worked_example():
@@ -76,7 +76,7 @@ def test_build_features_candidates_permutations_history(tokenizer):
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     persona = [enc(s) for s in ["i like cats .", "i am a nurse .", "i live in paris ."]]
     history = [enc(s) for s in ["what do you do ?", "i am a nurse", "cool"]]  # last 2*1+1 turns
-    ids = SpeakerIds(special.bos, special.eos, special.speaker1, special.speaker2)
+    ids = special
     expected_gold = build_inputs(persona, history, enc("thanks"), ids, lm_labels=True)
     expected_distractor = build_inputs(persona, history, enc("yes"), ids)
     assert row["input_ids"] == [expected_distractor["input_ids"], expected_gold["input_ids"]]

@@ -11,14 +11,15 @@ import torch
 from transformers import GPT2Config, OpenAIGPTConfig
 
 from persona_collator import PersonaCollator
-from persona_data import SpeakerIds, build_features, build_inputs
+from persona_data import build_features, build_inputs
 from persona_model import (
     PersonaGPT2DoubleHeadsModel,
     PersonaOpenAIGPTDoubleHeadsModel,
     shared_prefix_lengths,
 )
+from persona_tokens import SpecialTokenIds
 
-SPEAKERS = SpeakerIds(bos=1, eos=2, speaker1=3, speaker2=4)
+SPEAKERS = SpecialTokenIds(bos=1, eos=2, speaker1=3, speaker2=4)
 PAD = 0
 VOCAB = 64
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
