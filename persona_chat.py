@@ -39,8 +39,6 @@ DEFAULT_OPTIONS = {
 }
 
 
-
-
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every special token id: any of them ends a reply (the reference stopped at its five persona tokens)."""
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
