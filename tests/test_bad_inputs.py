@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_data import PersonaDataError, build_features, load_dialogs, load_dialogs_with_report
+from persona_data import PersonaDataError, load_dialogs, load_dialogs_with_report
 
 BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
 
@@ -102,13 +102,13 @@ def test_bad_input(name):
 
 
 def test_skip_is_reported_at_the_end(caplog):
-    with caplog.at_level("WARNING", logger="persona_data"):
+    with caplog.at_level("WARNING", logger="persona_records"):
         load_dialogs(os.path.join(BAD_DIR, "jsonl_broken_line.jsonl"), on_bad_record="skip")
     assert "read 3 records, skipped 1 bad ones, kept 2 dialogs" in caplog.text
 
 
 def test_fewer_distractors_than_requested_are_reported(caplog):
-    with caplog.at_level("WARNING", logger="persona_data"):
+    with caplog.at_level("WARNING", logger="persona_records"):
         dialogs = load_dialogs(os.path.join(BAD_DIR, "convai2_few_no_cands.txt"), num_distractors=5)
     # Dialog 0 may only borrow the 2 turns of dialog 1; dialog 1 gets 4 of dialog 0's turns.
     assert [len(u["candidates"]) for d in dialogs["train"] for u in d["utterances"]] == [3, 3, 5]
@@ -139,7 +139,7 @@ def test_huge_single_line(tmp_path, name, content):
     assert load_dialogs(str(path), max_turn_chars=None)["train"].num_rows == 1
 
 
-# Issue 2's cases: missing file, malformed JSON, a dialog without utterances, too few candidates for build_features.
+# A missing file, unknown options and formats.
 
 
 def test_missing_file(tmp_path):
@@ -158,12 +158,6 @@ def test_unknown_option_and_format(tmp_path):
     with pytest.raises(PersonaDataError, match="cannot tell the format"):
         (tmp_path / "data.bin").write_text("x")
         load_dialogs(str(tmp_path / "data.bin"))
-
-
-def test_too_few_candidates_for_build_features(tokenizer):
-    dialogs = load_dialogs(os.path.join(BAD_DIR, "json_empty_persona.json"))["train"]
-    with pytest.raises(PersonaDataError, match=r"^data.json: split 'train': dialog 0, utterance 0: field 'candidates'"):
-        build_features(dialogs, tokenizer, num_candidates=4, max_history=2, source="data.json: split 'train'")
 
 
 # Fuzzing: whatever the bytes, a reader returns dialogs or raises PersonaDataError (or nothing else).

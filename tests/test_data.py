@@ -1,55 +1,18 @@
-"""persona_data: the reference input builder, the features map and the canonical JSON reader."""
+"""build_features: the cached map from canonical dialogs to rows of model inputs (candidates, history window,
+persona permutations, truncation, errors)."""
 
 from __future__ import annotations
-
-import json
 
 import datasets
 import pytest
 
-from persona_data import PersonaDataError, build_features, build_inputs, fit_to_length, load_dialogs
+from persona_data import PersonaDataError, build_features
+from persona_inputs import build_inputs
 from persona_tokens import SpecialTokenIds
 
-IDS = SpecialTokenIds(bos=1, eos=2, speaker1=3, speaker2=4)
 
-
-def test_design_worked_example():
-    out = build_inputs([[10, 11], [12]], [[20], [21, 22], [23]], [30, 31], IDS, lm_labels=True)
-    assert out["input_ids"] == [1, 10, 11, 12, 4, 20, 3, 21, 22, 4, 23, 3, 30, 31, 2]
-    assert out["token_type_ids"] == [3, 3, 3, 3, 4, 4, 3, 3, 3, 4, 4, 3, 3, 3, 3]
-    assert out["mc_token_ids"] == 14
-    assert out["labels"] == [-100] * 12 + [30, 31, 2]
-
-
-def test_distractor_has_no_labels_and_generation_context_has_no_eos():
-    out = build_inputs([[10]], [[20]], [30], IDS, lm_labels=False)
-    assert out["labels"] == [-100] * 7
-    ctx = build_inputs([[10]], [[20]], [], IDS, with_eos=False)
-    # The context ends with the bot's speaker token, whose token type is the bot's.
-    assert ctx["input_ids"] == [1, 10, 4, 20, 3]
-    assert ctx["token_type_ids"][-1] == IDS.speaker1
-
-
-def test_no_persona_and_even_history():
-    # Segment 0 is just bos; with two history turns the parities follow DESIGN.md rules 2 and 3.
-    out = build_inputs([], [[20], [21]], [30], IDS)
-    assert out["input_ids"] == [1, 3, 20, 4, 21, 3, 30, 2]
-    assert out["token_type_ids"] == [3, 4, 4, 3, 3, 4, 4, 4]
-
-
-def test_fit_to_length_drops_oldest_history_then_persona():
-    persona, history = [[1, 1], [2, 2], [3, 3]], [[4], [5, 5], [6, 6, 6]]
-    # full length: 1 + 6 + (2 + 3 + 4) + reply 2 + 2 = 20
-    assert fit_to_length(persona, history, 2, 20) == (persona, history, 2, False)
-    p, h, budget, cut = fit_to_length(persona, history, 2, 18)  # drop [4] (2 tokens)
-    assert (p, h, budget, cut) == (persona, [[5, 5], [6, 6, 6]], 2, True)
-    p, h, budget, cut = fit_to_length(persona, history, 2, 14)  # all history but the last turn, then 1 sentence
-    assert (p, h, budget) == ([[1, 1], [2, 2]], [[6, 6, 6]], 2)
-    p, h, budget, cut = fit_to_length(persona, history, 5, 8)  # nothing but the last turn, reply cut
-    assert (p, h) == ([], [[6, 6, 6]]) and 1 + 4 + budget + 2 <= 8 and budget == 1
-
-
-def _dialogs(tokenizer_words):
+def _dialogs():
+    """One dialog of two utterances with three candidates each; the second has five history turns."""
     persona = ["i like cats .", "i am a nurse .", "i live in paris ."]
     utterances = [
         {"history": ["hello"], "candidates": ["no way", "maybe so", "hi there"]},
@@ -61,12 +24,8 @@ def _dialogs(tokenizer_words):
     return datasets.Dataset.from_list([{"personality": persona, "utterances": utterances}])
 
 
-def _decode(tokenizer, ids):
-    return tokenizer.decode(ids)
-
-
 def test_build_features_candidates_permutations_history(tokenizer):
-    dialogs = _dialogs(tokenizer)
+    dialogs = _dialogs()
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     feats = build_features(dialogs, tokenizer, num_candidates=2, max_history=1, personality_permutations=2)
     assert feats.num_rows == 4  # 2 permutations x 2 utterances
@@ -92,7 +51,7 @@ def test_build_features_candidates_permutations_history(tokenizer):
 
 
 def test_build_features_truncates_to_max_length(tokenizer, caplog):
-    dialogs = _dialogs(tokenizer)
+    dialogs = _dialogs()
     full = build_features(dialogs, tokenizer, num_candidates=3, max_history=2)
     longest = max(len(seq) for row in full["input_ids"] for seq in row)
     with caplog.at_level("WARNING"):
@@ -107,7 +66,7 @@ def test_build_features_truncates_to_max_length(tokenizer, caplog):
 
 
 def test_build_features_cache_hit_and_miss(tokenizer, tmp_path):
-    dialogs = _dialogs(tokenizer)
+    dialogs = _dialogs()
     kw = dict(num_candidates=2, max_history=2, cache_dir=str(tmp_path))
     first = build_features(dialogs, tokenizer, **kw)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -122,7 +81,7 @@ def test_build_features_cache_hit_and_miss(tokenizer, tmp_path):
 def test_cache_is_really_reused(tokenizer, tmp_path, monkeypatch):
     import persona_data
 
-    dialogs = _dialogs(tokenizer)
+    dialogs = _dialogs()
     kw = dict(num_candidates=2, max_history=2, cache_dir=str(tmp_path))
     build_features(dialogs, tokenizer, **kw)
     calls = []
@@ -134,28 +93,4 @@ def test_cache_is_really_reused(tokenizer, tmp_path, monkeypatch):
 
 def test_too_few_candidates_names_dialog(tokenizer):
     with pytest.raises(PersonaDataError, match=r"data.json: split 'train': dialog 0, utterance 0: field 'candidates'"):
-        build_features(
-            _dialogs(tokenizer), tokenizer, num_candidates=4, max_history=2, source="data.json: split 'train'"
-        )
-
-
-def test_load_personachat_json(personachat_json, synthetic_data):
-    dialogs = load_dialogs(personachat_json)
-    assert set(dialogs) == {"train", "valid"}
-    assert dialogs["train"].num_rows == len(synthetic_data["train"])
-    assert dialogs["valid"][0] == synthetic_data["valid"][0]
-
-
-def test_bad_json_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        load_dialogs(str(tmp_path / "nope.json"))
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"train": [')
-    with pytest.raises(PersonaDataError, match=r"bad.json: not valid JSON \(line 1"):
-        load_dialogs(str(bad))
-    no_utt = tmp_path / "no_utt.json"
-    no_utt.write_text(json.dumps({"train": [{"personality": ["a"], "utterances": []}, {"personality": ["b"]}]}))
-    with pytest.raises(PersonaDataError, match=r"no_utt.json: split 'train', dialog 0: field 'utterances'"):
-        load_dialogs(str(no_utt))
-    skipped = load_dialogs(str(no_utt), on_bad_record="skip")
-    assert skipped["train"].num_rows == 0
+        build_features(_dialogs(), tokenizer, num_candidates=4, max_history=2, source="data.json: split 'train'")

@@ -1,0 +1,282 @@
+"""The canonical dialog record: its schema, its errors, validation, sampled distractors and assembling the splits.
+
+One dialog = ``{"personality": [str], "utterances": [{"history": [str], "candidates": [str]}]}``, the gold reply
+being the LAST candidate (docs/architecture.md, the data contract). Readers (`persona_readers`, `persona_sources`)
+turn each source record into a `Record`; `assemble_splits` validates every record, samples distractors for the
+formats that have none, and builds one `datasets.Dataset` per split. Bad records raise a `PersonaDataError` naming
+file, line/record and field, or with ``on_bad_record="skip"`` are counted in a `SplitReport` and logged at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+DIALOG_FEATURES = datasets.Features(
+    {
+        "personality": datasets.Sequence(datasets.Value("string")),
+        "utterances": datasets.Sequence(
+            {
+                "history": datasets.Sequence(datasets.Value("string")),
+                "candidates": datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    }
+)
+# ParlAI's placeholder first turn when the bot opens a dialog: it keeps the history length odd, so the token types
+# follow the reference's segment parity (docs/architecture.md, the model inputs).
+SILENCE = "__SILENCE__"
+
+
+class PersonaDataError(ValueError):
+    """Malformed persona data; the message names the file, the record and the field."""
+
+
+@dataclass
+class ReadOptions:
+    """Options of `load_dialogs` understood by the file readers (each is a keyword argument of it)."""
+
+    on_bad_record: str = "error"  # "error": raise on the first bad record; "skip": count, log and go on
+    num_distractors: int = 19  # sampled distractors per reply, for formats that have no candidates
+    distractor_seed: int = 0
+    spc_bot_role: str = "user2"  # Synthetic-Persona-Chat: the user the bot plays: user1, user2 or both
+    column_mapping: dict[str, str] | str | None = None  # hub: {dataset column: record field}, or "a=b,c=d"
+    split: str | None = None  # split name of one-split files (default: train/valid/test found in the file name)
+    max_turn_chars: int | None = 10_000  # a longer turn is a bad record (None: no limit)
+
+    def __post_init__(self):
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
+        if self.spc_bot_role not in ("user1", "user2", "both"):
+            raise ValueError(f"spc_bot_role must be 'user1', 'user2' or 'both', got {self.spc_bot_role!r}.")
+        if not isinstance(self.num_distractors, int) or self.num_distractors < 0:
+            raise ValueError(f"num_distractors must be an integer >= 0, got {self.num_distractors!r}.")
+        if self.max_turn_chars is not None and self.max_turn_chars < 1:
+            raise ValueError(f"max_turn_chars must be >= 1 or None, got {self.max_turn_chars!r}.")
+        self.column_mapping = parse_column_mapping(self.column_mapping)
+
+
+def parse_column_mapping(mapping: dict[str, str] | str | None) -> dict[str, str]:
+    """``"persona=personality,dialog=utterances"`` (or a JSON object, or a dict) → ``{dataset column: field}``.
+
+    >>> parse_column_mapping("persona=personality, dialog = utterances")
+    {'persona': 'personality', 'dialog': 'utterances'}
+    >>> parse_column_mapping('{"who": "persona"}')
+    {'who': 'persona'}
+    """
+    if mapping is None or mapping == "":
+        return {}
+    if isinstance(mapping, dict):
+        return {str(k): str(v) for k, v in mapping.items()}
+    text = mapping.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"column_mapping is not valid JSON: {err.msg}.") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"column_mapping must be a JSON object, got {type(parsed).__name__}.")
+        return parse_column_mapping(parsed)
+    out = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in pair:
+            raise ValueError(f"column_mapping entry {pair!r} must look like 'dataset_column=field'.")
+        src, dst = (s.strip() for s in pair.split("=", 1))
+        out[src] = dst
+    return out
+
+
+@dataclass
+class SplitReport:
+    """What a reader saw in one split: source records read, skipped, dialogs kept."""
+
+    records: int = 0
+    skipped: int = 0
+    dialogs: int = 0
+    short_candidates: int = 0  # replies that got fewer distractors than num_distractors (pool too small)
+    reasons: list[str] = field(default_factory=list)
+
+
+# A reader yields, per split, (where, build) pairs: `build()` returns the canonical dialogs of one source record
+# (several for SPC with spc_bot_role="both") or raises PersonaDataError. Utterances that need sampled distractors
+# carry "_sample": True; the assembly step validates, samples and strips it.
+Record = tuple[str, Callable[[], list[dict]]]
+
+
+def check_str_list(value, where: str, field: str, allow_empty: bool = True) -> list[str]:
+    """`value` if it is a list of strings (non-empty unless `allow_empty`), else a `PersonaDataError`."""
+    if not isinstance(value, list):
+        raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {type(value).__name__}.")
+    bad = next((i for i, s in enumerate(value) if not isinstance(s, str)), None)
+    if bad is not None:
+        raise PersonaDataError(
+            f"{where}: field {field!r} must be a list of strings; item {bad} is {type(value[bad]).__name__}."
+        )
+    if not allow_empty and not value:
+        raise PersonaDataError(f"{where}: field {field!r} is empty.")
+    return value
+
+
+def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> dict:
+    """Return `dialog` as a canonical record, or raise `PersonaDataError` naming `where` and the field.
+
+    An empty persona is valid; an empty gold reply (the last candidate) or a turn over `max_turn_chars` is not.
+    """
+    if not isinstance(dialog, dict):
+        raise PersonaDataError(f"{where}: a dialog must be an object, got {type(dialog).__name__}.")
+    for field_ in ("personality", "utterances"):
+        if field_ not in dialog:
+            raise PersonaDataError(f"{where}: missing field {field_!r}.")
+    personality = check_str_list(dialog["personality"], where, "personality")
+    utterances = dialog["utterances"]
+    if not isinstance(utterances, list) or not utterances:
+        raise PersonaDataError(f"{where}: field 'utterances' must be a non-empty list.")
+    clean = []
+    for u, utterance in enumerate(utterances):
+        at = f"{where}, utterance {u}"
+        if not isinstance(utterance, dict):
+            raise PersonaDataError(f"{at}: an utterance must be an object.")
+        for field_ in ("history", "candidates"):
+            if field_ not in utterance:
+                raise PersonaDataError(f"{at}: missing field {field_!r}.")
+        history = check_str_list(utterance["history"], at, "history")
+        candidates = check_str_list(utterance["candidates"], at, "candidates", allow_empty=False)
+        if not candidates[-1].strip():
+            raise PersonaDataError(f"{at}: field 'candidates': the gold reply (the last candidate) is empty.")
+        if max_turn_chars is not None:
+            for name, texts in (("personality", personality), ("history", history), ("candidates", candidates)):
+                longest = max(map(len, texts), default=0)
+                if longest > max_turn_chars:
+                    raise PersonaDataError(
+                        f"{at}: field {name!r} has a text of {longest} characters (max_turn_chars={max_turn_chars})."
+                    )
+        clean.append({"history": history, "candidates": candidates})
+    return {"personality": personality, "utterances": clean}
+
+
+def sample_distractors(
+    dialogs: list[dict],
+    groups: list[int],
+    needs: list[list[bool]],
+    num_distractors: int,
+    seed: int,
+    own_texts: list[list[str]] | None = None,
+) -> int:
+    """Prepend `num_distractors` distractors (in place) to the marked utterances; returns how many got fewer.
+
+    Distractors are turns of dialogs of OTHER groups (a group = one source record), never a text that also occurs in
+    the dialog's own group (its turns, and `own_texts`: e.g. the lines that make up a merged turn). Each dialog draws
+    from its own generator seeded by (seed, dialog index), and the pool is ordered by first occurrence, so the result
+    does not depend on PYTHONHASHSEED, set order or process.
+    """
+    pool: dict[str, set[int]] = {}
+    for dialog, group in zip(dialogs, groups):
+        for u in dialog["utterances"]:
+            for text in chain(u["history"], u["candidates"][-1:]):
+                if text.strip() and text != SILENCE:
+                    pool.setdefault(text, set()).add(group)
+    for texts_, group in zip(own_texts or [], groups):
+        for text in texts_:
+            if text.strip():
+                pool.setdefault(text, set()).add(group)
+    texts, owners = list(pool), list(pool.values())
+    short = 0
+    for d, (dialog, group, marks) in enumerate(zip(dialogs, groups, needs)):
+        rng = random.Random(f"{seed}/{d}")  # str seeds hash with SHA-512: the same in every process
+        for utterance, mark in zip(dialog["utterances"], marks):
+            if not mark or num_distractors == 0:
+                continue
+            # A few spare draws absorb the rare picks from the dialog's own group.
+            picks = rng.sample(range(len(texts)), min(len(texts), num_distractors + 8))
+            chosen = [texts[i] for i in picks if group not in owners[i]][:num_distractors]
+            if len(chosen) < num_distractors:  # small pool: walk all of it in a seeded order
+                rest = [i for i in range(len(texts)) if group not in owners[i]]
+                rng.shuffle(rest)
+                chosen = [texts[i] for i in rest[:num_distractors]]
+                short += len(chosen) < num_distractors
+            utterance["candidates"] = [*chosen, *utterance["candidates"]]
+    return short
+
+
+def _assemble_split(records: Iterable[Record], options: ReadOptions, report: SplitReport) -> datasets.Dataset:
+    dialogs, groups, needs, own_texts = [], [], [], []
+    for group, (where, build) in enumerate(records):
+        report.records += 1
+        try:
+            made = [(validate_dialog(d, where, options.max_turn_chars), d) for d in build()]
+        except PersonaDataError as err:
+            if options.on_bad_record == "error":
+                raise PersonaDataError(f"{err} (pass on_bad_record='skip' to skip bad records)") from None
+            report.skipped += 1
+            report.reasons.append(str(err))
+            logger.debug("Skipped: %s", err)
+            continue
+        for clean, raw in made:
+            dialogs.append(clean)
+            groups.append(group)
+            needs.append([bool(u.get("_sample")) for u in raw["utterances"]])
+            own_texts.append(raw.get("_own_texts", []))
+    if any(chain.from_iterable(needs)):
+        report.short_candidates = sample_distractors(
+            dialogs, groups, needs, options.num_distractors, options.distractor_seed, own_texts
+        )
+    report.dialogs = len(dialogs)
+    columns = {key: [d[key] for d in dialogs] for key in DIALOG_FEATURES}  # from_list cannot type an empty list
+    return datasets.Dataset.from_dict(columns, features=DIALOG_FEATURES)
+
+
+def canonical_records(splits: dict, source: str) -> dict[str, list[Record]]:
+    """Records of dialogs that are already canonical (``{split: [dialog...]}``), each named by split and index."""
+    records = {}
+    for split, dialogs in splits.items():
+        if not isinstance(dialogs, list):
+            raise PersonaDataError(
+                f"{source}: split {split!r} must be a list of dialogs, got {type(dialogs).__name__}."
+            )
+        records[split] = [(f"{source}: split {split!r}, dialog {i}", partial(list, [d])) for i, d in enumerate(dialogs)]
+    return records
+
+
+def dialogs_to_dataset_dict(splits: dict[str, list], source: str, on_bad_record: str = "error") -> datasets.DatasetDict:
+    """Validate raw canonical dialogs per split and build the `DatasetDict`; bad records raise or are counted."""
+    options = ReadOptions(on_bad_record=on_bad_record)
+    return assemble_splits(canonical_records(splits, source), source, options)[0]
+
+
+def assemble_splits(
+    splits: dict[str, Iterable[Record]], source: str, options: ReadOptions
+) -> tuple[datasets.DatasetDict, dict[str, SplitReport]]:
+    """One `Dataset` of valid canonical dialogs per split, and per split what was read, skipped and kept."""
+    out, reports = {}, {}
+    for split, records in splits.items():
+        reports[split] = SplitReport()
+        out[split] = _assemble_split(records, options, reports[split])
+    for split, r in reports.items():
+        if r.skipped:
+            logger.warning(
+                "%s: split %r: read %d records, skipped %d bad ones, kept %d dialogs. First: %s",
+                source,
+                split,
+                r.records,
+                r.skipped,
+                r.dialogs,
+                r.reasons[0],
+            )
+        if r.short_candidates:
+            logger.warning(
+                "%s: split %r: %d replies got fewer than %d distractors (too few other dialogs).",
+                source,
+                split,
+                r.short_candidates,
+                options.num_distractors,
+            )
+    return datasets.DatasetDict(out), reports

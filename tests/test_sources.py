@@ -1,0 +1,119 @@
+"""Sources read through `datasets` (local folders in every layout, the Hub path, offline) and URLs (loopback)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+
+import datasets
+import pytest
+from format_samples import CONVAI2_EXPECTED, CONVAI2_TXT, SMALL, SPC_CSV, SPC_PERSONAS, rows
+
+from persona_data import load_dialogs, load_dialogs_with_report
+from persona_records import PersonaDataError
+
+# datasets folders (the Hub path, offline) and column mapping
+
+
+def test_saved_dataset_folder_with_column_mapping(tmp_path):
+    chat = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(
+                [{"who": ["i like tea."], "dialog": ["hi", "hello"]}, {"who": [], "dialog": ["hey", "yo"]}]
+            ),
+            "test": datasets.Dataset.from_list([{"who": ["x."], "dialog": ["a", "b", "c", "d"]}]),
+        }
+    )
+    chat.save_to_disk(str(tmp_path / "chat"))
+    dialogs = load_dialogs(str(tmp_path / "chat"), column_mapping="who=persona, dialog=turns", num_distractors=1)
+    assert sorted(dialogs) == ["test", "train"]
+    assert [d["personality"] for d in dialogs["train"]] == [["i like tea."], []]
+    (first,), (second,) = ([u["candidates"] for u in d["utterances"]] for d in dialogs["train"])
+    assert first[-1] == "hello" and first[0] in ("hey", "yo") and second[-1] == "yo" and second[0] in ("hi", "hello")
+    assert [u["history"] for u in dialogs["test"][0]["utterances"]] == [["a"], ["a", "b", "c"]]
+    with pytest.raises(PersonaDataError, match="match no known layout"):
+        load_dialogs(str(tmp_path / "chat"))
+    with pytest.raises(PersonaDataError, match=r"column_mapping names column\(s\) \['nope'\]"):
+        load_dialogs(str(tmp_path / "chat"), column_mapping={"nope": "persona"})
+
+
+def test_utterance_rows_layout(tmp_path):
+    """One row per utterance with a dialog id, as bavard/personachat_truecased on the Hub."""
+    table = [
+        {"persona": ["i like tea."], "hist": ["hi"], "cands": ["no", "hello"], "dialog_id": 7},
+        {"persona": ["i like tea."], "hist": ["hi", "hello", "tea?"], "cands": ["no", "yes"], "dialog_id": 7},
+        {"persona": [], "hist": ["a"], "cands": ["b"], "dialog_id": 8},
+    ]
+    datasets.Dataset.from_list(table).save_to_disk(str(tmp_path / "rows"))
+    mapping = {"persona": "personality", "hist": "history", "cands": "candidates", "dialog_id": "conv_id"}
+    dialogs, reports = load_dialogs_with_report(str(tmp_path / "rows"), column_mapping=mapping, split="valid")
+    assert rows(dialogs["valid"]) == [
+        {
+            "personality": ["i like tea."],
+            "utterances": [
+                {"history": ["hi"], "candidates": ["no", "hello"]},
+                {"history": ["hi", "hello", "tea?"], "candidates": ["no", "yes"]},
+            ],
+        },
+        {"personality": [], "utterances": [{"history": ["a"], "candidates": ["b"]}]},
+    ]
+    assert reports["valid"].records == 2
+
+
+def test_data_files_folder(tmp_path):
+    folder = tmp_path / "canonical"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(d) for d in SMALL["train"]))
+    dialogs = load_dialogs(str(folder), cache_dir=str(tmp_path / "cache"))
+    assert sorted(dialogs) == ["train", "validation"]
+    assert rows(dialogs["validation"]) == SMALL["train"]
+    spc = tmp_path / "spc"
+    spc.mkdir()
+    (spc / "train.csv").write_text(SPC_CSV)
+    spc_dialogs = load_dialogs(str(spc), "hub", cache_dir=str(tmp_path / "cache"), num_distractors=1)
+    assert [d["personality"] for d in spc_dialogs["train"]] == SPC_PERSONAS["2"]
+
+
+def test_hub_errors_are_one_clear_line(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"personality": [1, 2], "utterances": 3}\n{"oops": ')
+    with pytest.raises(PersonaDataError, match=r"broken: could not load it as a datasets dataset"):
+        load_dialogs(str(folder), cache_dir=str(tmp_path / "cache"))
+
+
+# URLs over a loopback server
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_loading(tmp_path, http_root):
+    root, url = http_root
+    (root / "personachat.json").write_text(json.dumps(SMALL))
+    (root / "train_self_original.txt").write_text(CONVAI2_TXT)
+    cache = str(tmp_path / "cache")
+    dialogs = load_dialogs(f"{url}/personachat.json", cache_dir=cache)
+    assert {split: rows(ds) for split, ds in dialogs.items()} == SMALL
+    assert rows(load_dialogs(f"{url}/train_self_original.txt?raw=1", cache_dir=cache)["train"]) == CONVAI2_EXPECTED
+    (root / "personachat.json").unlink()  # a second load reads the cached copy
+    assert rows(load_dialogs(f"{url}/personachat.json", cache_dir=cache)["valid"]) == SMALL["valid"]
+    with pytest.raises(PersonaDataError, match=r"missing.json: download failed"):
+        load_dialogs(f"{url}/missing.json", cache_dir=cache)
+    # Only complete files are kept: a failed download leaves nothing behind.
+    assert len(os.listdir(os.path.join(cache, "downloads"))) == 2
