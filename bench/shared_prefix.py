@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: plain dual-head forward vs shared-prefix forward (issue 9), same model, same data, one run.
+"""Benchmark: plain double-heads forward vs shared-prefix forward, same model, same data, one run.
 
     python bench/shared_prefix.py                      # tiny model and GPT-2-small-sized config
     python bench/shared_prefix.py --models tiny --train_steps 20 --eval_batches 10

@@ -3,7 +3,7 @@
 
 Reference method (transfer-learning-conv-ai train.py): every example padded to the longest of the whole dataset,
 `GPT2DoubleHeadsModel` computing LM logits for every candidate and position. Ours: `PersonaCollator` pads per batch
-and the dual-head loss runs the LM head only on labelled tokens. Each variant runs in its own process so that its
+and the double-heads loss runs the LM head only on labelled tokens. Each variant runs in its own process so that its
 peak memory (max RSS) is its own. Also times the features map: first build and cached re-run.
 
     python bench/train_throughput.py                       # synthetic dialogs, GPT-2-vocab model

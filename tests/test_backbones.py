@@ -8,23 +8,16 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, ViTConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, ViTConfig
 
+from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs, load_dialogs
-from persona_model import (
-    DOUBLE_HEADS_CLASSES,
-    LORA_TARGET_MODULES,
-    SPECIAL_TOKENS,
-    DualHeadOutput,
-    PersonaDualHeadConfig,
-    PersonaDualHeadModel,
-    SpecialTokenIds,
-    load_model_and_tokenizer,
-    lora_settings,
-    lora_target_modules,
-)
+from persona_heads import DoubleHeadsOutput
+from persona_lora import apply_lora, lora_settings
+from persona_model import DOUBLE_HEADS_CLASSES, SPECIAL_TOKENS, load_model_and_tokenizer
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
+from persona_tokens import SpecialTokenIds
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
 
@@ -74,7 +67,7 @@ def candidate_batch(tokenizer, dialogs_path: str, rows: int = 3, num_candidates:
     return PersonaCollator(tokenizer.pad_token_id)([features[i] for i in range(rows)])
 
 
-def reference_losses(model: PersonaDualHeadModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_losses(model: PersonaDoubleHeadsModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """LM and MC losses computed by the plain causal LM (full [N, T, V] logits) and a hand-written head."""
     text_config = model.config.text_config
     plain = AutoModelForCausalLM.from_config(text_config).eval()
@@ -100,9 +93,9 @@ def reference_losses(model: PersonaDualHeadModel, batch: dict) -> tuple[torch.Te
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plain_checkpoint_loads_as_dual_head_with_persona_tokens(backbone_checkpoints, family):
+def test_plain_checkpoint_loads_as_double_heads_with_persona_tokens(backbone_checkpoints, family):
     model, tokenizer = load_model_and_tokenizer(backbone_checkpoints[family])
-    assert type(model) is PersonaDualHeadModel and model.config.text_config.model_type == family
+    assert type(model) is PersonaDoubleHeadsModel and model.config.text_config.model_type == family
     assert family not in DOUBLE_HEADS_CLASSES
     # The tokenizer had no pad token: add_special_tokens gives it <pad>, and the model config follows.
     assert tokenizer.pad_token == "<pad>" and model.config.pad_token_id == tokenizer.pad_token_id
@@ -117,7 +110,7 @@ def test_plain_checkpoint_loads_as_dual_head_with_persona_tokens(backbone_checkp
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dual_head_loss_equals_full_logits_reference(backbone_checkpoints, backbone_data, family):
+def test_double_heads_loss_equals_full_logits_reference(backbone_checkpoints, backbone_data, family):
     model, tokenizer = load_model_and_tokenizer(backbone_checkpoints[family])
     model.eval()
     batch = candidate_batch(tokenizer, backbone_data["path"])
@@ -126,7 +119,7 @@ def test_dual_head_loss_equals_full_logits_reference(backbone_checkpoints, backb
         lm_ref, mc_ref = reference_losses(model, batch)
         # Without labels: the candidate forward gives the same scores (what a ranking evaluation reads).
         scores = model(**{k: v for k, v in batch.items() if k not in ("labels", "mc_labels")}).mc_logits
-    assert isinstance(out, DualHeadOutput) and out.mc_logits.shape == (3, 3)
+    assert isinstance(out, DoubleHeadsOutput) and out.mc_logits.shape == (3, 3)
     torch.testing.assert_close(out.lm_loss, lm_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.mc_loss, mc_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, out.mc_logits)
@@ -244,28 +237,33 @@ def test_bfloat16_load_and_loss(backbone_checkpoints, backbone_data, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_config_round_trip_and_lora_targets(backbone_checkpoints, tmp_path):
-    config = PersonaDualHeadConfig.from_backbone(
+def test_config_round_trip(backbone_checkpoints, tmp_path):
+    config = PersonaDoubleHeadsConfig.from_backbone(
         AutoModelForCausalLM.from_pretrained(backbone_checkpoints["opt"]).config, summary_first_dropout=0.3
     )
     config.save_pretrained(tmp_path)
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert on_disk["model_type"] == "opt" and on_disk["architectures"] == ["OPTForCausalLM"]
-    assert on_disk["persona_dual_head"] == {"summary_first_dropout": 0.3, "speaker_embeddings": True}
-    again = PersonaDualHeadConfig.from_pretrained(tmp_path)
+    assert on_disk["persona_double_heads"] == {"summary_first_dropout": 0.3, "speaker_embeddings": True}
+    again = PersonaDoubleHeadsConfig.from_pretrained(tmp_path)
     assert again.summary_first_dropout == 0.3 and again.text_config.word_embed_proj_dim == 16
-    assert not hasattr(again.text_config, "persona_dual_head")
+    assert not hasattr(again.text_config, "persona_double_heads")
     assert again.max_position_embeddings == 256  # backbone attributes read through
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
-        PersonaDualHeadConfig.from_backbone(ViTConfig())  # an encoder-only vision model
-    assert lora_target_modules("llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    with pytest.raises(ValueError, match="target_modules"):
-        lora_target_modules("no-such-model")
-    # The suggested targets exist in each family's modules.
-    for family in FAMILIES:
-        model = AutoModelForCausalLM.from_pretrained(backbone_checkpoints[family])
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        assert set(LORA_TARGET_MODULES[family]) <= names, family
+        PersonaDoubleHeadsConfig.from_backbone(ViTConfig())  # an encoder-only vision model
+
+
+def test_checkpoint_with_the_former_config_key_keeps_its_head_settings(backbone_checkpoints, tmp_path):
+    """Folders saved before the rename store the head settings under "persona_dual_head"."""
+    on_disk = json.loads(open(os.path.join(backbone_checkpoints["llama"], "config.json")).read())
+    on_disk["persona_dual_head"] = {"summary_first_dropout": 0.25, "speaker_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(on_disk))
+    config = PersonaDoubleHeadsConfig.from_pretrained(tmp_path)
+    assert config.summary_first_dropout == 0.25 and config.speaker_embeddings is False
+    assert not hasattr(config.text_config, "persona_dual_head")
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "persona_dual_head" not in saved and saved["persona_double_heads"]["summary_first_dropout"] == 0.25
 
 
 def test_lora_settings_with_peft(backbone_checkpoints, backbone_data):
@@ -277,18 +275,34 @@ def test_lora_settings_with_peft(backbone_checkpoints, backbone_data):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_dropout=0.0, **settings))
     trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
     assert any("q_proj.lora_A" in name for name in trainable) and any("multiple_choice_head" in n for n in trainable)
-    assert not any(name.endswith("embed_tokens.weight") or "mlp" in name for name in trainable)
+    assert not any(name.endswith("embed_tokens.weight") for name in trainable)
     out = lora(**candidate_batch(tokenizer, backbone_data["path"]))
-    assert isinstance(out, DualHeadOutput)
+    assert isinstance(out, DoubleHeadsOutput)
     (out.lm_loss + out.mc_loss).backward()
     torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1.0).step()
     merged = lora.merge_and_unload()
-    assert type(merged) is PersonaDualHeadModel
+    assert type(merged) is PersonaDoubleHeadsModel
     after = dict(merged.named_parameters())
     embeddings_changed = (
         (after["model.embed_tokens.weight"] - before["model.embed_tokens.weight"]).abs().sum(1).nonzero()
     )
     assert set(embeddings_changed.view(-1).tolist()) <= set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+
+
+@pytest.mark.parametrize("model_type", sorted(DOUBLE_HEADS_CLASSES))
+def test_apply_lora_on_library_double_heads_classes(tokenizer, model_type):
+    """Without named targets (PEFT's default, "all-linear" where it has none) only adapters, the MC head and the persona
+    token rows train, and the loss path runs through the adapters."""
+    pytest.importorskip("peft")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)
+    model = apply_lora(DOUBLE_HEADS_CLASSES[model_type](config), tokenizer, r=2)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name in trainable) and any("token_adapter" in name for name in trainable)
+    assert all(any(key in name for key in ("lora_", "multiple_choice_head", "token_adapter")) for name in trainable)
+    ids = torch.randint(0, 40, (2, 2, 6))
+    out = model(input_ids=ids, mc_token_ids=torch.full((2, 2), 5), labels=ids, mc_labels=torch.tensor([1, 1]))
+    (out.lm_loss + out.mc_loss).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.slow
@@ -326,15 +340,15 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
 
-    # Reload: the dual-head class from the saved backbone-format folder, nothing added to the tokenizer.
+    # Reload: the double-heads class from the saved backbone-format folder, nothing added to the tokenizer.
     model, tokenizer = load_model_and_tokenizer(output_dir)
-    assert type(model) is PersonaDualHeadModel and model.config.text_config.model_type == family
+    assert type(model) is PersonaDoubleHeadsModel and model.config.text_config.model_type == family
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     assert model.config.pad_token_id == special.pad == tokenizer.pad_token_id
-    direct = PersonaDualHeadModel.from_pretrained(output_dir)  # without the project's loader
+    direct = PersonaDoubleHeadsModel.from_pretrained(output_dir)  # without the project's loader
     torch.testing.assert_close(direct.state_dict(), model.state_dict(), rtol=0, atol=0)
 
-    # Dual-head evaluation of the reloaded model gives the metrics of the model that was trained.
+    # Double-heads evaluation of the reloaded model gives the metrics of the model that was trained.
     eval_rows = build_features(
         load_dialogs(backbone_data["path"])["valid"], tokenizer, num_candidates=None, max_history=1
     ).select(range(4))

@@ -1,4 +1,4 @@
-"""persona_model: special tokens, loading, and the label-only dual-head loss against the library's own."""
+"""persona_model: special tokens, loading, and the label-only double-heads loss against the library's own."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2DoubleHeadsModel, OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel
+from transformers import GPT2DoubleHeadsModel, OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel, T5Config
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_heads import DoubleHeadsOutput
 from persona_model import (
     SPECIAL_TOKENS,
     PersonaGPT2DoubleHeadsModel,
@@ -55,7 +56,7 @@ def test_loss_equals_gpt2_double_heads(tiny_model_and_tokenizer, batch):
     reference = GPT2DoubleHeadsModel(model.config).eval()
     reference.load_state_dict(model.state_dict())
     out, ref = ours(**batch), reference(**batch)
-    assert out.logits is None if hasattr(out, "logits") else True  # no [B, C, T, V] tensor
+    assert isinstance(out, DoubleHeadsOutput) and "logits" not in out  # no [B, C, T, V] tensor
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(out.mc_loss, ref.mc_loss)
     torch.testing.assert_close(out.mc_logits, ref.mc_logits)
@@ -92,8 +93,7 @@ def test_per_example_sums_match_a_loop(tiny_model_and_tokenizer, batch):
         torch.testing.assert_close(out.mc_nll[i], single.mc_loss)
 
 
-def test_unknown_backbone_is_a_clear_error(tmp_path):
-    from persona_model import double_heads_class
-
-    with pytest.raises(ValueError, match="no double-heads model"):
-        double_heads_class("t5")
+def test_backbone_without_causal_lm_is_a_clear_error(tmp_path):
+    T5Config(num_layers=1, d_model=8, d_kv=4, num_heads=2, d_ff=16, vocab_size=20).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'t5' has no AutoModelForCausalLM class"):
+        load_model_and_tokenizer(str(tmp_path))

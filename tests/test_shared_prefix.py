@@ -1,4 +1,4 @@
-"""The shared-prefix dual-head forward equals the plain one: losses, logits, per-example statistics and gradients."""
+"""The shared-prefix double-heads forward equals the plain one: losses, logits, per-example statistics and gradients."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import pytest
 import torch
 from transformers import GPT2Config, OpenAIGPTConfig
 
+from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs
-from persona_model import (
-    PersonaGPT2DoubleHeadsModel,
-    PersonaOpenAIGPTDoubleHeadsModel,
-    shared_prefix_lengths,
-)
+from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
+from persona_shared_prefix import encode_shared_prefix, shared_prefix_lengths, shared_prefix_unsupported_reason
 from persona_tokens import SpecialTokenIds
 
 SPEAKERS = SpecialTokenIds(bos=1, eos=2, speaker1=3, speaker2=4)
@@ -79,7 +77,8 @@ def assert_same(model, batch: dict, atol: float = 1e-5) -> None:
 
 
 def test_prefix_length_is_the_reply_speaker_position():
-    """On the DESIGN.md worked example the shared context ends right before the reply's <speaker1> (index 11)."""
+    """On the worked example of the input format (docs/architecture.md) the shared context ends right before the
+    reply's <speaker1> (index 11)."""
     persona, history = [[10, 11], [12]], [[20], [21, 22], [23]]
     rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == 2) for i, r in enumerate([[30, 31], [40], [30]])]
     batch = PersonaCollator(pad_token_id=PAD)(
@@ -166,7 +165,7 @@ def test_openai_gpt_falls_back_with_a_message(caplog):
     config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
     model = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
     batch = random_batch(0, batch_size=2, num_candidates=4)
-    with caplog.at_level(logging.WARNING, logger="persona_model"):
+    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
         assert_same(model, batch, atol=0)
     assert "no key/value cache" in caplog.text
 
@@ -249,10 +248,8 @@ def _tiny_backbone(model_type: str):
     "model_type, use_embeds", [("gpt2", False), ("llama", False), ("llama", True), ("qwen2", True), ("opt", False)]
 )
 def test_encode_shared_prefix_generic_backbones(model_type, use_embeds):
-    """The candidate-frame hidden states equal the full forward's for the backbones of the generic dual-head model
+    """The candidate-frame hidden states equal the full forward's for the backbones of the generic double-heads model
     (RoPE and learned positions, input ids or embeddings), gradients included."""
-    from persona_model import encode_shared_prefix, shared_prefix_unsupported_reason
-
     backbone = _tiny_backbone(model_type)
     assert shared_prefix_unsupported_reason(backbone) is None
     batch = random_batch(4, batch_size=3, num_candidates=5)
@@ -311,16 +308,12 @@ def test_run_persona_flag():
     assert run_persona.parse_args(["--shared_prefix", "false", "--output_dir", "out"])[0].shared_prefix is False
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The generic dual-head model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
-# ---------------------------------------------------------------------------------------------------------------------
+# The generic double-heads model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
 
 
-def tiny_dual_head(family: str, seed: int = 0, **overrides):
-    """A tiny random `PersonaDualHeadModel` on `family` (configs as tests/test_backbones.py: OPT with a projection)."""
+def tiny_double_heads(family: str, seed: int = 0, **overrides):
+    """A tiny random `PersonaDoubleHeadsModel` on `family` (configs as in test_backbones.py: OPT with a projection)."""
     from transformers import LlamaConfig, OPTConfig, Qwen2Config
-
-    from persona_model import PersonaDualHeadConfig, PersonaDualHeadModel
 
     small = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
     small["max_position_embeddings"] = 256
@@ -333,7 +326,7 @@ def tiny_dual_head(family: str, seed: int = 0, **overrides):
     else:
         config = Qwen2Config(**small, intermediate_size=64, num_key_value_heads=2, **overrides)
     torch.manual_seed(seed)
-    model = PersonaDualHeadModel(PersonaDualHeadConfig.from_backbone(config, summary_first_dropout=0.0))
+    model = PersonaDoubleHeadsModel(PersonaDoubleHeadsConfig.from_backbone(config, summary_first_dropout=0.0))
     return model.eval()
 
 
@@ -349,9 +342,9 @@ GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 @pytest.mark.parametrize("num_candidates", [1, 4, 20])
-def test_generic_dual_head_equals_plain_path(family, num_candidates):
+def test_generic_double_heads_equals_plain_path(family, num_candidates):
     """Losses, mc_logits, per-example sums and every gradient (speaker embeddings, tied/untied heads) agree."""
-    model = tiny_dual_head(family, seed=num_candidates)
+    model = tiny_double_heads(family, seed=num_candidates)
     calls = count_backbone_calls(model.decoder)
     for seed in range(2):
         batch = random_batch(10 + seed, batch_size=4, num_candidates=num_candidates)
@@ -367,9 +360,9 @@ def test_generic_dual_head_equals_plain_path(family, num_candidates):
 
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
-def test_generic_dual_head_loss_only_and_mc_only(family):
+def test_generic_double_heads_loss_only_and_mc_only(family):
     """labels without mc_labels and mc_labels without labels: each half of the output matches on its own."""
-    model = tiny_dual_head(family, seed=7)
+    model = tiny_double_heads(family, seed=7)
     batch = random_batch(20, batch_size=3, num_candidates=5)
     for drop, keys in (("mc_labels", ("lm_loss", "lm_nll", "lm_tokens", "mc_logits")), ("labels", ("mc_loss",))):
         inputs = {k: v for k, v in batch.items() if k != drop}
@@ -382,30 +375,20 @@ def test_generic_dual_head_loss_only_and_mc_only(family):
             torch.testing.assert_close(getattr(outs[True], key), getattr(outs[False], key), atol=1e-5, rtol=1e-5)
 
 
-def test_generic_dual_head_falls_back_with_gradient_checkpointing_and_sliding_window(caplog):
+def test_generic_double_heads_falls_back_with_gradient_checkpointing_and_sliding_window(caplog):
     batch = random_batch(3, batch_size=2, num_candidates=3)
-    model = tiny_dual_head("llama", seed=1)
+    model = tiny_double_heads("llama", seed=1)
     model.activation_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
     calls = count_backbone_calls(model.decoder)
-    with caplog.at_level(logging.WARNING, logger="persona_model"):
+    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
         assert_same(model, batch, atol=0)
     assert "gradient checkpointing" in caplog.text
     assert len(calls) == 2  # one full pass per path
 
     caplog.clear()
-    model = tiny_dual_head("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    model = tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert any(t != "full_attention" for t in model.config.text_config.layer_types)
-    with caplog.at_level(logging.WARNING, logger="persona_model"):
+    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
         assert_same(model, batch, atol=0)
     assert "non-full attention" in caplog.text
-
-
-def test_generic_dual_head_shared_prefix_switch_from_config():
-    """The switch is read from the dual-head config (as run_persona sets it); absent means on."""
-    from persona_model import shared_prefix_enabled
-
-    model = tiny_dual_head("llama")
-    assert shared_prefix_enabled(model)
-    model.config.persona_shared_prefix = False
-    assert not shared_prefix_enabled(model)

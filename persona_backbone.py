@@ -1,0 +1,251 @@
+"""Any causal LM as a persona backbone: `PersonaDoubleHeadsModel` = an `AutoModelForCausalLM` + a multiple-choice head.
+
+The folder it saves is the backbone's own checkpoint (its config.json plus a `persona_double_heads` entry, its weights
+plus `multiple_choice_head.*`), so AutoModelForCausalLM, vLLM, ... load it as a plain causal LM and this project loads
+it back as a double-heads model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from persona_heads import DoubleHeadsOutput, PersonaMultipleChoiceHead
+from persona_shared_prefix import encode_candidates
+
+# Key under which the head settings are stored in the backbone's own config.json; checkpoints saved before the
+# project settled on "double heads" carry the legacy key, which is still read.
+DOUBLE_HEADS_CONFIG_KEY = "persona_double_heads"
+LEGACY_CONFIG_KEY = "persona_dual_head"
+
+
+class PersonaDoubleHeadsConfig(PreTrainedConfig):
+    """Configuration of `PersonaDoubleHeadsModel`: the backbone's config (`text_config`) and the multiple-choice head.
+
+    On disk it is written as the backbone's own config.json plus a `persona_double_heads` entry holding the head
+    settings, so that the same folder loads as a plain `AutoModelForCausalLM`.
+    """
+
+    model_type = "persona_double_heads"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    text_config: dict | PreTrainedConfig | None = None
+    summary_first_dropout: float = 0.1  # dropout before the score projection, as GPT-2's sequence summary
+    speaker_embeddings: bool = True  # add the word embedding of token_type_ids to the input embeddings
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Tying is declared by the backbone; the base class reads it from the top-level config.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: backbone attributes (max_position_embeddings, hidden_size, vocab_size,
+        # ...) read through, so code written for a plain causal-LM config works on this one.
+        if name.startswith("_") or name == "text_config" or "text_config" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.__dict__["text_config"], name)
+
+    def head_settings(self) -> dict:
+        """The head settings stored next to the backbone config."""
+        return {"summary_first_dropout": self.summary_first_dropout, "speaker_embeddings": self.speaker_embeddings}
+
+    @classmethod
+    def from_backbone(cls, backbone_config: PreTrainedConfig, **head_settings) -> PersonaDoubleHeadsConfig:
+        """Wrap a causal-LM config, reading the head settings a persona checkpoint stored in it."""
+        if isinstance(backbone_config, cls):
+            return backbone_config
+        if type(backbone_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ValueError(
+                f"Backbone type {backbone_config.model_type!r} has no AutoModelForCausalLM class, so it cannot be a "
+                "persona backbone."
+            )
+        backbone_config = copy.deepcopy(backbone_config)
+        stored = {}
+        for key in (LEGACY_CONFIG_KEY, DOUBLE_HEADS_CONFIG_KEY):  # the current key wins
+            if hasattr(backbone_config, key):
+                stored.update(getattr(backbone_config, key) or {})
+                delattr(backbone_config, key)
+        config = cls(text_config=backbone_config, **{**stored, **head_settings})
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, attr, getattr(backbone_config, attr, None))
+        return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Read a backbone (or persona double-heads) checkpoint's config.json as a `PersonaDoubleHeadsConfig`."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        backbone, unused = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+        )
+        config = cls.from_backbone(backbone)
+        return (config, unused) if return_unused_kwargs else config
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Write the backbone's config.json with the head settings under `persona_double_heads`."""
+        backbone = copy.deepcopy(self.text_config)
+        setattr(backbone, DOUBLE_HEADS_CONFIG_KEY, self.head_settings())
+        backbone.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(backbone)].__name__]
+        # add_special_tokens sets these on the top-level config: the LM-only reload must see them too.
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(backbone, attr, getattr(self, attr, None))
+        if self.dtype is not None:
+            backbone.dtype = self.dtype
+        backbone.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+@dataclass
+class PersonaCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the multiple-choice scores when candidates and `mc_token_ids` are given."""
+
+    mc_logits: torch.Tensor | None = None  # [B, C]
+
+
+class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
+    """Any `AutoModelForCausalLM` backbone with a multiple-choice head, trained like `GPT2DoubleHeadsModel`.
+
+    The causal LM's modules are registered under their own names (e.g. `model`, `lm_head`), so the state dict is
+    exactly the backbone's plus `multiple_choice_head.*`: a saved folder also loads as a plain causal LM.
+    Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
+    embeddings (GPT-2's convention), so the persona inputs work on backbones without token-type embeddings.
+    With `labels`/`mc_labels` the forward returns a `DoubleHeadsOutput` (vocabulary logits only at labelled positions;
+    the shared context encoded once per example unless `config.persona_shared_prefix` is False, see
+    `persona_shared_prefix`); without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
+    """
+
+    config_class = PersonaDoubleHeadsConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the backbone checks its own support when it is built
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    accepts_loss_kwargs = False  # PersonaTrainer normalises over the accumulated batch itself
+
+    def __init__(self, config: PersonaDoubleHeadsConfig):
+        super().__init__(config)
+        lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)](config.text_config)
+        output_embeddings = lm.get_output_embeddings()
+        for name, module in lm.named_children():
+            self.add_module(name, module)
+            if module is output_embeddings:
+                self._lm_head_name = name
+        self._decoder_name = lm.base_model_prefix
+        self._tied_weights_keys = lm._tied_weights_keys
+        hidden_size = output_embeddings.in_features  # OPT-350m-like projections: the LM head's input, not hidden_size
+        self.multiple_choice_head = PersonaMultipleChoiceHead(hidden_size, config.summary_first_dropout)
+        self.post_init()
+
+    @property
+    def decoder(self) -> PreTrainedModel:
+        """The backbone's base model (hidden states, KV cache)."""
+        return getattr(self, self._decoder_name)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return getattr(self, self._lm_head_name)
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        setattr(self, self._lm_head_name, new_embeddings)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the modules outside the backbone's base model land here (its PreTrainedModel initialises the rest).
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from hidden states, with the final logit transforms some families apply."""
+        logits = self.get_output_embeddings()(hidden)
+        text_config = self.config.text_config
+        if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / cap) * cap
+        if (scale := getattr(text_config, "logit_scale", None)) is not None:  # Cohere
+            logits = logits * scale
+        if (divisor := getattr(text_config, "logits_scaling", None)) is not None:  # Granite
+            logits = logits / divisor
+        return logits
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings: word embeddings plus, GPT-2 style, the word embedding of each token's speaker token."""
+        embeddings = self.get_input_embeddings()
+        inputs_embeds = embeddings(input_ids)
+        if token_type_ids is not None and self.config.speaker_embeddings:
+            inputs_embeds = inputs_embeds + embeddings(token_type_ids)
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mc_token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mc_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DoubleHeadsOutput | PersonaCausalLMOutput:
+        """[B, C, T] candidates (training/eval) or [B, T] sequences (generation); see the class docstring."""
+        if labels is not None or mc_labels is not None:
+            if inputs_embeds is not None or position_ids is not None or cache is not None:
+                raise ValueError("The double-heads loss path takes input_ids and default positions only.")
+            encoding = encode_candidates(
+                self,
+                self.decoder,
+                input_ids,
+                token_type_ids,
+                attention_mask,
+                mc_token_ids,
+                labels,
+                inputs_embeds=self.embed(input_ids, token_type_ids),  # [B, C, T, H], speaker embeddings added
+            )
+            return encoding.apply_heads(self.multiple_choice_head, self.lm_logits, mc_token_ids, labels, mc_labels)
+        candidates_shape = input_ids.shape if input_ids is not None and input_ids.dim() == 3 else None
+        if candidates_shape is not None:  # [B, C, T] -> [B*C, T]
+            flat = lambda t: None if t is None else t.reshape(-1, t.size(-1))  # noqa: E731
+            input_ids, token_type_ids, attention_mask = flat(input_ids), flat(token_type_ids), flat(attention_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, token_type_ids)
+        elif token_type_ids is not None and self.config.speaker_embeddings:
+            inputs_embeds = inputs_embeds + self.get_input_embeddings()(token_type_ids)
+        outputs = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_logits(slice_logits_to_keep(hidden, logits_to_keep))
+        mc_logits = None
+        if candidates_shape is not None:
+            logits = logits.view(*candidates_shape[:2], *logits.shape[1:])
+            if mc_token_ids is not None:
+                mc_logits = self.multiple_choice_head(hidden.view(*candidates_shape, -1), mc_token_ids)
+        return PersonaCausalLMOutput(
+            logits=logits,
+            mc_logits=mc_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )

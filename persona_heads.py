@@ -1,0 +1,94 @@
+"""The two heads on candidate hidden states: LM loss on the labelled tokens only, multiple-choice scores and loss.
+
+Every double-heads model of the project (GPT/GPT-2 and the generic causal-LM backbone, full or shared-prefix encoding)
+ends in `apply_heads`, so the losses and per-example statistics are computed in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class DoubleHeadsOutput(ModelOutput):
+    """Losses and per-example statistics of one double-heads forward.
+
+    `lm_loss`/`mc_loss` are batch means (what `GPT2DoubleHeadsModel` returns as `loss`/`mc_loss`); the per-example
+    sums let callers normalise over a larger batch (gradient accumulation, several processes, a whole eval set).
+    """
+
+    loss: torch.Tensor | None = None  # = lm_loss, as GPT2DoubleHeadsModel
+    lm_loss: torch.Tensor | None = None
+    mc_loss: torch.Tensor | None = None
+    mc_logits: torch.Tensor | None = None  # [B, C]
+    lm_nll: torch.Tensor | None = None  # [B] summed NLL of each example's labelled tokens
+    lm_tokens: torch.Tensor | None = None  # [B] labelled tokens per example
+    mc_nll: torch.Tensor | None = None  # [B] multiple-choice cross-entropy per example
+
+
+class PersonaMultipleChoiceHead(nn.Module):
+    """Score of one candidate from the hidden state at its `mc_token_ids` position (GPT-2's cls_index summary)."""
+
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.first_dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor, mc_token_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [B, C, T, H], mc_token_ids [B, C] -> scores [B, C]."""
+        index = mc_token_ids[..., None, None].expand(*mc_token_ids.shape, 1, hidden.size(-1))
+        picked = hidden.gather(-2, index).squeeze(-2)  # [B, C, H]
+        return self.summary(self.first_dropout(picked).to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Per-example summed NLL and token count, running the LM head only where a next token is labelled.
+
+    hidden: [N, T, H], labels: [N, T] (same positions; shifted here, like the library's causal LM loss).
+    Only the gold candidate's reply carries labels, so this skips the vocabulary projection of every distractor
+    and every context position: ~95% of the LM-head FLOPs and the [B, C, T, V] logits tensor.
+    """
+    shift_labels = labels[:, 1:]
+    mask = shift_labels.ne(-100)  # [N, T-1]
+    rows, cols = mask.nonzero(as_tuple=True)
+    logits = lm_head(hidden[rows, cols])  # [K, V], K = labelled tokens in the batch
+    nll = F.cross_entropy(logits.float(), shift_labels[rows, cols], reduction="none")  # [K]
+    per_row = torch.zeros(labels.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_row, mask.sum(dim=1)
+
+
+def apply_heads(
+    hidden: torch.Tensor,
+    mc_head,
+    lm_head,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mc_labels: torch.Tensor | None = None,
+) -> DoubleHeadsOutput:
+    """Apply the two heads to candidate hidden states: losses and per-example sums in a `DoubleHeadsOutput`.
+
+    hidden: [B, C, S, H]; mc_token_ids [B, C] and labels [B, C, S] index the same S positions (the full sequences,
+    or the candidate frame of the shared-prefix encoding). `mc_head(hidden, mc_token_ids)` returns scores [B, C]
+    (a trailing singleton dimension is dropped); `lm_head` maps hidden states to vocabulary logits.
+    """
+    batch_size, num_candidates = hidden.shape[:2]
+    out = DoubleHeadsOutput()
+    if mc_token_ids is not None:
+        mc_logits = mc_head(hidden, mc_token_ids)
+        out.mc_logits = mc_logits.squeeze(-1) if mc_logits.dim() == 3 else mc_logits  # [B, C]
+        if mc_labels is not None:
+            out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
+            out.mc_loss = out.mc_nll.mean()
+    if labels is not None:
+        nll, tokens = labelled_lm_nll(hidden.flatten(0, 1), labels.flatten(0, 1), lm_head)
+        out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
+        out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
+        # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
+        out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
+    out.loss = out.lm_loss
+    return out

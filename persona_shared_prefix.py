@@ -1,0 +1,277 @@
+"""Encoding [B, C, T] candidates for the double-heads loss, with their shared context encoded once per example.
+
+Every candidate of an example carries the same persona + history; only the reply segment differs. Instead of encoding
+that context C times, `encode_candidates` encodes it once per example, broadcasts its key/value cache to the C
+candidates and runs only the candidate segments on top of it (positions continue after the prefix). Exact: the same
+attention, the same positions, the same outputs as encoding every candidate in full, up to float rounding. Built on the
+backbone's standard forward (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache), so any causal
+LM with a key/value cache can use it; where it cannot apply (no cache, gradient checkpointing in training, sliding
+windows, `persona_shared_prefix` off in the config) every candidate is encoded in full.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from persona_heads import DoubleHeadsOutput, apply_heads
+
+logger = logging.getLogger(__name__)
+
+# Config attribute switching the shared-prefix encoding of the loss path (absent = on).
+SHARED_PREFIX_ATTR = "persona_shared_prefix"
+
+
+def shared_prefix_enabled(model: PreTrainedModel) -> bool:
+    """Whether `model.config` asks for the shared-prefix encoding (`persona_shared_prefix`, default True)."""
+    return bool(getattr(model.config, SHARED_PREFIX_ATTR, True))
+
+
+def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
+    """Why `backbone` cannot run the shared-prefix encoding right now, or None when it can."""
+    params = inspect.signature(backbone.forward).parameters
+    model_type = getattr(backbone.config, "model_type", type(backbone).__name__)
+    if "cache" not in params:
+        return f"the {model_type} backbone has no key/value cache (its forward takes no `cache`)"
+    if backbone.training and any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+        # Checkpointed blocks (GradientCheckpointingLayer) drop the cache in training.
+        return "gradient checkpointing disables the key/value cache during training"
+    layer_types = getattr(backbone.config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        # A sliding-window cache keeps only the last window of the prefix: not exact for long contexts.
+        return f"the {model_type} backbone has non-full attention layers ({sorted(set(layer_types))})"
+    return None
+
+
+def shared_prefix_lengths(
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-example length [B] of the context encoded once for all candidates of [B, C, T] inputs.
+
+    The longest prefix on which every candidate has the same token, token type and a real (unpadded) token, cut
+    before the first position any output reads: the multiple-choice token of every candidate and the position
+    predicting the first label (the reply's `<speaker1>` in `build_features` rows). Any length up to that keeps the
+    forward exact, so nothing has to come from the collator and the public row format stays as it is.
+
+    >>> ids = torch.tensor([[[1, 5, 6, 7, 2], [1, 5, 6, 8, 0]]])  # two candidates, the second one padded
+    >>> shared_prefix_lengths(ids, attention_mask=ids.ne(0).long()).tolist()
+    [3]
+    >>> labels = torch.tensor([[[-100] * 5, [-100, -100, -100, 8, -100]]])  # the gold's reply starts at position 3
+    >>> shared_prefix_lengths(ids, attention_mask=ids.ne(0).long(), labels=labels).tolist()  # position 2 predicts it
+    [2]
+    """
+    batch_size, _, seq_len = input_ids.shape
+    same = (input_ids == input_ids[:, :1]).all(dim=1)  # [B, T]
+    if token_type_ids is not None:
+        same &= (token_type_ids == token_type_ids[:, :1]).all(dim=1)
+    if attention_mask is not None:
+        same &= attention_mask.bool().all(dim=1)
+    lengths = same.long().cumprod(dim=1).sum(dim=1)  # [B]
+    if mc_token_ids is not None:
+        lengths = torch.minimum(lengths, mc_token_ids.amin(dim=1))
+    if labels is not None:
+        positions = torch.arange(seq_len, device=labels.device).expand_as(labels)
+        first_label = torch.where(labels.ne(-100), positions, seq_len).amin(dim=(1, 2))  # [B]; T when unlabelled
+        lengths = torch.minimum(lengths, first_label - 1)
+    return lengths.clamp(min=0)
+
+
+def shared_prefix_plan(
+    model: PreTrainedModel,
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Per-example prefix lengths [B] for `encode_shared_prefix` on `backbone`, or None when it cannot apply.
+
+    None when `model.config` switches it off, and (logged once per model) for backbones without a KV cache
+    (openai-gpt), gradient checkpointing in training, sliding-window attention, inputs without `mc_token_ids`, or
+    an example with no shareable prefix.
+    """
+    if not shared_prefix_enabled(model):
+        return None
+    reason = shared_prefix_unsupported_reason(backbone)
+    prefix_lengths = None
+    if reason is None and mc_token_ids is None:
+        reason = "no mc_token_ids (the candidates' last tokens) were given"
+    if reason is None:
+        prefix_lengths = shared_prefix_lengths(input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
+        if int(prefix_lengths.min()) < 1:
+            reason = "an example has no context shared by its candidates"
+    if reason is not None:
+        if not getattr(model, "_persona_shared_prefix_warned", False):
+            logger.warning("Shared-prefix forward off (%s): encoding every candidate in full.", reason)
+            model._persona_shared_prefix_warned = True
+        return None
+    return prefix_lengths
+
+
+@dataclass
+class CandidateEncoding:
+    """The backbone's last hidden states of [B, C, T] candidates, in full or in the shared-prefix candidate frame.
+
+    In full (`prefix_lengths` None), `hidden` is [B, C, T, H]. In the candidate frame, `hidden` [B, C, S, H] holds
+    positions `prefix_lengths[b] + j` (j < S); `index` [B, C, S] maps each frame position back to the full-sequence
+    position (clamped) and `valid` [B, C, S] marks real tokens.
+    """
+
+    hidden: torch.Tensor
+    prefix_lengths: torch.Tensor | None = None  # [B]
+    index: torch.Tensor | None = None  # [B, C, S]
+    valid: torch.Tensor | None = None  # [B, C, S]
+
+    def gather(self, tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        """A [B, C, T] tensor in the candidate frame [B, C, S], `fill` on padding."""
+        if self.prefix_lengths is None:
+            return tensor
+        return tensor.gather(2, self.index).masked_fill(~self.valid, fill)
+
+    def shift(self, positions: torch.Tensor) -> torch.Tensor:
+        """Full-sequence positions [B, C] (e.g. `mc_token_ids`) as candidate-frame positions."""
+        return positions if self.prefix_lengths is None else positions - self.prefix_lengths[:, None]
+
+    def apply_heads(self, mc_head, lm_head, mc_token_ids=None, labels=None, mc_labels=None) -> DoubleHeadsOutput:
+        """`persona_heads.apply_heads` from full-sequence `mc_token_ids` [B, C] and `labels` [B, C, T].
+
+        Every labelled pair (t, t+1) and multiple-choice token has t >= the prefix length (`shared_prefix_lengths`),
+        so nothing the heads read lies in the shared prefix.
+        """
+        return apply_heads(
+            self.hidden,
+            mc_head,
+            lm_head,
+            None if mc_token_ids is None else self.shift(mc_token_ids),
+            None if labels is None else self.gather(labels, -100),
+            mc_labels,
+        )
+
+
+def encode_in_full(
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> CandidateEncoding:
+    """Run `backbone` on every [B, C, T] candidate in full, as one [B*C, T] batch (the reference computation)."""
+    source = input_ids if input_ids is not None else inputs_embeds
+    batch_size, num_candidates, seq_len = source.shape[:3]
+    flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+    inputs = {"attention_mask": flat(attention_mask), "use_cache": False}
+    if input_ids is not None:
+        inputs["input_ids"] = flat(input_ids)
+    else:
+        inputs["inputs_embeds"] = flat(inputs_embeds)
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = flat(token_type_ids)
+    hidden = backbone(**inputs).last_hidden_state  # [B*C, T, H]
+    return CandidateEncoding(hidden.view(batch_size, num_candidates, seq_len, -1))
+
+
+def encode_shared_prefix(
+    backbone: torch.nn.Module,
+    prefix_lengths: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> CandidateEncoding:
+    """Run `backbone` once on each example's prefix and then on the C candidate segments over its broadcast cache.
+
+    input_ids / token_type_ids / attention_mask: [B, C, T], right-padded, candidates agreeing on their first
+    `prefix_lengths[b]` (>= 1) tokens (see `shared_prefix_lengths`); or `inputs_embeds` [B, C, T, H] instead of
+    input_ids (for backbones whose token types are added to the embeddings by the caller). `token_type_ids` are
+    passed to the backbone as-is (GPT-2). Gradients reach the prefix through the cache. Only backbones whose forward
+    takes `cache`, `position_ids` and `use_cache` (GPT-2, Llama, Mistral, Qwen2, OPT-like models in transformers 5)
+    qualify: see `shared_prefix_unsupported_reason`.
+    """
+    source = input_ids if input_ids is not None else inputs_embeds
+    batch_size, num_candidates, seq_len = source.shape[:3]
+    device = source.device
+    if attention_mask is None:
+        seq_lengths = torch.full((batch_size, num_candidates), seq_len, device=device, dtype=torch.long)
+    else:
+        seq_lengths = attention_mask.sum(dim=-1)  # right padding: the real tokens are the first ones
+    prefix_len = int(prefix_lengths.max())
+    cand_len = int((seq_lengths - prefix_lengths[:, None]).max())
+
+    # 1. The prefixes: row 0 of each example (all candidates agree there), padded to the longest prefix.
+    arange_p = torch.arange(prefix_len, device=device)
+    prefix_mask = (arange_p[None] < prefix_lengths[:, None]).long()  # [B, P]
+    prefix_inputs = {"position_ids": arange_p.expand(batch_size, -1), "attention_mask": prefix_mask}
+    if input_ids is not None:
+        prefix_inputs["input_ids"] = input_ids[:, 0, :prefix_len]
+    else:
+        prefix_inputs["inputs_embeds"] = inputs_embeds[:, 0, :prefix_len]
+    if token_type_ids is not None:
+        prefix_inputs["token_type_ids"] = token_type_ids[:, 0, :prefix_len]
+    cache = DynamicCache(config=backbone.config)
+    backbone(**prefix_inputs, cache=cache, use_cache=True)
+    # [B, heads, P, d] -> [B*C, heads, P, d]; repeat_interleave's backward sums the candidates' gradients.
+    cache.batch_repeat_interleave(num_candidates)
+
+    # 2. The candidate segments, positions continuing after each example's own prefix.
+    index = prefix_lengths[:, None, None] + torch.arange(cand_len, device=device)  # [B, 1, S]
+    valid = index < seq_lengths[..., None]  # [B, C, S]
+    index = index.expand(batch_size, num_candidates, cand_len).clamp(max=seq_len - 1)
+    flat = lambda t: t.reshape(batch_size * num_candidates, *t.shape[2:])  # noqa: E731
+    # Keys: the example's real prefix positions (its padded ones masked out), then the candidate's own tokens.
+    cand_mask = torch.cat([prefix_mask.repeat_interleave(num_candidates, dim=0), flat(valid).long()], dim=1)
+    cand_inputs = {"position_ids": flat(index), "attention_mask": cand_mask}
+    if input_ids is not None:
+        cand_inputs["input_ids"] = flat(input_ids.gather(2, index))
+    else:
+        embed_index = index[..., None].expand(-1, -1, -1, inputs_embeds.size(-1))
+        cand_inputs["inputs_embeds"] = flat(inputs_embeds.gather(2, embed_index))
+    if token_type_ids is not None:
+        cand_inputs["token_type_ids"] = flat(token_type_ids.gather(2, index))
+    hidden = backbone(**cand_inputs, cache=cache, use_cache=True).last_hidden_state  # [B*C, S, H]
+    hidden = hidden.view(batch_size, num_candidates, cand_len, -1)
+    return CandidateEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=index, valid=valid)
+
+
+def encode_candidates(
+    model: PreTrainedModel,
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mc_token_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+) -> CandidateEncoding:
+    """[B, C, T] candidates through `backbone`: shared-prefix encoding where `shared_prefix_plan` allows, else in full.
+
+    With `inputs_embeds` [B, C, T, H] (speaker embeddings already added by the caller) the backbone reads those in
+    place of `input_ids` and `token_type_ids`, which then only decide which prefix the candidates share.
+    """
+    plan_inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
+    prefix_lengths = shared_prefix_plan(model, backbone, *plan_inputs)
+    if inputs_embeds is not None:
+        input_ids = token_type_ids = None
+    if prefix_lengths is None:
+        return encode_in_full(
+            backbone, input_ids, attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
+        )
+    return encode_shared_prefix(
+        backbone,
+        prefix_lengths,
+        input_ids,
+        attention_mask,
+        token_type_ids=token_type_ids,
+        inputs_embeds=inputs_embeds,
+    )
