@@ -7,36 +7,52 @@ processors. Every generated token carries the reply segment's token type because
 
     persona-chat --model_name_or_path runs/my-bot --persona "i love cats." --persona "i am a nurse."
     echo "hi, how are you?" | persona-chat --model_name_or_path runs/my-bot --dataset_path data.json --stdin
+
+Decoding options are the reference's (interact.py) with their defaults, except that the reply budget is called
+`max_new_tokens` (the input budget is `max_length` in training and evaluation).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import sys
+import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import GenerationConfig, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_data import build_inputs, fit_to_length, load_dialogs
+from persona_cli import max_positions, parse_args_with_config, persona_split, run_console_script
+from persona_data import load_dialogs
+from persona_inputs import build_inputs, fit_to_length
 from persona_model import load_model_and_tokenizer
 from persona_tokens import SpecialTokenIds
 
 logger = logging.getLogger(__name__)
 
-# The reference's interact.py defaults.
-DEFAULT_OPTIONS = {
-    "max_length": 20,
-    "min_length": 1,
-    "temperature": 0.7,
-    "top_k": 0,
-    "top_p": 0.9,
-    "no_sample": False,
-    "num_beams": 1,
-    "seed": None,
-}
+
+@dataclass
+class GenerationArguments:
+    """Decoding options: the reference's (interact.py) names and defaults, the reply budget named `max_new_tokens`."""
+
+    max_new_tokens: int = field(default=20, metadata={"help": "Most reply tokens."})
+    min_length: int = field(default=1, metadata={"help": "Fewest reply tokens (no special token before them)."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    no_sample: bool = field(default=False, metadata={"help": "Greedy decoding (beam search with --num_beams)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
+    seed: int | None = field(default=None, metadata={"help": "Random seed for sampling (and a random persona)."})
+
+    def generation_options(self) -> dict:
+        """The options as keyword arguments of `generate_replies` / `PersonaBot`."""
+        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+
+
+# The one table of decoding defaults: every caller (chat, evaluation, demo, the library) reads it.
+GENERATION_DEFAULTS = asdict(GenerationArguments())
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -82,23 +98,25 @@ def build_context(
 def generation_config_from_options(
     tokenizer: PreTrainedTokenizerBase,
     *,
-    max_length: int = 20,
-    min_length: int = 1,
-    temperature: float = 0.7,
-    top_k: int = 0,
-    top_p: float = 0.9,
-    no_sample: bool = False,
-    num_beams: int = 1,
+    max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"],
+    min_length: int = GENERATION_DEFAULTS["min_length"],
+    temperature: float = GENERATION_DEFAULTS["temperature"],
+    top_k: int = GENERATION_DEFAULTS["top_k"],
+    top_p: float = GENERATION_DEFAULTS["top_p"],
+    no_sample: bool = GENERATION_DEFAULTS["no_sample"],
+    num_beams: int = GENERATION_DEFAULTS["num_beams"],
 ) -> GenerationConfig:
     """Map the reference's decoding options to a `GenerationConfig`.
 
-    `max_length`/`min_length` count reply tokens (new tokens). Every special token is an eos, so any of them ends the
+    `max_new_tokens`/`min_length` count reply tokens. Every special token is an eos, so any of them ends the
     reply, and `min_new_tokens` makes the library's `MinNewTokensLengthLogitsProcessor` forbid all of them before
     `min_length`: the reference resampled until it drew a non-special token, which never ends when a special token
     has probability 1.
     """
-    if max_length < 1 or min_length < 0 or min_length > max_length:
-        raise ValueError(f"Need 0 <= min_length <= max_length and max_length >= 1; got {min_length}, {max_length}.")
+    if max_new_tokens < 1 or min_length < 0 or min_length > max_new_tokens:
+        raise ValueError(
+            f"Need 0 <= min_length <= max_new_tokens and max_new_tokens >= 1; got {min_length}, {max_new_tokens}."
+        )
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
     do_sample = not no_sample
@@ -107,7 +125,7 @@ def generation_config_from_options(
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     return GenerationConfig(
-        max_new_tokens=max_length,
+        max_new_tokens=max_new_tokens,
         min_new_tokens=min_length,
         do_sample=do_sample,
         num_beams=num_beams,
@@ -120,10 +138,13 @@ def generation_config_from_options(
 
 
 def _split_options(options: dict) -> tuple[dict, int | None]:
-    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if "max_length" in options:
+        warnings.warn("The generation option max_length is now max_new_tokens.", FutureWarning, stacklevel=3)
+        options = {"max_new_tokens": options["max_length"], **{k: v for k, v in options.items() if k != "max_length"}}
+    unknown = set(options) - set(GENERATION_DEFAULTS)
     if unknown:
-        raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}.")
-    merged = {**DEFAULT_OPTIONS, **options}
+        raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(GENERATION_DEFAULTS)}.")
+    merged = {**GENERATION_DEFAULTS, **options}
     seed = merged.pop("seed")
     return merged, seed
 
@@ -138,7 +159,7 @@ def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, tor
             out[key].append(torch.cat([torch.full((1, pad), value, dtype=torch.long), r[key]], dim=1))
     batch = {key: torch.cat(v) for key, v in out.items()}
     # Positions count real tokens only, as in training (right padding); pads get 0 and are masked anyway. generate()
-    # extends explicit position_ids itself; it would not build them because the dual-head forward takes **kwargs.
+    # extends explicit position_ids itself; it would not build them because the double-heads forward takes **kwargs.
     batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return batch
 
@@ -159,11 +180,11 @@ def generate_reply_ids(
         set_seed(seed)
     config = generation_config_from_options(tokenizer, **options)
     stops = set(config.eos_token_id)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    window = max_positions(model)
     replies = []
     for start in range(0, len(contexts), batch_size):
         rows = [
-            build_context(tokenizer, p, h, max_history, max_length=max_positions, reply_budget=config.max_new_tokens)
+            build_context(tokenizer, p, h, max_history, max_length=window, reply_budget=config.max_new_tokens)
             for p, h in contexts[start : start + batch_size]
         ]
         batch = {k: v.to(model.device) for k, v in _left_pad(rows, config.pad_token_id).items()}
@@ -187,8 +208,8 @@ def generate_replies(
     """Replies to `(persona, history)` pairs, `batch_size` at a time with left padding and a KV cache.
 
     `history` holds the turns before the reply, the user's last (as in the dataset). `generation_options`:
-    max_length, min_length, temperature, top_k, top_p, no_sample, num_beams, seed (the reference's names and defaults;
-    see `generation_config_from_options`). Greedy results do not depend on `batch_size`.
+    max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, seed (`GENERATION_DEFAULTS`; see
+    `generation_config_from_options`). Greedy results do not depend on `batch_size`.
     """
     ids = generate_reply_ids(
         model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, **generation_options
@@ -199,7 +220,7 @@ def generate_replies(
 class PersonaBot:
     """A conversation with one persona: `bot.reply("hi!")` answers and remembers both turns.
 
-    `generation_options` are those of `generate_replies` (max_length, min_length, temperature, top_k, top_p,
+    `generation_options` are those of `generate_replies` (max_new_tokens, min_length, temperature, top_k, top_p,
     no_sample, num_beams, seed) plus `max_history`. Setting `persona` starts a new conversation.
     """
 
@@ -269,55 +290,54 @@ def load_for_chat(
 def random_persona(dataset_path: str, dataset_format: str | None = None, seed: int | None = None) -> list[str]:
     """The persona of a random dialog of a dataset (its validation split when there is one)."""
     dialogs = load_dialogs(dataset_path, dataset_format)
-    split = "valid" if "valid" in dialogs else next(iter(dialogs))
+    split = persona_split(dialogs)
     if dialogs[split].num_rows == 0:
         raise ValueError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
     index = random.Random(seed).randrange(dialogs[split].num_rows)
     return list(dialogs[split][index]["personality"])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
+@dataclass
+class ChatArguments:
+    """Options of `persona-chat` besides decoding (`GenerationArguments`)."""
 
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persona-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    model_name_or_path: str = field(metadata={"help": "Checkpoint directory or Hub id."})
+    revision: str = field(default="main", metadata={"help": "Hub revision."})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda when available)."}
     )
-    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint directory or Hub id.")
-    parser.add_argument("--revision", default="main", help="Hub revision.")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
-    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
-    group = parser.add_argument_group("persona (default: typed at start-up)")
-    group.add_argument("--persona", action="append", default=[], help="A persona sentence; repeat for more.")
-    group.add_argument("--persona_file", help="A text file with one persona sentence per line.")
-    group.add_argument(
-        "--dataset_path", help="Take a random persona from this dataset (any format persona-train reads)."
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]}
     )
-    group.add_argument("--dataset_format", default=None, help="Format of --dataset_path when not detected.")
-    group = parser.add_argument_group("decoding (the reference's defaults)")
-    group.add_argument("--max_history", type=int, default=2, help="Previous exchanges kept: 2*max_history+1 turns.")
-    group.add_argument("--max_length", type=int, default=DEFAULT_OPTIONS["max_length"], help="Most reply tokens.")
-    group.add_argument("--min_length", type=int, default=DEFAULT_OPTIONS["min_length"], help="Fewest reply tokens.")
-    group.add_argument("--temperature", type=float, default=DEFAULT_OPTIONS["temperature"])
-    group.add_argument("--top_k", type=int, default=DEFAULT_OPTIONS["top_k"], help="0 disables top-k.")
-    group.add_argument("--top_p", type=float, default=DEFAULT_OPTIONS["top_p"], help="Nucleus sampling; 1.0 disables.")
-    group.add_argument("--no_sample", action="store_true", help="Greedy decoding (beam search with --num_beams).")
-    group.add_argument("--num_beams", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for sampling and the random persona.")
-    parser.add_argument(
-        "--stdin", action="store_true", help="Read user turns from stdin, one per line; write one reply per line."
+    persona: list[str] = field(
+        default_factory=list, metadata={"help": "A persona sentence; repeat for more.", "action": "append"}
     )
-    return parser
+    persona_file: str | None = field(default=None, metadata={"help": "A text file with one persona sentence per line."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Take a random persona from this dataset (any format persona-train reads)."}
+    )
+    dataset_format: str | None = field(default=None, metadata={"help": "Format of --dataset_path when not detected."})
+    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
+    stdin: bool = field(
+        default=False, metadata={"help": "Read user turns from stdin, one per line; write one reply per line."}
+    )
+
+    def __post_init__(self):
+        # `--persona a --persona b` and `--persona a b` both give [a, b].
+        self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
 
 
-def _read_persona(args: argparse.Namespace, interactive: bool) -> list[str]:
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ChatArguments, GenerationArguments), prog="persona-chat", description=__doc__)
+
+
+def _read_persona(args: ChatArguments, seed: int | None, interactive: bool) -> list[str]:
     persona = [s.strip() for s in args.persona if s.strip()]
     if args.persona_file:
         with open(args.persona_file, encoding="utf-8") as f:
             persona += [line.strip() for line in f if line.strip()]
     if not persona and args.dataset_path:
-        persona = random_persona(args.dataset_path, args.dataset_format, args.seed)
+        persona = random_persona(args.dataset_path, args.dataset_format, seed)
     if not persona and interactive:
         persona = _type_persona()
     return persona
@@ -356,26 +376,13 @@ def _interactive_loop(bot: PersonaBot) -> None:
             print(bot.reply(text))
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: ChatArguments, generation: GenerationArguments) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     interactive = not args.stdin
     try:
-        persona = _read_persona(args, interactive)
+        persona = _read_persona(args, generation.seed, interactive)
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, revision=args.revision)
-        bot = PersonaBot(
-            model,
-            tokenizer,
-            persona,
-            max_history=args.max_history,
-            max_length=args.max_length,
-            min_length=args.min_length,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            no_sample=args.no_sample,
-            num_beams=args.num_beams,
-            seed=args.seed,
-        )
+        bot = PersonaBot(model, tokenizer, persona, max_history=args.max_history, **generation.generation_options())
         # In --stdin mode stdout carries replies only, one per line.
         _show_persona(bot.persona, file=sys.stderr if args.stdin else sys.stdout)
         if args.stdin:
@@ -393,7 +400,14 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `persona-chat` console script."""
-    return main(make_parser().parse_args(argv))
+
+    def chat(args: list[str]) -> int:
+        if "--max_length" in args:  # the old name of the reply budget
+            print("persona-chat: --max_length is deprecated, use --max_new_tokens.", file=sys.stderr)
+            args = ["--max_new_tokens" if a == "--max_length" else a for a in args]
+        return main(*parse_args_with_config(make_parser(), args))
+
+    return run_console_script("persona-chat", chat, argv)
 
 
 if __name__ == "__main__":

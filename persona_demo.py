@@ -8,15 +8,18 @@ controls in an accordion. Each browser session keeps its own history; editing th
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
 
-from persona_chat import DEFAULT_OPTIONS, PersonaBot, load_for_chat  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from persona_chat import GENERATION_DEFAULTS, PersonaBot, load_for_chat  # noqa: E402
+from persona_cli import UsageError, parse_args_with_config, persona_split, run_console_script  # noqa: E402
 from persona_data import load_dialogs  # noqa: E402
 
 TITLE = "persona-chat"
@@ -34,8 +37,7 @@ def _messages(turns: Sequence[str]) -> list[dict]:
 def dataset_personas(dataset_path: str, dataset_format: str | None = None) -> list[list[str]]:
     """Every persona of a dataset's validation split (or its first split), for the "random persona" button."""
     dialogs = load_dialogs(dataset_path, dataset_format)
-    split = "valid" if "valid" in dialogs else next(iter(dialogs))
-    return [list(p) for p in dialogs[split]["personality"] if p]
+    return [list(p) for p in dialogs[persona_split(dialogs)]["personality"] if p]
 
 
 def build_demo(
@@ -53,7 +55,7 @@ def build_demo(
     rng = random.Random(seed)
     persona = list(persona) or (list(rng.choice(personas)) if personas else [])
 
-    def send(message, persona_text, turns, temperature, top_p, top_k, max_length, greedy):
+    def send(message, persona_text, turns, temperature, top_p, top_k, max_new_tokens, greedy):
         """Answer `message`; `turns` is this session's history (user and bot turns alternating)."""
         message = (message or "").strip()
         if not message:
@@ -66,8 +68,8 @@ def build_demo(
             temperature=float(temperature),
             top_p=float(top_p),
             top_k=int(top_k),
-            max_length=int(max_length),
-            min_length=min(DEFAULT_OPTIONS["min_length"], int(max_length)),
+            max_new_tokens=int(max_new_tokens),
+            min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
             no_sample=bool(greedy),
         )
         # The bot keeps only the turns its context uses; the page shows them all.
@@ -97,11 +99,11 @@ def build_demo(
                 )
                 random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
                 with gr.Accordion("Decoding", open=False):
-                    temperature = gr.Slider(0.05, 2.0, value=DEFAULT_OPTIONS["temperature"], label="Temperature")
-                    top_p = gr.Slider(0.0, 1.0, value=DEFAULT_OPTIONS["top_p"], label="Top-p (1 = off)")
-                    top_k = gr.Slider(0, 200, value=DEFAULT_OPTIONS["top_k"], step=1, label="Top-k (0 = off)")
-                    max_length = gr.Slider(
-                        1, 100, value=DEFAULT_OPTIONS["max_length"], step=1, label="Max reply tokens"
+                    temperature = gr.Slider(0.05, 2.0, value=GENERATION_DEFAULTS["temperature"], label="Temperature")
+                    top_p = gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
+                    top_k = gr.Slider(0, 200, value=GENERATION_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
+                    max_new_tokens = gr.Slider(
+                        1, 100, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max reply tokens"
                     )
                     greedy = gr.Checkbox(value=False, label="Greedy (no sampling)")
             with gr.Column(scale=2):
@@ -111,7 +113,7 @@ def build_demo(
                     send_btn = gr.Button("Send", variant="primary", elem_id="send")
                     reset_btn = gr.Button("Reset", elem_id="reset")
 
-        inputs = [message, persona_box, turns, temperature, top_p, top_k, max_length, greedy]
+        inputs = [message, persona_box, turns, temperature, top_p, top_k, max_new_tokens, greedy]
         outputs = [message, chatbot, turns]
         # One generation at a time: sessions share the model and torch's global random state.
         send_btn.click(send, inputs, outputs, api_name="send", concurrency_id="generate", concurrency_limit=1)
@@ -123,45 +125,54 @@ def build_demo(
     return demo
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persona-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass
+class DemoArguments:
+    """Options of `persona-demo`."""
+
+    model_name_or_path: str = field(metadata={"help": "Checkpoint directory or Hub id."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]}
     )
-    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint directory or Hub id.")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
-    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--persona", action="append", default=[], help="Initial persona sentence; repeat for more.")
-    parser.add_argument("--dataset_path", help="Dataset to draw random personas from (any format persona-train reads).")
-    parser.add_argument("--dataset_format", default=None)
-    parser.add_argument("--max_history", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network).")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
-    return parser
+    persona: list[str] = field(
+        default_factory=list, metadata={"help": "Initial persona sentence; repeat for more.", "action": "append"}
+    )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Dataset to draw random personas from (any format persona-train reads)."}
+    )
+    dataset_format: str | None = field(default=None, metadata={"help": "Format of --dataset_path when not detected."})
+    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the random personas."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)."})
+    port: int = field(default=7860, metadata={"help": "Port to serve on."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link (needs internet)."})
+
+    def __post_init__(self):
+        # `--persona a --persona b` and `--persona a b` both give [a, b].
+        self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
 
 
-def main(args: argparse.Namespace) -> int:
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(DemoArguments, prog="persona-demo", description=__doc__)
+
+
+def main(args: DemoArguments) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("persona-demo needs Gradio: pip install 'persona-chat[demo]'", file=sys.stderr)
-        return 2
+        raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
     try:
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype)
     except (OSError, ValueError) as err:
-        print(
-            f"persona-demo: cannot load the checkpoint {args.model_name_or_path!r}: {err}\n"
-            "Pass a directory written by persona-train (or a Hub id). For an offline demo checkpoint run:\n"
-            "  python persona_synthetic.py --output_dir demo_assets && persona-train configs/demo.yaml",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError(
+            f"cannot load the checkpoint {args.model_name_or_path!r}: {err} Pass a directory written by persona-train "
+            "(or a Hub id); for an offline demo checkpoint run: python persona_synthetic.py --output_dir demo_assets "
+            "&& persona-train configs/demo.yaml"
+        ) from err
     try:
         personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
     except (OSError, ValueError) as err:
-        print(f"persona-demo: cannot read personas from {args.dataset_path!r}: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot read personas from {args.dataset_path!r}: {err}") from err
     demo = build_demo(
         model, tokenizer, personas=personas, persona=args.persona, max_history=args.max_history, seed=args.seed
     )
@@ -171,7 +182,11 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `persona-demo` console script."""
-    return main(make_parser().parse_args(argv))
+
+    def serve(args: list[str]) -> int:
+        return main(*parse_args_with_config(make_parser(), args))
+
+    return run_console_script("persona-demo", serve, argv)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,21 @@
     accelerate launch persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
     torchrun --nproc_per_node 8 persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
 
-Definitions (ParlAI's, DESIGN.md): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the multiple-choice
-head; perplexity is exp of the mean NLL over gold reply tokens (token-level, not ParlAI's word-level); F1 compares the
-greedy reply with the gold after ParlAI's normalisation. The history always holds the gold replies.
-The same F1 and Hits@k ship as an `evaluate` metric: `evaluate.load("metrics/convai2")` (config "f1" or "hits").
+Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
+multiple-choice head, a tie counting against the gold; perplexity is exp of the mean NLL over gold reply tokens
+(token-level, not ParlAI's word-level); F1 compares the greedy reply with the gold after ParlAI's normalisation. The
+history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step, so these
+numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1 and Hits@k ship as an `evaluate`
+metric: `evaluate.load("metrics/convai2")` (config "f1" or "hits").
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
-import string
 import sys
-from collections import Counter
-from collections.abc import Sequence
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import datasets
@@ -33,72 +31,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_chat import DEFAULT_OPTIONS, generate_replies
+from persona_chat import GenerationArguments, generate_replies
+from persona_cli import find_split, input_budget, parse_args_with_config, run_console_script
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
+from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 # The `evaluate` module with the same F1 and Hits@k (valid in a source checkout).
 CONVAI2_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "convai2")
-HITS_KS = (1, 5, 10)
-
-# ParlAI's `normalize_answer`: punctuation (string.punctuation, the apostrophe included) and articles become spaces.
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, replace punctuation and the articles a/an/the with spaces, collapse whitespace (ParlAI).
-
-    >>> normalize_answer("The cat's  hat, (an) A-ha!")
-    'cat s hat ha'
-    """
-    text = _PUNCTUATION.sub(" ", text.lower())
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def f1_score(prediction: str, gold: str) -> float:
-    """The ConvAI2 F1 of one pair: unigram overlap (multiset) of the normalised strings; 0 when nothing is shared.
-
-    >>> round(f1_score("I love the dogs!", "i love cats"), 4)
-    0.6667
-    """
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
-    shared = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if shared == 0:
-        return 0.0
-    precision = shared / len(pred_tokens)
-    recall = shared / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def gold_rank(mc_logits: torch.Tensor, mc_labels: torch.Tensor) -> torch.Tensor:
-    """Candidates scored strictly above the gold, per turn (0 = gold ranked first; ties go the gold's way).
-
-    mc_logits: [N, C], mc_labels: [N] → [N].
-    """
-    gold_logit = mc_logits.gather(1, mc_labels[:, None])
-    return (mc_logits > gold_logit).sum(dim=1)
-
-
-def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[int] = HITS_KS) -> dict[str, float]:
-    """`hits@k` = fraction of turns whose gold rank is below k, for each k smaller than every turn's candidate count.
-
-    A k as large as the candidate count would be 1 by construction, so it is left out.
-
-    >>> hits_at_k([0, 1, 6, 12], [20, 20, 20, 20])
-    {'hits@1': 0.25, 'hits@5': 0.5, 'hits@10': 0.75}
-    >>> hits_at_k([0, 1], [2, 2])
-    {'hits@1': 0.5}
-    """
-    ranks = np.asarray(ranks)
-    if ranks.size == 0:
-        return {}
-    fewest = int(np.min(num_candidates))
-    return {f"hits@{k}": float((ranks < k).mean()) for k in ks if k < fewest}
+__all__ = ["evaluate_convai2", "f1_score", "main", "cli"]
 
 
 def flatten_turns(dialogs: datasets.Dataset, max_turns: int | None = None) -> tuple[datasets.Dataset, list[dict]]:
@@ -115,42 +59,37 @@ def flatten_turns(dialogs: datasets.Dataset, max_turns: int | None = None) -> tu
     return dialogs.select(range(num_dialogs)), turns[:max_turns]
 
 
-@torch.no_grad()
-def rank_candidates(
-    model: PreTrainedModel,
-    features: datasets.Dataset,
-    collator: PersonaCollator,
-    accelerator: Accelerator,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """Per-turn gold rank, summed gold-reply NLL, gold-reply tokens and candidate count, in `features` order.
+def ranking_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> PersonaTrainer:
+    """A `PersonaTrainer` that only evaluates `model`, on this machine's accelerator (or all processes of a launch)."""
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    args = PersonaTrainingArguments(
+        # Nothing is saved; the Trainer only creates the folder.
+        output_dir=os.path.join(tempfile.gettempdir(), "persona-eval"),
+        per_device_eval_batch_size=batch_size,
+        report_to="none",
+        # Without it accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator (no gloo group).
+        use_cpu=not has_accelerator,
+        do_train=False,
+        eval_strategy="no",
+        save_strategy="no",
+    )
+    return PersonaTrainer(model=model, args=args, data_collator=PersonaCollator(tokenizer.pad_token_id))
 
-    Turns are batched with others of the same candidate count (the collator needs one count per batch), longest
-    first so each batch pads little and memory runs out (if it does) at once; every process takes a share of the
-    batches and `gather_for_metrics` drops the tail padding of uneven shards.
+
+def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.ndarray:
+    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 5], in `features` order) from the Trainer's
+    evaluation step.
+
+    Turns are ordered by candidate count, longest first within a count, so each batch pads little and memory runs out
+    (if it does) at once; the result is put back in `features` order.
     """
     last_tokens = features["mc_token_ids"]  # [N][C]: each candidate's length - 1
     counts = np.array([len(ids) for ids in last_tokens])
     longest = np.array([max(ids) for ids in last_tokens])
-    out = {key: np.zeros(len(counts)) for key in ("gold_rank", "lm_nll", "lm_tokens")}
-    out["num_candidates"] = counts
-    model.eval()
-    for count in np.unique(counts):
-        rows = np.flatnonzero(counts == count)
-        rows = rows[np.argsort(-longest[rows], kind="stable")]
-        loader = accelerator.prepare_data_loader(
-            DataLoader(features.select(rows), batch_size=batch_size, collate_fn=collator)
-        )
-        stats = []
-        for batch in tqdm(loader, desc=f"Ranking {count} candidates", disable=not accelerator.is_local_main_process):
-            with accelerator.autocast():
-                output = model(**batch)  # DualHeadOutput: mc_logits [B, C], lm_nll [B], lm_tokens [B]
-            ranks = gold_rank(output.mc_logits.float(), batch["mc_labels"])
-            step = torch.stack([ranks.double(), output.lm_nll.double(), output.lm_tokens.double()], dim=1)  # [B, 3]
-            stats.append(accelerator.gather_for_metrics(step).cpu())
-        stats = torch.cat(stats).numpy()
-        for column, key in enumerate(("gold_rank", "lm_nll", "lm_tokens")):
-            out[key][rows] = stats[:, column]
+    order = np.lexsort((-longest, counts))  # by count, then longest first (stable)
+    stats = trainer.predict(features.select(order)).predictions  # [N, 5]
+    out = np.empty_like(stats)
+    out[order] = stats
     return out
 
 
@@ -188,7 +127,7 @@ def evaluate_convai2(
     tokenizer: PreTrainedTokenizerBase,
     dialogs: datasets.Dataset,
     *,
-    accelerator: Accelerator | None = None,
+    trainer: PersonaTrainer | None = None,
     max_history: int = 2,
     max_length: int | None = None,
     batch_size: int = 8,
@@ -201,50 +140,49 @@ def evaluate_convai2(
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), lm_loss, f1, turns.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
-    `persona_chat.generate_replies` (default greedy). Works on one process or many (pass the run's `Accelerator`).
+    `persona_chat.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own, with
+    its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
     With `return_predictions`, the result also holds the generated replies under "predictions".
     """
-    accelerator = accelerator or Accelerator()
-    max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    max_length = min(max_length or max_positions, max_positions)
+    trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
+    batch_size = trainer.args.per_device_eval_batch_size
     dialogs, turns = flatten_turns(dialogs, max_turns)
     if not turns:
         raise ValueError("The evaluation split has no turns (no dialog with an utterance).")
-    with accelerator.main_process_first():
+    with trainer.args.main_process_first(desc="building evaluation features"):
         features = build_features(
-            dialogs, tokenizer, num_candidates=None, max_history=max_history, max_length=max_length, cache_dir=cache_dir
+            dialogs,
+            tokenizer,
+            num_candidates=None,
+            max_history=max_history,
+            max_length=input_budget(model, max_length),
+            cache_dir=cache_dir,
         )
     features = features.select(range(len(turns)))
 
-    stats = rank_candidates(model, features, PersonaCollator(tokenizer.pad_token_id), accelerator, batch_size)
-    tokens = stats["lm_tokens"].sum()
-    lm_loss = stats["lm_nll"].sum() / tokens if tokens else float("nan")
-    metrics = {
-        **hits_at_k(stats["gold_rank"], stats["num_candidates"]),
-        "ppl": math.exp(lm_loss) if tokens else float("nan"),
-        "lm_loss": float(lm_loss),
-    }
+    stats = rank_candidates(trainer, features)
+    ranking = ranking_metrics(stats, ks=HITS_KS)
+    metrics = {key: value for key, value in ranking.items() if key.startswith("hits@")}
+    metrics.update(ppl=ranking["ppl"], lm_loss=ranking["lm_loss"])
     predictions = None
     if f1:
         options = {"no_sample": True, **(generation_options or {})}
         predictions = generate_for_turns(
-            model, tokenizer, turns, accelerator, max_history=max_history, batch_size=batch_size, **options
+            model, tokenizer, turns, trainer.accelerator, max_history=max_history, batch_size=batch_size, **options
         )
-        metrics["f1"] = float(np.mean([f1_score(p, t["gold"]) for p, t in zip(predictions, turns)]))
+        metrics["f1"] = mean_f1(predictions, [t["gold"] for t in turns])
     metrics["turns"] = len(turns)
-    metrics["gold_reply_tokens"] = int(tokens)
-    metrics["candidates_per_turn"] = sorted(int(c) for c in np.unique(stats["num_candidates"]))
+    metrics["gold_reply_tokens"] = int(stats[:, 2].sum())
+    metrics["candidates_per_turn"] = sorted(int(c) for c in np.unique(stats[:, 4]))
     if return_predictions:
         metrics["predictions"] = predictions
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
 @dataclass
 class EvalArguments:
+    """Options of `persona-eval` besides decoding (`EvalGenerationArguments`)."""
+
     model_name_or_path: str = field(metadata={"help": "Checkpoint to evaluate: a local folder or a Hub id."})
     dataset_path: str = field(metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."})
     dataset_format: str | None = field(default=None, metadata={"help": "Reader to use (default: detected)."})
@@ -256,8 +194,12 @@ class EvalArguments:
         metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]},
     )
     max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
-    max_input_length: int | None = field(
-        default=None, metadata={"help": "Longest input in tokens (default: the model's maximum positions)."}
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest input in tokens (default: the model's maximum positions), as in training.",
+            "aliases": ["--max_input_length"],
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Turns per batch and process (each turn has ~20 candidates)."})
     max_turns: int | None = field(default=None, metadata={"help": "Score only the first N turns (quick looks)."})
@@ -267,33 +209,26 @@ class EvalArguments:
         metadata={"help": "JSON results (default: convai2_eval_<split>.json in the checkpoint folder, or here)."},
     )
     save_predictions: bool = field(default=False, metadata={"help": "Also store the generated replies in the JSON."})
-    # --- decoding, as persona-chat (default greedy, for reproducible F1)
-    no_sample: bool = field(default=True, metadata={"help": "Greedy decoding; `--no_sample false` samples."})
-    max_length: int = field(
-        default=DEFAULT_OPTIONS["max_length"], metadata={"help": "Longest generated reply, in tokens."}
-    )
-    min_length: int = field(
-        default=DEFAULT_OPTIONS["min_length"], metadata={"help": "Shortest generated reply, in tokens."}
-    )
-    temperature: float = field(default=DEFAULT_OPTIONS["temperature"], metadata={"help": "Sampling temperature."})
-    top_k: int = field(
-        default=DEFAULT_OPTIONS["top_k"], metadata={"help": "Sample among the k most likely tokens (0: no limit)."}
-    )
-    top_p: float = field(default=DEFAULT_OPTIONS["top_p"], metadata={"help": "Nucleus sampling mass (1.0: off)."})
-    num_beams: int = field(default=DEFAULT_OPTIONS["num_beams"], metadata={"help": "Beam search width (1: none)."})
-    seed: int = field(default=0, metadata={"help": "Random seed for sampling (each process adds its rank)."})
 
     def __post_init__(self):
-        for name in ("max_turns", "batch_size", "max_input_length"):
+        for name in ("max_turns", "batch_size", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}.")
         if self.max_history < 0:
             raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
 
-    def generation_options(self) -> dict:
-        names = ("no_sample", "max_length", "min_length", "temperature", "top_k", "top_p", "num_beams", "seed")
-        return {name: getattr(self, name) for name in names}
+
+@dataclass
+class EvalGenerationArguments(GenerationArguments):
+    """persona-chat's decoding options, greedy and seeded by default for a reproducible F1."""
+
+    no_sample: bool = field(default=True, metadata={"help": "Greedy decoding; `--no_sample false` samples."})
+    seed: int | None = field(default=0, metadata={"help": "Random seed for sampling (each process adds its rank)."})
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((EvalArguments, EvalGenerationArguments), prog="persona-eval", description=__doc__)
 
 
 def default_output_file(args: EvalArguments) -> str:
@@ -312,42 +247,37 @@ def format_table(metrics: dict) -> str:
     return "\n".join([rule, *(f"{name:<{width}}  {value:>12}" for name, value in rows), rule])
 
 
-def main(args: EvalArguments) -> dict:
+def main(args: EvalArguments, generation: EvalGenerationArguments | None = None) -> dict:
     """Evaluate a checkpoint; the main process prints the table and writes the JSON. Returns the results."""
     from persona_model import load_model_and_tokenizer
 
-    # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator (no gloo group).
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not has_accelerator)
+    generation = generation or EvalGenerationArguments()
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     # Seeded before loading: a checkpoint without the persona tokens gets new embeddings, the same on every process.
-    set_seed(args.seed)
+    set_seed(generation.seed or 0)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, tokenizer_name_or_path=args.tokenizer_name, dtype=args.dtype
     )
-    model.to(accelerator.device)
-    with accelerator.main_process_first():
+    trainer = ranking_trainer(model, tokenizer, args.batch_size)
+    with trainer.args.main_process_first(desc="loading persona dialogs"):
         options = {"cache_dir": args.dataset_cache} if args.dataset_cache else {}
         dialogs = load_dialogs(args.dataset_path, args.dataset_format, **options)
-    split = next((s for s in (args.split, "validation", "valid") if s in dialogs), None)
-    if split is None:
-        raise ValueError(f"{args.dataset_path} has no split {args.split!r} (it has {list(dialogs)}); pass --split.")
+    split = find_split(dialogs, args.split, args.dataset_path)
 
     metrics = evaluate_convai2(
         model,
         tokenizer,
         dialogs[split],
-        accelerator=accelerator,
+        trainer=trainer,
         max_history=args.max_history,
-        max_length=args.max_input_length,
-        batch_size=args.batch_size,
+        max_length=args.max_length,
         max_turns=args.max_turns,
         f1=args.f1,
-        generation_options=args.generation_options(),
+        generation_options=generation.generation_options(),
         cache_dir=args.dataset_cache,
         return_predictions=args.save_predictions,
     )
@@ -359,12 +289,12 @@ def main(args: EvalArguments) -> dict:
         "turns": metrics["turns"],
         "metrics": metrics,
         "perplexity": "token-level: exp of the mean NLL over gold reply tokens (eos included), not ParlAI's word-level",
-        "num_processes": accelerator.num_processes,
-        "options": asdict(args),
+        "num_processes": trainer.accelerator.num_processes,
+        "options": {**asdict(args), **asdict(generation)},
     }
     if predictions is not None:
         results["predictions"] = predictions
-    if accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:
         output_file = args.output_file or default_output_file(args)
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
         with open(output_file, "w", encoding="utf-8") as f:
@@ -375,14 +305,13 @@ def main(args: EvalArguments) -> dict:
     return results
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None) -> int:
     """Console script `persona-eval`."""
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        main(args)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+    def evaluate(args: list[str]) -> None:
+        main(*parse_args_with_config(make_parser(), args))
+
+    return run_console_script("persona-eval", evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,27 @@
-"""`PersonaTrainer`: the Trainer with the dual-head loss `lm_coef·lm_loss + mc_coef·mc_loss` and ConvAI2-style eval."""
+"""`PersonaTrainer`: the Trainer with the double-heads loss `lm_coef·lm_loss + mc_coef·mc_loss` and the ranking
+evaluation that `persona-eval` uses too (every candidate of a turn, mixed candidate counts included)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+from persona_card import persona_model_card
+from persona_metrics import compute_metrics, gold_rank
 
 
 @dataclass
 class PersonaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the dual-head loss weights; defaults are the reference recipe's (train.py)."""
+    """`TrainingArguments` with the double-heads loss weights; defaults are the reference recipe's (train.py)."""
 
-    # --- dual-head objective
+    # --- double-heads objective
     lm_coef: float = field(default=1.0, metadata={"help": "Weight of the language-modelling loss."})
     mc_coef: float = field(default=1.0, metadata={"help": "Weight of the multiple-choice (next-utterance) loss."})
     # --- reference defaults for fields TrainingArguments already has
@@ -53,34 +57,31 @@ class PersonaTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def persona_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """Corpus-level eval metrics from the per-example statistics that `PersonaTrainer.prediction_step` returns."""
-    gold_rank, lm_nll, lm_tokens, mc_nll = np.asarray(eval_pred.predictions, dtype=np.float64).T
-    tokens = lm_tokens.sum()
-    lm_loss = lm_nll.sum() / tokens if tokens else float("nan")
-    return {
-        "hits@1": float((gold_rank == 0).mean()),
-        "lm_loss": float(lm_loss),
-        "ppl": float(math.exp(lm_loss)) if tokens else float("nan"),
-        "mc_loss": float(mc_nll.mean()),
-    }
-
-
 class PersonaTrainer(Trainer):
-    """Trainer for dual-head persona models.
+    """Trainer for double-heads persona models.
 
     The loss of an optimizer step is `lm_coef · (NLL of every gold-reply token / number of those tokens) +
     mc_coef · (mean multiple-choice cross-entropy)`, both normalised over the whole accumulated batch on every
     process (so GA=2 × batch 2 takes the same step as GA=1 × batch 4). `lm_loss` and `mc_loss` are logged apart.
-    Evaluation keeps four numbers per example, never vocabulary logits.
+    Evaluation keeps five numbers per turn (`persona_metrics.STAT_COLUMNS`), never vocabulary logits.
     """
 
     # compute_loss already normalises over the accumulated batch: the Trainer must not divide by GA again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("compute_metrics", persona_metrics)
+    def __init__(
+        self,
+        *args,
+        base_model: str | None = None,
+        dataset_name: str | None = None,
+        recipe: dict | None = None,
+        **kwargs,
+    ):
+        """Trainer's arguments, plus what the model card records: the model fine-tuned from, the data, the recipe
+        (the data options of the run)."""
+        kwargs.setdefault("compute_metrics", compute_metrics)
         super().__init__(*args, **kwargs)
+        self.card_info = {"finetuned_from": base_model, "dataset": dataset_name, "recipe": recipe}
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -121,18 +122,36 @@ class PersonaTrainer(Trainer):
         self._metrics[mode]["mc_loss"].append(self.accelerator.gather(outputs.mc_loss.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._collating_by_candidate_count():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._collating_by_candidate_count():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextmanager
+    def _collating_by_candidate_count(self):
+        collator = self.data_collator
+        self.data_collator = CandidateCountBatches(collator)
+        try:
+            yield
+        finally:
+            self.data_collator = collator
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Loss plus per-example `[gold rank, LM NLL sum, LM tokens, MC NLL]`; gathered and de-duplicated by Trainer."""
+        """Loss plus per-turn `persona_metrics.STAT_COLUMNS`; gathered and de-duplicated by the Trainer."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            groups = [
+                (score_candidates(model(**batch), batch["mc_labels"]), batch["mc_labels"]) for batch in inputs["groups"]
+            ]
+        stats = torch.cat([s for s, _ in groups])[inputs["row_order"]]  # [B, 5] in the batch's row order
+        gold = torch.cat([g for _, g in groups])[inputs["row_order"]]
+        lm_loss = stats[:, 1].sum() / stats[:, 2].sum()  # NaN when nothing is labelled, as the model's lm_loss
+        loss = self.args.lm_coef * lm_loss + self.args.mc_coef * stats[:, 3].mean()
         if prediction_loss_only:
             return loss.detach(), None, None
-        mc_logits = outputs.mc_logits.float()  # [B, C]
-        gold = inputs["mc_labels"]
-        gold_logit = mc_logits.gather(1, gold[:, None])
-        gold_rank = (mc_logits > gold_logit).sum(dim=1)  # 0 = ranked first; ties count in the gold's favour
-        stats = torch.stack([gold_rank.float(), outputs.lm_nll.float(), outputs.lm_tokens.float(), outputs.mc_nll], 1)
         return loss.detach(), stats, gold
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -154,25 +173,21 @@ class PersonaTrainer(Trainer):
         eval_metrics: dict | None = None,
         **kwargs,
     ) -> None:
-        """Write the project's model card (recipe, data, Hits@1/PPL/F1, usage) as `README.md` in `output_dir`.
+        """Write the project's model card (`persona_card`) as `README.md` in `output_dir`.
 
-        Replaces the Trainer's generic card; `push_to_hub(**kwargs)` forwards its keyword arguments here, and
-        `self.model_card_info` (a dict of the same keywords) fills those not given. Metrics default to the last
+        Replaces the Trainer's generic card; `push_to_hub(**kwargs)` forwards its keyword arguments here, and the
+        constructor's `base_model`, `dataset_name` and `recipe` fill those not given. Metrics default to the last
         evaluation in the log history.
         """
         if not self.is_world_process_zero():
             return
-        # run_persona sets model_card_info, so the push that save_model makes mid-run gets the same card.
-        info = getattr(self, "model_card_info", {})
-        finetuned_from = finetuned_from or info.get("finetuned_from")
-        dataset, recipe = dataset or info.get("dataset"), recipe or info.get("recipe")
         if eval_metrics is None:
             eval_metrics = next((log for log in reversed(self.state.log_history) if "eval_hits@1" in log), {})
         card = persona_model_card(
             model_id=getattr(self, "hub_model_id", None) or model_name or self.args.output_dir,
-            base_model=finetuned_from,
-            dataset=dataset,
-            recipe=recipe or {},
+            base_model=finetuned_from or self.card_info["finetuned_from"],
+            dataset=dataset or self.card_info["dataset"],
+            recipe=recipe or self.card_info["recipe"] or {},
             args=self.args,
             metrics=eval_metrics,
             is_adapter=hasattr(self.model, "peft_config"),
@@ -181,106 +196,31 @@ class PersonaTrainer(Trainer):
             f.write(card)
 
 
-# Card rows: (label, metric key, format). F1 comes from persona_eval when the run computed it.
-CARD_METRICS = [
-    ("Hits@1", "eval_hits@1", "{:.4f}"),
-    ("Perplexity", "eval_ppl", "{:.2f}"),
-    ("F1 (greedy, ConvAI2 normalisation)", "convai2_f1", "{:.4f}"),  # recorded by --do_convai2_eval
-    ("LM loss", "eval_lm_loss", "{:.4f}"),
-    ("MC loss", "eval_mc_loss", "{:.4f}"),
-]
+def score_candidates(outputs, mc_labels: torch.Tensor) -> torch.Tensor:
+    """Per-turn `[gold rank, LM NLL sum, LM tokens, MC NLL, candidates]` ([B, 5]) of one double-heads forward."""
+    mc_logits = outputs.mc_logits.float()  # [B, C]
+    count = torch.full_like(mc_labels, mc_logits.size(1))
+    columns = (gold_rank(mc_logits, mc_labels), outputs.lm_nll, outputs.lm_tokens, outputs.mc_nll, count)
+    return torch.stack([c.float() for c in columns], dim=1)
 
 
-def persona_model_card(
-    *,
-    model_id: str,
-    base_model: str | None,
-    dataset: str | None,
-    recipe: dict,
-    args: TrainingArguments,
-    metrics: dict,
-    is_adapter: bool = False,
-) -> str:
-    """The README.md of a pushed persona model: metadata header, usage, data, recipe and evaluation."""
-    from huggingface_hub import ModelCardData
+@dataclass
+class CandidateCountBatches:
+    """Evaluation collation: the rows of a batch grouped by candidate count, one padded batch per count.
 
-    is_hub_dataset = bool(dataset) and "://" not in dataset and not os.path.exists(dataset)
-    data = ModelCardData(
-        library_name="peft" if is_adapter else "transformers",
-        base_model=base_model if base_model and not os.path.exists(base_model) else None,
-        datasets=[dataset] if is_hub_dataset else None,
-        pipeline_tag="text-generation",
-        tags=["persona-chat", "conversational", "double-heads"] + (["lora"] if is_adapter else []),
-    )
-    world = args.world_size
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    recipe_rows = [
-        ("loss", f"{args.lm_coef} × LM loss + {args.mc_coef} × multiple-choice loss"),
-        ("candidates per example", recipe.get("num_candidates")),
-        ("history turns kept", None if "max_history" not in recipe else 2 * recipe["max_history"] + 1),
-        ("personality permutations", recipe.get("personality_permutations")),
-        (
-            "learning rate",
-            f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)})",
-        ),
-        (
-            "batch",
-            f"{args.per_device_train_batch_size} per device × {args.gradient_accumulation_steps} accumulation "
-            f"× {world} processes = {effective_batch}",
-        ),
-        ("epochs", f"{args.num_train_epochs:g}" if args.max_steps <= 0 else f"{args.max_steps} steps"),
-        ("precision", precision),
-        (
-            "DeepSpeed",
-            os.path.basename(args.deepspeed) if isinstance(args.deepspeed, str) else args.deepspeed and "yes",
-        ),
-        ("LoRA", "yes (adapter; the MC head and persona-token embeddings are trained in full)" if is_adapter else None),
-        ("seed", args.seed),
-    ]
-    metric_rows = [(label, fmt.format(metrics[key])) for label, key, fmt in CARD_METRICS if key in metrics]
-    lines = [
-        f"# {model_id.rstrip('/').split('/')[-1]}",
-        "",
-        f"A persona chatbot fine-tuned from `{base_model}` with persona-chat's "
-        "double-heads recipe (ConvAI2 / TransferTransfo): a language-modelling loss on the gold reply plus a "
-        "next-utterance classification loss that picks the gold reply among distractor candidates.",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from persona_chat import PersonaBot",
-        "from persona_model import load_model_and_tokenizer",
-        "",
-        f'model, tokenizer = load_model_and_tokenizer("{model_id}")',
-        'bot = PersonaBot(model, tokenizer, persona=["i like to ski .", "i have two dogs ."])',
-        'print(bot.reply("hi ! what do you do for fun ?"))',
-        "```",
-        "",
-        "## Training data",
-        "",
-        f"`{dataset}`" if dataset else "Not recorded.",
-        "",
-        "## Training recipe",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *[f"| {name} | {value} |" for name, value in recipe_rows if value not in (None, False)],
-        "",
-        "Every option of the run is in `training_config.yaml`: `persona-train training_config.yaml --output_dir out` "
-        "trains it again.",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    if metric_rows:
-        lines += [
-            "On the evaluation split; Hits@1 ranks the gold reply among all the candidates of each turn.",
-            "",
-            "| metric | value |",
-            "|---|---|",
-            *[f"| {label} | {value} |" for label, value in metric_rows],
-        ]
-    else:
-        lines.append("No evaluation was run.")
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    Returns `{"row_order": [B], "groups": [batch, ...]}`; concatenating the groups' rows and indexing with
+    `row_order` gives the batch's own row order back. Batches keep their size, so gathering across processes works
+    as for any batch.
+    """
+
+    collator: Callable
+
+    def __call__(self, features: list[dict]) -> dict:
+        by_count = defaultdict(list)
+        for i, feature in enumerate(features):
+            by_count[len(feature["input_ids"])].append(i)
+        order = [i for rows in by_count.values() for i in rows]
+        return {
+            "row_order": torch.tensor(order).argsort(),
+            "groups": [self.collator([features[i] for i in rows]) for rows in by_count.values()],
+        }

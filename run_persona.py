@@ -5,12 +5,12 @@
     accelerate launch run_persona.py configs/gpt2.yaml
     torchrun --nproc_per_node 8 run_persona.py --model_name_or_path openai-community/gpt2 --output_dir out
 
-A lone `.yaml`/`.json` argument is a config file; flags after it override its values.
+A lone `.yaml`/`.json` argument is a config file; flags after it override its values. `--debug` shows the traceback
+of a user error (otherwise one line and exit status 2).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -23,9 +23,11 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from persona_cli import find_split, input_budget, parse_args_with_config, run_console_script
 from persona_collator import PersonaCollator
-from persona_data import PersonaDataError, build_features, load_dialogs
-from persona_model import apply_lora, check_gradient_checkpointing, load_model_and_tokenizer
+from persona_data import build_features, load_dialogs
+from persona_lora import apply_lora, check_gradient_checkpointing
+from persona_model import load_model_and_tokenizer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -151,23 +153,7 @@ def make_parser() -> HfArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        config_path, argv = argv[0], argv[1:]
-        with open(config_path, encoding="utf-8") as f:
-            if config_path.endswith(".json"):
-                config = json.load(f)
-            else:
-                import yaml
-
-                config = yaml.safe_load(f) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown option(s) {unknown}.")
-        parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_args_with_config(make_parser(), argv)
 
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
@@ -212,8 +198,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     logger.setLevel(log_level)
     for lib in (datasets, transformers):
         lib.utils.logging.set_verbosity(log_level)
-    for name in ("persona_data", "persona_model", "persona_trainer"):
-        logging.getLogger(name).setLevel(log_level)
+    for name in list(logging.root.manager.loggerDict):  # every project module logs under its own name
+        if name.startswith("persona_"):
+            logging.getLogger(name).setLevel(log_level)
     if training_args.auto_output_dir:
         from accelerate.utils import broadcast_object_list
 
@@ -260,8 +247,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
         )
-    max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    max_length = min(data_args.max_length or max_positions, max_positions)
+    max_length = input_budget(model, data_args.max_length)
 
     with training_args.main_process_first(desc="loading persona dialogs"):
         dialogs = load_dialogs(
@@ -293,13 +279,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        if data_args.train_split not in dialogs:
-            raise ValueError(f"{data_args.dataset_path} has no split {data_args.train_split!r} ({list(dialogs)}).")
+        find_split(dialogs, data_args.train_split, data_args.dataset_path, fallbacks=())
         train_dataset = features(data_args.train_split, data_args.num_candidates, data_args.max_train_samples)
     if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
-        eval_split = next((s for s in (data_args.eval_split, "validation", "valid") if s in dialogs), None)
-        if eval_split is None:
-            raise ValueError(f"{data_args.dataset_path} has no split {data_args.eval_split!r} ({list(dialogs)}).")
+        eval_split = find_split(dialogs, data_args.eval_split, data_args.dataset_path)
         # Evaluation ranks every candidate (20 in PERSONA-CHAT), as ConvAI2's Hits@1.
         eval_dataset = features(eval_split, None, data_args.max_eval_samples)
 
@@ -311,13 +294,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        base_model=model_args.model_name_or_path,
+        dataset_name=data_args.dataset_path,
+        recipe={**vars(data_args), "use_peft": model_args.use_peft},
     )
-
-    trainer.model_card_info = {
-        "finetuned_from": model_args.model_name_or_path,
-        "dataset": data_args.dataset_path,
-        "recipe": {**vars(data_args), "use_peft": model_args.use_peft},
-    }
     if training_args.do_train and trainer.is_world_process_zero():
         # Saved with the model (and pushed with it): the options that reproduce the run.
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -345,10 +325,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             trainer.model,
             tokenizer,
             dialogs[eval_split],
-            accelerator=trainer.accelerator,
+            trainer=trainer,
             max_history=data_args.max_history,
             max_length=max_length,
-            batch_size=training_args.per_device_eval_batch_size,
             max_turns=data_args.max_eval_samples,
             cache_dir=data_args.dataset_cache,
         )
@@ -362,16 +341,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     return metrics
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None) -> int:
     """Console script `persona-train`."""
-    try:
-        main(*parse_args(argv))
-    except PersonaDataError as err:  # bad input: the message names file, record and field; no traceback
-        raise SystemExit(f"persona-train: {err}") from None
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    def train(args: list[str]) -> None:
+        main(*parse_args(args))
+
+    return run_console_script("persona-train", train, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Reply latency: persona_chat's KV-cached `generate()` vs the reference's full re-encode per token.
 
 Same model (a GPT-2-small-sized config, random weights), same context (persona + 5 history turns), 40 new tokens
-forced in both paths (`min_length = max_length = 40`), greedy, so both produce the same tokens (checked). The two
+forced in both paths (`min_length = max_new_tokens = 40`), greedy, so both produce the same tokens (checked). The two
 methods alternate within one run and the script prints the median of each and their ratio, because the machine is
 shared and absolute times are noisy.
 
@@ -88,7 +88,7 @@ def main() -> None:
         f" new tokens={args.new_tokens}"
     )
 
-    options = {"no_sample": True, "max_length": args.new_tokens, "min_length": args.new_tokens}
+    options = {"no_sample": True, "max_new_tokens": args.new_tokens, "min_length": args.new_tokens}
     cached = lambda: generate_reply_ids(model, tokenizer, [(persona, history)], max_history=max_history, **options)[0]  # noqa: E731
     full = lambda: reference_reply(model, tokenizer, persona, history, max_history, args.new_tokens)  # noqa: E731
     cached(), full()  # warm-up (allocator, kernels)

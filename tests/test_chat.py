@@ -75,11 +75,11 @@ def test_context_keeps_last_turns(tokenizer, ids):
     assert (ctx["input_ids"][0] == ids.speaker2).sum() + (ctx["input_ids"][0] == ids.speaker1).sum() == 5 + 1
 
 
-def reference_greedy(model, tokenizer, persona, history, max_history, max_length, min_length):
+def reference_greedy(model, tokenizer, persona, history, max_history, max_new_tokens, min_length):
     """The reference's decoding, hand-rolled: re-encode the whole context for every token, no cache, no padding."""
     specials = set(stop_token_ids(tokenizer))
     reply = []
-    for step in range(max_length):
+    for step in range(max_new_tokens):
         ctx = build_context(tokenizer, persona, history, max_history)
         # The reply so far carries the reply segment's token type (that of its speaker prefix).
         input_ids = torch.cat([ctx["input_ids"], torch.tensor([reply], dtype=torch.long)], dim=1)
@@ -97,7 +97,7 @@ def reference_greedy(model, tokenizer, persona, history, max_history, max_length
 
 @pytest.mark.parametrize("min_length", [1, 12])
 def test_greedy_equals_full_reencode_and_does_not_depend_on_batching(model, tokenizer, min_length):
-    options = {"no_sample": True, "max_length": 12, "min_length": min_length}
+    options = {"no_sample": True, "max_new_tokens": 12, "min_length": min_length}
     expected = [reference_greedy(model, tokenizer, p, h, 2, 12, min_length) for p, h in CONTEXTS]
     batched = generate_reply_ids(model, tokenizer, CONTEXTS, batch_size=4, **options)
     one_by_one = [generate_reply_ids(model, tokenizer, [c], **options)[0] for c in CONTEXTS]
@@ -118,7 +118,7 @@ def test_generated_tokens_carry_the_reply_segment_type(model, tokenizer, ids):
     handle = model.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         contexts = [CONTEXTS[0], CONTEXTS[4]]  # odd history -> speaker1 type, even history -> speaker2 type
-        replies = generate_reply_ids(model, tokenizer, contexts, no_sample=True, max_length=6, min_length=6)
+        replies = generate_reply_ids(model, tokenizer, contexts, no_sample=True, max_new_tokens=6, min_length=6)
     finally:
         handle.remove()
     prefill, steps = seen[0], seen[1:]
@@ -151,8 +151,8 @@ def test_min_length_forbids_every_special_token(model, tokenizer, ids, options):
     for special in (ids.eos, ids.speaker2, ids.pad):
         handle = force_token(model, special)
         try:
-            replies = generate_reply_ids(model, tokenizer, CONTEXTS[:2], max_length=8, min_length=3, **options)
-            empty = generate_reply_ids(model, tokenizer, CONTEXTS[:1], max_length=8, min_length=0, **options)
+            replies = generate_reply_ids(model, tokenizer, CONTEXTS[:2], max_new_tokens=8, min_length=3, **options)
+            empty = generate_reply_ids(model, tokenizer, CONTEXTS[:1], max_new_tokens=8, min_length=0, **options)
         finally:
             handle.remove()
         # Exactly min_length ordinary tokens, then the certain special token ends the reply.
@@ -167,12 +167,22 @@ def test_generation_config_maps_reference_options(tokenizer, ids):
     assert (config.temperature, config.top_k, config.top_p, config.num_beams) == (0.7, 0, 0.9, 1)
     assert {ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad} <= set(config.eos_token_id)
     assert config.pad_token_id == ids.pad
-    greedy = generation_config_from_options(tokenizer, no_sample=True, num_beams=4, max_length=30, min_length=2)
+    greedy = generation_config_from_options(tokenizer, no_sample=True, num_beams=4, max_new_tokens=30, min_length=2)
     assert (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens, greedy.min_new_tokens) == (False, 4, 30, 2)
     with pytest.raises(ValueError, match="min_length"):
-        generation_config_from_options(tokenizer, min_length=5, max_length=3)
+        generation_config_from_options(tokenizer, min_length=5, max_new_tokens=3)
     with pytest.raises(TypeError, match="Unknown generation options"):
         generate_replies(None, tokenizer, CONTEXTS, topp=0.5)
+
+
+def test_max_length_is_a_deprecated_name_of_max_new_tokens(model, tokenizer):
+    with pytest.warns(FutureWarning, match="max_new_tokens"):
+        old = generate_reply_ids(model, tokenizer, CONTEXTS[:1], no_sample=True, max_length=4, min_length=4)
+    assert old == generate_reply_ids(model, tokenizer, CONTEXTS[:1], no_sample=True, max_new_tokens=4, min_length=4)
+    parsed = persona_chat.make_parser().parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--persona", "a", "b"]
+    )
+    assert parsed[0].persona == ["a", "b"] and parsed[1].max_new_tokens == 20
 
 
 def test_sampling_is_seeded(model, tokenizer):
@@ -233,7 +243,8 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     persona_file.write_text("i am a nurse.\n\nmy favorite color is purple.\n")
     args = ["--model_name_or_path", saved_checkpoint, "--persona", "i love cats.", "--persona_file", str(persona_file)]
     result = run_cli(
-        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu"], "hi !\n\nwhat do you do ?\n"
+        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_length", "20"],
+        "hi !\n\nwhat do you do ?\n",
     )
     assert result.returncode == 0, result.stderr
     replies = result.stdout.splitlines()
@@ -242,6 +253,7 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     expected = [" ".join(bot.reply(t).split()) for t in ("hi !", "what do you do ?")]
     assert replies == expected
     assert "i love cats." in result.stderr and "my favorite color is purple." in result.stderr
+    assert "--max_length is deprecated, use --max_new_tokens" in result.stderr
 
 
 @pytest.mark.slow

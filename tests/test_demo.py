@@ -18,7 +18,7 @@ from persona_demo import build_demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSONA = ["i love cats.", "i am a nurse."]
-DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_length": 8, "greedy": True}
+DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "greedy": True}
 
 
 def free_port() -> int:
@@ -58,7 +58,7 @@ def test_api_replies_with_the_chat_api_and_keeps_history_per_session(demo_url, t
     chat = send(alice, "hi , how are you ?", PERSONA)
     # Same reply as persona_chat's own API on the same context (no second generation code path).
     (expected,) = generate_replies(
-        model, tokenizer, [(PERSONA, ["hi , how are you ?"])], no_sample=True, max_length=8, min_length=1
+        model, tokenizer, [(PERSONA, ["hi , how are you ?"])], no_sample=True, max_new_tokens=8, min_length=1
     )
     assert [m["role"] for m in chat] == ["user", "assistant"] and expected
     assert text(chat[1]) == expected

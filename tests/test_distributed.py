@@ -339,11 +339,8 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(assets
 def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
     from transformers import GPT2Config, OpenAIGPTConfig
 
-    from persona_model import (
-        PersonaGPT2DoubleHeadsModel,
-        PersonaOpenAIGPTDoubleHeadsModel,
-        check_gradient_checkpointing,
-    )
+    from persona_lora import check_gradient_checkpointing
+    from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 
     check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
     gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
@@ -433,7 +430,8 @@ def test_push_to_hub_uploads_weights_tokenizer_config_and_project_model_card(ass
 def test_model_card_lists_f1_and_adapter_when_available():
     from transformers import TrainingArguments
 
-    from persona_trainer import PersonaTrainingArguments, persona_model_card
+    from persona_card import persona_model_card
+    from persona_trainer import PersonaTrainingArguments
 
     args = PersonaTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", lm_coef=2.0)
     assert isinstance(args, TrainingArguments)

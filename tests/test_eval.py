@@ -1,5 +1,6 @@
-"""ConvAI2 evaluation: F1 on hand-computed pairs, Hits@k on constructed logits, perplexity against a plain
-GPT2DoubleHeadsModel, the `evaluate` metric module, one process against two, and the console script end to end."""
+"""ConvAI2 metrics and evaluation: F1 on hand-computed pairs, Hits@k on constructed logits (ties against the gold),
+perplexity and Hits@1 against a plain GPT2DoubleHeadsModel, the `evaluate` metric module, one process against two, and
+the console script end to end."""
 
 from __future__ import annotations
 
@@ -17,14 +18,20 @@ import torch
 from transformers import GPT2DoubleHeadsModel
 
 import persona_eval
+import persona_metrics
 from persona_data import build_features, dialogs_to_dataset_dict
-from persona_eval import evaluate_convai2, f1_score, gold_rank, hits_at_k, normalize_answer
+from persona_eval import evaluate_convai2, f1_score
+from persona_metrics import corpus_perplexity, gold_rank, hits_at_k, normalize_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_doctests():
-    assert doctest.testmod(persona_eval).failed == 0
+    assert doctest.testmod(persona_metrics).failed == 0
+
+
+def test_f1_is_the_public_one():
+    assert persona_eval.f1_score is persona_metrics.f1_score
 
 
 @pytest.mark.parametrize(
@@ -58,7 +65,7 @@ def test_f1_hand_computed(prediction, gold, expected):
 
 
 def test_normalize_answer_punctuation_set():
-    # Every character of DESIGN.md's list becomes a space; nothing else is touched.
+    # Every character of ParlAI's punctuation list becomes a space; nothing else is touched.
     design = "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~'"
     assert normalize_answer(f"x{design}y") == "x y"
     assert normalize_answer("Ünïcode café") == "ünïcode café"
@@ -67,17 +74,32 @@ def test_normalize_answer_punctuation_set():
 def test_hits_at_k_on_constructed_logits():
     logits = torch.zeros(5, 20)
     gold = torch.tensor([19, 0, 7, 3, 19])
-    # Turn 0: gold on top. Turn 1: 3 candidates above. Turn 2: 7 above. Turn 3: 12 above. Turn 4: a tie on top.
+    # Turn 0: gold on top. Turn 1: 3 candidates above. Turn 2: 7 above. Turn 3: 12 above. Turn 4: a tie on top, which
+    # counts against the gold (the reference's argmax with the gold last picks the other candidate).
     logits[0, 19] = 5.0
     logits[1, 0], logits[1, [4, 5, 6]] = 1.0, 2.0
     logits[2, 7], logits[2, 10:17] = 1.0, 3.0
     logits[3, 3], logits[3, 5:17] = 1.0, 2.0
     logits[4, 19], logits[4, 2] = 4.0, 4.0
     ranks = gold_rank(logits, gold)
-    assert ranks.tolist() == [0, 3, 7, 12, 0]
-    assert hits_at_k(ranks.tolist(), [20] * 5) == {"hits@1": 0.4, "hits@5": 0.6, "hits@10": 0.8}
+    assert ranks.tolist() == [0, 3, 7, 12, 1]
+    assert hits_at_k(ranks.tolist(), [20] * 5) == {"hits@1": 0.2, "hits@5": 0.6, "hits@10": 0.8}
+    # The same ranks from numpy scores.
+    assert gold_rank(logits.numpy(), gold.numpy()).tolist() == [0, 3, 7, 12, 1]
     # Cut-offs at or beyond the candidate count are left out.
     assert hits_at_k([0, 1, 4], [5, 5, 20]) == {"hits@1": pytest.approx(1 / 3)}
+
+
+def test_all_equal_scores_never_rank_the_gold_first():
+    # An untrained head that scores every candidate alike: the gold is last among equals (Hits@1 = 0, not 1).
+    scores = torch.zeros(4, 20)
+    ranks = gold_rank(scores, torch.tensor([19, 0, 5, 19]))
+    assert ranks.tolist() == [19, 19, 19, 19] and hits_at_k(ranks, [20] * 4)["hits@1"] == 0.0
+
+
+def test_corpus_perplexity_is_token_level():
+    # Two turns, 1 and 3 tokens: the mean over tokens (8 / 4), not over turns ((1 + 7/3) / 2).
+    assert corpus_perplexity(1.0 + 7.0, 1 + 3) == (2.0, pytest.approx(math.exp(2.0)))
 
 
 def test_evaluate_metric_module_loads_offline(tmp_path, monkeypatch):
@@ -89,9 +111,9 @@ def test_evaluate_metric_module_loads_offline(tmp_path, monkeypatch):
     assert f1.compute(predictions=preds, references=golds)["f1"] == pytest.approx((2 / 3 + 0.4 + 0) / 3)
     hits = evaluate.load(persona_eval.CONVAI2_METRIC_PATH, "hits", cache_dir=str(tmp_path / "cache"))
     scores = [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
-    # gold ranks: 5 (index 0 is lowest), 0, 0 (a tie)
+    # gold ranks: 5 (index 0 is lowest), 0, 1 (a tie counts against the gold)
     assert hits.compute(predictions=scores, references=[0, 0, 1], ks=[1, 5]) == {
-        "hits@1": pytest.approx(2 / 3),
+        "hits@1": pytest.approx(1 / 3),
         "hits@5": pytest.approx(2 / 3),
     }
 
@@ -143,7 +165,8 @@ def test_ppl_and_hits_match_plain_double_heads_model(persona_checkpoint, tokeniz
                 if c == row["mc_labels"]:
                     n = sum(label != -100 for label in row["labels"][c][1:])
                     nll_sum, tokens = nll_sum + out.loss.item() * n, tokens + n
-            top1 += max(logits) <= logits[row["mc_labels"]]
+            gold = row["mc_labels"]
+            top1 += all(score < logits[gold] for c, score in enumerate(logits) if c != gold)
     assert counts == {5, 20}
     assert metrics["turns"] == 20 and metrics["gold_reply_tokens"] == tokens
     assert metrics["ppl"] == pytest.approx(math.exp(nll_sum / tokens), rel=1e-4)
@@ -223,7 +246,4 @@ def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json
     saved = json.loads((out / "convai2_results.json").read_text())
     assert saved == {key: value for key, value in metrics.items() if key.startswith("convai2_")}
     assert saved["convai2_turns"] == 6
-    # The Trainer's own evaluation of the same 6 turns (a second implementation) agrees.
-    assert saved["convai2_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
-    assert saved["convai2_hits@1"] == pytest.approx(metrics["eval_hits@1"])
     assert set(saved) >= {"convai2_hits@1", "convai2_hits@5", "convai2_hits@10", "convai2_ppl", "convai2_f1"}

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from datasets import Dataset
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -100,6 +101,40 @@ def test_eval_metrics_are_corpus_level(tiny_model_and_tokenizer, personachat_jso
     assert metrics["eval_lm_loss"] == pytest.approx(lm_loss, rel=1e-5)
     assert metrics["eval_ppl"] == pytest.approx(torch.tensor(lm_loss).exp().item(), rel=1e-5)
     assert metrics["eval_mc_loss"] == pytest.approx(out.mc_nll.mean().item(), rel=1e-5)
+
+
+def test_eval_ranks_mixed_candidate_counts(tiny_model_and_tokenizer, personachat_json, tmp_path):
+    """Rows with 20 and 5 candidates in one batch: each count scored apart, Hits@1 with ties against the gold."""
+    model, tokenizer = tiny_model_and_tokenizer
+    feats = build_features(load_dialogs(personachat_json)["valid"], tokenizer, num_candidates=None, max_history=2)
+    five = build_features(load_dialogs(personachat_json)["valid"], tokenizer, num_candidates=5, max_history=2)
+    rows = [feats[0], five[1], feats[2], five[3], five[4], feats[5]]
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True, eval_strategy="no"
+    )
+    collator = PersonaCollator(tokenizer.pad_token_id)
+    trainer = PersonaTrainer(model=model, args=args, data_collator=collator)
+    stats = trainer.predict(Dataset.from_list(rows)).predictions
+    # Independent: one row at a time, the gold strictly above every other candidate.
+    model.eval()
+    with torch.no_grad():
+        outs = [model(**collator([row])) for row in rows]
+    assert stats[:, 4].tolist() == [20, 5, 20, 5, 5, 20]
+    for row_stats, out, row in zip(stats, outs, rows):
+        logits, gold = out.mc_logits[0], row["mc_labels"]
+        assert row_stats[0] == sum(float(x) >= float(logits[gold]) for x in logits) - 1
+        assert row_stats[1] == pytest.approx(out.lm_nll.item(), rel=1e-5) and row_stats[2] == out.lm_tokens.item()
+
+
+def test_model_card_gets_its_facts_from_the_constructor(tiny_model_and_tokenizer, tmp_path):
+    model, _ = tiny_model_and_tokenizer
+    args = PersonaTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="no")
+    trainer = PersonaTrainer(
+        model=model, args=args, base_model="org/base", dataset_name="org/data", recipe={"num_candidates": 3}
+    )
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: org/base" in card and "`org/data`" in card and "| candidates per example | 3 |" in card
 
 
 def test_config_file_with_overrides(tmp_path):

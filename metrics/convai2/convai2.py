@@ -1,4 +1,4 @@
-"""ConvAI2 F1 and Hits@k as an `evaluate` metric; the definitions live in persona_eval (one implementation).
+"""ConvAI2 F1 and Hits@k as an `evaluate` metric; the definitions live in persona_metrics (one implementation).
 
     import evaluate
     f1 = evaluate.load("metrics/convai2")  # config "f1" (default)
@@ -11,14 +11,15 @@ Loads offline from this folder (HF_HUB_OFFLINE=1); needs the persona-chat projec
 
 import datasets
 import evaluate
-import torch
+import numpy as np
 
-import persona_eval
+import persona_metrics
 
 _DESCRIPTION = """ConvAI2 metrics with ParlAI's definitions. "f1": unigram F1 of each prediction against its reference
 after ParlAI's normalisation (lowercase; punctuation and the articles a/an/the become spaces; whitespace collapsed),
-averaged over pairs. "hits": fraction of turns whose reference (the gold candidate's index) gets a score no other
-candidate beats, among the k best, for each k smaller than the candidate count (ties count for the gold)."""
+averaged over pairs. "hits@k": fraction of turns where fewer than k other candidates score at least as high as the
+reference (the gold candidate's index), for each k smaller than the candidate count; a tie counts against the gold,
+as the reference's argmax with the gold last."""
 
 _KWARGS_DESCRIPTION = """
 Args (config "f1"):
@@ -55,13 +56,12 @@ class ConvAI2(evaluate.Metric):
             features=datasets.Features(features),
         )
 
-    def _compute(self, predictions, references, ks=persona_eval.HITS_KS):
+    def _compute(self, predictions, references, ks=persona_metrics.HITS_KS):
         if self.config_name == "hits":
-            num_candidates = {len(scores) for scores in predictions}
+            num_candidates = [len(scores) for scores in predictions]
             ranks = [
-                int(persona_eval.gold_rank(torch.tensor([scores], dtype=torch.float32), torch.tensor([gold]))[0])
+                int(persona_metrics.gold_rank(np.asarray([scores], dtype=np.float32), np.asarray([gold]))[0])
                 for scores, gold in zip(predictions, references)
             ]
-            return persona_eval.hits_at_k(ranks, sorted(num_candidates), ks)
-        scores = [persona_eval.f1_score(p, r) for p, r in zip(predictions, references)]
-        return {"f1": sum(scores) / len(scores) if scores else 0.0}
+            return persona_metrics.hits_at_k(ranks, num_candidates, ks)
+        return {"f1": persona_metrics.mean_f1(predictions, references)}

@@ -1,0 +1,111 @@
+"""The model card (`README.md`) of a trained persona model: metadata header, usage, data, recipe and evaluation."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainingArguments
+
+# Card rows: (label, metric key, format). F1 comes from persona_eval when the run computed it.
+CARD_METRICS = [
+    ("Hits@1", "eval_hits@1", "{:.4f}"),
+    ("Perplexity", "eval_ppl", "{:.2f}"),
+    ("F1 (greedy, ConvAI2 normalisation)", "convai2_f1", "{:.4f}"),  # recorded by --do_convai2_eval
+    ("LM loss", "eval_lm_loss", "{:.4f}"),
+    ("MC loss", "eval_mc_loss", "{:.4f}"),
+]
+
+
+def persona_model_card(
+    *,
+    model_id: str,
+    base_model: str | None,
+    dataset: str | None,
+    recipe: dict,
+    args: TrainingArguments,
+    metrics: dict,
+    is_adapter: bool = False,
+) -> str:
+    """The README.md of a pushed persona model: metadata header, usage, data, recipe and evaluation."""
+    from huggingface_hub import ModelCardData
+
+    is_hub_dataset = bool(dataset) and "://" not in dataset and not os.path.exists(dataset)
+    data = ModelCardData(
+        library_name="peft" if is_adapter else "transformers",
+        base_model=base_model if base_model and not os.path.exists(base_model) else None,
+        datasets=[dataset] if is_hub_dataset else None,
+        pipeline_tag="text-generation",
+        tags=["persona-chat", "conversational", "double-heads"] + (["lora"] if is_adapter else []),
+    )
+    world = args.world_size
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    recipe_rows = [
+        ("loss", f"{args.lm_coef} × LM loss + {args.mc_coef} × multiple-choice loss"),
+        ("candidates per example", recipe.get("num_candidates")),
+        ("history turns kept", None if "max_history" not in recipe else 2 * recipe["max_history"] + 1),
+        ("personality permutations", recipe.get("personality_permutations")),
+        (
+            "learning rate",
+            f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)})",
+        ),
+        (
+            "batch",
+            f"{args.per_device_train_batch_size} per device × {args.gradient_accumulation_steps} accumulation "
+            f"× {world} processes = {effective_batch}",
+        ),
+        ("epochs", f"{args.num_train_epochs:g}" if args.max_steps <= 0 else f"{args.max_steps} steps"),
+        ("precision", precision),
+        (
+            "DeepSpeed",
+            os.path.basename(args.deepspeed) if isinstance(args.deepspeed, str) else args.deepspeed and "yes",
+        ),
+        ("LoRA", "yes (adapter; the MC head and persona-token embeddings are trained in full)" if is_adapter else None),
+        ("seed", args.seed),
+    ]
+    metric_rows = [(label, fmt.format(metrics[key])) for label, key, fmt in CARD_METRICS if key in metrics]
+    lines = [
+        f"# {model_id.rstrip('/').split('/')[-1]}",
+        "",
+        f"A persona chatbot fine-tuned from `{base_model}` with persona-chat's "
+        "double-heads recipe (ConvAI2 / TransferTransfo): a language-modelling loss on the gold reply plus a "
+        "next-utterance classification loss that picks the gold reply among distractor candidates.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from persona_chat import PersonaBot",
+        "from persona_model import load_model_and_tokenizer",
+        "",
+        f'model, tokenizer = load_model_and_tokenizer("{model_id}")',
+        'bot = PersonaBot(model, tokenizer, persona=["i like to ski .", "i have two dogs ."])',
+        'print(bot.reply("hi ! what do you do for fun ?"))',
+        "```",
+        "",
+        "## Training data",
+        "",
+        f"`{dataset}`" if dataset else "Not recorded.",
+        "",
+        "## Training recipe",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {name} | {value} |" for name, value in recipe_rows if value not in (None, False)],
+        "",
+        "Every option of the run is in `training_config.yaml`: `persona-train training_config.yaml --output_dir out` "
+        "trains it again.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if metric_rows:
+        lines += [
+            "On the evaluation split; Hits@1 ranks the gold reply among all the candidates of each turn.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *[f"| {label} | {value} |" for label, value in metric_rows],
+        ]
+    else:
+        lines.append("No evaluation was run.")
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""persona_cli: the config-file rule, the split look-up, and the one error boundary of the console scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from persona_cli import UsageError, find_split, input_budget, run_console_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_find_split_falls_back_to_a_validation_split():
+    assert find_split({"train": 0, "validation": 0}, "valid", "data.json") == "validation"
+    assert find_split({"train": 0, "test": 0}, "test", "data.json") == "test"
+    with pytest.raises(UsageError, match=r"data.json has no split 'valid' \(it has \['train'\]\)"):
+        find_split({"train": 0}, "valid", "data.json")
+
+
+def test_input_budget_is_capped_by_the_window():
+    class Model:
+        class config:  # noqa: N801
+            n_positions = 64
+
+    assert input_budget(Model, None) == 64 and input_budget(Model, 32) == 32 and input_budget(Model, 100) == 64
+
+
+def test_user_error_is_one_line_and_status_2(capsys, monkeypatch):
+    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
+
+    def main(argv):
+        raise UsageError("data.json: dialog 3: missing field\n'utterances'.")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_console_script("persona-x", main, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "persona-x: error: data.json: dialog 3: missing field 'utterances'.\n"
+
+    def missing(argv):
+        open("no/such/file.txt")
+
+    with pytest.raises(SystemExit):
+        run_console_script("persona-x", missing, [])
+    assert capsys.readouterr().err == "persona-x: error: no/such/file.txt: No such file or directory\n"
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        raise UsageError("bad")
+
+    with pytest.raises(UsageError):
+        run_console_script("persona-x", main, ["--debug", "--flag"])
+    assert seen == [["--flag"]]
+    monkeypatch.setenv("PERSONA_DEBUG", "1")
+    with pytest.raises(UsageError):
+        run_console_script("persona-x", main, [])
+
+
+def test_programming_errors_are_not_swallowed():
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_console_script("persona-x", main, [])
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("run_persona.py", ["--num_candidates", "0", "--output_dir", "x"]),
+        ("persona_eval.py", ["--model_name_or_path", "m", "--dataset_path", "d", "--batch_size", "0"]),
+        ("persona_chat.py", ["--model_name_or_path", "m", "--persona_file", "no/such/persona.txt"]),
+    ],
+)
+def test_console_scripts_share_the_boundary(script, args, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONA_DEBUG": "0"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and ": error: " in proc.stderr
