@@ -67,15 +67,18 @@ def packed_unsupported_reason(backbone: torch.nn.Module) -> str | None:
     return None
 
 
-def assign_rows(example_lengths: list[int], row_tokens: int | None) -> tuple[list[int], list[int]]:
+def assign_rows(example_lengths: list[int], row_tokens: int | str | None) -> tuple[list[int], list[int]]:
     """Row and start column of each example: one row each (`row_tokens` None), else first-fit decreasing.
 
     With a budget, examples (longest first) go into the first row with room for them; an example longer than the
-    budget gets a row of its own. `row_tokens = max(example_lengths)` packs short examples together without making
-    any row longer than the longest example (the attention cost per row stays the same, the number of rows drops).
+    budget gets a row of its own. `row_tokens="longest"` (the longest example's length) packs short examples
+    together without making any row longer than the longest example: the attention cost of a row stays the same
+    (its mask is dense), the number of rows drops.
     """
     if row_tokens is None:
         return list(range(len(example_lengths))), [0] * len(example_lengths)
+    if row_tokens == "longest":
+        row_tokens = max(example_lengths)
     rows, starts, fill = [0] * len(example_lengths), [0] * len(example_lengths), []
     for b in sorted(range(len(example_lengths)), key=lambda i: -example_lengths[i]):
         row = next((r for r, used in enumerate(fill) if used + example_lengths[b] <= row_tokens), len(fill))
@@ -133,7 +136,7 @@ class PackedLayout:
 
 
 def packed_layout(
-    prefix_lengths: torch.Tensor, seq_lengths: torch.Tensor, seq_len: int, row_tokens: int | None = None
+    prefix_lengths: torch.Tensor, seq_lengths: torch.Tensor, seq_len: int, row_tokens: int | str | None = None
 ) -> PackedLayout:
     """The packed layout of [B, C, `seq_len`] right-padded candidates with real lengths `seq_lengths` [B, C] whose
     first `prefix_lengths` [B] tokens are the same for every candidate of an example (`shared_prefix_lengths`)."""
@@ -197,7 +200,7 @@ def encode_packed(
     *,
     token_type_ids: torch.Tensor | None = None,
     embed: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
-    row_tokens: int | None = None,
+    row_tokens: int | str | None = None,
 ) -> SharedPrefixEncoding:
     """One `backbone` pass over the packed rows of [B, C, T] candidates; their candidate frame as an encoding.
 
@@ -205,7 +208,7 @@ def encode_packed(
     first `prefix_lengths[b]` (>= 0) tokens (`shared_prefix_lengths`). `token_type_ids` go to the backbone as-is
     (GPT-2 adds their embeddings per token), unless `embed(input_ids, token_type_ids) -> inputs_embeds` is given
     (the generic dual-head model's speaker embeddings): then the backbone gets the packed embeddings.
-    `row_tokens`: None = one example per row; a token budget packs several examples per row (`assign_rows`).
+    `row_tokens`: None = one example per row; a token budget or "longest" packs several per row (`assign_rows`).
     The backbone must pass `packed_unsupported_reason`.
     """
     batch_size, num_candidates, seq_len = input_ids.shape
@@ -236,7 +239,7 @@ def packed_forward(
     labels: torch.Tensor | None = None,
     mc_labels: torch.Tensor | None = None,
     *,
-    row_tokens: int | None = None,
+    row_tokens: int | str | None = None,
 ) -> DualHeadOutput:
     """`dual_head_forward` through `encode_packed` (same outputs and gradients) for a GPT-2 double-heads model or a
     `PersonaDualHeadModel`.

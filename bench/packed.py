@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Benchmark: plain vs cache-broadcast shared prefix vs packed dual-head forward (issue 15), same batches, one run.
+
+    python bench/packed.py                                  # tiny GPT-2, 2/4/20 candidates, 1 and 2 threads
+    python bench/packed.py --candidates 20 --threads 2 --phases eval --eval_batches 20
+
+For each thread count, candidate count and phase (eval: no-grad forward; train: forward + backward + SGD step), every
+path runs the same batches, interleaved batch by batch (plain, shared, packed, ...) so that load from other processes
+on a shared CPU hits all alike: read the ratios. Paths: `plain` (every candidate in full), `shared` (context encoded
+once, its key/value cache broadcast to the candidates), `packed` (one example per row, tree mask), `packed-rows`
+(several examples per row, first-fit into rows no longer than the longest example), `packed-1row` (the whole batch
+in one row). Also checks that every path gives the plain path's losses and mc_logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import GPT2Config  # noqa: E402
+
+from bench.shared_prefix import MODELS, make_batches  # noqa: E402
+from persona_model import PersonaGPT2DoubleHeadsModel, add_special_tokens  # noqa: E402
+from persona_packed import packed_forward  # noqa: E402
+from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer  # noqa: E402
+
+ROW_TOKENS = {"packed": None, "packed-rows": "longest", "packed-1row": 1 << 30}
+
+
+def forward(model, path: str, batch: dict):
+    if path in ("plain", "shared"):
+        model.config.persona_shared_prefix = path == "shared"
+        return model(**batch)
+    return packed_forward(model, **batch, row_tokens=ROW_TOKENS[path])
+
+
+def time_paths(model, paths: list[str], batches: list[dict], train: bool, lr: float = 1e-3) -> dict:
+    """Seconds per path over `batches` (paths interleaved), and the largest output difference from `plain`."""
+    models = {path: copy.deepcopy(model).train(train) for path in paths}
+    seconds = dict.fromkeys(paths, 0.0)
+    outputs = {path: [] for path in paths}
+    for batch in batches:
+        for path, m in models.items():
+            start = time.perf_counter()
+            if train:
+                out = forward(m, path, batch)
+                (out.lm_loss + out.mc_loss).backward()
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p -= lr * p.grad
+                        p.grad = None
+            else:
+                with torch.no_grad():
+                    out = forward(m, path, batch)
+            seconds[path] += time.perf_counter() - start
+            outputs[path].append(torch.cat([out.lm_loss.view(1), out.mc_loss.view(1), out.mc_logits.flatten()]))
+    diff = {p: max((a - b).abs().max().item() for a, b in zip(outputs[p], outputs["plain"])) for p in paths}
+    return {"seconds": seconds, "max_abs_diff": diff}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=list(MODELS))
+    parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 20])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--phases", nargs="+", default=["eval", "train"], choices=["eval", "train"])
+    parser.add_argument("--paths", nargs="+", default=["plain", "shared", *ROW_TOKENS])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--eval_batches", type=int, default=12)
+    parser.add_argument("--train_steps", type=int, default=12)
+    parser.add_argument("--max_history", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.paths[0] != "plain":
+        parser.error("--paths must start with plain (the reference of every ratio)")
+
+    data = make_synthetic_personachat(num_train=60, num_valid=40, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_tiny_tokenizer(corpus_texts(data), tmp, vocab_size=400)
+    add_special_tokens(None, tokenizer)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        summary_first_dropout=0.0, **MODELS[args.model],
+    )  # fmt: skip
+    model = PersonaGPT2DoubleHeadsModel(config)
+    others = args.paths[1:]
+    print(f"model {args.model} ({config.n_layer} layers, {config.n_embd} wide), batch {args.batch_size} examples")
+    print(
+        f"{'thr':>3} {'C':>3} {'phase':<5} {'[B, C, T]':<14} {'plain ex/s':>10} " + " ".join(f"{p:>12}" for p in others)
+    )
+    for num_candidates in args.candidates:
+        split = "valid" if num_candidates > 4 else "train"
+        count = max(args.eval_batches, args.train_steps)
+        batches = make_batches(tokenizer, data[split], num_candidates, args.batch_size, count, args.max_history)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for phase in args.phases:
+                train = phase == "train"
+                use = batches[: args.train_steps if train else args.eval_batches]
+                time_paths(model, args.paths, [{k: v[:1] for k, v in use[0].items()}], train)  # warm-up
+                result = time_paths(model, args.paths, use, train)
+                examples = len(use) * args.batch_size
+                plain = examples / result["seconds"]["plain"]
+                ratios = " ".join(f"{result['seconds']['plain'] / result['seconds'][p]:>11.2f}x" for p in others)
+                shape = str(list(use[0]["input_ids"].shape))
+                print(f"{threads:>3} {num_candidates:>3} {phase:<5} {shape:<14} {plain:>10.3g} {ratios}", flush=True)
+                worst = max(result["max_abs_diff"].values())
+                if worst > 1e-4:
+                    print(f"    outputs differ from plain: {result['max_abs_diff']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The packed dual-head forward (issue 15) equals the plain one: losses, logits, per-example sums and gradients."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from test_shared_prefix import (
+    NO_DROPOUT,
+    PAD,
+    SPEAKERS,
+    VOCAB,
+    random_batch,
+    random_example,
+    tiny_dual_head,
+    tiny_gpt2,
+)
+from transformers import OpenAIGPTConfig
+
+from persona_collator import PersonaCollator
+from persona_data import build_features, build_inputs
+from persona_model import PersonaOpenAIGPTDoubleHeadsModel, shared_prefix_lengths
+from persona_packed import assign_rows, packed_forward, packed_layout, packed_unsupported_reason
+
+KEYS = ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "labels")
+ONE_ROW = 1 << 30  # a budget every batch fits in: the whole batch in one row
+
+
+def run(model, batch: dict, packed: bool, row_tokens=None, backward: bool = True) -> tuple:
+    model.config.persona_shared_prefix = False  # the reference is the plain path
+    model.zero_grad(set_to_none=True)
+    out = packed_forward(model, **batch, row_tokens=row_tokens) if packed else model(**batch)
+    if backward:
+        (out.lm_loss + out.mc_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same(model, batch: dict, row_tokens=None, atol: float = 1e-5) -> None:
+    plain, plain_grads = run(model, batch, packed=False)
+    packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens)
+    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
+        torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
+    assert plain_grads.keys() == packed_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=atol, rtol=1e-4, msg=name)
+
+
+def backbone_calls(backbone) -> list:
+    """Shapes [R, N] of the backbone's outputs, one per call."""
+    shapes = []
+    backbone.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.last_hidden_state.shape[:2])))
+    return shapes
+
+
+def worked_example_batch() -> dict:
+    """DESIGN.md's worked example with three candidates (gold last): replies [30, 31], [40], [30]."""
+    persona, history = [[10, 11], [12]], [[20], [21, 22], [23]]
+    rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == 2) for i, r in enumerate([[30, 31], [40], [30]])]
+    row = {key: [r[key] for r in rows] for key in KEYS if key != "attention_mask"}
+    return PersonaCollator(pad_token_id=PAD)([{**row, "mc_labels": 2}])
+
+
+def test_layout_of_the_worked_example():
+    """Context (11 tokens) once, then each candidate's reply segment with positions continuing at 11; the mask is a
+    tree: a candidate sees the context and its own earlier tokens, the context sees only itself, causally."""
+    batch = worked_example_batch()
+    lengths = shared_prefix_lengths(*[batch[k] for k in KEYS])
+    layout = packed_layout(lengths, batch["attention_mask"].sum(-1), batch["input_ids"].size(-1))
+    assert (layout.num_rows, layout.row_len) == (1, 11 + 4 + 3 + 3)
+    assert layout.position_ids.tolist() == [list(range(11)) + [11, 12, 13, 14] + [11, 12, 13] + [11, 12, 13]]
+    assert layout.segment_ids.tolist() == [[0] * 11 + [1] * 4 + [2] * 3 + [3] * 3]
+    ids = layout.pack(batch["input_ids"])[0].tolist()
+    assert ids == [1, 10, 11, 12, 4, 20, 3, 21, 22, 4, 23] + [3, 30, 31, 2] + [3, 40, 2] + [3, 30, 2]
+    mask = layout.attention_mask()[0, 0]
+    assert mask[5].tolist() == [True] * 6 + [False] * 15  # a context token: causal over the context
+    assert mask[16].tolist() == [True] * 11 + [False] * 4 + [True, True] + [False] * 4  # candidate 1, 2nd token
+    assert mask[20].tolist() == [True] * 11 + [False] * 7 + [True] * 3  # candidate 2, last token
+    # The candidate frame: each candidate's segment from position 11, mc token (its last) at frame index 3 / 2 / 2.
+    assert layout.index[0, :, 0].tolist() == [11, 11, 11]
+    assert layout.valid[0].sum(-1).tolist() == [4, 3, 3]
+    assert layout.frame[0, :, 0].tolist() == [11, 15, 18]
+    # The additive float form (eager attention): 0 where True, the dtype's minimum elsewhere.
+    additive = layout.attention_mask(torch.float32)[0, 0]
+    assert additive[16, 11] == torch.finfo(torch.float32).min and additive[16, 15] == 0
+
+
+def test_assign_rows():
+    assert assign_rows([5, 3, 4], None) == ([0, 1, 2], [0, 0, 0])
+    # First fit, longest first: 9 -> row 0; 6 -> row 1; 4 -> row 1 (6 + 4 = 10); 3 -> row 2 (row 0: 9 + 3 > 10).
+    assert assign_rows([4, 9, 3, 6], 10) == ([1, 0, 2, 1], [6, 0, 0, 0])
+    # Budget 9 (the longest): 9 -> row 0; 6 -> row 1; 4 -> row 2 (6 + 4 > 9); 3 -> row 1 (6 + 3 = 9).
+    assert assign_rows([4, 9, 3, 6], "longest") == ([2, 0, 1, 1], [0, 0, 6, 0])
+    assert assign_rows([12, 2], 10) == ([0, 1], [0, 0])  # longer than the budget: a row of its own
+
+
+@pytest.mark.parametrize("row_tokens", [None, "longest", ONE_ROW])
+@pytest.mark.parametrize("num_candidates", [1, 2, 4, 20])
+def test_equals_plain_path(num_candidates, row_tokens):
+    model = tiny_gpt2()
+    for seed in range(2):
+        assert_same(model, random_batch(seed, batch_size=4, num_candidates=num_candidates), row_tokens)
+
+
+def test_equals_plain_path_worked_example_history_cuts_and_padding():
+    model = tiny_gpt2(seed=1)
+    assert_same(model, worked_example_batch())
+    for max_history in (0, 1, 3):
+        assert_same(model, random_batch(7, batch_size=5, num_candidates=4, max_history=max_history), "longest")
+    rows = [random_example(random.Random(3), 3, 2, long=True, shared_start=False)]
+    assert_same(model, PersonaCollator(pad_token_id=PAD, pad_to_multiple_of=8)(rows))
+
+
+def test_without_attention_mask_and_token_types():
+    model = tiny_gpt2(seed=3)
+    batch = random_batch(5, batch_size=3, num_candidates=4, mixed=False)
+    assert_same(model, {k: v for k, v in batch.items() if k not in ("attention_mask", "token_type_ids")}, ONE_ROW)
+
+
+def test_eager_attention_gets_an_additive_mask():
+    model = tiny_gpt2(seed=2)
+    model.set_attn_implementation("eager")
+    assert_same(model, random_batch(2, batch_size=3, num_candidates=5), "longest")
+
+
+def test_packed_path_really_runs():
+    """One backbone pass over [R, N] rows holding each context once: far fewer positions than B*C*T."""
+    model = tiny_gpt2()
+    batch = random_batch(0, batch_size=4, num_candidates=20)
+    calls = backbone_calls(model.transformer)
+    run(model, batch, packed=True, backward=False)
+    assert len(calls) == 1 and calls[0][0] == 4
+    run(model, batch, packed=True, row_tokens=ONE_ROW, backward=False)
+    lengths = shared_prefix_lengths(*[batch[k] for k in KEYS])
+    real = batch["attention_mask"].sum(-1)
+    assert calls[1] == (1, int(lengths.sum() + (real - lengths[:, None]).sum()))  # no padding at all
+    assert calls[1][1] < batch["attention_mask"].sum() / 4
+
+
+def test_examples_in_one_row_do_not_see_each_other():
+    """Per-example sums of a whole batch packed in one row equal those of each example run on its own (plain)."""
+    model = tiny_gpt2(seed=6)
+    rng = random.Random(11)
+    rows = [random_example(rng, 4, 2, long=i % 2 == 0, shared_start=False) for i in range(3)]
+    collate = PersonaCollator(pad_token_id=PAD)
+    with torch.no_grad():
+        packed = packed_forward(model, **collate(rows), row_tokens=ONE_ROW)
+        alone = [model(**collate([row])) for row in rows]
+    for key in ("lm_nll", "lm_tokens", "mc_nll", "mc_logits"):
+        torch.testing.assert_close(getattr(packed, key), torch.cat([getattr(a, key) for a in alone]), msg=key)
+
+
+def test_through_build_features(tmp_path_factory):
+    """Real rows from build_features (max_history and max_length cuts), a tiny checkpoint, eval mode."""
+    from datasets import Dataset
+
+    from persona_model import load_model_and_tokenizer
+    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
+
+    data = make_synthetic_personachat(num_train=16, num_valid=16, seed=0)
+    out = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), corpus_texts(data), n_embd=32, n_head=2)
+    model, tokenizer = load_model_and_tokenizer(out)
+    model.eval()
+    dialogs = Dataset.from_list(data["valid"])
+    for num_candidates, max_history, max_length in [(20, 2, None), (4, 1, 48)]:
+        features = build_features(
+            dialogs, tokenizer, num_candidates=num_candidates, max_history=max_history, max_length=max_length
+        )
+        rows = [features[i] for i in range(min(6, len(features)))]
+        assert_same(model, PersonaCollator(pad_token_id=tokenizer.pad_token_id)(rows), "longest")
+
+
+def test_gradient_checkpointing_keeps_the_packed_path():
+    """No fallback needed: the packed forward is one pass without a cache, which checkpointed blocks recompute."""
+    model = tiny_gpt2()
+    model.activation_checkpointing_enable()
+    model.train()  # dropout is 0: train mode is deterministic
+    assert packed_unsupported_reason(model.transformer) is None
+    calls = backbone_calls(model.transformer)
+    assert_same(model, random_batch(1, batch_size=2, num_candidates=4), ONE_ROW)
+    assert calls[-1][0] == 1  # the packed call (the plain one came first)
+
+
+def test_bf16_autocast_close_to_plain_path():
+    model = tiny_gpt2(seed=4)
+    batch = random_batch(6, batch_size=3, num_candidates=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, packed = model(**batch), packed_forward(model, **batch)
+    torch.testing.assert_close(packed.mc_logits.float(), plain.mc_logits.float(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(packed.lm_loss, plain.lm_loss, atol=0.05, rtol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generic dual-head model: Llama/Qwen2 (RoPE, GQA) and OPT (learned positions, projected embeddings), with the
+# speaker embeddings added to the packed input embeddings.
+# ---------------------------------------------------------------------------------------------------------------------
+
+GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
+
+
+@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+@pytest.mark.parametrize("num_candidates", [1, 4, 20])
+def test_generic_dual_head_equals_plain_path(family, num_candidates):
+    model = tiny_dual_head(family, seed=num_candidates)
+    calls = backbone_calls(model.decoder)
+    for seed, row_tokens in enumerate([None, ONE_ROW]):
+        batch = random_batch(10 + seed, batch_size=4, num_candidates=num_candidates)
+        calls.clear()
+        assert_same(model, batch, row_tokens)
+        assert len(calls) == 2 and calls[1][0] == (4 if row_tokens is None else 1)  # plain pass, then one packed
+
+
+@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+def test_generic_dual_head_loss_only_and_mc_only(family):
+    """labels without mc_labels and mc_labels without labels: each half of the output matches on its own."""
+    model = tiny_dual_head(family, seed=7)
+    model.config.persona_shared_prefix = False
+    batch = random_batch(20, batch_size=3, num_candidates=5)
+    for drop, keys in (("mc_labels", ("lm_loss", "lm_nll", "lm_tokens", "mc_logits")), ("labels", ("mc_loss",))):
+        inputs = {k: v for k, v in batch.items() if k != drop}
+        with torch.no_grad():
+            plain, packed = model(**inputs), packed_forward(model, **inputs, row_tokens="longest")
+        for key in keys:
+            torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What falls back: openai-gpt (no custom 4D mask), sliding-window attention, attention kernels without custom masks.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_reasons():
+    openai = PersonaOpenAIGPTDoubleHeadsModel(
+        OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
+    )
+    assert "no custom 4D attention mask" in packed_unsupported_reason(openai.transformer)
+    windowed = tiny_dual_head("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert "sliding-window" in packed_unsupported_reason(windowed.decoder)
+    for family in GENERIC_FAMILIES:
+        assert packed_unsupported_reason(tiny_dual_head(family).decoder) is None
+    gpt2 = tiny_gpt2()
+    assert packed_unsupported_reason(gpt2.transformer) is None
+    gpt2.config._attn_implementation_internal = "flash_attention_2"  # the attribute only; no kernel is loaded
+    assert "'flash_attention_2' takes no custom 4D mask" in packed_unsupported_reason(gpt2.transformer)
+
+
+def test_falls_back_with_a_message(caplog):
+    """openai-gpt runs its plain path, the sliding-window Qwen2 its own (shared-prefix or plain) path; logged once."""
+    torch.manual_seed(0)
+    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
+    batch = random_batch(0, batch_size=2, num_candidates=4)
+    for model in (
+        PersonaOpenAIGPTDoubleHeadsModel(config).eval(),
+        tiny_dual_head("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="persona_packed"):
+            assert_same(model, batch, atol=0)
+            run(model, batch, packed=True)
+        assert caplog.text.count("Packed forward off") == 1
