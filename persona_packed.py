@@ -19,7 +19,8 @@ Why a dense boolean mask over rows of one example (bench/packed.py, tiny GPT-2, 
 per batch and shared by every layer; torch's fused CPU SDPA kernel takes it directly, and a float additive mask was
 no faster. Computing the tree as a cascade (the candidates' scores against the context keys with one matmul, plus
 their own causal blocks, one joint softmax) skips the masked candidate-candidate blocks, yet in plain torch ops it
-was 30% slower than the fused kernel for 20-candidate evaluation (3.5 vs 4.5 ms per layer). The whole batch in one
+was slower than the fused kernel where it matters (per layer, 1 thread: 20-candidate eval 4.5 vs 3.5 ms, 4-candidate
+training 2.4 vs 1.9 ms; only 20-candidate training gained, 6.7 vs 10.2 ms). The whole batch in one
 row removes all padding but makes the dense mask quadratic in the batch: 2-3x slower than a row per example. The
 default worth wiring is `row_tokens="longest"`: short examples share rows no longer than the longest one.
 """
