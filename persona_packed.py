@@ -1,8 +1,8 @@
-"""Packed dual-head forward (issue 15): each turn's context once, its candidates behind it under a tree mask.
+"""The packed encoding: each example's context once, its candidates behind it in the same row under a tree mask.
 
-The shared-prefix forward (`persona_model.encode_shared_prefix`) encodes the context once but then copies its
-key/value cache to every candidate and runs the candidates as a batch of tiny sequences. Here one backbone call
-does everything: an example becomes one stretch of a row,
+`persona_shared_prefix.encode_shared_prefix` encodes the context once but then copies its key/value cache to every
+candidate and runs the candidates as a batch of tiny sequences. `encode_packed` does everything in one backbone call:
+an example becomes one stretch of a row,
 
     [context (P tokens)] [candidate 0 (L_0 tokens)] [candidate 1 (L_1 tokens)] ... [candidate C-1]
 
@@ -10,41 +10,31 @@ with position ids continuing after the context for every candidate, and a boolea
 candidate token see the whole context and its own earlier tokens only (a tree: the context is the trunk). No key or
 value is copied. Several examples may share a row (`row_tokens`): position ids restart per example and the mask is
 block-diagonal, so a batch carries almost no padding. The heads then read the candidate frame of a
-`SharedPrefixEncoding`, the same bookkeeping (`dual_head_output`) as the plain and cache-broadcast paths.
+`CandidateEncoding`, the same bookkeeping as the other two encodings.
 
-Exact: every query sees exactly the keys, at exactly the positions, it sees in the plain forward, so the outputs
-and gradients equal `dual_head_forward`'s up to float rounding (tests/test_packed.py).
+Exact: every query sees exactly the keys, at exactly the positions, it sees in the full encoding, so the outputs and
+gradients equal `encode_in_full`'s up to float rounding (tests/test_packed.py).
 
-Why a dense boolean mask over rows of one example (bench/packed.py, tiny GPT-2, 2-core CPU): the mask is built once
-per batch and shared by every layer; torch's fused CPU SDPA kernel takes it directly, and a float additive mask was
-no faster. Computing the tree as a cascade (the candidates' scores against the context keys with one matmul, plus
-their own causal blocks, one joint softmax) skips the masked candidate-candidate blocks, yet in plain torch ops it
-was slower than the fused kernel where it matters (per layer, 1 thread: 20-candidate eval 4.5 vs 3.5 ms, 4-candidate
-training 2.4 vs 1.9 ms; only 20-candidate training gained, 6.7 vs 10.2 ms). The whole batch in one
-row removes all padding but makes the dense mask quadratic in the batch: 2-3x slower than a row per example. The
-default worth wiring is `row_tokens="longest"`: short examples share rows no longer than the longest one.
+Why a dense boolean mask (bench/shared_prefix.py, tiny GPT-2, 2-core CPU): the mask is built once per batch and
+shared by every layer; torch's fused CPU SDPA kernel takes it directly, and a float additive mask was no faster.
+Computing the tree as a cascade (the candidates' scores against the context keys with one matmul, plus their own
+causal blocks, one joint softmax) skips the masked candidate-candidate blocks, yet in plain torch ops it was slower
+than the fused kernel where it matters (per layer, 1 thread: 20-candidate eval 4.5 vs 3.5 ms, 4-candidate training
+2.4 vs 1.9 ms; only 20-candidate training gained, 6.7 vs 10.2 ms). The whole batch in one row removes all padding but
+makes the dense mask quadratic in the batch: 2-3x slower than a row per example. `row_tokens="longest"` (short
+examples share rows no longer than the longest one) costs the same as a row per example and carries less padding.
+On GPU a FlexAttention block mask could skip the masked blocks; not implemented (no GPU to measure it on), the dense
+mask runs there through SDPA's memory-efficient kernel.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from persona_model import (
-    DualHeadOutput,
-    PersonaDualHeadModel,
-    SharedPrefixEncoding,
-    dual_head_forward,
-    shared_prefix_enabled,
-    shared_prefix_forward,
-    shared_prefix_lengths,
-)
-
-logger = logging.getLogger(__name__)
+from persona_shared_prefix import CandidateEncoding, candidate_frame, sequence_lengths
 
 # Attention implementations that take a custom 4D mask: SDPA (boolean mask) and eager (additive float mask).
 # flash_attention_2 only knows causal/varlen masks; FlexAttention would need a BlockMask (GPU-fast only).
@@ -103,7 +93,7 @@ class PackedLayout:
     """Where each token of [B, C, T] candidates lies in the packed [R, N] rows, and the rows' positions and mask.
 
     `source` [M] / `dest` [M]: flat indices of the M packed tokens in [B*C*T] and in [R*N]. `frame` [B, C, S]: flat
-    index in [R*N] of each candidate-frame position (see `SharedPrefixEncoding`), `index`/`valid` its frame.
+    index in [R*N] of each candidate-frame position (see `CandidateEncoding`), `index`/`valid` its frame.
     """
 
     num_rows: int
@@ -150,7 +140,7 @@ def packed_layout(
     """The packed layout of [B, C, `seq_len`] right-padded candidates with real lengths `seq_lengths` [B, C] whose
     first `prefix_lengths` [B] tokens are the same for every candidate of an example (`shared_prefix_lengths`)."""
     device = seq_lengths.device
-    batch_size, num_candidates = seq_lengths.shape
+    num_candidates = seq_lengths.size(1)
     prefix = prefix_lengths.to(device)
     cand_lengths = (seq_lengths - prefix[:, None]).clamp(min=0)  # [B, C]
     cand_start = prefix[:, None] + cand_lengths.cumsum(1) - cand_lengths  # [B, C] offset inside the example
@@ -180,12 +170,9 @@ def packed_layout(
         out = torch.full((num_rows * row_len,), fill, dtype=torch.long, device=device)
         return out.index_put_((dest,), values).view(num_rows, row_len)
 
-    # Candidate frame (as `encode_shared_prefix`): positions prefix + j, j < S; padding points at a real token.
-    span = int(cand_lengths.max()) if cand_lengths.numel() else 0
-    arange_s = torch.arange(span, device=device)
-    valid = arange_s < cand_lengths[..., None]  # [B, C, S]
-    index = (prefix[:, None, None] + arange_s).expand(batch_size, num_candidates, span).clamp(max=seq_len - 1)
-    last = torch.minimum(arange_s, (cand_lengths[..., None] - 1).clamp(min=0))
+    # The candidate frame: positions prefix + j, j < S; padding points at the candidate's last real token.
+    index, valid = candidate_frame(prefix, seq_lengths, seq_len)
+    last = torch.minimum(torch.arange(index.size(-1), device=device), (cand_lengths[..., None] - 1).clamp(min=0))
     frame = (rows * row_len + starts)[:, None, None] + cand_start[..., None] + last
     return PackedLayout(
         num_rows=num_rows,
@@ -204,31 +191,30 @@ def packed_layout(
 def encode_packed(
     backbone: torch.nn.Module,
     prefix_lengths: torch.Tensor,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
     token_type_ids: torch.Tensor | None = None,
-    embed: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    inputs_embeds: torch.Tensor | None = None,
     row_tokens: int | str | None = None,
-) -> SharedPrefixEncoding:
+) -> CandidateEncoding:
     """One `backbone` pass over the packed rows of [B, C, T] candidates; their candidate frame as an encoding.
 
     input_ids / token_type_ids / attention_mask: [B, C, T], right-padded, each example's candidates agreeing on their
-    first `prefix_lengths[b]` (>= 0) tokens (`shared_prefix_lengths`). `token_type_ids` go to the backbone as-is
-    (GPT-2 adds their embeddings per token), unless `embed(input_ids, token_type_ids) -> inputs_embeds` is given
-    (the generic dual-head model's speaker embeddings): then the backbone gets the packed embeddings.
+    first `prefix_lengths[b]` (>= 0) tokens (`shared_prefix_lengths`); or `inputs_embeds` [B, C, T, H] instead of
+    input_ids (speaker embeddings added by the caller). `token_type_ids` go to the backbone as-is (GPT-2).
     `row_tokens`: None = one example per row; a token budget or "longest" packs several per row (`assign_rows`).
     The backbone must pass `packed_unsupported_reason`.
     """
-    batch_size, num_candidates, seq_len = input_ids.shape
-    if attention_mask is None:
-        seq_lengths = torch.full((batch_size, num_candidates), seq_len, device=input_ids.device, dtype=torch.long)
+    source = input_ids if input_ids is not None else inputs_embeds
+    seq_lengths = sequence_lengths(source.shape, attention_mask, source.device)
+    layout = packed_layout(prefix_lengths, seq_lengths, source.size(2), row_tokens)
+    if input_ids is not None:
+        inputs = {"input_ids": layout.pack(input_ids)}  # [R, N]
     else:
-        seq_lengths = attention_mask.sum(dim=-1)  # right padding: the real tokens are the first ones
-    layout = packed_layout(prefix_lengths, seq_lengths, seq_len, row_tokens)
-    ids = layout.pack(input_ids)  # [R, N]
-    types = None if token_type_ids is None else layout.pack(token_type_ids)
-    inputs = {"inputs_embeds": embed(ids, types)} if embed is not None else {"input_ids": ids, "token_type_ids": types}
+        inputs = {"inputs_embeds": layout.pack(inputs_embeds)}  # [R, N, H]
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = layout.pack(token_type_ids)
     if backbone.config._attn_implementation == "sdpa":
         # Boolean: torch's CPU SDPA kernels take it as is; the float form costs the same and 4x the memory.
         mask = layout.attention_mask()
@@ -236,46 +222,4 @@ def encode_packed(
         mask = layout.attention_mask(next(backbone.parameters()).dtype)
     hidden = backbone(**inputs, attention_mask=mask, position_ids=layout.position_ids, use_cache=False)
     hidden = layout.candidate_frame(hidden.last_hidden_state)  # [B, C, S, H]
-    return SharedPrefixEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=layout.index, valid=layout.valid)
-
-
-def packed_forward(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    token_type_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    mc_token_ids: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    mc_labels: torch.Tensor | None = None,
-    *,
-    row_tokens: int | str | None = None,
-) -> DualHeadOutput:
-    """`dual_head_forward` through `encode_packed` (same outputs and gradients) for a GPT-2 double-heads model or a
-    `PersonaDualHeadModel`.
-
-    Where `packed_unsupported_reason` objects (logged once per model) it runs the model's other path instead: the
-    cache-broadcast shared prefix when enabled (itself falling back to the plain forward), else the plain forward.
-    """
-    generic = isinstance(model, PersonaDualHeadModel)
-    backbone = model.decoder if generic else model.transformer
-    reason = packed_unsupported_reason(backbone)
-    if reason is not None:
-        if not getattr(model, "_persona_packed_warned", False):
-            logger.warning("Packed forward off (%s): using the %s path.", reason, "shared-prefix or plain")
-            model._persona_packed_warned = True
-        inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels, mc_labels)
-        if generic:
-            return model._dual_head_forward(*inputs)
-        return (shared_prefix_forward if shared_prefix_enabled(model) else dual_head_forward)(model, *inputs)
-    prefix_lengths = shared_prefix_lengths(input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
-    enc = encode_packed(
-        backbone,
-        prefix_lengths,
-        input_ids,
-        attention_mask,
-        token_type_ids=token_type_ids,
-        embed=model.embed if generic else None,
-        row_tokens=row_tokens,
-    )
-    lm_head = model.lm_logits if generic else model.lm_head
-    return enc.dual_head_output(model.multiple_choice_head, lm_head, mc_token_ids, labels, mc_labels)
+    return CandidateEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=layout.index, valid=layout.valid)

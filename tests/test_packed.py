@@ -1,44 +1,59 @@
-"""The packed dual-head forward (issue 15) equals the plain one: losses, logits, per-example sums and gradients."""
+"""The packed encoding equals the plain one (losses, logits, per-example sums and gradients); the choice among the
+three encodings; padding-free packed batches through PersonaTrainer."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+from unittest import mock
 
 import pytest
 import torch
+from datasets import Dataset
 from test_shared_prefix import (
     NO_DROPOUT,
     PAD,
     SPEAKERS,
     VOCAB,
+    count_backbone_calls,
     random_batch,
     random_example,
-    tiny_dual_head,
+    tiny_double_heads,
     tiny_gpt2,
 )
 from transformers import OpenAIGPTConfig
 
+import persona_encoding
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs
-from persona_model import PersonaOpenAIGPTDoubleHeadsModel, shared_prefix_lengths
-from persona_packed import assign_rows, packed_forward, packed_layout, packed_unsupported_reason
+from persona_encoding import requested_encoding, set_candidate_encoding
+from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
+from persona_packed import assign_rows, packed_layout, packed_unsupported_reason
+from persona_shared_prefix import shared_prefix_lengths
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "labels")
 ONE_ROW = 1 << 30  # a budget every batch fits in: the whole batch in one row
+ONE_EXAMPLE_PER_ROW = None
 
 
-def run(model, batch: dict, packed: bool, row_tokens=None, backward: bool = True) -> tuple:
-    model.config.persona_shared_prefix = False  # the reference is the plain path
+def forward(model, batch: dict, encoding: str, row_tokens="longest"):
+    """The model's own forward with `encoding` asked for and packed rows of `row_tokens`."""
+    set_candidate_encoding(model, encoding)
+    with mock.patch.object(persona_encoding, "ROW_TOKENS", row_tokens):
+        return model(**batch)
+
+
+def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True) -> tuple:
     model.zero_grad(set_to_none=True)
-    out = packed_forward(model, **batch, row_tokens=row_tokens) if packed else model(**batch)
+    out = forward(model, batch, "packed" if packed else "plain", row_tokens)
     if backward:
         (out.lm_loss + out.mc_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def assert_same(model, batch: dict, row_tokens=None, atol: float = 1e-5) -> None:
+def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5) -> None:
     plain, plain_grads = run(model, batch, packed=False)
     packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens)
     for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
@@ -46,13 +61,6 @@ def assert_same(model, batch: dict, row_tokens=None, atol: float = 1e-5) -> None
     assert plain_grads.keys() == packed_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=atol, rtol=1e-4, msg=name)
-
-
-def backbone_calls(backbone) -> list:
-    """Shapes [R, N] of the backbone's outputs, one per call."""
-    shapes = []
-    backbone.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.last_hidden_state.shape[:2])))
-    return shapes
 
 
 def worked_example_batch() -> dict:
@@ -96,7 +104,7 @@ def test_assign_rows():
     assert assign_rows([12, 2], 10) == ([0, 1], [0, 0])  # longer than the budget: a row of its own
 
 
-@pytest.mark.parametrize("row_tokens", [None, "longest", ONE_ROW])
+@pytest.mark.parametrize("row_tokens", [ONE_EXAMPLE_PER_ROW, "longest", ONE_ROW])
 @pytest.mark.parametrize("num_candidates", [1, 2, 4, 20])
 def test_equals_plain_path(num_candidates, row_tokens):
     model = tiny_gpt2()
@@ -129,8 +137,8 @@ def test_packed_path_really_runs():
     """One backbone pass over [R, N] rows holding each context once: far fewer positions than B*C*T."""
     model = tiny_gpt2()
     batch = random_batch(0, batch_size=4, num_candidates=20)
-    calls = backbone_calls(model.transformer)
-    run(model, batch, packed=True, backward=False)
+    calls = count_backbone_calls(model.transformer)
+    run(model, batch, packed=True, row_tokens=ONE_EXAMPLE_PER_ROW, backward=False)
     assert len(calls) == 1 and calls[0][0] == 4
     run(model, batch, packed=True, row_tokens=ONE_ROW, backward=False)
     lengths = shared_prefix_lengths(*[batch[k] for k in KEYS])
@@ -146,8 +154,8 @@ def test_examples_in_one_row_do_not_see_each_other():
     rows = [random_example(rng, 4, 2, long=i % 2 == 0, shared_start=False) for i in range(3)]
     collate = PersonaCollator(pad_token_id=PAD)
     with torch.no_grad():
-        packed = packed_forward(model, **collate(rows), row_tokens=ONE_ROW)
-        alone = [model(**collate([row])) for row in rows]
+        packed = forward(model, collate(rows), "packed", row_tokens=ONE_ROW)
+        alone = [forward(model, collate([row]), "plain") for row in rows]
     for key in ("lm_nll", "lm_tokens", "mc_nll", "mc_logits"):
         torch.testing.assert_close(getattr(packed, key), torch.cat([getattr(a, key) for a in alone]), msg=key)
 
@@ -178,7 +186,7 @@ def test_gradient_checkpointing_keeps_the_packed_path():
     model.activation_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
     assert packed_unsupported_reason(model.transformer) is None
-    calls = backbone_calls(model.transformer)
+    calls = count_backbone_calls(model.transformer)
     assert_same(model, random_batch(1, batch_size=2, num_candidates=4), ONE_ROW)
     assert calls[-1][0] == 1  # the packed call (the plain one came first)
 
@@ -187,13 +195,13 @@ def test_bf16_autocast_close_to_plain_path():
     model = tiny_gpt2(seed=4)
     batch = random_batch(6, batch_size=3, num_candidates=4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        plain, packed = model(**batch), packed_forward(model, **batch)
+        plain, packed = forward(model, batch, "plain"), forward(model, batch, "packed")
     torch.testing.assert_close(packed.mc_logits.float(), plain.mc_logits.float(), atol=0.05, rtol=0.05)
     torch.testing.assert_close(packed.lm_loss, plain.lm_loss, atol=0.05, rtol=0.02)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The generic dual-head model: Llama/Qwen2 (RoPE, GQA) and OPT (learned positions, projected embeddings), with the
+# The generic double-heads model: Llama/Qwen2 (RoPE, GQA) and OPT (learned positions, projected embeddings), with the
 # speaker embeddings added to the packed input embeddings.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -203,9 +211,9 @@ GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 @pytest.mark.parametrize("num_candidates", [1, 4, 20])
 def test_generic_dual_head_equals_plain_path(family, num_candidates):
-    model = tiny_dual_head(family, seed=num_candidates)
-    calls = backbone_calls(model.decoder)
-    for seed, row_tokens in enumerate([None, ONE_ROW]):
+    model = tiny_double_heads(family, seed=num_candidates)
+    calls = count_backbone_calls(model.decoder)
+    for seed, row_tokens in enumerate([ONE_EXAMPLE_PER_ROW, ONE_ROW]):
         batch = random_batch(10 + seed, batch_size=4, num_candidates=num_candidates)
         calls.clear()
         assert_same(model, batch, row_tokens)
@@ -215,13 +223,12 @@ def test_generic_dual_head_equals_plain_path(family, num_candidates):
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 def test_generic_dual_head_loss_only_and_mc_only(family):
     """labels without mc_labels and mc_labels without labels: each half of the output matches on its own."""
-    model = tiny_dual_head(family, seed=7)
-    model.config.persona_shared_prefix = False
+    model = tiny_double_heads(family, seed=7)
     batch = random_batch(20, batch_size=3, num_candidates=5)
     for drop, keys in (("mc_labels", ("lm_loss", "lm_nll", "lm_tokens", "mc_logits")), ("labels", ("mc_loss",))):
         inputs = {k: v for k, v in batch.items() if k != drop}
         with torch.no_grad():
-            plain, packed = model(**inputs), packed_forward(model, **inputs, row_tokens="longest")
+            plain, packed = forward(model, inputs, "plain"), forward(model, inputs, "packed")
         for key in keys:
             torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=1e-5, rtol=1e-5)
 
@@ -236,10 +243,10 @@ def test_unsupported_reasons():
         OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
     )
     assert "no custom 4D attention mask" in packed_unsupported_reason(openai.transformer)
-    windowed = tiny_dual_head("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    windowed = tiny_double_heads("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert "sliding-window" in packed_unsupported_reason(windowed.decoder)
     for family in GENERIC_FAMILIES:
-        assert packed_unsupported_reason(tiny_dual_head(family).decoder) is None
+        assert packed_unsupported_reason(tiny_double_heads(family).decoder) is None
     gpt2 = tiny_gpt2()
     assert packed_unsupported_reason(gpt2.transformer) is None
     gpt2.config._attn_implementation_internal = "flash_attention_2"  # the attribute only; no kernel is loaded
@@ -247,16 +254,141 @@ def test_unsupported_reasons():
 
 
 def test_falls_back_with_a_message(caplog):
-    """openai-gpt runs its plain path, the sliding-window Qwen2 its own (shared-prefix or plain) path; logged once."""
+    """openai-gpt and the sliding-window Qwen2 asked for packed run the plain path (no cache-broadcast either); the
+    choice is logged once per model."""
     torch.manual_seed(0)
     config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
     batch = random_batch(0, batch_size=2, num_candidates=4)
     for model in (
         PersonaOpenAIGPTDoubleHeadsModel(config).eval(),
-        tiny_dual_head("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+        tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0),
     ):
+        calls = count_backbone_calls(model.transformer if hasattr(model, "transformer") else model.decoder)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="persona_packed"):
+        with caplog.at_level(logging.WARNING, logger="persona_encoding"):
             assert_same(model, batch, atol=0)
             run(model, batch, packed=True)
-        assert caplog.text.count("Packed forward off") == 1
+        assert caplog.text.count("Candidate encoding: plain (asked for packed; not packed: ") == 1
+        assert "; not shared_prefix: " in caplog.text
+        b, c, t = batch["input_ids"].shape
+        assert calls == [(b * c, t)] * 3  # every pass in full
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The choice: "auto" takes packed where it applies, then the cache broadcast, then plain; the config keeps it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_chooses_packed_and_says_so_once(caplog):
+    model = tiny_gpt2()
+    assert requested_encoding(model) == "auto"  # nothing set
+    batch = random_batch(1, batch_size=3, num_candidates=4)
+    calls = count_backbone_calls(model.transformer)
+    with caplog.at_level(logging.INFO, logger="persona_encoding"), torch.no_grad():
+        auto = model(**batch)
+        model(**batch)
+    assert caplog.text.count("Candidate encoding: packed (asked for auto).") == 1
+    b, c, t = batch["input_ids"].shape
+    assert len(calls) == 2 and calls[0][0] * calls[0][1] < b * c * t / 2  # one packed pass each, a fraction of plain
+    torch.testing.assert_close(auto.mc_logits, forward(model, batch, "plain").mc_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_falls_back_in_order(caplog):
+    """openai-gpt (no custom mask, no cache): plain. Sliding-window Qwen2: plain. Gradient checkpointing: packed
+    still applies (one pass without a cache). Asked for shared_prefix with checkpointing in training: plain."""
+    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
+    openai = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
+    windowed = tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    checkpointed = tiny_double_heads("llama", seed=1)
+    checkpointed.activation_checkpointing_enable()
+    checkpointed.train()
+    batch = random_batch(3, batch_size=2, num_candidates=3)
+    with caplog.at_level(logging.INFO, logger="persona_encoding"):
+        for model in (openai, windowed, checkpointed):
+            model(**batch)
+        forward(checkpointed, batch, "shared_prefix")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("Candidate encoding: plain (asked for auto; not packed: the openai-gpt backbone")
+    assert "sliding-window" in lines[1] and lines[1].startswith("Candidate encoding: plain (asked for auto;")
+    assert lines[2] == "Candidate encoding: packed (asked for auto)."
+    assert lines[3].startswith("Candidate encoding: plain (asked for shared_prefix; not shared_prefix: gradient")
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING", "INFO", "WARNING"]
+
+
+def test_the_config_keeps_the_choice(tmp_path):
+    """Saved and reloaded (GPT-2 and the generic model); a config with only the former switch off asks for plain."""
+    from persona_backbone import PersonaDoubleHeadsModel
+
+    gpt2 = tiny_gpt2()
+    gpt2.config.persona_shared_prefix = False  # a checkpoint saved before the encodings had names
+    assert requested_encoding(gpt2) == "plain"
+    set_candidate_encoding(gpt2, "shared_prefix")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    reloaded = PersonaGPT2DoubleHeadsModel.from_pretrained(tmp_path / "gpt2")
+    assert requested_encoding(reloaded) == "shared_prefix" and not hasattr(reloaded.config, "persona_shared_prefix")
+    llama = tiny_double_heads("llama")
+    set_candidate_encoding(llama, "plain")
+    llama.save_pretrained(tmp_path / "llama")
+    assert requested_encoding(PersonaDoubleHeadsModel.from_pretrained(tmp_path / "llama")) == "plain"
+    with pytest.raises(ValueError, match="expected one of auto, packed, shared_prefix, plain"):
+        set_candidate_encoding(llama, "fast")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Padding-free batches through the Trainer: several examples per row, the loss bookkeeping unchanged.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _one_sgd_step(model, rows, tmp_path, batch_size: int, accumulation: int):
+    from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}ga{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        lm_coef=2.0,
+        mc_coef=1.0,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    collator = PersonaCollator(pad_token_id=PAD)
+    PersonaTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+    return model
+
+
+def test_trainer_packed_rows_gradient_accumulation(tmp_path):
+    """One SGD step on 4 examples: packed batch 4 = packed 2 x GA 2 = plain batch 4 = a hand-computed step."""
+    rng = random.Random(1)  # one long example (100 tokens per candidate), three short ones (< 20)
+    rows = [random_example(rng, 4, 2 if i == 0 else 0, long=i == 0, shared_start=i == 2) for i in range(4)]
+    rows = Dataset.from_list(rows)
+    base = tiny_gpt2(seed=5).train()  # dropout 0: deterministic
+    results, packed_rows = {}, []
+    for encoding, batch_size, accumulation in [("plain", 4, 1), ("packed", 4, 1), ("packed", 2, 2)]:
+        model = copy.deepcopy(base)
+        set_candidate_encoding(model, encoding)
+        calls = count_backbone_calls(model.transformer)
+        results[encoding, batch_size] = _one_sgd_step(model, rows, tmp_path, batch_size, accumulation).state_dict()
+        if (encoding, batch_size) == ("packed", 4):
+            packed_rows = [r for r, _ in calls]
+    assert packed_rows and packed_rows[0] < 4  # several examples shared a row
+
+    manual = copy.deepcopy(base)
+    set_candidate_encoding(manual, "plain")
+    out = manual(**PersonaCollator(pad_token_id=PAD)(list(rows)))
+    (2.0 * out.lm_nll.sum() / out.lm_tokens.sum() + out.mc_nll.mean()).backward()
+    with torch.no_grad():
+        for p in manual.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    for name, expected in manual.state_dict().items():
+        for key, state in results.items():
+            torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+    assert not torch.equal(results["packed", 2]["transformer.wte.weight"], base.transformer.wte.weight)
