@@ -392,3 +392,19 @@ def test_trainer_packed_rows_gradient_accumulation(tmp_path):
         for key, state in results.items():
             torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
     assert not torch.equal(results["packed", 2]["transformer.wte.weight"], base.transformer.wte.weight)
+
+
+def test_bench_script_runs(capsys):
+    """bench/shared_prefix.py end to end on a minimal setting: every path, the outputs checked against plain."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "bench" / "shared_prefix.py"
+    spec = importlib.util.spec_from_file_location("bench_shared_prefix", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--candidates", "3", "--threads", "1", "--eval_batches", "1", "--train_steps", "1", "--repeats", "1"]
+    bench.main(args)
+    out = capsys.readouterr().out
+    assert "packed-1row" in out and "  1   3 eval" in out and "  1   3 train" in out
+    assert "outputs differ" not in out
