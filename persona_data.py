@@ -237,7 +237,7 @@ def _warn_cuts(features: datasets.Dataset, max_length: int | None, source: str |
         parts.append(f"{context} of {features.num_rows} rows lost their oldest history turns or persona sentences")
     if gold:
         shortest = min(b for b, g in zip(features["reply_budget"], features["cut_gold"]) if g)
-        parts.append(f"{gold} rows had their gold reply cut (to as few as {shortest} tokens: the LM learns cut replies)")
+        parts.append(f"{gold} rows had their gold reply cut (to as few as {shortest} tokens)")
     if distractor:
         parts.append(f"{distractor} rows had a distractor cut")
     where = f"{source}: " if source else ""

@@ -29,7 +29,12 @@ from persona_records import PersonaDataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 # UTF-32 first: its little-endian mark begins with UTF-16's.
-_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 UTF8_BOM = b"\xef\xbb\xbf"
 # gzip/zlib failures of a truncated or corrupt stream.
 _GZIP_ERRORS = (OSError, EOFError, zlib.error)

@@ -298,7 +298,7 @@ def assemble_splits(
         out[split] = _assemble_split(records, options, reports[split])
         r = reports[split]
         if r.records == 0 and not allow_empty:
-            raise PersonaDataError(f"{source}: split {split!r} has no dialogs (an empty file or split); check the data.")
+            raise PersonaDataError(f"{source}: split {split!r} has no dialogs (an empty file or split); check it.")
         if r.records and not r.dialogs:
             raise PersonaDataError(
                 f"{source}: split {split!r}: all {r.records} records are bad, none is left. First: {r.reasons[0]}"

@@ -85,9 +85,7 @@ def _receive(url: str, out, timeout: float) -> None:
             received += len(chunk)
             out.write(chunk)
         if length is not None and length.isdigit() and received != int(length):
-            raise PersonaDataError(
-                f"{url}: download cut short: received {received} of {length} bytes; try again."
-            )
+            raise PersonaDataError(f"{url}: download cut short: received {received} of {length} bytes; try again.")
         if response.headers.get_content_type() == "text/html" or head.lstrip().lower().startswith(_HTML_STARTS):
             raise PersonaDataError(
                 f"{url}: the server sent a web page (HTML), not a data file; check the URL (a raw-file link, not "
@@ -226,7 +224,8 @@ def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[s
             absent = sorted(set(options.column_mapping) - set(ds.column_names))
             if absent:
                 raise PersonaDataError(
-                    f"{source}: split {split!r}: --column_mapping names column(s) {absent} it lacks ({ds.column_names})."
+                    f"{source}: split {split!r}: --column_mapping names column(s) {absent} it lacks "
+                    f"({ds.column_names})."
                 )
             try:
                 ds = ds.rename_columns(options.column_mapping)
