@@ -60,7 +60,8 @@ class PersonaTrainingArguments(TrainingArguments):
             from transformers.integrations import is_tensorboard_available
 
             self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
-        if self.eval_strategy == "auto":  # persona-train's default: evaluate each epoch when evaluating at all
+        self.auto_eval_strategy = self.eval_strategy == "auto"
+        if self.auto_eval_strategy:  # persona-train's default: evaluate each epoch when evaluating at all
             self.eval_strategy = "epoch" if self.do_eval else "no"
         if not (self.lm_coef >= 0 and self.mc_coef >= 0 and self.lm_coef + self.mc_coef > 0):
             raise ValueError(

@@ -139,7 +139,10 @@ class DataArguments:
         default=None, metadata={"help": "Longest input in tokens (default: the model's maximum positions)."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="valid", metadata={"help": "Split to evaluate on ('validation' is also tried)."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (default: the first of valid, validation, test the data has)."},
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild cached features."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
@@ -251,7 +254,10 @@ def _splits(
                 flag
                 for flag, on in (
                     ("--do_eval false", training_args.do_eval),
-                    ("--eval_strategy no", training_args.eval_strategy != "no"),
+                    (
+                        "--eval_strategy no",
+                        training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
+                    ),
                     ("--do_convai2_eval false", data_args.do_convai2_eval),
                 )
                 if on

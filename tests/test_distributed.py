@@ -162,6 +162,32 @@ def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path):
         assert_same_weights(load_weights(killed), load_weights(killed / "checkpoint-3"))
 
 
+@pytest.mark.slow
+def test_rerun_after_a_kill_mid_save_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
+    args = ["--max_train_samples", "16", "--max_steps", "6", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+            "--learning_rate", "1e-2", "--warmup_steps", "2"]  # fmt: skip
+    full = tmp_path / "full"
+    launch(run_args(assets, full, *args))
+    killed = tmp_path / "killed"
+    proc = launch(run_args(assets, killed, *args), env={"PROBE_KILL_DURING_SAVE": "4"}, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "checkpoint-4" / "trainer_state.json").exists()
+    # The same command again: no --resume_from_checkpoint.
+    proc = launch(run_args(assets, killed, *args))
+    messages = [line for line in proc.stderr.splitlines() if line.startswith("persona-train:")]
+    assert any("skipping the incomplete checkpoint" in m and "checkpoint-4" in m for m in messages), proc.stderr
+    assert any("resuming from" in m and m.endswith("checkpoint-2 (pass --overwrite_output_dir true to start afresh).")
+               for m in messages), messages  # fmt: skip
+    assert json.load(open(killed / "trainer_state.json"))["global_step"] == 6
+    assert_same_weights(load_weights(killed), load_weights(full))
+    # A third run finds the finished run: it says so, exits 0 and leaves the metrics alone.
+    results = (killed / "all_results.json").read_text()
+    proc = launch(run_args(assets, killed, *args))
+    assert "already holds a finished run (step 6)" in proc.stderr and "--overwrite_output_dir true" in proc.stderr
+    assert (killed / "all_results.json").read_text() == results
+
+
 VALIDATE_DEEPSPEED_CONFIGS = """
 import json, sys
 from transformers import GPT2Config, GPT2DoubleHeadsModel
