@@ -52,9 +52,8 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         known = {action.dest for action in parser._actions} - {"help"}
         unknown = sorted(set(config) - known)
         if unknown:
-            hints = "".join(
-                f" ({key!r}: did you mean {close!r}?)" for key in unknown if (close := _closest(key, known))
-            )
+            close = (_closest(key, known) for key in unknown)
+            hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
             raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
         parser.set_defaults(**config)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
