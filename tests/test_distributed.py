@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,11 +129,19 @@ def test_one_step_same_update_in_1_and_2_processes_and_ranks_agree(assets, expec
 
 @pytest.mark.slow
 def test_torchrun_two_processes_trains_with_identical_ranks(assets, tmp_path):
+    """The README's CPU recipe as written (no --use_cpu): one data-parallel run, not two independent ones."""
+    from persona_data import build_features, load_dialogs
+    from persona_model import load_model_and_tokenizer
+
     out = tmp_path / "ddp"
     args = ["--max_steps", "6", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    proc = launch(run_args(assets, out, *args, "--logging_steps", "3"), nproc=2)
+    proc = launch([a for a in run_args(assets, out, *args, "--logging_steps", "3") if a != "--use_cpu"], nproc=2)
     state = json.load(open(out / "trainer_state.json"))
     assert state["global_step"] == 6
+    # 6 steps of 2 rows x 2 accumulation x 2 processes: the epoch count shows both processes shared the data.
+    rows = build_features(load_dialogs(assets["data"])["train"], load_model_and_tokenizer(assets["model"])[1],
+                          num_candidates=2, max_history=2).num_rows  # fmt: skip
+    assert state["log_history"][-1]["epoch"] == pytest.approx(6 / math.ceil(rows / 8), rel=1e-3)
     losses = [log["loss"] for log in state["log_history"] if "loss" in log]
     assert len(losses) == 2 and losses[1] < losses[0], proc.stdout[-2000:]
     rank0, rank1 = torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt")
