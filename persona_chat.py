@@ -15,6 +15,8 @@ Decoding options are the reference's (interact.py) with their defaults, except t
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
 import sys
 import warnings
@@ -24,9 +26,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import GenerationConfig, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_cli import max_positions, parse_args_with_config, persona_split, run_console_script
+from persona_cli import (
+    UsageError,
+    check_model_path,
+    max_positions,
+    parse_args_with_config,
+    persona_split,
+    run_console_script,
+)
 from persona_data import load_dialogs
-from persona_inputs import build_inputs, fit_to_length
+from persona_inputs import build_inputs
 from persona_model import load_model_and_tokenizer
 from persona_tokens import SpecialTokenIds
 
@@ -46,9 +55,41 @@ class GenerationArguments:
     num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
     seed: int | None = field(default=None, metadata={"help": "Random seed for sampling (and a random persona)."})
 
+    def __post_init__(self):
+        check_generation_options(**{name: getattr(self, name) for name in GENERATION_FIELDS}, flags=True)
+
     def generation_options(self) -> dict:
         """The options as keyword arguments of `generate_replies` / `PersonaBot`."""
         return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+
+
+GENERATION_FIELDS = ("max_new_tokens", "min_length", "temperature", "top_k", "top_p", "no_sample", "num_beams")
+
+
+def check_generation_options(
+    *, max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, flags: bool = False
+) -> None:
+    """A `UsageError` (a ValueError) for decoding options `generate` would reject or silently misuse; `flags` names
+    them as command-line flags."""
+    name = (lambda n: f"--{n}") if flags else (lambda n: n)  # noqa: E731
+    if max_new_tokens < 1:
+        raise UsageError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}.")
+    if not 0 <= min_length <= max_new_tokens:
+        raise UsageError(
+            f"{name('min_length')} must be between 0 and {name('max_new_tokens')} ({max_new_tokens}), got {min_length}."
+        )
+    if num_beams < 1:
+        raise UsageError(f"{name('num_beams')} must be >= 1, got {num_beams}.")
+    if not no_sample:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise UsageError(
+                f"{name('temperature')} must be a number > 0 when sampling, got {temperature}; "
+                f"{name('no_sample')} decodes greedily."
+            )
+        if not 0 < top_p <= 1:
+            raise UsageError(f"{name('top_p')} must be in (0, 1] (1 turns it off), got {top_p}.")
+        if top_k < 0:
+            raise UsageError(f"{name('top_k')} must be >= 0 (0 turns it off), got {top_k}.")
 
 
 # The one table of decoding defaults: every caller (chat, evaluation, demo, the library) reads it.
@@ -78,12 +119,12 @@ def build_context(
     """The generation context as 1-row tensors `input_ids`, `token_type_ids`, `attention_mask` ([1, T]).
 
     Built by the training builder with an empty reply and no eos, so it ends with the `<speaker1>` reply prefix.
-    `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) older turns and
-    then persona sentences are dropped, as in training, so that the context plus `reply_budget` tokens fit.
+    `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) the context is
+    cut by `fit_generation_context` so that it plus `reply_budget` new tokens fit.
     """
     persona_ids = _encode(tokenizer, persona)
     history_ids = _encode(tokenizer, history[-(2 * max_history + 1) :] if history else [])
-    persona_ids, history_ids, _, cut = fit_to_length(persona_ids, history_ids, reply_budget, max_length)
+    persona_ids, history_ids, cut = fit_generation_context(persona_ids, history_ids, reply_budget, max_length)
     if cut:
         logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
     row = build_inputs(persona_ids, history_ids, [], SpecialTokenIds.from_tokenizer(tokenizer), with_eos=False)
@@ -93,6 +134,47 @@ def build_context(
         "token_type_ids": torch.tensor([row["token_type_ids"]]),
         "attention_mask": torch.ones_like(input_ids),
     }
+
+
+def fit_generation_context(
+    persona: list[list[int]], history: list[list[int]], reply_budget: int, max_length: int | None
+) -> tuple[list[list[int]], list[list[int]], bool]:
+    """Cut a generation context so that bos + persona + speaker-prefixed turns + the reply prefix + `reply_budget`
+    new tokens fit `max_length` positions; returns persona, history and whether anything was cut (linear time).
+
+    The oldest turns go first (the user's last turn stays); persona sentences from the end while the persona takes
+    more than half the room; then the last turn loses its start (its end, next to the reply, is kept); then more
+    persona sentences. A `ValueError` when `reply_budget` alone leaves no room.
+    """
+    if max_length is None:
+        return persona, history, False
+    room = max_length - 2 - reply_budget  # bos and the reply's speaker prefix
+    if room < 1:
+        raise UsageError(
+            f"a reply of {reply_budget} new tokens leaves no room for the context in the model's {max_length} "
+            "positions; lower --max_new_tokens."
+        )
+    persona_len = sum(map(len, persona))
+    turn_lens = [len(h) + 1 for h in history]
+    total = persona_len + sum(turn_lens)
+    if total <= room:
+        return persona, history, False
+    first = 0
+    while total > room and first < len(history) - 1:
+        total -= turn_lens[first]
+        first += 1
+    history, persona = list(history[first:]), list(persona)
+    while total > room and persona and persona_len > room // 2:
+        dropped = len(persona.pop())
+        persona_len -= dropped
+        total -= dropped
+    if total > room and history:
+        keep = max(0, len(history[-1]) - (total - room))
+        total -= len(history[-1]) - keep
+        history[-1] = history[-1][len(history[-1]) - keep :]
+    while total > room and persona:
+        total -= len(persona.pop())
+    return persona, history, True
 
 
 def generation_config_from_options(
@@ -113,15 +195,16 @@ def generation_config_from_options(
     `min_length`: the reference resampled until it drew a non-special token, which never ends when a special token
     has probability 1.
     """
-    if max_new_tokens < 1 or min_length < 0 or min_length > max_new_tokens:
-        raise ValueError(
-            f"Need 0 <= min_length <= max_new_tokens and max_new_tokens >= 1; got {min_length}, {max_new_tokens}."
-        )
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    check_generation_options(
+        max_new_tokens=max_new_tokens,
+        min_length=min_length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        no_sample=no_sample,
+        num_beams=num_beams,
+    )
     do_sample = not no_sample
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use no_sample for greedy.")
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     return GenerationConfig(
@@ -325,17 +408,56 @@ class ChatArguments:
     def __post_init__(self):
         # `--persona a --persona b` and `--persona a b` both give [a, b].
         self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
+        if self.max_history < 0:
+            raise UsageError(f"--max_history must be >= 0, got {self.max_history}.")
+        check_device(self.device)
+        check_model_path(self.model_name_or_path)
+        if self.persona_file is not None and not os.path.isfile(self.persona_file):
+            what = "is a directory" if os.path.isdir(self.persona_file) else "no such file"
+            raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """A `UsageError` for a device string torch does not know or an accelerator this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise UsageError(f"{flag} {device}: this machine has {found}; use --device cpu (or leave --device out).")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} mps: MPS is not available here; use --device cpu.")
 
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ChatArguments, GenerationArguments), prog="persona-chat", description=__doc__)
 
 
+def read_text_lines(path: str, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; a `UsageError` naming the file for binary or non-UTF-8
+    content."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        raise UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path}: line {line} is not UTF-8 text; save the file as UTF-8.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _read_persona(args: ChatArguments, seed: int | None, interactive: bool) -> list[str]:
     persona = [s.strip() for s in args.persona if s.strip()]
     if args.persona_file:
-        with open(args.persona_file, encoding="utf-8") as f:
-            persona += [line.strip() for line in f if line.strip()]
+        sentences = read_text_lines(args.persona_file, "--persona_file")
+        if not sentences:
+            raise UsageError(f"--persona_file {args.persona_file}: no persona sentence in it (one per line).")
+        persona += sentences
     if not persona and args.dataset_path:
         persona = random_persona(args.dataset_path, args.dataset_format, seed)
     if not persona and interactive:
@@ -357,12 +479,21 @@ def _show_persona(persona: Sequence[str], file=sys.stdout) -> None:
         print(f"  - {sentence}", file=file)
 
 
+COMMANDS_HELP = "/reset clears the history, /persona shows it, /persona a. | b. replaces it, /quit (or Ctrl-D) quits"
+
+
 def _interactive_loop(bot: PersonaBot) -> None:
-    print("Talk to the bot. /reset clears the history, /persona shows it, /persona a. | b. replaces it; Ctrl-D quits.")
+    print(f"Talk to the bot. {COMMANDS_HELP}.")
     while True:
-        text = input(">>> ").strip()
+        try:
+            text = input(">>> ").strip()
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; type it again)")
+            continue
         if not text:
             continue
+        if text in ("/quit", "/exit"):
+            return
         if text == "/reset":
             bot.reset()
             print("(history cleared)")
@@ -372,8 +503,45 @@ def _interactive_loop(bot: PersonaBot) -> None:
             bot.persona = [s.strip() for s in text[len("/persona ") :].split("|")]
             _show_persona(bot.persona)
             print("(new persona, history cleared)")
+        elif text.startswith("/") and not text.startswith("//"):
+            print(f"(unknown command {text.split()[0]}: {COMMANDS_HELP}; begin a message with '//' to send a '/')")
         else:
+            if text.startswith("//"):
+                text = text[1:]
             print(bot.reply(text))
+
+
+def _stdin_lines():
+    """(line number, text) of each stdin line; a `UsageError` naming the line when it is not UTF-8."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in place of stdin (tests, embedding)
+        yield from enumerate(sys.stdin, start=1)
+        return
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"stdin line {number}: not UTF-8 text (byte {err.start + 1}); send UTF-8 text, one turn per line."
+            ) from None
+
+
+def _stdin_loop(bot: PersonaBot) -> None:
+    """One output line per input line: the reply, or an empty line for a blank input line (not a turn)."""
+    for _, line in _stdin_lines():
+        text = line.strip()
+        # One reply per output line even if the model produced a newline.
+        print(" ".join(bot.reply(text).split()) if text else "", flush=True)
+
+
+def check_reply_budget(model: PreTrainedModel, max_new_tokens: int) -> None:
+    """A `UsageError` when `--max_new_tokens` leaves no room for a context in the model's window."""
+    window = max_positions(model)
+    if window is not None and max_new_tokens > window - 3:
+        raise UsageError(
+            f"--max_new_tokens {max_new_tokens} does not fit the model's {window} positions with any context; "
+            f"use at most {window - 3}."
+        )
 
 
 def main(args: ChatArguments, generation: GenerationArguments) -> int:
@@ -382,14 +550,12 @@ def main(args: ChatArguments, generation: GenerationArguments) -> int:
     try:
         persona = _read_persona(args, generation.seed, interactive)
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, revision=args.revision)
+        check_reply_budget(model, generation.max_new_tokens)
         bot = PersonaBot(model, tokenizer, persona, max_history=args.max_history, **generation.generation_options())
         # In --stdin mode stdout carries replies only, one per line.
         _show_persona(bot.persona, file=sys.stderr if args.stdin else sys.stdout)
         if args.stdin:
-            for line in sys.stdin:
-                if line.strip():
-                    # One reply per output line even if the model produced a newline.
-                    print(" ".join(bot.reply(line.strip()).split()), flush=True)
+            _stdin_loop(bot)
         else:
             _interactive_loop(bot)
     except (KeyboardInterrupt, EOFError):

@@ -12,6 +12,7 @@ import json
 import logging
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -98,6 +99,33 @@ def load_model_and_tokenizer(
     A LoRA adapter folder (written by `--use_peft` training) loads its base model, then the adapter on top; with
     `merge_adapter` (default) the adapter is merged and a plain double-heads model is returned.
     """
+    try:
+        return _load_model_and_tokenizer(
+            name_or_path,
+            tokenizer_name_or_path=tokenizer_name_or_path,
+            revision=revision,
+            token=token,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            merge_adapter=merge_adapter,
+            **model_kwargs,
+        )
+    except SafetensorError as err:
+        # A copy or a save cut short: the library's error names neither the folder nor a fix.
+        raise CheckpointError(
+            f"{name_or_path}: a weights file is damaged or incomplete ({err}); copy the checkpoint again or re-train."
+        ) from err
+
+
+class CheckpointError(OSError):
+    """A checkpoint folder that cannot be loaded (damaged or incomplete files): a user error, not a bug."""
+
+
+def _load_model_and_tokenizer(
+    name_or_path, *, tokenizer_name_or_path, revision, token, dtype, cache_dir, trust_remote_code, merge_adapter, **kw
+):
+    model_kwargs = kw
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
     adapter_config = find_adapter_config_file(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     if adapter_config is not None:
