@@ -147,7 +147,7 @@ def _build_batch(
                 if num_candidates is not None and len(candidates) < num_candidates:
                     raise PersonaDataError(
                         f"{source}dialog {dialog_idx}, utterance {u_idx}: field 'candidates' has {len(candidates)} "
-                        f"candidates but num_candidates={num_candidates}; lower num_candidates."
+                        f"candidates but --num_candidates {num_candidates}; lower --num_candidates."
                     )
                 candidates = candidates if num_candidates is None else candidates[-num_candidates:]
                 history = [encoded[h] for h in u["history"][-(2 * max_history + 1) :]]
