@@ -27,6 +27,7 @@ DEFAULT_SYSTEM_PROMPT = "You are chatting with someone. Stay in character. Your 
 PERSONA_FIELD = "{persona}"
 # A string no template invents: finding it in the rendering proves the system message was kept.
 _SYSTEM_PROBE = "persona-chat system probe 7f3a"
+_WARNED_NO_SYSTEM: set[tuple[str, str]] = set()  # say once per template that the persona moves to the user turn
 _MAX_CUTS = 64  # reply/last-turn cuts before giving up (each one removes at least a token)
 
 
@@ -71,12 +72,14 @@ class _Encoded(NamedTuple):
 
     prompt_ids: list[int]
     parts: list[list[int]]  # [C][len]: reply tokens, the end-of-turn, whatever the template renders after it
-    reply_lens: list[int]  # tokens of each reply text on its own (for the reply budget)
     tail_len: int  # tokens every part ends with (the end-of-turn and what follows it)
     end_of_turn: int  # index of the (last) end-of-turn token within those tail tokens
 
     def length(self, reply_budget: int = 0) -> int:
         return len(self.prompt_ids) + (max(map(len, self.parts)) if self.parts else reply_budget)
+
+    def reply_lens(self) -> list[int]:
+        return [len(part) - self.tail_len for part in self.parts]
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,13 @@ class ChatFormat:
         except Exception as err:
             raise ChatTemplateError(f"{name} cannot render a one-message user conversation: {err}") from err
         if not fmt._holds_system_message():
-            logger.warning(
-                "%s has no system role: the persona goes at the head of the first user turn.", name.capitalize()
-            )
+            if (name, template) not in _WARNED_NO_SYSTEM:
+                _WARNED_NO_SYSTEM.add((name, template))
+                logger.warning(
+                    "%s has no system role: the persona goes at the head of the first user turn.", name.capitalize()
+                )
             fmt = cls(tokenizer, template, name, system_prompt, system_role=False)
+        fmt.end_of_turn_ids  # noqa: B018 -- a template that cannot build rows fails here, before any data is read
         return fmt
 
     def _holds_system_message(self) -> bool:
@@ -172,7 +178,7 @@ class ChatFormat:
         messages = self.messages(persona, history)
         prompt = self.render(messages, add_generation_prompt=True)
         if not replies:
-            return _Encoded(self.encode([prompt])[0], [], [], 0, 0)
+            return _Encoded(self.encode([prompt])[0], [], 0, 0)
         gold = replies[-1]
         full = self.render([*messages, {"role": "assistant", "content": gold}], add_generation_prompt=False)
         suffix = full[len(prompt) :] if full.startswith(prompt) else None
@@ -185,10 +191,7 @@ class ChatFormat:
                 f"message extends its generation prompt (reply {gold!r})."
             )
         head, tail = suffix[:at], suffix[at + len(gold) :]
-        encoded = self.encode([prompt, full, tail, *replies, *(head + r + tail for r in replies)])
-        prompt_ids, full_ids, tail_ids = encoded[:3]
-        reply_lens = list(map(len, encoded[3 : 3 + len(replies)]))
-        parts = encoded[3 + len(replies) :]
+        prompt_ids, full_ids, tail_ids, *parts = self.encode([prompt, full, tail, *(head + r + tail for r in replies)])
         if prompt_ids + parts[-1] != full_ids:
             raise ChatTemplateError(
                 f"{self.name}: the tokens of the conversation with the reply are not the tokens of the generation "
@@ -205,7 +208,7 @@ class ChatFormat:
         for part, reply in zip(parts, replies):
             if part[len(part) - len(tail_ids) :] != tail_ids:
                 raise ChatTemplateError(f"{self.name}: the reply {reply!r} merges into the end-of-turn tokens.")
-        return _Encoded(prompt_ids, parts, reply_lens, len(tail_ids), specials[-1])
+        return _Encoded(prompt_ids, parts, len(tail_ids), specials[-1])
 
     def _fit(
         self,
@@ -235,14 +238,12 @@ class ChatFormat:
             if enc.length(reply_budget) <= max_length:
                 break
             over = enc.length(reply_budget) - max_length
-            if replies and max(enc.reply_lens) > 1:
-                budget = max(1, max(enc.reply_lens) - over)
-                replies = [self._keep(r, n, budget, from_end=False) for r, n in zip(replies, enc.reply_lens)]
+            if replies and max(enc.reply_lens()) > 1:
+                budget = max(1, max(enc.reply_lens()) - over)
+                replies = [self._keep(r, n, budget, from_end=False) for r, n in zip(replies, enc.reply_lens())]
             elif history and history[-1]:
                 (last_ids,) = self.encode(history[-1:])
-                # At least one token less each time: a decoded cut may re-encode to more tokens than were kept.
-                keep = max(0, min(len(last_ids) - over, len(last_ids) - 1))
-                history[-1] = self._keep(history[-1], len(last_ids), keep, from_end=True)
+                history[-1] = self._keep(history[-1], len(last_ids), len(last_ids) - over, from_end=True)
             else:
                 break
             enc = self._encode(persona, history, replies)
@@ -254,9 +255,12 @@ class ChatFormat:
         return enc, True
 
     def _keep(self, text: str, num_tokens: int, keep: int, *, from_end: bool) -> str:
+        """`text` cut to `keep` of its tokens (its last ones with `from_end`); `num_tokens` is its length in context."""
         if keep >= num_tokens:
             return text
         (ids,) = self.encode([text])
+        # At least one token less, however the text tokenizes on its own; a reply keeps one token.
+        keep = max(min(keep, len(ids) - 1), 0 if from_end else 1)
         ids = ids[len(ids) - keep :] if from_end else ids[:keep]
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
 

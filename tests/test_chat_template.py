@@ -193,9 +193,10 @@ def tokenizers(tmp_path_factory, dialogs):
 
 
 def examples(dialogs, count=6):
-    """(persona, history, candidates) of the first `count` utterances, histories odd and even, 4 candidates."""
-    found = [(d["personality"], u["history"], u["candidates"][-4:]) for d in dialogs for u in d["utterances"]]
-    return found[:count] + [(p, h[1:], c) for p, h, c in found[:2]]  # bot-first histories too
+    """(persona, history, candidates) of the first `count` utterances with 4 candidates, two with the bot speaking
+    first, and one with all 20 candidates (evaluation)."""
+    found = [(d["personality"], u["history"], u["candidates"]) for d in dialogs for u in d["utterances"]]
+    return [(p, h, c[-4:]) for p, h, c in found[:count]] + [(p, h[1:], c[-4:]) for p, h, c in found[:2]] + found[-1:]
 
 
 def test_chatml_row_literal(tokenizers):
@@ -249,6 +250,7 @@ def test_system_less_template_puts_persona_in_first_user_turn(tokenizers, dialog
     tok = tokenizers["gemma"]
     with caplog.at_level(logging.WARNING, logger="persona_chat_template"):
         fmt = ChatFormat.from_tokenizer(tok)
+        ChatFormat.from_tokenizer(tok)  # says it once
     assert not fmt.system_role
     assert [r.getMessage() for r in caplog.records] == [
         f"The chat template of {tok.name_or_path} has no system role: the persona goes at the head of the first user "
@@ -310,11 +312,9 @@ def test_tokenizer_without_chat_template(tokenizers, tmp_path):
 
 
 def test_non_prefix_template_raises(tokenizers):
-    fmt = ChatFormat.from_tokenizer(
-        tokenizers["chatml"], chat_template=NON_PREFIX_TEMPLATE, template_name="think.jinja"
-    )
+    # Found when the format is built, before any data is read.
     with pytest.raises(ChatTemplateError, match="think.jinja renders the assistant's reply differently"):
-        fmt.build_rows(["i like tea."], ["hi"], ["hello"])
+        ChatFormat.from_tokenizer(tokenizers["chatml"], chat_template=NON_PREFIX_TEMPLATE, template_name="think.jinja")
 
 
 def test_tokens_merging_across_the_generation_prompt_raise(tokenizers):
@@ -322,9 +322,8 @@ def test_tokens_merging_across_the_generation_prompt_raise(tokenizers):
     # Precondition: alone, the prompt's final "\n\n" is one token; before a word it is two.
     assert len(tok.encode("\n\n", add_special_tokens=False)) == 1
     assert len(tok.encode("\n\nhello", add_special_tokens=False)) == 3
-    fmt = ChatFormat.from_tokenizer(tok)
     with pytest.raises(ChatTemplateError, match="merges across the end of the generation prompt"):
-        fmt.build_rows(["i like tea."], ["hi"], ["hello"])
+        ChatFormat.from_tokenizer(tok)
 
 
 def test_truncation_follows_the_speaker_token_rules(tokenizers, dialogs):
