@@ -123,7 +123,8 @@ class ChatFormat:
             if (name, template) not in _WARNED_NO_SYSTEM:
                 _WARNED_NO_SYSTEM.add((name, template))
                 logger.warning(
-                    "%s has no system role: the persona goes at the head of the first user turn.", name.capitalize()
+                    "%s has no system role: the persona goes at the head of the first user turn.",
+                    name[0].upper() + name[1:],
                 )
             fmt = cls(tokenizer, template, name, system_prompt, system_role=False)
         fmt.end_of_turn_ids  # noqa: B018 -- a template that cannot build rows fails here, before any data is read
@@ -136,8 +137,6 @@ class ChatFormat:
         except Exception:  # e.g. Gemma's raise_exception('System role not supported')
             return False
         return _SYSTEM_PROBE in text  # some templates drop it silently
-
-    # ------------------------------------------------------------------------------------------------------------------
 
     def system_text(self, persona: Sequence[str]) -> str:
         """The system prompt with the persona sentences, one per line."""
@@ -171,8 +170,6 @@ class ChatFormat:
     def _special_ids(self) -> frozenset[int]:
         added = getattr(self.tokenizer, "added_tokens_decoder", {})
         return frozenset(self.tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
-
-    # ------------------------------------------------------------------------------------------------------------------
 
     def _encode(self, persona: Sequence[str], history: Sequence[str], replies: Sequence[str]) -> _Encoded:
         messages = self.messages(persona, history)
@@ -263,8 +260,6 @@ class ChatFormat:
         keep = max(min(keep, len(ids) - 1), 0 if from_end else 1)
         ids = ids[len(ids) - keep :] if from_end else ids[:keep]
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
-
-    # ------------------------------------------------------------------------------------------------------------------
 
     def build_rows(
         self,
