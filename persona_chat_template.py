@@ -158,12 +158,14 @@ class ChatFormat:
         return [{"role": "user", "content": system}, *turns]
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """The template's text for `messages`, ending with the assistant header when `add_generation_prompt`."""
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        # What apply_chat_template(tokenize=True) does with a rendering: the template writes its own special tokens.
+        """Ids of renderings, as `apply_chat_template(tokenize=True)` makes them (the template writes its own special
+        tokens, so none is added)."""
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     @cached_property
