@@ -319,3 +319,85 @@ class ChatFormat:
         enc = self._encode(["i like tea ."], ["hello , how are you ?"], ["fine , thanks ."])
         tail = enc.parts[0][len(enc.parts[0]) - enc.tail_len :]
         return list(dict.fromkeys(t for t in tail[: enc.end_of_turn + 1] if t in self._special_ids))
+
+
+# The two ways persona examples become token ids; the chosen one is recorded in the tokenizer's config.
+CHAT_TEMPLATE, SPEAKER_TOKENS = "chat_template", "speaker_tokens"
+INPUT_FORMATS = (CHAT_TEMPLATE, SPEAKER_TOKENS)
+# Key in tokenizer_config.json: the tokenizer (and its chat template) is saved with every checkpoint, full or LoRA.
+FORMAT_KEY = "persona_input_format"
+# Backbones whose checkpoints keep the reference's speaker-token layout unless told otherwise.
+SPEAKER_TOKEN_MODEL_TYPES = ("gpt2", "openai-gpt")
+
+
+def recorded_input_format(tokenizer) -> dict | None:
+    """`{"input_format": ..., "system_prompt": ...}` recorded by `record_input_format` (saved with the tokenizer)."""
+    record = getattr(tokenizer, "init_kwargs", {}).get(FORMAT_KEY)
+    return dict(record) if isinstance(record, dict) else None
+
+
+def record_input_format(tokenizer, input_format: str, system_prompt: str | None = None) -> None:
+    """Record the input format (and the system prompt) so that `tokenizer.save_pretrained` writes it."""
+    record = {"input_format": input_format}
+    if input_format == CHAT_TEMPLATE:
+        record["system_prompt"] = system_prompt or DEFAULT_SYSTEM_PROMPT
+    tokenizer.init_kwargs[FORMAT_KEY] = record
+
+
+def default_input_format(tokenizer, model_type: str | None) -> str:
+    """`speaker_tokens` for GPT / GPT-2 / DialoGPT / openai-gpt, for a tokenizer that already has the persona tokens
+    (a checkpoint trained with them) or one without a chat template; `chat_template` otherwise."""
+    has_speaker_tokens = "<speaker1>" in tokenizer.get_vocab()
+    if model_type in SPEAKER_TOKEN_MODEL_TYPES or has_speaker_tokens or not getattr(tokenizer, "chat_template", None):
+        return SPEAKER_TOKENS
+    return CHAT_TEMPLATE
+
+
+def resolve_input_format(
+    tokenizer,
+    model_type: str | None = None,
+    *,
+    input_format: str | None = None,
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    chat_template_name: str | None = None,
+) -> ChatFormat | None:
+    """Decide and record how `tokenizer`'s model reads persona examples: a `ChatFormat`, or None for speaker tokens.
+
+    Explicit options win; then what the checkpoint recorded; then `default_input_format`. `chat_template`
+    (template text, see `load_chat_template`; `chat_template_name` names it in errors) replaces the tokenizer's own
+    and is stored in it, so it is saved with the model.
+    """
+    recorded = recorded_input_format(tokenizer) or {}
+    if input_format is None and (system_prompt is not None or chat_template is not None):
+        input_format = CHAT_TEMPLATE
+    input_format = input_format or recorded.get("input_format") or default_input_format(tokenizer, model_type)
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"--input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}.")
+    if input_format == SPEAKER_TOKENS:
+        if system_prompt is not None or chat_template is not None:
+            raise ValueError("--system_prompt and --chat_template apply to --input_format chat_template only.")
+        record_input_format(tokenizer, SPEAKER_TOKENS)
+        return None
+    system_prompt = system_prompt or recorded.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    fmt = ChatFormat.from_tokenizer(
+        tokenizer, chat_template=chat_template, template_name=chat_template_name, system_prompt=system_prompt
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    record_input_format(tokenizer, CHAT_TEMPLATE, system_prompt)
+    return fmt
+
+
+def chat_format_of(tokenizer) -> ChatFormat | None:
+    """The `ChatFormat` a tokenizer's record asks for (None: speaker tokens, or nothing recorded)."""
+    record = recorded_input_format(tokenizer)
+    if not record or record.get("input_format") != CHAT_TEMPLATE:
+        return None
+    key = (tokenizer.chat_template, record.get("system_prompt"))
+    cached = getattr(tokenizer, "_persona_chat_format", None)
+    if cached is None or cached[0] != key:
+        fmt = ChatFormat.from_tokenizer(tokenizer, system_prompt=record.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        cached = (key, fmt)
+        tokenizer._persona_chat_format = cached
+    return cached[1]

@@ -19,6 +19,7 @@ from itertools import chain
 import datasets
 from datasets.fingerprint import Hasher
 
+from persona_chat_template import ChatFormat
 from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
@@ -41,6 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
+CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
 FEATURES_VERSION = "1"
 
@@ -86,18 +88,8 @@ def _tokenizer_signature(tokenizer) -> str:
     return Hasher.hash((type(tokenizer).__name__, state, tokenizer.all_special_tokens))
 
 
-def _build_batch(
-    batch: dict[str, list],
-    indices: list[int],
-    *,
-    tokenizer,
-    ids: SpecialTokenIds,
-    num_candidates: int | None,
-    max_history: int,
-    personality_permutations: int,
-    max_length: int | None,
-    source: str,
-) -> dict[str, list]:
+def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds, max_history: int, num_candidates):
+    """Encode every text of the batch once; return the persona converter and the row builder of speaker tokens."""
     texts = set(chain.from_iterable(batch["personality"]))
     for utterances in batch["utterances"]:
         for u in utterances:
@@ -106,9 +98,43 @@ def _build_batch(
     texts = sorted(texts)
     encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
 
-    out = {key: [] for key in MODEL_INPUT_COLUMNS + ["truncated"]}
+    def build(persona, history, candidates, max_length):
+        history = [encoded[h] for h in history]
+        replies = [encoded[c] for c in candidates]
+        p, h, budget, cut = fit_to_length(persona, history, max(map(len, replies)), max_length)
+        rows = [build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1)) for i, r in enumerate(replies)]
+        return {key: [row[key] for row in rows] for key in MODEL_INPUT_COLUMNS[:-1]}, cut
+
+    return (lambda sentences: [encoded[s] for s in sentences]), build
+
+
+def _build_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer,
+    ids: SpecialTokenIds | None,
+    num_candidates: int | None,
+    max_history: int,
+    personality_permutations: int,
+    max_length: int | None,
+    source: str,
+    chat_format: ChatFormat | None = None,
+) -> dict[str, list]:
+    if chat_format is None:
+        to_persona, build = _speaker_token_rows(batch, tokenizer, ids, max_history, num_candidates)
+        columns = MODEL_INPUT_COLUMNS
+    else:  # chat-template rows are rendered per example from the texts; they have no token types
+        to_persona, columns = list, CHAT_TEMPLATE_COLUMNS
+
+        def build(persona, history, candidates, max_length):
+            rows, cut = chat_format.build_rows(persona, history, candidates, max_length=max_length)
+            rows.pop("mc_labels")
+            return rows, cut
+
+    out = {key: [] for key in columns + ["truncated"]}
     for personality, utterances, dialog_idx in zip(batch["personality"], batch["utterances"], indices):
-        persona = [encoded[s] for s in personality]
+        persona = to_persona(personality)
         for _ in range(personality_permutations):
             for u_idx, u in enumerate(utterances):
                 candidates = u["candidates"]
@@ -118,16 +144,10 @@ def _build_batch(
                         f"candidates but num_candidates={num_candidates}; lower num_candidates."
                     )
                 candidates = candidates if num_candidates is None else candidates[-num_candidates:]
-                history = [encoded[h] for h in u["history"][-(2 * max_history + 1) :]]
-                replies = [encoded[c] for c in candidates]
-                p, h, budget, cut = fit_to_length(persona, history, max(map(len, replies)), max_length)
-                rows = [
-                    build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1))
-                    for i, r in enumerate(replies)
-                ]
-                for key in ("input_ids", "token_type_ids", "mc_token_ids", "labels"):
-                    out[key].append([row[key] for row in rows])
-                out["mc_labels"].append(len(replies) - 1)
+                rows, cut = build(persona, u["history"][-(2 * max_history + 1) :], candidates, max_length)
+                for key, value in rows.items():
+                    out[key].append(value)
+                out["mc_labels"].append(len(candidates) - 1)
                 out["truncated"].append(cut)
             persona = [persona[-1]] + persona[:-1] if persona else persona
     return out
@@ -145,11 +165,16 @@ def build_features(
     cache_dir: str | None = None,
     load_from_cache_file: bool | None = None,
     source: str | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> datasets.Dataset:
     """Model-input rows (one per permutation × utterance) of a canonical dialogs split.
 
-    `num_candidates=None` keeps every candidate (evaluation). The result is cached by a fingerprint of the dialogs,
-    the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory dialogs.
+    `num_candidates=None` keeps every candidate (evaluation). With `chat_format`
+    (`persona_chat_template.ChatFormat`) the rows are the tokenizer's chat template (persona as the system message,
+    no `token_type_ids`); else the speaker-token rows of `persona_inputs`. Candidate selection, history, persona
+    permutations, truncation and errors follow the same rules for both. The result is cached by a fingerprint of
+    the dialogs, the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory
+    dialogs.
     `source` (e.g. "data.json: split 'train'") prefixes error messages.
     """
     if num_candidates is not None and num_candidates < 1:
@@ -158,14 +183,18 @@ def build_features(
         raise ValueError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise ValueError(f"max_history must be >= 0, got {max_history}.")
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None
     options = dict(
         num_candidates=num_candidates,
         max_history=max_history,
         personality_permutations=personality_permutations,
         max_length=max_length,
     )
-    fingerprint = Hasher.hash((FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options))
+    # The chat format's template, system prompt and persona placement change every row.
+    key = (FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options)
+    if chat_format is not None:
+        key += (chat_format.template, chat_format.system_prompt, chat_format.system_role)
+    fingerprint = Hasher.hash(key)
     cache_file_name = None
     if not dialogs.cache_files and cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -176,7 +205,9 @@ def build_features(
         batch_size=100,
         with_indices=True,
         remove_columns=dialogs.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, ids=ids, source=f"{source}: " if source else "", **options),
+        fn_kwargs=dict(
+            tokenizer=tokenizer, ids=ids, source=f"{source}: " if source else "", chat_format=chat_format, **options
+        ),
         num_proc=num_proc,
         new_fingerprint=fingerprint,
         cache_file_name=cache_file_name,
