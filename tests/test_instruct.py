@@ -268,6 +268,7 @@ def test_transformers_serve_gives_persona_chats_reply(trained, tmp_path):
     model, tokenizer = load_model_and_tokenizer(folder)
     (ours,) = generate_reply_ids(model.eval(), tokenizer, [(PERSONA, HISTORY)], no_sample=True, max_new_tokens=12)
     expected = tokenizer.decode(ours, skip_special_tokens=True).strip()
+    assert expected
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -369,3 +370,26 @@ def test_chat_template_file_is_saved_with_the_model(instruct_checkpoints, data_p
         cli(train_args(instruct_checkpoints["llama"], data_path, out, "--chat_template", str(template), steps=2)) == 0
     )
     assert AutoTokenizer.from_pretrained(out).chat_template == LLAMA3_TEMPLATE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct", "smollm2-360m-instruct"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_instruct_configs_train_one_step(instruct_checkpoints, data_path, tmp_path, name, lora):
+    """The recipes as written, the tiny backbone and data swapped in (and the LoRA flags of their comments)."""
+    from run_persona import cli
+
+    family = "qwen2" if name.startswith("qwen") else "llama"
+    config = os.path.join(ROOT, "configs", f"{name}.yaml")
+    out = tmp_path / "run"
+    flags = ["--use_peft", "true", "--learning_rate", "2.0e-4"] if lora else []
+    assert cli([
+        config, "--model_name_or_path", instruct_checkpoints[family], "--dataset_path", data_path,
+        "--dataset_cache", str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "1",
+        "--gradient_accumulation_steps", "1", "--max_eval_samples", "2", "--use_cpu", "true", "--report_to", "none",
+        *flags,
+    ]) == 0  # fmt: skip
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert json.loads((out / "tokenizer_config.json").read_text())["persona_input_format"]["input_format"] == (
+        "chat_template"
+    )
