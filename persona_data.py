@@ -23,7 +23,7 @@ from persona_chat_template import ChatFormat
 from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
-from persona_sources import fetch, is_datasets_source, is_url, read_hub_dataset
+from persona_sources import fetch, forget_download, is_datasets_source, is_url, read_hub_dataset
 from persona_tokens import SpecialTokenIds
 
 # Importable from here as well as from their own modules: the public API (README) and the names other code uses.
@@ -41,10 +41,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The shortest input: bos, one turn's speaker (its tokens may all be cut), the reply's speaker, one token, eos.
+MIN_LENGTH = 5
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
 CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
+# Per-row notes of what fitting max_length cut, counted for the warning and then dropped: context (history turns or
+# persona sentences), the gold reply, a distractor; and the reply budget.
+CUT_COLUMNS = ["cut_context", "cut_gold", "cut_distractor", "reply_budget"]
 
 
 def load_dialogs_with_report(
@@ -60,13 +65,40 @@ def load_dialogs_with_report(
     else:
         if options:
             raise ValueError(
-                f"Unknown load_dialogs option(s) {sorted(options)}; known: {sorted(known | {'cache_dir'})}."
+                f"Unknown load_dialogs option(s) {sorted(options)} for a {dataset_format or 'data'} file; known: "
+                f"{sorted(known | {'cache_dir'})}."
             )
         if fmt is not None and fmt not in READERS:
-            raise ValueError(f"Unknown dataset_format {fmt!r}; choose one of {sorted(READERS) + ['hub']}.")
+            raise ValueError(f"Unknown --dataset_format {fmt!r}; choose one of {sorted(READERS) + ['hub']}.")
         local = fetch(source, cache_dir)
-        fmt = fmt or detect_format(local, source.split("?")[0] if is_url(source) else None)
-        splits = READERS[fmt](local, source, read_options)
+        try:
+            fmt = fmt or detect_format(local, source.split("?")[0] if is_url(source) else None)
+            _check_options_apply(source, fmt, read_options)
+            splits = READERS[fmt](local, source, read_options)
+            return _assemble(splits, source, read_options)
+        except PersonaDataError:
+            if source.startswith(("http://", "https://")):
+                forget_download(source, local)  # a later run, the server fixed, downloads it again
+            raise
+    return _assemble(splits, source, read_options)
+
+
+def _check_options_apply(source: str, fmt: str, options: ReadOptions) -> None:
+    """Options that would change the meaning of the data if they applied are an error when they cannot."""
+    if options.column_mapping:
+        raise PersonaDataError(
+            f"{source}: --column_mapping renames the columns of a `datasets` source (a Hub id or a folder); a "
+            f"{fmt} file has fixed fields. Drop --column_mapping, or pass --dataset_format hub for a data file "
+            f"that `datasets` should read."
+        )
+    if fmt != "spc_csv" and options.spc_bot_role != ReadOptions.spc_bot_role:
+        raise PersonaDataError(
+            f"{source}: --spc_bot_role applies to Synthetic-Persona-Chat CSV (spc_csv) only, not to {fmt}, where the "
+            f"bot is the speaker with the persona; drop --spc_bot_role."
+        )
+
+
+def _assemble(splits, source: str, read_options: ReadOptions) -> tuple[datasets.DatasetDict, dict[str, SplitReport]]:
     dialogs, reports = assemble_splits(splits, source, read_options)
     logger.info("Loaded %s: %s", source, {split: ds.num_rows for split, ds in dialogs.items()})
     return dialogs, reports
@@ -101,11 +133,36 @@ def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds,
     def build(persona, history, candidates, max_length):
         history = [encoded[h] for h in history]
         replies = [encoded[c] for c in candidates]
-        p, h, budget, cut = fit_to_length(persona, history, max(map(len, replies)), max_length)
+        p, h, budget, _ = fit_to_length(persona, history, max(map(len, replies)), max_length)
         rows = [build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1)) for i, r in enumerate(replies)]
-        return {key: [row[key] for row in rows] for key in MODEL_INPUT_COLUMNS[:-1]}, cut
+        cuts = {
+            "cut_context": len(p) != len(persona) or len(h) != len(history) or h[-1:] != history[-1:],
+            "cut_gold": len(replies[-1]) > budget,
+            "cut_distractor": any(len(r) > budget for r in replies[:-1]),
+            "reply_budget": budget,
+        }
+        return {key: [row[key] for row in rows] for key in MODEL_INPUT_COLUMNS[:-1]}, cuts
 
     return (lambda sentences: [encoded[s] for s in sentences]), build
+
+
+def _chat_template_rows(chat_format: ChatFormat):
+    """The row builder of chat-template rows (rendered per example from the texts; no token types)."""
+
+    def build(persona, history, candidates, max_length):
+        rows, cut = chat_format.build_rows(persona, history, candidates, max_length=max_length)
+        rows.pop("mc_labels")
+        start = next(i for i, label in enumerate(rows["labels"][-1]) if label != -100)  # the gold reply's first token
+        kept = [end - start for end in rows["mc_token_ids"]]  # reply tokens before each end-of-turn
+        cuts = {"cut_context": False, "cut_gold": False, "cut_distractor": False, "reply_budget": max(kept)}
+        if cut:  # what was cut, against the uncut prompt and replies
+            whole = [len(ids) for ids in chat_format.encode([c.strip() for c in candidates])]
+            cuts["cut_context"] = start < len(chat_format.context_ids(persona, history))
+            cuts["cut_gold"] = kept[-1] < whole[-1]
+            cuts["cut_distractor"] = any(k < w for k, w in zip(kept[:-1], whole[:-1]))
+        return rows, cuts
+
+    return build
 
 
 def _build_batch(
@@ -124,15 +181,10 @@ def _build_batch(
     if chat_format is None:
         to_persona, build = _speaker_token_rows(batch, tokenizer, ids, max_history, num_candidates)
         columns = MODEL_INPUT_COLUMNS
-    else:  # chat-template rows are rendered per example from the texts; they have no token types
-        to_persona, columns = list, CHAT_TEMPLATE_COLUMNS
+    else:
+        to_persona, build, columns = list, _chat_template_rows(chat_format), CHAT_TEMPLATE_COLUMNS
 
-        def build(persona, history, candidates, max_length):
-            rows, cut = chat_format.build_rows(persona, history, candidates, max_length=max_length)
-            rows.pop("mc_labels")
-            return rows, cut
-
-    out = {key: [] for key in columns + ["truncated"]}
+    out = {key: [] for key in columns + CUT_COLUMNS}
     for personality, utterances, dialog_idx in zip(batch["personality"], batch["utterances"], indices):
         persona = to_persona(personality)
         for _ in range(personality_permutations):
@@ -144,11 +196,10 @@ def _build_batch(
                         f"candidates but num_candidates={num_candidates}; lower num_candidates."
                     )
                 candidates = candidates if num_candidates is None else candidates[-num_candidates:]
-                rows, cut = build(persona, u["history"][-(2 * max_history + 1) :], candidates, max_length)
-                for key, value in rows.items():
+                rows, cuts = build(persona, u["history"][-(2 * max_history + 1) :], candidates, max_length)
+                for key, value in (rows | cuts).items():
                     out[key].append(value)
                 out["mc_labels"].append(len(candidates) - 1)
-                out["truncated"].append(cut)
             persona = [persona[-1]] + persona[:-1] if persona else persona
     return out
 
@@ -183,6 +234,11 @@ def build_features(
         raise ValueError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise ValueError(f"max_history must be >= 0, got {max_history}.")
+    if chat_format is None and max_length is not None and max_length < MIN_LENGTH:
+        raise PersonaDataError(
+            f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "
+            f"({MIN_LENGTH} tokens); raise --max_length."
+        )
     ids = SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None
     options = dict(
         num_candidates=num_candidates,
@@ -214,12 +270,22 @@ def build_features(
         load_from_cache_file=load_from_cache_file,
         desc="Building persona model inputs",
     )
-    truncated = sum(features["truncated"])
-    if truncated:
-        logger.warning(
-            "%d of %d rows were longer than max_length=%s: oldest history turns, then persona sentences were dropped.",
-            truncated,
-            features.num_rows,
-            max_length,
-        )
-    return features.remove_columns("truncated")
+    _warn_cuts(features, max_length, source)
+    return features.remove_columns(CUT_COLUMNS)
+
+
+def _warn_cuts(features: datasets.Dataset, max_length: int | None, source: str | None) -> None:
+    """One warning that counts, apart, rows that lost context and rows whose gold reply or a distractor was cut."""
+    context, gold, distractor = (sum(features[c]) for c in ("cut_context", "cut_gold", "cut_distractor"))
+    if not (context or gold or distractor):
+        return
+    parts = []
+    if context:
+        parts.append(f"{context} of {features.num_rows} rows lost their oldest history turns or persona sentences")
+    if gold:
+        shortest = min(b for b, g in zip(features["reply_budget"], features["cut_gold"]) if g)
+        parts.append(f"{gold} rows had their gold reply cut (to as few as {shortest} tokens)")
+    if distractor:
+        parts.append(f"{distractor} rows had a distractor cut")
+    where = f"{source}: " if source else ""
+    logger.warning("%s--max_length %s: %s; raise --max_length to keep them whole.", where, max_length, "; ".join(parts))

@@ -55,31 +55,46 @@ def build_inputs(
 def fit_to_length(
     persona: list[list[int]], history: list[list[int]], longest_reply: int, max_length: int | None
 ) -> tuple[list[list[int]], list[list[int]], int, bool]:
-    """Shorten a context so bos + persona + speaker-prefixed turns + reply + eos fits `max_length`.
+    """Shorten a context so bos + persona + speaker-prefixed turns + speaker + reply + eos fits `max_length`.
 
     Oldest history turns go first (the last one stays), then persona sentences from the end; if that is not enough
-    the reply budget shrinks, and at last the final turn loses its oldest tokens. Returns the shortened persona and
-    history, the reply budget (tokens) and whether anything was cut. Shared by every candidate of a turn so they keep
-    one common context.
+    the reply budget shrinks (to 1 token at least), and at last the final turn loses its oldest tokens. Shared by
+    every candidate of a turn so they keep one common context.
+
+    Returns ``(persona, history, budget, cut)``: the shortened persona and history, the reply budget and whether
+    anything was cut (context or budget). The contract: ``build_inputs(persona, history, reply[:budget], ids)`` is at
+    most `max_length` tokens long, eos included; a generation context (``build_inputs(..., [], with_eos=False)``)
+    plus `budget` new tokens fits too, with a position to spare. The caller must cut its reply (or ask generation
+    for no more than `budget` new tokens): `budget` < `longest_reply` means the reply does not fit whole.
+    Linear in the number of sentences and turns. Raises `ValueError` when even one reply token cannot fit.
     """
     if max_length is None:
         return persona, history, longest_reply, False
     # bos + persona; each turn +1 speaker; the reply +1 speaker +1 eos.
-    length = lambda: 1 + sum(map(len, persona)) + sum(len(h) + 1 for h in history) + longest_reply + 2  # noqa: E731
-    if length() <= max_length:
+    persona_len = sum(map(len, persona))
+    history_len = sum(len(h) + 1 for h in history)
+    excess = 1 + persona_len + history_len + longest_reply + 2 - max_length
+    if excess <= 0:
         return persona, history, longest_reply, False
-    persona, history = list(persona), list(history)
-    while length() > max_length and len(history) > 1:
-        history.pop(0)
-    while length() > max_length and persona:
-        persona.pop()
+    first = 0  # oldest turns first, the last one stays
+    while excess > 0 and first < len(history) - 1:
+        excess -= len(history[first]) + 1
+        first += 1
+    kept = len(persona)  # then persona sentences from the end
+    while excess > 0 and kept:
+        kept -= 1
+        excess -= len(persona[kept])
+    persona, history = list(persona[:kept]), list(history[first:])
     budget = longest_reply
-    if length() > max_length:
-        budget = max(1, longest_reply - (length() - max_length))
-        longest_reply = budget
-    if length() > max_length and history:
-        keep = max(0, len(history[-1]) - (length() - max_length))
+    if excess > 0:
+        budget = max(1, longest_reply - excess)
+        excess -= longest_reply - budget
+    if excess > 0 and history:
+        keep = max(0, len(history[-1]) - excess)
+        excess -= len(history[-1]) - keep
         history[-1] = history[-1][len(history[-1]) - keep :]
-    if length() > max_length:
-        raise ValueError(f"max_length={max_length} is too small to hold even the special tokens and one reply token.")
+    if excess > 0:
+        raise ValueError(
+            f"max_length={max_length} is too small to hold even the special tokens and one reply token; raise it."
+        )
     return persona, history, budget, True

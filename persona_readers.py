@@ -11,7 +11,8 @@ Formats (``dataset_format``; `detect_format` guesses it from the file name and f
 - ``spc_csv``: Synthetic-Persona-Chat CSV (``user 1 personas``, ``user 2 personas``, ``Best Generated
   Conversation``); the bot plays ``spc_bot_role`` (user2, user1 or both).
 
-Files are decoded line by line, so one bad byte spoils only its own record and the error names its line. Formats
+Files are checked, decompressed (gzip) and decoded by `persona_files`, line by line, so one bad byte spoils only its
+own record and the error names its line. A field a format does not define is an error, never ignored. Formats
 without distractors mark their utterances for sampling (`persona_records.sample_distractors`).
 """
 
@@ -24,9 +25,20 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
-from persona_records import SILENCE, PersonaDataError, ReadOptions, Record, canonical_records, check_str_list
+from persona_files import DuplicateKeyError, loads_strict, read_text, strip_gz, text_lines
+from persona_records import (
+    SILENCE,
+    PersonaDataError,
+    ReadOptions,
+    Record,
+    canonical_records,
+    check_canonical_fields,
+    check_fields,
+    check_str_list,
+)
 
 SPC_COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
+CHAT_FIELDS = ("persona", "turns", "bot_first")
 
 
 def _fail(message: str) -> list[dict]:
@@ -37,39 +49,16 @@ def _fail(message: str) -> list[dict]:
 def _split_from_name(path: str, options: ReadOptions) -> str:
     if options.split:
         return options.split
-    words = re.split(r"[^a-z]+", os.path.basename(path).lower())
+    words = re.split(r"[^a-z]+", os.path.basename(strip_gz(path)).lower())
     for word in words:
         if word in ("train", "valid", "validation", "test", "dev"):
             return word
     return "train"
 
 
-def _refuse_utf16(head: bytes, source: str) -> None:
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 BOM: every line would fail on its own
-        raise PersonaDataError(f"{source}: line 1: UTF-16 text (byte-order mark); re-encode the file as UTF-8.")
-
-
-def _text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
-    """(line number, text without line end, encoding error or None) of a UTF-8 file; BOM and CRLF tolerated.
-
-    Decoding line by line lets a bad byte spoil only its own record, and names its line.
-    """
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no == 1:
-                _refuse_utf16(raw, source)
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            raw = raw.rstrip(b"\r\n")
-            try:
-                yield line_no, raw.decode("utf-8"), None
-            except UnicodeDecodeError as err:
-                problem = f"{source}: line {line_no}: not UTF-8 (byte {err.start} of the line); re-encode the file."
-                yield line_no, raw.decode("utf-8", errors="replace"), problem
-
-
 def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | None]]:
     """(where, parsed object or None, problem or None) per non-empty line of a JSON Lines file."""
-    for line_no, text, problem in _text_lines(path, source):
+    for line_no, text, problem in text_lines(path, source):
         where = f"{source}: line {line_no}"
         if not text.strip():
             continue
@@ -77,7 +66,9 @@ def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | Non
             yield where, None, problem
             continue
         try:
-            yield where, json.loads(text), None
+            yield where, loads_strict(text), None
+        except DuplicateKeyError as err:
+            yield where, None, f"{where}, column {err.column}: {err.problem}; remove one."
         except json.JSONDecodeError as err:
             yield where, None, f"{where}, column {err.colno}: not valid JSON: {err.msg}."
         except RecursionError:
@@ -86,14 +77,10 @@ def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | Non
 
 def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """PERSONA-CHAT "self_original" JSON: ``{"train": [dialog...], "valid": [dialog...]}`` (a list: one split)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    _refuse_utf16(raw, source)
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise PersonaDataError(f"{source}: line {line}: not UTF-8 (byte {err.start}); re-encode the file.") from None
+        data = loads_strict(read_text(path, source))
+    except DuplicateKeyError as err:
+        raise PersonaDataError(f"{source}: {err}; remove one.") from None
     except json.JSONDecodeError as err:
         raise PersonaDataError(
             f"{source}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}."
@@ -102,15 +89,20 @@ def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[
         raise PersonaDataError(f"{source}: JSON nested too deeply.") from None
     if isinstance(data, list):
         data = {_split_from_name(path, options): data}
+    elif options.split and isinstance(data, dict):
+        raise PersonaDataError(
+            f"{source}: --split names the split of a one-split file, but this file has the splits {list(data)}; "
+            f"drop --split."
+        )
     if not isinstance(data, dict) or not data:
         raise PersonaDataError(f'{source}: expected an object of splits like {{"train": [...], "valid": [...]}}.')
-    return canonical_records(data, source)
+    return canonical_records(data, source, strict=True)
 
 
 def read_dialogs_jsonl(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """JSON Lines, one canonical dialog per line; one split (named by `split` or the file name)."""
     records = [
-        (where, partial(_fail, problem) if problem else partial(list, [obj]))
+        (where, partial(_fail, problem) if problem else partial(check_canonical_fields, obj, where))
         for where, obj, problem in _json_lines(path, source)
     ]
     return {_split_from_name(path, options): records}
@@ -126,10 +118,15 @@ def _dialog_from_turns(persona: list[str], turns: list[str], where: str) -> dict
     return {"personality": persona, "utterances": utterances}
 
 
-def chat_dialog(obj, where: str) -> list[dict]:
-    """The canonical dialog of one chat record ``{"persona": [str], "turns": [str][, "bot_first": bool]}``."""
+def chat_dialog(obj, where: str, strict: bool = False) -> list[dict]:
+    """The canonical dialog of one chat record ``{"persona": [str], "turns": [str][, "bot_first": bool]}``.
+
+    `strict` (files): a field other than these is an error (`datasets` rows may carry other columns).
+    """
     if not isinstance(obj, dict):
         raise PersonaDataError(f"{where}: a chat record must be an object, got {type(obj).__name__}.")
+    if strict:
+        check_fields(obj, CHAT_FIELDS, where)
     for name in ("persona", "turns"):
         if name not in obj:
             raise PersonaDataError(
@@ -137,7 +134,10 @@ def chat_dialog(obj, where: str) -> list[dict]:
             )
     persona = check_str_list(obj["persona"], where, "persona")
     turns = check_str_list(obj["turns"], where, "turns")
-    if obj.get("bot_first"):
+    bot_first = obj.get("bot_first")
+    if bot_first is not None and not isinstance(bot_first, bool):  # "false" is truthy: never guess
+        raise PersonaDataError(f"{where}: field 'bot_first' must be true or false, got {bot_first!r}.")
+    if bot_first:
         turns = [SILENCE, *turns]
     return [_dialog_from_turns(persona, turns, where)]
 
@@ -145,7 +145,7 @@ def chat_dialog(obj, where: str) -> list[dict]:
 def read_chat_jsonl(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """Simple chat JSON Lines: ``{"persona": [str], "turns": [str]}`` per line (partner first; bot turns 2, 4, ...)."""
     records = [
-        (where, partial(_fail, problem) if problem else partial(chat_dialog, obj, where))
+        (where, partial(_fail, problem) if problem else partial(chat_dialog, obj, where, strict=True))
         for where, obj, problem in _json_lines(path, source)
     ]
     return {_split_from_name(path, options): records}
@@ -200,7 +200,7 @@ def read_convai2_txt(path: str, source: str, options: ReadOptions) -> dict[str, 
             records.append((where, partial(_convai2_dialog, lines, problems, where, source)))
 
     expected = None
-    for line_no, text, problem in _text_lines(path, source):
+    for line_no, text, problem in text_lines(path, source):
         if not text.strip():
             continue
         match = _NUMBERED.match(text)
@@ -224,6 +224,8 @@ def read_convai2_txt(path: str, source: str, options: ReadOptions) -> dict[str, 
 
 
 _SPC_TURN = re.compile(r"^[\s*]*User\s*([12])\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
+# A speaker tag of someone else ("User 3:", "User 0:") would otherwise be merged into the previous turn.
+_SPC_OTHER_SPEAKER = re.compile(r"^[\s*]*(User\s*\d+)\s*\**\s*:", re.IGNORECASE)
 _STAGE_DIRECTION = re.compile(r"^\[.*\]$|^[\W_]*$")
 
 
@@ -235,9 +237,15 @@ def _spc_turns(conversation: str, where: str) -> tuple[list[tuple[str, str]], li
     """
     turns: list[list[str]] = []
     pieces: list[str] = []
-    for line in conversation.splitlines():
+    for line_no, line in enumerate(conversation.splitlines(), start=1):
         line = line.strip()
         match = _SPC_TURN.match(line)
+        other = None if match else _SPC_OTHER_SPEAKER.match(line)
+        if other:
+            raise PersonaDataError(
+                f"{where}: field 'Best Generated Conversation', its line {line_no}: unknown speaker "
+                f"{other.group(1)!r} (only User 1 and User 2 take turns)."
+            )
         if match:
             speaker, text = match.group(1), match.group(2).strip()
             pieces.append(text)
@@ -289,7 +297,7 @@ def read_spc_csv(path: str, source: str, options: ReadOptions) -> dict[str, Iter
     bad_lines: dict[int, str] = {}
 
     def lines():
-        for line_no, text, problem in _text_lines(path, source):
+        for line_no, text, problem in text_lines(path, source):
             if problem:
                 bad_lines[line_no] = problem
             yield text + "\n"
@@ -306,6 +314,15 @@ def read_spc_csv(path: str, source: str, options: ReadOptions) -> dict[str, Iter
         missing = [c for c in SPC_COLUMNS if c not in header]
         if missing:
             raise PersonaDataError(f"{source}: line 1: the header lacks the column(s) {missing} (it has {header}).")
+        twice = next((h for i, h in enumerate(header) if h in header[:i]), None)
+        if twice is not None:
+            raise PersonaDataError(f"{source}: line 1: the header names the column {twice!r} twice; remove one.")
+        unknown = [h for h in header if h not in SPC_COLUMNS]
+        if unknown:
+            raise PersonaDataError(
+                f"{source}: line 1: unknown column(s) {unknown}; a Synthetic-Persona-Chat file has only "
+                f"{list(SPC_COLUMNS)}."
+            )
         start = reader.line_num + 1
         for i, values in enumerate(reader):
             where = f"{source}: record {i} (line {start})"
@@ -333,29 +350,29 @@ READERS: dict[str, Callable[[str, str, ReadOptions], dict[str, Iterable[Record]]
 FORMAT_ALIASES = {"json": "personachat_json", "txt": "convai2_txt", "parlai": "convai2_txt", "csv": "spc_csv"}
 
 
-def _first_json_line(path: str) -> object:
-    with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                try:
-                    return json.loads(raw.decode("utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                    return None
+def _first_json_line(path: str, source: str) -> object:
+    for _, text, problem in text_lines(path, source):
+        if text.strip():
+            try:
+                return None if problem else json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                return None
     return None
 
 
 def detect_format(path: str, name: str | None = None) -> str:
     """Guess the reader of a local file from its name (`name`, e.g. a URL, defaults to `path`) and first line."""
-    ext = os.path.splitext(name or path)[1].lower()
+    ext = os.path.splitext(strip_gz(name or path))[1].lower()
     if ext == ".json":
         return "personachat_json"
     if ext == ".jsonl":
-        first = _first_json_line(path)
+        first = _first_json_line(path, name or path)
         return "chat_jsonl" if isinstance(first, dict) and "turns" in first and "utterances" not in first else "jsonl"
     if ext == ".txt":
         return "convai2_txt"
     if ext == ".csv":
         return "spc_csv"
     raise PersonaDataError(
-        f"{name or path}: cannot tell the format from the name; pass dataset_format ({sorted(READERS) + ['hub']})."
+        f"{name or path}: cannot tell the format from the name; pass --dataset_format (one of "
+        f"{sorted(READERS) + ['hub']})."
     )

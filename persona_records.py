@@ -103,6 +103,8 @@ class SplitReport:
     skipped: int = 0
     dialogs: int = 0
     short_candidates: int = 0  # replies that got fewer distractors than num_distractors (pool too small)
+    replies: int = 0  # utterances (gold replies) kept
+    gold_in_distractors: int = 0  # replies with a distractor identical to the gold (the choice cannot be learnt)
     reasons: list[str] = field(default_factory=list)
 
 
@@ -124,6 +126,24 @@ def check_str_list(value, where: str, field: str, allow_empty: bool = True) -> l
     if not allow_empty and not value:
         raise PersonaDataError(f"{where}: field {field!r} is empty.")
     return value
+
+
+def check_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
+    """A `PersonaDataError` naming the first field of `obj` that is not in `known` (a typo is never ignored)."""
+    unknown = [key for key in obj if key not in known]
+    if unknown:
+        raise PersonaDataError(f"{where}: unknown field {unknown[0]!r} (the fields are {list(known)}).")
+
+
+def check_canonical_fields(dialog, where: str) -> list[dict]:
+    """`[dialog]` when neither it nor its utterances carry unknown fields (files; `datasets` rows may have more)."""
+    if isinstance(dialog, dict):
+        check_fields(dialog, ("personality", "utterances"), where)
+        if isinstance(dialog.get("utterances"), list):
+            for u, utterance in enumerate(dialog["utterances"]):
+                if isinstance(utterance, dict):
+                    check_fields(utterance, ("history", "candidates"), f"{where}, utterance {u}")
+    return [dialog]
 
 
 def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> dict:
@@ -215,7 +235,7 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             made = [(validate_dialog(d, where, options.max_turn_chars), d) for d in build()]
         except PersonaDataError as err:
             if options.on_bad_record == "error":
-                raise PersonaDataError(f"{err} (pass on_bad_record='skip' to skip bad records)") from None
+                raise PersonaDataError(f"{err} (or pass --on_bad_record skip to skip and count bad records)") from None
             report.skipped += 1
             report.reasons.append(str(err))
             logger.debug("Skipped: %s", err)
@@ -230,36 +250,59 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             dialogs, groups, needs, options.num_distractors, options.distractor_seed, own_texts
         )
     report.dialogs = len(dialogs)
+    report.replies = sum(len(d["utterances"]) for d in dialogs)
+    report.gold_in_distractors = sum(
+        u["candidates"][-1] in u["candidates"][:-1] for d in dialogs for u in d["utterances"]
+    )
     columns = {key: [d[key] for d in dialogs] for key in DIALOG_FEATURES}  # from_list cannot type an empty list
     return datasets.Dataset.from_dict(columns, features=DIALOG_FEATURES)
 
 
-def canonical_records(splits: dict, source: str) -> dict[str, list[Record]]:
-    """Records of dialogs that are already canonical (``{split: [dialog...]}``), each named by split and index."""
+def canonical_records(splits: dict, source: str, strict: bool = False) -> dict[str, list[Record]]:
+    """Records of dialogs that are already canonical (``{split: [dialog...]}``), each named by split and index.
+
+    `strict` (files): a field the record does not define is an error rather than ignored.
+    """
+    build = check_canonical_fields if strict else lambda dialog, where: [dialog]
     records = {}
     for split, dialogs in splits.items():
         if not isinstance(dialogs, list):
             raise PersonaDataError(
                 f"{source}: split {split!r} must be a list of dialogs, got {type(dialogs).__name__}."
             )
-        records[split] = [(f"{source}: split {split!r}, dialog {i}", partial(list, [d])) for i, d in enumerate(dialogs)]
+        records[split] = [
+            (where, partial(build, d, where))
+            for i, d in enumerate(dialogs)
+            for where in [f"{source}: split {split!r}, dialog {i}"]
+        ]
     return records
 
 
 def dialogs_to_dataset_dict(splits: dict[str, list], source: str, on_bad_record: str = "error") -> datasets.DatasetDict:
     """Validate raw canonical dialogs per split and build the `DatasetDict`; bad records raise or are counted."""
     options = ReadOptions(on_bad_record=on_bad_record)
-    return assemble_splits(canonical_records(splits, source), source, options)[0]
+    return assemble_splits(canonical_records(splits, source), source, options, allow_empty=True)[0]
 
 
 def assemble_splits(
-    splits: dict[str, Iterable[Record]], source: str, options: ReadOptions
+    splits: dict[str, Iterable[Record]], source: str, options: ReadOptions, allow_empty: bool = False
 ) -> tuple[datasets.DatasetDict, dict[str, SplitReport]]:
-    """One `Dataset` of valid canonical dialogs per split, and per split what was read, skipped and kept."""
+    """One `Dataset` of valid canonical dialogs per split, and per split what was read, skipped and kept.
+
+    A split without records (unless `allow_empty`, for in-memory dialogs) or whose every record was skipped is an
+    error: training or evaluating on nothing is never what was meant.
+    """
     out, reports = {}, {}
     for split, records in splits.items():
         reports[split] = SplitReport()
         out[split] = _assemble_split(records, options, reports[split])
+        r = reports[split]
+        if r.records == 0 and not allow_empty:
+            raise PersonaDataError(f"{source}: split {split!r} has no dialogs (an empty file or split); check it.")
+        if r.records and not r.dialogs:
+            raise PersonaDataError(
+                f"{source}: split {split!r}: all {r.records} records are bad, none is left. First: {r.reasons[0]}"
+            )
     for split, r in reports.items():
         if r.skipped:
             logger.warning(
@@ -278,5 +321,14 @@ def assemble_splits(
                 split,
                 r.short_candidates,
                 options.num_distractors,
+            )
+        if r.gold_in_distractors:
+            logger.warning(
+                "%s: split %r: %d of %d replies have a distractor identical to the gold reply, which no model can "
+                "tell apart (they count against Hits@1); deduplicate the candidates.",
+                source,
+                split,
+                r.gold_in_distractors,
+                r.replies,
             )
     return datasets.DatasetDict(out), reports

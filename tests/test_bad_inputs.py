@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +15,8 @@ from persona_data import PersonaDataError, load_dialogs, load_dialogs_with_repor
 BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
 
 # file -> (where the error points (None: the file is valid), fields/words it must name, dialogs kept with "skip",
-# records skipped with "skip"; None for file-level errors that raise in both modes).
+# records skipped with "skip"; None for file-level errors that raise in both modes; kept 0: with "skip" every record
+# is skipped, which is an error too).
 CORPUS = {
     "json_broken.json": ("not valid JSON (line 1, column 34)", "Expecting", None, None),
     "json_latin1.json": ("line 1", "UTF-8", None, None),
@@ -62,8 +64,42 @@ CORPUS = {
     "spc_latin1.csv": ("line 8", "UTF-8", 2, 1),
     "spc_crlf_bom.csv": (None, None, 2, 0),
     "spc_extra_field.csv": ("record 1 (line 8)", "4 fields", 2, 1),
-    "spc_empty.csv": ("", "header", None, None),
+    "spc_empty.csv": ("", "empty file", None, None),
     "spc_empty_gold.csv": ("record 1 (line 8), utterance 0", "gold reply", 2, 1),
+    # A key twice in a JSON object: json would keep the last value and silently drop the first.
+    "json_duplicate_split.json": ("line 1, column 1", "duplicate key 'train'", None, None),
+    "json_duplicate_personality.json": ("line 3, column 2", "duplicate key 'personality'", None, None),
+    "jsonl_duplicate_key.jsonl": ("line 2, column 36", "duplicate key 'history'", 2, 1),
+    "chat_duplicate_turns.jsonl": ("line 1, column 1", "duplicate key 'turns'", 1, 1),
+    # Optional fields are type-checked, unknown fields (typos) are errors.
+    "chat_bot_first_string.jsonl": ("line 1", "field 'bot_first' must be true or false, got 'false'", 1, 1),
+    "chat_bot_first_number.jsonl": ("line 2", "field 'bot_first' must be true or false, got 1", 1, 1),
+    "chat_unknown_field.jsonl": ("line 1", "unknown field 'bot_frist'", 1, 1),
+    "json_unknown_field.json": ("split 'train', dialog 1", "unknown field 'persona'", 1, 1),
+    "jsonl_unknown_utterance_field.jsonl": ("line 1, utterance 0", "unknown field 'candidate'", 1, 1),
+    # CSV columns and speaker tags.
+    "spc_duplicate_column.csv": ("line 1", "'user 2 personas' twice", None, None),
+    "spc_unknown_column.csv": ("line 1", "unknown column(s) ['notes']", None, None),
+    "spc_user3.csv": ("record 1 (line 4)", "unknown speaker 'User 3'", 1, 1),
+    # Encodings, binary data and gzip.
+    "json_utf32.json": ("line 1", "UTF-32", None, None),
+    "jsonl_utf32_be.jsonl": ("line 1", "UTF-32", None, None),
+    "spc_utf16_no_bom.csv": ("line 1", "NUL byte (byte 1 of the file)", None, None),
+    "convai2_binary.txt": ("line 5", "NUL byte (byte 48 of the file)", None, None),
+    "jsonl_gzip.jsonl.gz": (None, None, 2, 0),
+    "json_gzip_named_json.json": (None, None, 2, 0),
+    "convai2_truncated_gzip.txt.gz": ("", "broken gzip file", None, None),
+    # Nothing to read, or nothing left.
+    "jsonl_zero_bytes.jsonl": ("", "empty file", None, None),
+    "jsonl_only_blank_lines.jsonl": ("split 'train'", "has no dialogs", None, None),
+    "convai2_whitespace.txt": ("split 'train'", "has no dialogs", None, None),
+    "json_empty_split.json": ("split 'train'", "has no dialogs", None, None),
+    "json_empty_object.json": ("", "object of splits", None, None),
+    "spc_header_only.csv": ("split 'train'", "has no dialogs", None, None),
+    "chat_all_bad.jsonl": ("line 1", "'turns'", 0, 2),
+    "convai2_all_bad.txt": ("line 2", "'label'", 0, 2),
+    # Valid, but reported: a distractor identical to the gold (see test_gold_in_distractors_is_reported).
+    "json_gold_in_distractors.json": (None, None, 2, 0),
 }
 
 
@@ -89,8 +125,14 @@ def test_bad_input(name):
     message = str(info.value)
     assert message.startswith(f"{path}: {where}"), message
     assert words in message
+    assert "\n" not in message  # one line
     if kept is None:  # the whole file is unreadable: skipping cannot help
-        with pytest.raises(PersonaDataError, match="^" + path):
+        with pytest.raises(PersonaDataError, match="^" + re.escape(path)):
+            load_dialogs(path, _format(name), on_bad_record="skip")
+        return
+    if kept == 0:  # every record is bad: skipping them all leaves nothing to train on, which is an error too
+        all_bad = rf"^{re.escape(path)}: split 'train': all {skipped} records are bad"
+        with pytest.raises(PersonaDataError, match=all_bad):
             load_dialogs(path, _format(name), on_bad_record="skip")
         return
     dialogs, reports = load_dialogs_with_report(path, _format(name), on_bad_record="skip")
@@ -143,15 +185,106 @@ def test_huge_single_line(tmp_path, name, content):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+    with pytest.raises(PersonaDataError, match="nowhere.json: no such file"):
         load_dialogs(str(tmp_path / "nowhere.json"))
+
+
+FORMAT_FILES = {  # one valid small file per format
+    "jsonl": "jsonl_bom_crlf.jsonl",
+    "chat_jsonl": "chat_empty_persona.jsonl",
+    "convai2_txt": "convai2_crlf_bom.txt",
+    "spc_csv": "spc_crlf_bom.csv",
+    "personachat_json": "json_bom_crlf.json",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_FILES))
+def test_file_system_problems(tmp_path, fmt):
+    """Missing, a folder, a link loop, a dangling link, a FIFO: one line naming the path, in every format."""
+    name = FORMAT_FILES[fmt]
+    cases = {}
+    cases["missing"] = (str(tmp_path / f"nowhere-{name}"), "no such file")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases["folder"] = (str(folder), "is a folder")
+    loop = tmp_path / f"loop-{name}"
+    loop.symlink_to(loop)
+    cases["loop"] = (str(loop), "cannot be opened")
+    dangling = tmp_path / f"dangling-{name}"
+    dangling.symlink_to(tmp_path / "gone")
+    cases["dangling"] = (str(dangling), "cannot be opened")
+    fifo = tmp_path / f"fifo-{name}"
+    os.mkfifo(fifo)
+    cases["fifo"] = (str(fifo), "not a regular file")  # reading it would block forever
+    for case, (path, words) in cases.items():
+        with pytest.raises(PersonaDataError) as info:
+            load_dialogs(path, fmt)
+        assert str(info.value).startswith(f"{path}: {words}"), (case, str(info.value))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(open(os.path.join(BAD_DIR, "jsonl_bom_crlf.jsonl"), "rb").read())
+    path.chmod(0)
+    with pytest.raises(PersonaDataError, match=r"data.jsonl: permission denied"):
+        load_dialogs(str(path))
+
+
+def test_empty_folder_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PersonaDataError, match=r"empty: could not load it as a datasets dataset \(a folder\)"):
+        load_dialogs(str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_options_that_do_not_apply(tmp_path):
+    """An option that cannot apply to the chosen format is an error naming the flag, not silently ignored."""
+    for fmt, name in FORMAT_FILES.items():
+        path = os.path.join(BAD_DIR, name)
+        with pytest.raises(PersonaDataError, match=r"--column_mapping renames the columns of a `datasets` source"):
+            load_dialogs(path, fmt, column_mapping="a=persona")
+        if fmt == "spc_csv":
+            assert load_dialogs(path, fmt, spc_bot_role="user1")["train"].num_rows == 2
+        else:
+            with pytest.raises(PersonaDataError, match=rf"--spc_bot_role applies to .* not to {fmt}"):
+                load_dialogs(path, fmt, spc_bot_role="both")
+    # --split names the split of a one-split file: on a file of several splits it would be ignored.
+    with pytest.raises(PersonaDataError, match=r"this file has the splits \['train', 'valid'\]; drop --split"):
+        load_dialogs(os.path.join(BAD_DIR, "json_bom_crlf.json"), split="test")
+    assert list(load_dialogs(os.path.join(BAD_DIR, "jsonl_bom_crlf.jsonl"), split="test")) == ["test"]
+    # A datasets folder that is not Synthetic-Persona-Chat: --spc_bot_role cannot apply.
+    import datasets
+
+    datasets.Dataset.from_list([{"persona": ["a."], "turns": ["hi", "yo"]}]).save_to_disk(str(tmp_path / "chat"))
+    with pytest.raises(PersonaDataError, match=r"chat: split 'train': --spc_bot_role applies to Synthetic"):
+        load_dialogs(str(tmp_path / "chat"), spc_bot_role="user1")
+
+
+def test_gold_in_distractors_is_reported(caplog):
+    path = os.path.join(BAD_DIR, "json_gold_in_distractors.json")
+    with caplog.at_level("WARNING", logger="persona_records"):
+        dialogs, reports = load_dialogs_with_report(path)
+    assert reports["train"].gold_in_distractors == 1 and reports["train"].replies == 2
+    assert "split 'train': 1 of 2 replies have a distractor identical to the gold reply" in caplog.text
+    # Sampled distractors never repeat the gold (a text of the dialog's own group is never drawn).
+    with caplog.at_level("WARNING", logger="persona_records"):
+        _, reports = load_dialogs_with_report(os.path.join(BAD_DIR, "convai2_few_no_cands.txt"), num_distractors=5)
+    assert reports["train"].gold_in_distractors == 0
+
+
+def test_error_hints_name_the_flags(tmp_path):
+    with pytest.raises(PersonaDataError, match=r"\(or pass --on_bad_record skip to skip and count bad records\)$"):
+        load_dialogs(os.path.join(BAD_DIR, "jsonl_broken_line.jsonl"))
+    (tmp_path / "data.xml").write_text("x")
+    with pytest.raises(PersonaDataError, match=r"pass --dataset_format \(one of"):
+        load_dialogs(str(tmp_path / "data.xml"))
 
 
 def test_unknown_option_and_format(tmp_path):
     path = os.path.join(BAD_DIR, "json_empty_persona.json")
     with pytest.raises(ValueError, match="num_candidate"):
         load_dialogs(path, num_candidate=3)
-    with pytest.raises(ValueError, match="Unknown dataset_format 'xml'"):
+    with pytest.raises(ValueError, match="Unknown --dataset_format 'xml'"):
         load_dialogs(path, "xml")
     with pytest.raises(ValueError, match="on_bad_record"):
         load_dialogs(path, on_bad_record="ignore")

@@ -57,7 +57,7 @@ def test_build_features_truncates_to_max_length(tokenizer, caplog):
     with caplog.at_level("WARNING"):
         cut = build_features(dialogs, tokenizer, num_candidates=3, max_history=2, max_length=longest - 3)
     assert max(len(seq) for row in cut["input_ids"] for seq in row) <= longest - 3
-    assert "longer than max_length" in caplog.text
+    assert f"--max_length {longest - 3}: 1 of 2 rows lost their oldest history turns" in caplog.text
     # All candidates of a turn keep one shared context: everything before the reply's speaker token.
     speaker1 = SpecialTokenIds.from_tokenizer(tokenizer).speaker1
     for row in cut["input_ids"]:
@@ -94,3 +94,31 @@ def test_cache_is_really_reused(tokenizer, tmp_path, monkeypatch):
 def test_too_few_candidates_names_dialog(tokenizer):
     with pytest.raises(PersonaDataError, match=r"data.json: split 'train': dialog 0, utterance 0: field 'candidates'"):
         build_features(_dialogs(), tokenizer, num_candidates=4, max_history=2, source="data.json: split 'train'")
+
+
+def test_cut_gold_replies_are_counted_apart(tokenizer, caplog):
+    dialogs = _dialogs()
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # The smallest context: bos + the last turn, both utterances; the gold "hi there" needs all its tokens.
+    gold_len = len(enc("hi there"))
+    assert gold_len >= 2
+    max_length = 1 + 1 + len(enc("hello")) + 1 + gold_len + 1 - 1  # one token short for utterance 0's gold
+    with caplog.at_level("WARNING", logger="persona_data"):
+        feats = build_features(dialogs, tokenizer, num_candidates=3, max_history=2, max_length=max_length)
+    gold_rows = [row[-1] for row in feats["input_ids"]]
+    assert all(len(seq) <= max_length for row in feats["input_ids"] for seq in row)
+    # Independently: with only the last turn left, the reply budget is what remains of max_length.
+    budgets = [max(1, max_length - 4 - len(enc(last))) for last in ("hello", "cool")]
+    cut = [len(enc(gold)) > b for gold, b in zip(("hi there", "thanks"), budgets)]
+    assert cut[0] and f"{sum(cut)} rows had their gold reply cut (to as few as {min(budgets)} tokens" in caplog.text
+    assert f"--max_length {max_length}: 2 of 2 rows lost their oldest history turns or persona sentences" in caplog.text
+    eos = SpecialTokenIds.from_tokenizer(tokenizer).eos
+    assert gold_rows[0][-1] == eos
+
+
+def test_max_length_too_small_names_the_flag(tokenizer):
+    for max_length in (0, 1, 4):
+        with pytest.raises(PersonaDataError, match=rf"--max_length {max_length} cannot hold .*raise --max_length"):
+            build_features(_dialogs(), tokenizer, num_candidates=2, max_history=2, max_length=max_length)
+    feats = build_features(_dialogs(), tokenizer, num_candidates=2, max_history=2, max_length=5)
+    assert all(len(seq) == 5 for row in feats["input_ids"] for seq in row)

@@ -3,6 +3,11 @@ the model's window (docs/architecture.md, the data contract)."""
 
 from __future__ import annotations
 
+import random
+import time
+
+import pytest
+
 from persona_inputs import build_inputs, fit_to_length
 from persona_tokens import SpecialTokenIds
 
@@ -43,3 +48,55 @@ def test_fit_to_length_drops_oldest_history_then_persona():
     assert (p, h, budget) == ([[1, 1], [2, 2]], [[6, 6, 6]], 2)
     p, h, budget, cut = fit_to_length(persona, history, 5, 8)  # nothing but the last turn, reply cut
     assert (p, h) == ([], [[6, 6, 6]]) and 1 + 4 + budget + 2 <= 8 and budget == 1
+
+
+def _fit_reference(persona, history, longest_reply, max_length):
+    """The plain version: drop one turn or sentence at a time and recompute the whole length (quadratic)."""
+    if max_length is None:
+        return persona, history, longest_reply, False
+    length = lambda: 1 + sum(map(len, persona)) + sum(len(h) + 1 for h in history) + longest_reply + 2  # noqa: E731
+    if length() <= max_length:
+        return persona, history, longest_reply, False
+    persona, history = list(persona), list(history)
+    while length() > max_length and len(history) > 1:
+        history.pop(0)
+    while length() > max_length and persona:
+        persona.pop()
+    budget = longest_reply
+    if length() > max_length:
+        budget = longest_reply = max(1, longest_reply - (length() - max_length))
+    if length() > max_length and history:
+        keep = max(0, len(history[-1]) - (length() - max_length))
+        history[-1] = history[-1][len(history[-1]) - keep :]
+    if length() > max_length:
+        raise ValueError("too small")
+    return persona, history, budget, True
+
+
+def test_fit_to_length_matches_the_plain_version_on_random_cases():
+    rng = random.Random(0)
+    for _ in range(3000):
+        persona = [[rng.randrange(50)] * rng.randrange(0, 6) for _ in range(rng.randrange(0, 5))]
+        history = [[rng.randrange(50)] * rng.randrange(0, 8) for _ in range(rng.randrange(0, 6))]
+        reply = rng.randrange(0, 10)
+        max_length = rng.choice([None, rng.randrange(1, 60)])
+        try:
+            expected = _fit_reference(persona, history, reply, max_length)
+        except ValueError:
+            with pytest.raises(ValueError, match="max_length"):
+                fit_to_length(persona, history, reply, max_length)
+            continue
+        got = fit_to_length(persona, history, reply, max_length)
+        assert got == expected, (persona, history, reply, max_length)
+        p, h, budget, _ = got
+        # The contract: the training input of a reply cut to the budget fits, eos included.
+        assert len(build_inputs(p, h, [7] * min(reply, budget), IDS)["input_ids"]) <= (max_length or 10**9)
+
+
+def test_fit_to_length_is_linear():
+    persona = [[5, 6, 7]] * 30_000  # a 30k-sentence persona
+    history = [[8, 9]] * 30_000
+    started = time.perf_counter()
+    p, h, budget, cut = fit_to_length(persona, history, 10, 1024)
+    assert time.perf_counter() - started < 0.5
+    assert cut and h == [[8, 9]] and len(p) == (1024 - 1 - 3 - 10 - 2) // 3 and budget == 10

@@ -393,3 +393,16 @@ def test_instruct_configs_train_one_step(instruct_checkpoints, data_path, tmp_pa
     assert json.loads((out / "tokenizer_config.json").read_text())["persona_input_format"]["input_format"] == (
         "chat_template"
     )
+
+
+def test_chat_rows_cut_to_max_length_are_counted(tokenizers, data_path, caplog):  # noqa: F811
+    tok = tokenizers["chatml"]
+    fmt = ChatFormat.from_tokenizer(tok)
+    dialogs = load_dialogs(data_path)["train"].select(range(2))
+    whole = build_features(dialogs, tok, num_candidates=3, max_history=2, chat_format=fmt)
+    max_length = sorted(max(map(len, r)) for r in whole["input_ids"])[len(whole) // 2]
+    with caplog.at_level("WARNING", logger="persona_data"):
+        rows = build_features(dialogs, tok, num_candidates=3, max_history=2, max_length=max_length, chat_format=fmt)
+    longer = sum(max(map(len, r)) > max_length for r in whole["input_ids"])
+    assert longer and all(max(map(len, r)) <= max_length for r in rows["input_ids"])
+    assert f"{longer} of {len(rows)} rows lost their oldest history turns or persona sentences" in caplog.text

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import threading
+import time
 
 import datasets
 import pytest
@@ -117,3 +118,89 @@ def test_url_loading(tmp_path, http_root):
         load_dialogs(f"{url}/missing.json", cache_dir=cache)
     # Only complete files are kept: a failed download leaves nothing behind.
     assert len(os.listdir(os.path.join(cache, "downloads"))) == 2
+
+
+# Downloads that go wrong: nothing is kept, and the same URL works once the server is fixed.
+
+JSONL_LINES = [json.dumps(d) + "\n" for d in SMALL["train"] * 5]
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `data.jsonl` / `data.json` as `self.server.mode` says: ok, cut, html, trickle or broken."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        mode = self.server.mode
+        body = "".join(JSONL_LINES).encode() if self.path.startswith("/data.jsonl") else json.dumps(SMALL).encode()
+        ctype = "application/json"
+        if mode == "html":
+            body, ctype = b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n", "text/html"
+        elif mode == "html_as_json":
+            body = b"\n  <html><body>404</body></html>\n"
+        elif mode == "broken":
+            body = b"not json\n" * 3
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if mode == "cut":  # a connection lost after 3 whole lines: a parseable, shorter file
+                self.wfile.write("".join(JSONL_LINES[:3]).encode())
+            elif mode == "trickle":
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                self.wfile.write(body)
+        except OSError:  # the client gave up
+            pass
+
+
+@pytest.fixture
+def flaky_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    server.daemon_threads = True
+    server.mode = "ok"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "words"),
+    [
+        ("cut", "data.jsonl", r"download cut short: received \d+ of \d+ bytes"),
+        ("cut", "data.json", r"download cut short"),
+        ("html", "data.json", r"the server sent a web page \(HTML\)"),
+        ("html_as_json", "data.jsonl", r"the server sent a web page \(HTML\)"),
+        ("trickle", "data.json", r"download took over 1 s"),
+        ("broken", "data.jsonl", r"line 1, column 1: not valid JSON"),  # the reader rejects it: the copy is dropped
+        ("broken", "data.json", r"not valid JSON"),
+    ],
+)
+def test_bad_downloads_are_never_cached(tmp_path, flaky_server, monkeypatch, mode, name, words):
+    server, url = flaky_server
+    monkeypatch.setenv("PERSONA_DOWNLOAD_TIMEOUT", "1")
+    cache = str(tmp_path / "cache")
+    server.mode = mode
+    started = time.monotonic()
+    with pytest.raises(PersonaDataError, match=rf"^{url}/{name}: .*{words}"):
+        load_dialogs(f"{url}/{name}", cache_dir=cache)
+    assert time.monotonic() - started < 10
+    assert os.listdir(os.path.join(cache, "downloads")) == []  # no partial, temporary or rejected file
+    server.mode = "ok"  # the server fixed: the same URL now loads, all of it
+    dialogs = load_dialogs(f"{url}/{name}", cache_dir=cache)
+    expected = len(JSONL_LINES) if name == "data.jsonl" else len(SMALL["train"])
+    assert dialogs["train"].num_rows == expected
+
+
+def test_download_timeout_must_be_a_positive_number(tmp_path, monkeypatch):
+    for value in ("soon", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("PERSONA_DOWNLOAD_TIMEOUT", value)
+        with pytest.raises(PersonaDataError, match="PERSONA_DOWNLOAD_TIMEOUT"):
+            load_dialogs("http://127.0.0.1:9/data.json", cache_dir=str(tmp_path))

@@ -1,0 +1,195 @@
+"""Local data files as text: checks before reading, gzip, encodings, and JSON that refuses duplicate keys.
+
+Every problem is a `PersonaDataError` naming the file (and the line or byte) and what to do: a missing file, a
+folder, a link loop, an unreadable or empty file, a binary file, UTF-16/UTF-32 text, invalid UTF-8, a broken gzip
+stream, a JSON object with a key twice (``json`` would silently keep the last value).
+
+>>> loads_strict('{"a": 1, "b": {"c": 2}}')
+{'a': 1, 'b': {'c': 2}}
+>>> loads_strict('{"a": 1,\\n "a": 2}')
+Traceback (most recent call last):
+...
+persona_files.DuplicateKeyError: line 1, column 1: duplicate key 'a' in this object (JSON keeps only the last value)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import json.decoder
+import json.scanner
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from persona_records import PersonaDataError
+
+GZIP_MAGIC = b"\x1f\x8b"
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+UTF8_BOM = b"\xef\xbb\xbf"
+# gzip/zlib failures of a truncated or corrupt stream.
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice; `line`, `column` (of the object, in the parsed text) and `key` say where."""
+
+    def __init__(self, line: int = 0, column: int = 0, key: str = ""):
+        self.line, self.column, self.key = line, column, key
+        super().__init__(f"line {line}, column {column}: {self.problem}")
+
+    @property
+    def problem(self) -> str:
+        return f"duplicate key {self.key!r} in this object (JSON keeps only the last value)"
+
+
+def check_file(path: str, source: str) -> None:
+    """Raise a `PersonaDataError` unless `path` is a readable, non-empty regular file (named `source`)."""
+    if not os.path.lexists(path):
+        raise PersonaDataError(
+            f"{source}: no such file; pass an existing file, a `datasets` folder, an http(s) URL or a Hub id."
+        )
+    try:
+        info = os.stat(path)
+    except OSError as err:  # a dangling symbolic link or a loop of them
+        raise PersonaDataError(f"{source}: cannot be opened ({err.strerror}); check the symbolic link.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise PersonaDataError(
+            f"{source}: is a folder; pass one file in it, or leave --dataset_format unset (or 'hub') to read the "
+            f"folder through `datasets`."
+        )
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+        raise PersonaDataError(f"{source}: not a regular file; pass a data file.")
+    if not os.access(path, os.R_OK):
+        raise PersonaDataError(f"{source}: permission denied; make the file readable (chmod +r).")
+    if info.st_size == 0:
+        raise PersonaDataError(f"{source}: empty file (0 bytes); check the path or the download.")
+
+
+def is_gzip(path: str) -> bool:
+    """Whether the file starts with the gzip magic bytes (whatever its name)."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def strip_gz(name: str) -> str:
+    """`name` without a ``.gz`` suffix: the name of the format inside (``data.json.gz`` → ``data.json``)."""
+    return name[:-3] if name.lower().endswith(".gz") else name
+
+
+@contextmanager
+def open_binary(path: str, source: str) -> Iterator[BinaryIO]:
+    """The checked file's bytes, decompressed when it is gzip; read errors become a `PersonaDataError`."""
+    check_file(path, source)
+    compressed = is_gzip(path)
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            yield f
+    except PersonaDataError:
+        raise
+    except _GZIP_ERRORS as err:
+        if not compressed:
+            raise PersonaDataError(f"{source}: cannot be read ({err}).") from None
+        raise PersonaDataError(f"{source}: broken gzip file ({err}); download or compress it again.") from None
+
+
+def check_text_start(head: bytes, source: str) -> None:
+    """Refuse UTF-16/UTF-32 (a byte-order mark) by name: every line would otherwise fail on its own."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            raise PersonaDataError(f"{source}: line 1: {name} text (byte-order mark); re-encode the file as UTF-8.")
+
+
+def _nul_error(source: str, line_no: int, offset: int) -> PersonaDataError:
+    return PersonaDataError(
+        f"{source}: line {line_no}: a NUL byte (byte {offset} of the file): a binary file, or UTF-16/UTF-32 text "
+        f"without a byte-order mark; pass a UTF-8 text file."
+    )
+
+
+def text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text without line end, encoding problem or None) per line of a UTF-8 (or gzipped) file.
+
+    A UTF-8 BOM and CRLF are tolerated. Decoding line by line lets a bad byte spoil only its own record, and names
+    its line; a NUL byte means binary or UTF-16/32 data and fails the whole file.
+    """
+    offset = 0
+    with open_binary(path, source) as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                check_text_start(raw, source)
+                if raw.startswith(UTF8_BOM):
+                    raw, offset = raw[len(UTF8_BOM) :], len(UTF8_BOM)
+            if b"\0" in raw:
+                raise _nul_error(source, line_no, offset + raw.index(b"\0"))
+            start, offset = offset, offset + len(raw)
+            raw = raw.rstrip(b"\r\n")
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as err:
+                problem = (
+                    f"{source}: line {line_no}: not UTF-8 (byte {start + err.start} of the file); "
+                    f"re-encode the file as UTF-8."
+                )
+                yield line_no, raw.decode("utf-8", errors="replace"), problem
+
+
+def read_text(path: str, source: str) -> str:
+    """The whole checked file as text (UTF-8, BOM tolerated, gzip decompressed)."""
+    with open_binary(path, source) as f:
+        raw = f.read()
+    check_text_start(raw, source)
+    if b"\0" in raw:
+        raise _nul_error(source, raw.count(b"\n", 0, raw.index(b"\0")) + 1, raw.index(b"\0"))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise PersonaDataError(
+            f"{source}: line {line}: not UTF-8 (byte {err.start} of the file); re-encode the file as UTF-8."
+        ) from None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKeyError()  # located by `_locate_duplicate`, only on this rare path
+    return obj
+
+
+def _locate_duplicate(text: str) -> DuplicateKeyError:
+    """The error naming the first object (innermost first) that has a key twice, and the key."""
+    found: list[tuple[int, str]] = []
+    decoder = json.JSONDecoder()
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+        pairs, end = json.decoder.JSONObject(s_and_end, strict, scan_once, None, list, memo)
+        seen = set()
+        for key, _ in pairs:
+            if key in seen and not found:
+                found.append((s_and_end[1] - 1, key))
+            seen.add(key)
+        return dict(pairs), end
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # the C scanner cannot say where an object starts
+    decoder.decode(text)
+    pos, key = found[0]
+    return DuplicateKeyError(text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos), key)
+
+
+def loads_strict(text: str) -> object:
+    """`json.loads`, but an object with a key twice raises `DuplicateKeyError` naming the line and the key."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except DuplicateKeyError:
+        raise _locate_duplicate(text) from None
