@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import GenerationConfig, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from persona_chat_template import chat_format_of
 from persona_cli import (
     UsageError,
     check_model_path,
@@ -97,7 +98,12 @@ GENERATION_DEFAULTS = asdict(GenerationArguments())
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every special token id: any of them ends a reply (the reference stopped at its five persona tokens)."""
+    """The tokens that end a reply. Speaker tokens: every special token (the reference stopped at its five persona
+    tokens). Chat template: the template's end-of-turn tokens and the eos, as the saved generation config says."""
+    chat_format = chat_format_of(tokenizer)
+    if chat_format is not None:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return list(dict.fromkeys([*chat_format.end_of_turn_ids, *eos]))
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
     persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
     return sorted(set(persona_ids) | set(tokenizer.all_special_ids))
@@ -119,11 +125,19 @@ def build_context(
     """The generation context as 1-row tensors `input_ids`, `token_type_ids`, `attention_mask` ([1, T]).
 
     Built by the training builder with an empty reply and no eos, so it ends with the `<speaker1>` reply prefix.
+    For a chat-template model it is the template's rendering of the system message and the history with the
+    assistant header (`ChatFormat.context_ids`, what a serving engine sends), without `token_type_ids`.
     `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) the context is
-    cut by `fit_generation_context` so that it plus `reply_budget` new tokens fit.
+    cut (`fit_generation_context`, or the template's own rule) so that it plus `reply_budget` new tokens fit.
     """
+    history = history[-(2 * max_history + 1) :] if history else []
+    chat_format = chat_format_of(tokenizer)
+    if chat_format is not None:
+        ids = chat_format.context_ids(persona, history, max_length=max_length, reply_budget=reply_budget)
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     persona_ids = _encode(tokenizer, persona)
-    history_ids = _encode(tokenizer, history[-(2 * max_history + 1) :] if history else [])
+    history_ids = _encode(tokenizer, history)
     persona_ids, history_ids, cut = fit_generation_context(persona_ids, history_ids, reply_budget, max_length)
     if cut:
         logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
@@ -205,7 +219,11 @@ def generation_config_from_options(
         num_beams=num_beams,
     )
     do_sample = not no_sample
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    if chat_format_of(tokenizer) is not None:
+        pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
+    else:
+        ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        pad, bos = ids.pad, ids.bos
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -213,8 +231,8 @@ def generation_config_from_options(
         do_sample=do_sample,
         num_beams=num_beams,
         eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=ids.pad,
-        bos_token_id=ids.bos,
+        pad_token_id=pad,
+        bos_token_id=bos,
         use_cache=True,
         **sampling,
     )
@@ -235,10 +253,12 @@ def _split_options(options: dict) -> tuple[dict, int | None]:
 def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Stack 1-row contexts into [B, T] with padding on the left, so every row's next token is at the end."""
     width = max(r["input_ids"].size(1) for r in rows)
-    out = {key: [] for key in ("input_ids", "token_type_ids", "attention_mask")}
+    pad_values = {key: value for key, value in (("input_ids", pad_id), ("token_type_ids", pad_id)) if key in rows[0]}
+    pad_values["attention_mask"] = 0
+    out = {key: [] for key in pad_values}
     for r in rows:
         pad = width - r["input_ids"].size(1)
-        for key, value in (("input_ids", pad_id), ("token_type_ids", pad_id), ("attention_mask", 0)):
+        for key, value in pad_values.items():
             out[key].append(torch.cat([torch.full((1, pad), value, dtype=torch.long), r[key]], dim=1))
     batch = {key: torch.cat(v) for key, v in out.items()}
     # Positions count real tokens only, as in training (right padding); pads get 0 and are masked anyway. generate()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from persona_chat import GenerationArguments, generate_replies
+from persona_chat_template import chat_format_of
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
@@ -166,6 +167,7 @@ def evaluate_convai2(
             max_history=max_history,
             max_length=input_budget(model, max_length),
             cache_dir=cache_dir,
+            chat_format=chat_format_of(tokenizer),  # the checkpoint's own input format
         )
     features = features.select(range(len(turns)))
 

@@ -23,6 +23,7 @@ import datasets
 import transformers
 from transformers import HfArgumentParser, set_seed
 
+from persona_chat_template import chat_format_of, load_chat_template
 from persona_checkpoints import finished_run, last_complete_checkpoint, remove_checkpoints
 from persona_cli import (
     MIN_INPUT_LENGTH,
@@ -63,6 +64,30 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    input_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "How persona dialogs become tokens: 'chat_template' (the tokenizer's chat template, the persona as "
+            "the system message; a plain causal LM that serving engines prompt as in training) or 'speaker_tokens' "
+            "(the reference's <speaker1>/<speaker2> layout). Default: chat_template for a tokenizer with a chat "
+            "template, speaker_tokens for GPT / GPT-2 / DialoGPT / openai-gpt and tokenizers without one.",
+            "choices": ["chat_template", "speaker_tokens"],
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "chat_template: the system message, {persona} standing for the persona sentences (one per line). "
+            "Default: 'You are chatting with someone. Stay in character. Your persona:\\n{persona}'."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "chat_template: a Jinja template file (or a tokenizer_config.json / chat_template.json) used "
+            "instead of the tokenizer's own; it is saved with the model."
+        },
+    )
     shared_prefix: bool = field(
         default=True,
         metadata={
@@ -332,6 +357,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     train_split, eval_split = _splits(dialogs, data_args, training_args)
 
     set_seed(training_args.seed)
+    chat_template = load_chat_template(model_args.chat_template) if model_args.chat_template else None
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
         tokenizer_name_or_path=model_args.tokenizer_name,
@@ -340,7 +366,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         dtype=model_args.dtype,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
+        input_format=model_args.input_format,
+        system_prompt=model_args.system_prompt,
+        chat_template=chat_template,
+        chat_template_name=f"--chat_template {model_args.chat_template}" if chat_template else None,
     )
+    chat_format = chat_format_of(tokenizer)
     model.config.persona_shared_prefix = model_args.shared_prefix
     if training_args.gradient_checkpointing:
         check_gradient_checkpointing(model)
@@ -368,6 +399,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
                 cache_dir=data_args.dataset_cache,
                 load_from_cache_file=not data_args.overwrite_cache,
                 source=f"{data_args.dataset_path}: split {split!r}",
+                chat_format=chat_format,
             )
         if rows.num_rows == 0:
             raise UsageError(f"{data_args.dataset_path}: split {split!r} gives no examples (no dialog with a turn).")
@@ -390,7 +422,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         processing_class=tokenizer,
         base_model=model_args.model_name_or_path,
         dataset_name=data_args.dataset_path,
-        recipe={**vars(data_args), "use_peft": model_args.use_peft},
+        recipe={
+            **vars(data_args),
+            "use_peft": model_args.use_peft,
+            "input_format": "speaker_tokens" if chat_format is None else "chat_template",
+            **({"system_prompt": chat_format.system_prompt} if chat_format is not None else {}),
+        },
     )
     if training_args.do_train and trainer.is_world_process_zero():
         # Saved with the model (and pushed with it): the options that reproduce the run.
