@@ -1,4 +1,4 @@
-"""Browser chat with a persona bot: a Gradio app over `persona_chat` (install with `pip install -e .[demo]`).
+"""Browser chat with a persona bot: a Gradio app over `persona_generation` (install with `pip install -e .[demo]`).
 
 Left: the persona (one sentence per line, or a random one from a dataset); right: the chat, with the decoding
 controls in an accordion. Each browser session keeps its own history; editing the persona starts a new chat.
@@ -18,7 +18,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from persona_chat import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
 from persona_cli import (  # noqa: E402
     UsageError,
     check_model_path,
@@ -28,6 +27,7 @@ from persona_cli import (  # noqa: E402
     run_console_script,
 )
 from persona_data import load_dialogs  # noqa: E402
+from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
 
 TITLE = "persona-chat"
 

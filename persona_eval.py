@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_chat import GenerationArguments, generate_replies
 from persona_chat_template import chat_format_of
 from persona_cli import (
     MIN_INPUT_LENGTH,
@@ -45,6 +44,7 @@ from persona_cli import (
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_generation import GenerationArguments, generate_replies
 from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
@@ -113,7 +113,7 @@ def generate_for_turns(
     batch_size: int,
     **generation_options,
 ) -> list[str]:
-    """Replies of `persona_chat.generate_replies` to every turn's gold history, spread over the processes."""
+    """Replies of `persona_generation.generate_replies` to every turn's gold history, spread over the processes."""
     seed = generation_options.pop("seed", None)
     if seed is not None:
         # Once for the whole run: generate_replies would restart the random stream at every batch.
@@ -150,8 +150,8 @@ def evaluate_convai2(
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), lm_loss, f1, turns.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
-    `persona_chat.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own, with
-    its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
+    `persona_generation.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own,
+    with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
     With `return_predictions`, the result also holds the generated replies under "predictions".
     """
     trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
