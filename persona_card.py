@@ -45,6 +45,9 @@ def persona_model_card(
         ("candidates per example", recipe.get("num_candidates")),
         ("history turns kept", None if "max_history" not in recipe else 2 * recipe["max_history"] + 1),
         ("personality permutations", recipe.get("personality_permutations")),
+        ("input format", recipe.get("input_format")),
+        # Serving engines must send this system message (the persona in place of {persona}) to prompt as in training.
+        ("system prompt", None if recipe.get("system_prompt") is None else f"`{recipe['system_prompt']!r}`"),
         (
             "learning rate",
             f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)})",

@@ -1,290 +1,40 @@
-"""Talk to a persona bot: persona-conditioned generation with a KV cache, and the `persona-chat` CLI.
-
-The context is the training input builder's (`persona_data.build_inputs`) with an empty reply, so it ends with the
-bot's `<speaker1>` reply prefix; `model.generate` then extends it token by token with the library's cache and logits
-processors. Every generated token carries the reply segment's token type because `generate()` repeats the last
-`token_type_ids` value, and the last context token is the reply prefix itself.
+"""The `persona-chat` command line: talk to a persona bot in the terminal, or one reply per stdin line.
 
     persona-chat --model_name_or_path runs/my-bot --persona "i love cats." --persona "i am a nurse."
     echo "hi, how are you?" | persona-chat --model_name_or_path runs/my-bot --dataset_path data.json --stdin
 
-Decoding options are the reference's (interact.py) with their defaults, except that the reply budget is called
-`max_new_tokens` (the input budget is `max_length` in training and evaluation).
+Generation itself (decoding options, context, `PersonaBot`) lives in `persona_generation`; its public names are
+importable from here too, as the README shows.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import torch
-from transformers import GenerationConfig, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import HfArgumentParser
 
-from persona_cli import max_positions, parse_args_with_config, persona_split, run_console_script
+from persona_cli import UsageError, check_model_path, parse_args_with_config, persona_split, run_console_script
 from persona_data import load_dialogs
-from persona_inputs import build_inputs, fit_to_length
-from persona_model import load_model_and_tokenizer
-from persona_tokens import SpecialTokenIds
+from persona_generation import (  # noqa: F401 (the public generation API, importable from persona_chat)
+    GENERATION_DEFAULTS,
+    GenerationArguments,
+    PersonaBot,
+    build_context,
+    check_device,
+    check_reply_budget,
+    generate_replies,
+    generate_reply_ids,
+    generation_config_from_options,
+    load_for_chat,
+    stop_token_ids,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationArguments:
-    """Decoding options: the reference's (interact.py) names and defaults, the reply budget named `max_new_tokens`."""
-
-    max_new_tokens: int = field(default=20, metadata={"help": "Most reply tokens."})
-    min_length: int = field(default=1, metadata={"help": "Fewest reply tokens (no special token before them)."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (1.0: off)."})
-    no_sample: bool = field(default=False, metadata={"help": "Greedy decoding (beam search with --num_beams)."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
-    seed: int | None = field(default=None, metadata={"help": "Random seed for sampling (and a random persona)."})
-
-    def generation_options(self) -> dict:
-        """The options as keyword arguments of `generate_replies` / `PersonaBot`."""
-        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
-
-
-# The one table of decoding defaults: every caller (chat, evaluation, demo, the library) reads it.
-GENERATION_DEFAULTS = asdict(GenerationArguments())
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every special token id: any of them ends a reply (the reference stopped at its five persona tokens)."""
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
-    return sorted(set(persona_ids) | set(tokenizer.all_special_ids))
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-
-
-def build_context(
-    tokenizer: PreTrainedTokenizerBase,
-    persona: Sequence[str],
-    history: Sequence[str],
-    max_history: int = 2,
-    *,
-    max_length: int | None = None,
-    reply_budget: int = 0,
-) -> dict[str, torch.Tensor]:
-    """The generation context as 1-row tensors `input_ids`, `token_type_ids`, `attention_mask` ([1, T]).
-
-    Built by the training builder with an empty reply and no eos, so it ends with the `<speaker1>` reply prefix.
-    `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) older turns and
-    then persona sentences are dropped, as in training, so that the context plus `reply_budget` tokens fit.
-    """
-    persona_ids = _encode(tokenizer, persona)
-    history_ids = _encode(tokenizer, history[-(2 * max_history + 1) :] if history else [])
-    persona_ids, history_ids, _, cut = fit_to_length(persona_ids, history_ids, reply_budget, max_length)
-    if cut:
-        logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
-    row = build_inputs(persona_ids, history_ids, [], SpecialTokenIds.from_tokenizer(tokenizer), with_eos=False)
-    input_ids = torch.tensor([row["input_ids"]])
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": torch.tensor([row["token_type_ids"]]),
-        "attention_mask": torch.ones_like(input_ids),
-    }
-
-
-def generation_config_from_options(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"],
-    min_length: int = GENERATION_DEFAULTS["min_length"],
-    temperature: float = GENERATION_DEFAULTS["temperature"],
-    top_k: int = GENERATION_DEFAULTS["top_k"],
-    top_p: float = GENERATION_DEFAULTS["top_p"],
-    no_sample: bool = GENERATION_DEFAULTS["no_sample"],
-    num_beams: int = GENERATION_DEFAULTS["num_beams"],
-) -> GenerationConfig:
-    """Map the reference's decoding options to a `GenerationConfig`.
-
-    `max_new_tokens`/`min_length` count reply tokens. Every special token is an eos, so any of them ends the
-    reply, and `min_new_tokens` makes the library's `MinNewTokensLengthLogitsProcessor` forbid all of them before
-    `min_length`: the reference resampled until it drew a non-special token, which never ends when a special token
-    has probability 1.
-    """
-    if max_new_tokens < 1 or min_length < 0 or min_length > max_new_tokens:
-        raise ValueError(
-            f"Need 0 <= min_length <= max_new_tokens and max_new_tokens >= 1; got {min_length}, {max_new_tokens}."
-        )
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
-    do_sample = not no_sample
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use no_sample for greedy.")
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_length,
-        do_sample=do_sample,
-        num_beams=num_beams,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=ids.pad,
-        bos_token_id=ids.bos,
-        use_cache=True,
-        **sampling,
-    )
-
-
-def _split_options(options: dict) -> tuple[dict, int | None]:
-    if "max_length" in options:
-        warnings.warn("The generation option max_length is now max_new_tokens.", FutureWarning, stacklevel=3)
-        options = {"max_new_tokens": options["max_length"], **{k: v for k, v in options.items() if k != "max_length"}}
-    unknown = set(options) - set(GENERATION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(GENERATION_DEFAULTS)}.")
-    merged = {**GENERATION_DEFAULTS, **options}
-    seed = merged.pop("seed")
-    return merged, seed
-
-
-def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack 1-row contexts into [B, T] with padding on the left, so every row's next token is at the end."""
-    width = max(r["input_ids"].size(1) for r in rows)
-    out = {key: [] for key in ("input_ids", "token_type_ids", "attention_mask")}
-    for r in rows:
-        pad = width - r["input_ids"].size(1)
-        for key, value in (("input_ids", pad_id), ("token_type_ids", pad_id), ("attention_mask", 0)):
-            out[key].append(torch.cat([torch.full((1, pad), value, dtype=torch.long), r[key]], dim=1))
-    batch = {key: torch.cat(v) for key, v in out.items()}
-    # Positions count real tokens only, as in training (right padding); pads get 0 and are masked anyway. generate()
-    # extends explicit position_ids itself; it would not build them because the double-heads forward takes **kwargs.
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return batch
-
-
-@torch.inference_mode()
-def generate_reply_ids(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
-    *,
-    max_history: int = 2,
-    batch_size: int = 8,
-    **generation_options,
-) -> list[list[int]]:
-    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
-    options, seed = _split_options(generation_options)
-    if seed is not None:
-        set_seed(seed)
-    config = generation_config_from_options(tokenizer, **options)
-    stops = set(config.eos_token_id)
-    window = max_positions(model)
-    replies = []
-    for start in range(0, len(contexts), batch_size):
-        rows = [
-            build_context(tokenizer, p, h, max_history, max_length=window, reply_budget=config.max_new_tokens)
-            for p, h in contexts[start : start + batch_size]
-        ]
-        batch = {k: v.to(model.device) for k, v in _left_pad(rows, config.pad_token_id).items()}
-        output = model.generate(**batch, generation_config=config)  # [B, T + new]
-        for new_tokens in output[:, batch["input_ids"].size(1) :].tolist():
-            # Cut at the first stop token: finished rows are padded with <pad> while the others go on.
-            end = next((i for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
-            replies.append(new_tokens[:end])
-    return replies
-
-
-def generate_replies(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
-    *,
-    max_history: int = 2,
-    batch_size: int = 8,
-    **generation_options,
-) -> list[str]:
-    """Replies to `(persona, history)` pairs, `batch_size` at a time with left padding and a KV cache.
-
-    `history` holds the turns before the reply, the user's last (as in the dataset). `generation_options`:
-    max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, seed (`GENERATION_DEFAULTS`; see
-    `generation_config_from_options`). Greedy results do not depend on `batch_size`.
-    """
-    ids = generate_reply_ids(
-        model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, **generation_options
-    )
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
-
-
-class PersonaBot:
-    """A conversation with one persona: `bot.reply("hi!")` answers and remembers both turns.
-
-    `generation_options` are those of `generate_replies` (max_new_tokens, min_length, temperature, top_k, top_p,
-    no_sample, num_beams, seed) plus `max_history`. Setting `persona` starts a new conversation.
-    """
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, persona: Sequence[str] = (), **opts):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_history = opts.pop("max_history", 2)
-        seed = opts.pop("seed", None)
-        if seed is not None:
-            set_seed(seed)  # once per conversation: a seed per reply would repeat the same random draws
-        _split_options(opts)  # fail early on a misspelt option
-        self.generation_options = opts
-        self._persona = [s for s in persona]
-        self.history: list[str] = []
-
-    @property
-    def persona(self) -> list[str]:
-        return list(self._persona)
-
-    @persona.setter
-    def persona(self, sentences: Sequence[str]) -> None:
-        self._persona = [s.strip() for s in sentences if s.strip()]
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the conversation (the persona stays)."""
-        self.history = []
-
-    def reply(self, text: str) -> str:
-        """Answer `text` in character and add both turns to the history."""
-        self.history.append(text)
-        (answer,) = generate_replies(
-            self.model,
-            self.tokenizer,
-            [(self._persona, self.history)],
-            max_history=self.max_history,
-            **self.generation_options,
-        )
-        self.history.append(answer)
-        # The context only ever uses the last 2*max_history+1 turns (the reference trimmed likewise).
-        self.history = self.history[-(2 * self.max_history + 1) :]
-        return answer
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_for_chat(
-    name_or_path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, **kwargs
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a checkpoint written by `persona-train` (or any supported backbone) for inference, on `device`.
-
-    `dtype`: None (the checkpoint's), "auto", "float32", "bfloat16", "float16" or a torch dtype. Extra keyword
-    arguments (revision, token, cache_dir, ...) go to `persona_model.load_model_and_tokenizer`.
-    """
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, **kwargs)
-    model.to(resolve_device(device if device is None else str(device)))
-    model.eval()
-    return model, tokenizer
 
 
 def random_persona(dataset_path: str, dataset_format: str | None = None, seed: int | None = None) -> list[str]:
@@ -325,17 +75,41 @@ class ChatArguments:
     def __post_init__(self):
         # `--persona a --persona b` and `--persona a b` both give [a, b].
         self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
+        if self.max_history < 0:
+            raise UsageError(f"--max_history must be >= 0, got {self.max_history}.")
+        check_device(self.device)
+        check_model_path(self.model_name_or_path)
+        if self.persona_file is not None and not os.path.isfile(self.persona_file):
+            what = "is a directory" if os.path.isdir(self.persona_file) else "no such file"
+            raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
 
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ChatArguments, GenerationArguments), prog="persona-chat", description=__doc__)
 
 
+def read_text_lines(path: str, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; a `UsageError` naming the file for binary or non-UTF-8
+    content."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        raise UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path}: line {line} is not UTF-8 text; save the file as UTF-8.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _read_persona(args: ChatArguments, seed: int | None, interactive: bool) -> list[str]:
     persona = [s.strip() for s in args.persona if s.strip()]
     if args.persona_file:
-        with open(args.persona_file, encoding="utf-8") as f:
-            persona += [line.strip() for line in f if line.strip()]
+        sentences = read_text_lines(args.persona_file, "--persona_file")
+        if not sentences:
+            raise UsageError(f"--persona_file {args.persona_file}: no persona sentence in it (one per line).")
+        persona += sentences
     if not persona and args.dataset_path:
         persona = random_persona(args.dataset_path, args.dataset_format, seed)
     if not persona and interactive:
@@ -357,12 +131,21 @@ def _show_persona(persona: Sequence[str], file=sys.stdout) -> None:
         print(f"  - {sentence}", file=file)
 
 
+COMMANDS_HELP = "/reset clears the history, /persona shows it, /persona a. | b. replaces it, /quit (or Ctrl-D) quits"
+
+
 def _interactive_loop(bot: PersonaBot) -> None:
-    print("Talk to the bot. /reset clears the history, /persona shows it, /persona a. | b. replaces it; Ctrl-D quits.")
+    print(f"Talk to the bot. {COMMANDS_HELP}.")
     while True:
-        text = input(">>> ").strip()
+        try:
+            text = input(">>> ").strip()
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; type it again)")
+            continue
         if not text:
             continue
+        if text in ("/quit", "/exit"):
+            return
         if text == "/reset":
             bot.reset()
             print("(history cleared)")
@@ -372,8 +155,35 @@ def _interactive_loop(bot: PersonaBot) -> None:
             bot.persona = [s.strip() for s in text[len("/persona ") :].split("|")]
             _show_persona(bot.persona)
             print("(new persona, history cleared)")
+        elif text.startswith("/") and not text.startswith("//"):
+            print(f"(unknown command {text.split()[0]}: {COMMANDS_HELP}; begin a message with '//' to send a '/')")
         else:
+            if text.startswith("//"):
+                text = text[1:]
             print(bot.reply(text))
+
+
+def _stdin_lines():
+    """(line number, text) of each stdin line; a `UsageError` naming the line when it is not UTF-8."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in place of stdin (tests, embedding)
+        yield from enumerate(sys.stdin, start=1)
+        return
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"stdin line {number}: not UTF-8 text (byte {err.start + 1}); send UTF-8 text, one turn per line."
+            ) from None
+
+
+def _stdin_loop(bot: PersonaBot) -> None:
+    """One output line per input line: the reply, or an empty line for a blank input line (not a turn)."""
+    for _, line in _stdin_lines():
+        text = line.strip()
+        # One reply per output line even if the model produced a newline.
+        print(" ".join(bot.reply(text).split()) if text else "", flush=True)
 
 
 def main(args: ChatArguments, generation: GenerationArguments) -> int:
@@ -382,14 +192,12 @@ def main(args: ChatArguments, generation: GenerationArguments) -> int:
     try:
         persona = _read_persona(args, generation.seed, interactive)
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, revision=args.revision)
+        check_reply_budget(model, generation.max_new_tokens)
         bot = PersonaBot(model, tokenizer, persona, max_history=args.max_history, **generation.generation_options())
         # In --stdin mode stdout carries replies only, one per line.
         _show_persona(bot.persona, file=sys.stderr if args.stdin else sys.stdout)
         if args.stdin:
-            for line in sys.stdin:
-                if line.strip():
-                    # One reply per output line even if the model produced a newline.
-                    print(" ".join(bot.reply(line.strip()).split()), flush=True)
+            _stdin_loop(bot)
         else:
             _interactive_loop(bot)
     except (KeyboardInterrupt, EOFError):

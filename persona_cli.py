@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# Names tried, in order, when the split asked for evaluation is missing.
-EVAL_SPLIT_FALLBACKS = ("validation", "valid")
+# Names tried, in order, for evaluation when the user names no split.
+EVAL_SPLIT_FALLBACKS = ("valid", "validation", "test")
+# The shortest `--max_length` that holds bos, a speaker token per segment, a token of reply and eos.
+MIN_INPUT_LENGTH = 8
 
 
 class UsageError(ValueError):
@@ -31,40 +33,154 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
     """`parser.parse_args_into_dataclasses(argv)`, where a first argument ending in .yaml/.yml/.json is a config file
-    whose values the following flags override. Unknown keys in the file are an error naming the file."""
+    whose values the following flags override.
+
+    Every mistake is a `UsageError` of one line: an unknown flag or config key (with the closest known name), a bad
+    value (argparse's own message), a config file that is unreadable, not a mapping or has a key twice. The argument
+    dataclasses check their values in `__post_init__`, so all of this happens before any model or data is loaded.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+    flags = [a for action in parser._actions for a in action.option_strings if a.startswith("--")]
+
+    def error(message: str):
+        raise UsageError(f"{message} (see --help)")
+
+    parser.error = error  # argparse would print the usage block and exit; the boundary prints one line instead
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         config_path, argv = argv[0], argv[1:]
         config = read_config_file(config_path)
-        known = {action.dest for action in parser._actions}
+        known = {action.dest for action in parser._actions} - {"help"}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise UsageError(f"{config_path}: unknown option(s) {unknown}.")
+            close = (_closest(key, known) for key in unknown)
+            hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
+            raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
         parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        unknown = next((a for a in rest if a.startswith("-")), rest[0])
+        close = _closest(unknown.split("=")[0], flags) if unknown.startswith("--") else None
+        hint = f"; did you mean {close}?" if close else "; see --help for the flags"
+        raise UsageError(f"unrecognized argument {unknown!r}{hint}")
+    return tuple(parsed)
+
+
+def _closest(name: str, known) -> str | None:
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)), None)
 
 
 def read_config_file(path: str) -> dict:
-    """The options of a YAML or JSON config file, as a dict."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            return json.load(f)
-        import yaml
+    """The options of a YAML or JSON config file, as a dict; a `UsageError` for anything else (a list, a scalar,
+    broken syntax, a key given twice)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, not a config file.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}); save the config file as UTF-8.") from None
+    if path.endswith(".json"):
+        config = _load_json_config(path, text)
+    else:
+        config = _load_yaml_config(path, text)
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UsageError(
+            f"{path}: a config file holds 'option: value' lines (a mapping), not a {type(config).__name__}."
+        )
+    bad = [key for key in config if not isinstance(key, str)]
+    if bad:
+        raise UsageError(f"{path}: option names must be text, got {bad}.")
+    return config
 
-        return yaml.safe_load(f) or {}
+
+def _load_json_config(path: str, text: str):
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise UsageError(f"{path}: option {key!r} is given twice; keep one.")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).") from None
 
 
-def find_split(dialogs, name: str, source: str, fallbacks: Sequence[str] = EVAL_SPLIT_FALLBACKS) -> str:
-    """The split of `dialogs` called `name`, else the first of `fallbacks` present; a `UsageError` if none is."""
-    split = next((s for s in (name, *fallbacks) if s in dialogs), None)
+def _load_yaml_config(path: str, text: str):
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise UsageError(f"{path}: line {line}: option {key!r} is given twice; keep one.")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UsageError(f"{path}: not valid YAML ({where}{problem}).") from None
+
+
+def find_split(dialogs, name: str | None, source: str, fallbacks: Sequence[str] = EVAL_SPLIT_FALLBACKS) -> str:
+    """The split of `dialogs` called `name`; with `name=None`, the first of `fallbacks` present. A `UsageError`
+    listing the splits when there is none: a split the user named never falls back to another."""
+    candidates = (name,) if name is not None else tuple(fallbacks)
+    split = next((s for s in candidates if s in dialogs), None)
     if split is None:
-        raise UsageError(f"{source} has no split {name!r} (it has {list(dialogs)}).")
+        wanted = repr(name) if name is not None else " or ".join(repr(s) for s in fallbacks)
+        raise UsageError(f"{source} has no split {wanted} (it has {list(dialogs)}).")
     return split
 
 
 def persona_split(dialogs) -> str:
     """The split to draw personas from: the validation split when there is one, else the first."""
-    return next((s for s in EVAL_SPLIT_FALLBACKS[::-1] if s in dialogs), next(iter(dialogs)))
+    return next((s for s in EVAL_SPLIT_FALLBACKS if s in dialogs), next(iter(dialogs)))
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local path rather than a Hub id ('org/name'): it is absolute, starts with
+    '.' or '~', has a backslash or more than one '/', ends with '/', or its first part is an existing folder or
+    `runs` (where persona-train writes runs)."""
+    if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.endswith(("/", os.sep)):
+        return True
+    if os.path.isabs(name_or_path) or os.sep != "/" and os.sep in name_or_path:
+        return True
+    parts = name_or_path.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and (parts[0] == "runs" or os.path.isdir(parts[0])))
+
+
+def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
+    """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
+    retries); Hub ids pass."""
+    path = os.path.expanduser(name_or_path)
+    if not name_or_path.strip():
+        raise UsageError(f"{flag} is empty; pass a checkpoint folder or a Hub id.")
+    if os.path.isfile(path):
+        raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+            raise UsageError(
+                f"{flag} {name_or_path}: no config.json in this folder; pass a folder written by persona-train "
+                "(or save_pretrained)."
+            )
+        return
+    if looks_local(name_or_path):
+        raise UsageError(f"{flag} {name_or_path}: no such folder (Hub ids look like 'org/name').")
 
 
 def max_positions(model) -> int | None:
@@ -82,7 +198,27 @@ def input_budget(model, max_length: int | None) -> int | None:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
+def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
+    """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if value is None or not value >= minimum:  # `not >=` also catches NaN
+            raise UsageError(f"--{name} must be >= {minimum:g}, got {value}.")
+
+
+def check_finite(obj, *names: str) -> None:
+    """A `UsageError` naming `--name` for each float attribute of `obj` that is NaN or infinite."""
+    import math
+
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}.")
 
 
 def _one_line(err: BaseException) -> str:
@@ -102,6 +238,11 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv) or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except USER_ERRORS as err:
         if debug:
             raise

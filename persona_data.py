@@ -19,6 +19,7 @@ from itertools import chain
 import datasets
 from datasets.fingerprint import Hasher
 
+from persona_chat_template import ChatFormat
 from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 # The shortest input: bos, one turn's speaker (its tokens may all be cut), the reply's speaker, one token, eos.
 MIN_LENGTH = 5
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
+CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
 FEATURES_VERSION = "2"
 # Per-row notes of what fitting max_length cut, counted for the warning and then dropped: context (history turns or
@@ -118,18 +120,8 @@ def _tokenizer_signature(tokenizer) -> str:
     return Hasher.hash((type(tokenizer).__name__, state, tokenizer.all_special_tokens))
 
 
-def _build_batch(
-    batch: dict[str, list],
-    indices: list[int],
-    *,
-    tokenizer,
-    ids: SpecialTokenIds,
-    num_candidates: int | None,
-    max_history: int,
-    personality_permutations: int,
-    max_length: int | None,
-    source: str,
-) -> dict[str, list]:
+def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds, max_history: int, num_candidates):
+    """Encode every text of the batch once; return the persona converter and the row builder of speaker tokens."""
     texts = set(chain.from_iterable(batch["personality"]))
     for utterances in batch["utterances"]:
         for u in utterances:
@@ -138,32 +130,76 @@ def _build_batch(
     texts = sorted(texts)
     encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
 
-    out = {key: [] for key in MODEL_INPUT_COLUMNS + CUT_COLUMNS}
+    def build(persona, history, candidates, max_length):
+        history = [encoded[h] for h in history]
+        replies = [encoded[c] for c in candidates]
+        p, h, budget, _ = fit_to_length(persona, history, max(map(len, replies)), max_length)
+        rows = [build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1)) for i, r in enumerate(replies)]
+        cuts = {
+            "cut_context": len(p) != len(persona) or len(h) != len(history) or h[-1:] != history[-1:],
+            "cut_gold": len(replies[-1]) > budget,
+            "cut_distractor": any(len(r) > budget for r in replies[:-1]),
+            "reply_budget": budget,
+        }
+        return {key: [row[key] for row in rows] for key in MODEL_INPUT_COLUMNS[:-1]}, cuts
+
+    return (lambda sentences: [encoded[s] for s in sentences]), build
+
+
+def _chat_template_rows(chat_format: ChatFormat):
+    """The row builder of chat-template rows (rendered per example from the texts; no token types)."""
+
+    def build(persona, history, candidates, max_length):
+        rows, cut = chat_format.build_rows(persona, history, candidates, max_length=max_length)
+        rows.pop("mc_labels")
+        start = next(i for i, label in enumerate(rows["labels"][-1]) if label != -100)  # the gold reply's first token
+        kept = [end - start for end in rows["mc_token_ids"]]  # reply tokens before each end-of-turn
+        cuts = {"cut_context": False, "cut_gold": False, "cut_distractor": False, "reply_budget": max(kept)}
+        if cut:  # what was cut, against the uncut prompt and replies
+            whole = [len(ids) for ids in chat_format.encode([c.strip() for c in candidates])]
+            cuts["cut_context"] = start < len(chat_format.context_ids(persona, history))
+            cuts["cut_gold"] = kept[-1] < whole[-1]
+            cuts["cut_distractor"] = any(k < w for k, w in zip(kept[:-1], whole[:-1]))
+        return rows, cuts
+
+    return build
+
+
+def _build_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer,
+    ids: SpecialTokenIds | None,
+    num_candidates: int | None,
+    max_history: int,
+    personality_permutations: int,
+    max_length: int | None,
+    source: str,
+    chat_format: ChatFormat | None = None,
+) -> dict[str, list]:
+    if chat_format is None:
+        to_persona, build = _speaker_token_rows(batch, tokenizer, ids, max_history, num_candidates)
+        columns = MODEL_INPUT_COLUMNS
+    else:
+        to_persona, build, columns = list, _chat_template_rows(chat_format), CHAT_TEMPLATE_COLUMNS
+
+    out = {key: [] for key in columns + CUT_COLUMNS}
     for personality, utterances, dialog_idx in zip(batch["personality"], batch["utterances"], indices):
-        persona = [encoded[s] for s in personality]
+        persona = to_persona(personality)
         for _ in range(personality_permutations):
             for u_idx, u in enumerate(utterances):
                 candidates = u["candidates"]
                 if num_candidates is not None and len(candidates) < num_candidates:
                     raise PersonaDataError(
                         f"{source}dialog {dialog_idx}, utterance {u_idx}: field 'candidates' has {len(candidates)} "
-                        f"candidates but num_candidates={num_candidates}; lower num_candidates."
+                        f"candidates but --num_candidates {num_candidates}; lower --num_candidates."
                     )
                 candidates = candidates if num_candidates is None else candidates[-num_candidates:]
-                history = [encoded[h] for h in u["history"][-(2 * max_history + 1) :]]
-                replies = [encoded[c] for c in candidates]
-                p, h, budget, _ = fit_to_length(persona, history, max(map(len, replies)), max_length)
-                rows = [
-                    build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1))
-                    for i, r in enumerate(replies)
-                ]
-                for key in ("input_ids", "token_type_ids", "mc_token_ids", "labels"):
-                    out[key].append([row[key] for row in rows])
-                out["mc_labels"].append(len(replies) - 1)
-                out["cut_context"].append(len(p) != len(persona) or len(h) != len(history) or h[-1:] != history[-1:])
-                out["cut_gold"].append(len(replies[-1]) > budget)
-                out["cut_distractor"].append(any(len(r) > budget for r in replies[:-1]))
-                out["reply_budget"].append(budget)
+                rows, cuts = build(persona, u["history"][-(2 * max_history + 1) :], candidates, max_length)
+                for key, value in (rows | cuts).items():
+                    out[key].append(value)
+                out["mc_labels"].append(len(candidates) - 1)
             persona = [persona[-1]] + persona[:-1] if persona else persona
     return out
 
@@ -180,11 +216,16 @@ def build_features(
     cache_dir: str | None = None,
     load_from_cache_file: bool | None = None,
     source: str | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> datasets.Dataset:
     """Model-input rows (one per permutation × utterance) of a canonical dialogs split.
 
-    `num_candidates=None` keeps every candidate (evaluation). The result is cached by a fingerprint of the dialogs,
-    the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory dialogs.
+    `num_candidates=None` keeps every candidate (evaluation). With `chat_format`
+    (`persona_chat_template.ChatFormat`) the rows are the tokenizer's chat template (persona as the system message,
+    no `token_type_ids`); else the speaker-token rows of `persona_inputs`. Candidate selection, history, persona
+    permutations, truncation and errors follow the same rules for both. The result is cached by a fingerprint of
+    the dialogs, the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory
+    dialogs.
     `source` (e.g. "data.json: split 'train'") prefixes error messages.
     """
     if num_candidates is not None and num_candidates < 1:
@@ -193,19 +234,23 @@ def build_features(
         raise ValueError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise ValueError(f"max_history must be >= 0, got {max_history}.")
-    if max_length is not None and max_length < MIN_LENGTH:
+    if chat_format is None and max_length is not None and max_length < MIN_LENGTH:
         raise PersonaDataError(
             f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "
             f"({MIN_LENGTH} tokens); raise --max_length."
         )
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None
     options = dict(
         num_candidates=num_candidates,
         max_history=max_history,
         personality_permutations=personality_permutations,
         max_length=max_length,
     )
-    fingerprint = Hasher.hash((FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options))
+    # The chat format's template, system prompt and persona placement change every row.
+    key = (FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options)
+    if chat_format is not None:
+        key += (chat_format.template, chat_format.system_prompt, chat_format.system_role)
+    fingerprint = Hasher.hash(key)
     cache_file_name = None
     if not dialogs.cache_files and cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -216,7 +261,9 @@ def build_features(
         batch_size=100,
         with_indices=True,
         remove_columns=dialogs.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, ids=ids, source=f"{source}: " if source else "", **options),
+        fn_kwargs=dict(
+            tokenizer=tokenizer, ids=ids, source=f"{source}: " if source else "", chat_format=chat_format, **options
+        ),
         num_proc=num_proc,
         new_fingerprint=fingerprint,
         cache_file_name=cache_file_name,

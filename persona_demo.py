@@ -1,4 +1,4 @@
-"""Browser chat with a persona bot: a Gradio app over `persona_chat` (install with `pip install -e .[demo]`).
+"""Browser chat with a persona bot: a Gradio app over `persona_generation` (install with `pip install -e .[demo]`).
 
 Left: the persona (one sentence per line, or a random one from a dataset); right: the chat, with the decoding
 controls in an accordion. Each browser session keeps its own history; editing the persona starts a new chat.
@@ -18,9 +18,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from persona_chat import GENERATION_DEFAULTS, PersonaBot, load_for_chat  # noqa: E402
-from persona_cli import UsageError, parse_args_with_config, persona_split, run_console_script  # noqa: E402
+from persona_cli import (  # noqa: E402
+    UsageError,
+    check_model_path,
+    check_positive,
+    parse_args_with_config,
+    persona_split,
+    run_console_script,
+)
 from persona_data import load_dialogs  # noqa: E402
+from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
 
 TITLE = "persona-chat"
 
@@ -48,18 +55,39 @@ def build_demo(
     persona: Sequence[str] = (),
     max_history: int = 2,
     seed: int | None = None,
+    max_message_chars: int = 2000,
+    max_persona_sentences: int = 50,
+    max_persona_chars: int = 5000,
 ):
-    """The Gradio Blocks app. API endpoints: `/send`, `/set_persona`, `/reset`, `/random_persona`."""
+    """The Gradio Blocks app. API endpoints: `/send`, `/set_persona`, `/reset`, `/random_persona`.
+
+    A message longer than `max_message_chars`, or a persona over `max_persona_sentences` sentences or
+    `max_persona_chars` characters, is refused with a message in the page (generation runs one request at a time, so
+    a huge input would stall every session); the session goes on.
+    """
     import gradio as gr
 
     rng = random.Random(seed)
     persona = list(persona) or (list(rng.choice(personas)) if personas else [])
+
+    def check_sizes(message: str, persona_text: str) -> None:
+        if len(message) > max_message_chars:
+            raise gr.Error(
+                f"Your message has {len(message)} characters; the limit is {max_message_chars}. Send a shorter one."
+            )
+        sentences = _persona_lines(persona_text)
+        if len(sentences) > max_persona_sentences or len(persona_text or "") > max_persona_chars:
+            raise gr.Error(
+                f"The persona has {len(sentences)} sentences and {len(persona_text)} characters; the limits are "
+                f"{max_persona_sentences} sentences and {max_persona_chars} characters. Shorten it."
+            )
 
     def send(message, persona_text, turns, temperature, top_p, top_k, max_new_tokens, greedy):
         """Answer `message`; `turns` is this session's history (user and bot turns alternating)."""
         message = (message or "").strip()
         if not message:
             return "", _messages(turns), turns
+        check_sizes(message, persona_text or "")
         bot = PersonaBot(
             model,
             tokenizer,
@@ -74,7 +102,10 @@ def build_demo(
         )
         # The bot keeps only the turns its context uses; the page shows them all.
         bot.history = list(turns)
-        answer = bot.reply(message)
+        try:
+            answer = bot.reply(message)
+        except ValueError as err:  # e.g. a reply budget the model's window cannot hold
+            raise gr.Error(str(err)) from None
         turns = [*turns, message, answer]
         return "", _messages(turns), turns
 
@@ -146,10 +177,36 @@ class DemoArguments:
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)."})
     port: int = field(default=7860, metadata={"help": "Port to serve on."})
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link (needs internet)."})
+    max_message_chars: int = field(default=2000, metadata={"help": "Longest message a user may send (characters)."})
+    max_persona_sentences: int = field(default=50, metadata={"help": "Most persona sentences a user may set."})
+    max_persona_chars: int = field(default=5000, metadata={"help": "Longest persona a user may set (characters)."})
 
     def __post_init__(self):
         # `--persona a --persona b` and `--persona a b` both give [a, b].
         self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
+        check_positive(self, "max_message_chars", "max_persona_sentences", "max_persona_chars")
+        check_positive(self, "max_history", minimum=0)
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be between 0 and 65535, got {self.port}.")
+        check_device(self.device)
+        check_model_path(self.model_name_or_path)
+        if len(self.persona) > self.max_persona_sentences:
+            raise UsageError(f"--persona: {len(self.persona)} sentences, over --max_persona_sentences.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A `UsageError` when another program listens on `host:port` (checked before the model loads)."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UsageError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); pass another --port."
+            ) from None
 
 
 def make_parser() -> HfArgumentParser:
@@ -161,6 +218,7 @@ def main(args: DemoArguments) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
+    check_port_free(args.host, args.port)
     try:
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype)
     except (OSError, ValueError) as err:
@@ -174,9 +232,20 @@ def main(args: DemoArguments) -> int:
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read personas from {args.dataset_path!r}: {err}") from err
     demo = build_demo(
-        model, tokenizer, personas=personas, persona=args.persona, max_history=args.max_history, seed=args.seed
+        model,
+        tokenizer,
+        personas=personas,
+        persona=args.persona,
+        max_history=args.max_history,
+        seed=args.seed,
+        max_message_chars=args.max_message_chars,
+        max_persona_sentences=args.max_persona_sentences,
+        max_persona_chars=args.max_persona_chars,
     )
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as err:  # the port was taken between the check and the launch
+        raise UsageError(f"--port {args.port}: {err}; pass another --port.") from None
     return 0
 
 

@@ -31,10 +31,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_chat import GenerationArguments, generate_replies
-from persona_cli import find_split, input_budget, parse_args_with_config, run_console_script
+from persona_chat_template import chat_format_of
+from persona_cli import (
+    MIN_INPUT_LENGTH,
+    UsageError,
+    check_model_path,
+    check_positive,
+    find_split,
+    input_budget,
+    parse_args_with_config,
+    run_console_script,
+)
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_generation import GenerationArguments, generate_replies
 from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
@@ -103,7 +113,7 @@ def generate_for_turns(
     batch_size: int,
     **generation_options,
 ) -> list[str]:
-    """Replies of `persona_chat.generate_replies` to every turn's gold history, spread over the processes."""
+    """Replies of `persona_generation.generate_replies` to every turn's gold history, spread over the processes."""
     seed = generation_options.pop("seed", None)
     if seed is not None:
         # Once for the whole run: generate_replies would restart the random stream at every batch.
@@ -140,8 +150,8 @@ def evaluate_convai2(
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), lm_loss, f1, turns.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
-    `persona_chat.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own, with
-    its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
+    `persona_generation.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own,
+    with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
     With `return_predictions`, the result also holds the generated replies under "predictions".
     """
     trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
@@ -157,6 +167,7 @@ def evaluate_convai2(
             max_history=max_history,
             max_length=input_budget(model, max_length),
             cache_dir=cache_dir,
+            chat_format=chat_format_of(tokenizer),  # the checkpoint's own input format
         )
     features = features.select(range(len(turns)))
 
@@ -186,7 +197,10 @@ class EvalArguments:
     model_name_or_path: str = field(metadata={"help": "Checkpoint to evaluate: a local folder or a Hub id."})
     dataset_path: str = field(metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."})
     dataset_format: str | None = field(default=None, metadata={"help": "Reader to use (default: detected)."})
-    split: str = field(default="valid", metadata={"help": "Split to evaluate ('validation' is also tried)."})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate (default: the first of valid, validation, test the data has)."},
+    )
     dataset_cache: str | None = field(default=None, metadata={"help": "Folder caching downloads and features."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
     dtype: str | None = field(
@@ -211,12 +225,14 @@ class EvalArguments:
     save_predictions: bool = field(default=False, metadata={"help": "Also store the generated replies in the JSON."})
 
     def __post_init__(self):
-        for name in ("max_turns", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}.")
-        if self.max_history < 0:
-            raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
+        check_positive(self, "max_turns", "batch_size")
+        check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
+        check_positive(self, "max_history", minimum=0)
+        check_model_path(self.model_name_or_path)
+        if self.tokenizer_name is not None:
+            check_model_path(self.tokenizer_name, "--tokenizer_name")
+        if self.output_file is not None and os.path.isdir(self.output_file):
+            raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
 
 
 @dataclass
@@ -231,8 +247,8 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser((EvalArguments, EvalGenerationArguments), prog="persona-eval", description=__doc__)
 
 
-def default_output_file(args: EvalArguments) -> str:
-    name = f"convai2_eval_{args.split}.json"
+def default_output_file(args: EvalArguments, split: str | None = None) -> str:
+    name = f"convai2_eval_{split or args.split}.json"
     if os.path.isdir(args.model_name_or_path):
         return os.path.join(args.model_name_or_path, name)
     return name
@@ -295,7 +311,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     if predictions is not None:
         results["predictions"] = predictions
     if trainer.accelerator.is_main_process:
-        output_file = args.output_file or default_output_file(args)
+        output_file = args.output_file or default_output_file(args, split)
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
         with open(output_file, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

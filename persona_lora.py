@@ -22,7 +22,8 @@ def lora_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     `target_modules`: PEFT's default for the backbone family (the generic double-heads config hides the family from
     PEFT, so it is looked up here), "all-linear" for families PEFT has no default for. The multiple-choice head is
     trained in full (`modules_to_save`; it starts from scratch), and only the persona special tokens' rows of the word
-    embeddings are trained (`trainable_token_indices`; tied output embeddings follow).
+    embeddings are trained (`trainable_token_indices`; tied output embeddings follow) when the tokenizer has them
+    (speaker-token inputs; chat-template inputs add no tokens).
     Usage: `get_peft_model(model, LoraConfig(r=16, **lora_settings(model, tokenizer)))`.
     """
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -31,13 +32,16 @@ def lora_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings).rsplit(".", 1)[-1]
-    return {
+    settings = {
         "target_modules": list(targets) if targets else "all-linear",
         # GPT/GPT-2 projections are transformers Conv1D layers (weight stored [in, out]).
         "fan_in_fan_out": any(isinstance(module, Conv1D) for module in model.modules()),
         "modules_to_save": ["multiple_choice_head"],
-        "trainable_token_indices": {embedding_name: tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)},
     }
+    vocab = tokenizer.get_vocab()
+    if all(token in vocab for token in SPECIAL_TOKENS):  # chat-template models add no tokens: no new rows to train
+        settings["trainable_token_indices"] = {embedding_name: tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
+    return settings
 
 
 def apply_lora(

@@ -12,6 +12,7 @@ import json
 import logging
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -23,6 +24,7 @@ from transformers import (
 from transformers.utils.peft_utils import find_adapter_config_file
 
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
 from persona_encoding import encode_candidates
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
 
@@ -91,18 +93,74 @@ def load_model_and_tokenizer(
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    input_format: str | None = None,
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    chat_template_name: str | None = None,
     **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a Hub id or local checkpoint as a double-heads model plus tokenizer, with the persona special tokens.
+    """Load a Hub id or local checkpoint as a double-heads model plus tokenizer for its input format.
 
+    The input format (`persona_chat_template.resolve_input_format`: the options given, else what the checkpoint's
+    tokenizer recorded, else the backbone's default) is recorded in the tokenizer. Speaker tokens: the persona
+    special tokens are added (embeddings resized if needed). Chat template: nothing is added; the pad token is the
+    tokenizer's pad or eos, and generation stops at the template's end-of-turn tokens (`configure_chat_generation`).
     A LoRA adapter folder (written by `--use_peft` training) loads its base model, then the adapter on top; with
     `merge_adapter` (default) the adapter is merged and a plain double-heads model is returned.
     """
+    format_options = {
+        "input_format": input_format,
+        "system_prompt": system_prompt,
+        "chat_template": chat_template,
+        "chat_template_name": chat_template_name,
+    }
+    try:
+        return _load_model_and_tokenizer(
+            name_or_path,
+            tokenizer_name_or_path=tokenizer_name_or_path,
+            revision=revision,
+            token=token,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            merge_adapter=merge_adapter,
+            format_options=format_options,
+            **model_kwargs,
+        )
+    except SafetensorError as err:
+        # A copy or a save cut short: the library's error names neither the folder nor a fix.
+        raise CheckpointError(
+            f"{name_or_path}: a weights file is damaged or incomplete ({err}); copy the checkpoint again or re-train."
+        ) from err
+
+
+class CheckpointError(OSError):
+    """A checkpoint folder that cannot be loaded (damaged or incomplete files): a user error, not a bug."""
+
+
+def _load_model_and_tokenizer(
+    name_or_path,
+    *,
+    tokenizer_name_or_path,
+    revision,
+    token,
+    dtype,
+    cache_dir,
+    trust_remote_code,
+    merge_adapter,
+    format_options,
+    **model_kwargs,
+):
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
     adapter_config = find_adapter_config_file(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     if adapter_config is not None:
-        return load_lora_adapter(name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype)
+        return load_lora_adapter(
+            name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
+        )
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    # The tokenizer and the input format first: a template that cannot build rows fails before the weights load.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, **hub_kwargs)
+    chat_format = resolve_input_format(tokenizer, config.model_type, **format_options)
     model_cls = DOUBLE_HEADS_CLASSES.get(config.model_type)
     if model_cls is None:  # any other causal LM: the generic double-heads model
         model_cls = PersonaDoubleHeadsModel
@@ -110,10 +168,31 @@ def load_model_and_tokenizer(
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, **hub_kwargs)
+    if chat_format is not None:
+        configure_chat_generation(model, tokenizer, chat_format)
+        logger.info("Loaded %s (%s) with %s.", name_or_path, model_cls.__name__, chat_format.name)
+        return model, tokenizer
     num_added = add_special_tokens(model, tokenizer)
     logger.info("Loaded %s (%s); %d special tokens added.", name_or_path, model_cls.__name__, num_added)
     return model, tokenizer
+
+
+def configure_chat_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat):
+    """Pad with the tokenizer's pad token (its eos when it has none) and stop generating at the template's
+    end-of-turn tokens and the eos, in the config and the generation config that are saved with the model, so that
+    `generate()` and serving engines stop where training put the end of the reply."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stops = list(dict.fromkeys([*chat_format.end_of_turn_ids, *eos]))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+        generation_config.eos_token_id = stops
+        if tokenizer.bos_token_id is not None:
+            generation_config.bos_token_id = tokenizer.bos_token_id
 
 
 def load_lora_adapter(
@@ -123,6 +202,7 @@ def load_lora_adapter(
     merge_adapter: bool,
     hub_kwargs: dict,
     dtype: str | torch.dtype | None = None,
+    format_options: dict | None = None,
 ):
     """Base model (embeddings sized to the adapter's tokenizer) + LoRA adapter, merged unless `merge_adapter` is off."""
     from peft import PeftModel
@@ -140,8 +220,9 @@ def load_lora_adapter(
         token=hub_kwargs["token"],
         cache_dir=hub_kwargs["cache_dir"],
         trust_remote_code=hub_kwargs["trust_remote_code"],
+        **(format_options or {}),
     )
-    if model.get_input_embeddings().num_embeddings != len(tokenizer):
+    if chat_format_of(tokenizer) is None and model.get_input_embeddings().num_embeddings != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(model, adapter_path, revision=hub_kwargs["revision"], token=hub_kwargs["token"])
     if merge_adapter:

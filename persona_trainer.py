@@ -3,6 +3,7 @@ evaluation that `persona-eval` uses too (every candidate of a turn, mixed candid
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -33,7 +34,10 @@ class PersonaTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=6.25e-5, metadata={"help": "Peak learning rate (linear decay to 0)."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Number of training epochs."})
     eval_strategy: IntervalStrategy | str = field(
-        default="epoch", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."}
+        default="no",
+        metadata={
+            "help": "When to evaluate: 'no', 'steps' or 'epoch' (persona-train: 'epoch' with --do_eval, else 'no')."
+        },
     )
     save_strategy: SaveStrategy | str = field(
         default="epoch", metadata={"help": "When to save a checkpoint: 'no', 'steps', 'epoch'."}
@@ -44,6 +48,10 @@ class PersonaTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="auto", metadata={"help": "Trackers to log to; 'auto' = TensorBoard when installed, else none."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds a run (its checkpoints are deleted)."},
+    )
 
     def __post_init__(self):
         # No output_dir: run_persona names a run folder after date, host and model (as the reference).
@@ -52,9 +60,50 @@ class PersonaTrainingArguments(TrainingArguments):
             from transformers.integrations import is_tensorboard_available
 
             self.report_to = ["tensorboard"] if is_tensorboard_available() else "none"
-        if self.lm_coef < 0 or self.mc_coef < 0 or self.lm_coef + self.mc_coef == 0:
-            raise ValueError(f"lm_coef and mc_coef must be >= 0 and not both 0, got {self.lm_coef}, {self.mc_coef}.")
+        self.auto_eval_strategy = self.eval_strategy == "auto"
+        if self.auto_eval_strategy:  # persona-train's default: evaluate each epoch when evaluating at all
+            self.eval_strategy = "epoch" if self.do_eval else "no"
+        if not (self.lm_coef >= 0 and self.mc_coef >= 0 and self.lm_coef + self.mc_coef > 0):
+            raise ValueError(
+                f"--lm_coef and --mc_coef must be >= 0 and not both 0, got {self.lm_coef}, {self.mc_coef}."
+            )
+        check_training_values(self)
+        # The old name warns in transformers 5; it means activation checkpointing.
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            if getattr(self, old) is not None and getattr(self, new) is None:
+                setattr(self, new, getattr(self, old))
+            setattr(self, old, None)
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Several processes on a machine without an accelerator: without use_cpu accelerate ignores the launch
+            # and every process trains alone.
+            self.use_cpu = True
         super().__post_init__()
+
+
+def _has_accelerator() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
+def check_training_values(args: TrainingArguments) -> None:
+    """A `ValueError` naming the flag for values the Trainer would accept and then fail on (or train wrongly with)."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if not getattr(args, name) >= 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "num_train_epochs", "warmup_steps", "adam_epsilon"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value}.")
+    if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs == 0 and args.do_train):
+        raise ValueError("Nothing to train: pass --max_steps >= 1 or --num_train_epochs > 0 (or --do_train false).")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name} must be > 0, got {value}.")
+    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir}: is a file; pass a folder (it is created if missing).")
 
 
 class PersonaTrainer(Trainer):

@@ -15,15 +15,26 @@ import logging
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import datasets
 import transformers
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from persona_cli import find_split, input_budget, parse_args_with_config, run_console_script
+from persona_chat_template import chat_format_of, load_chat_template
+from persona_checkpoints import finished_run, last_complete_checkpoint, remove_checkpoints
+from persona_cli import (
+    MIN_INPUT_LENGTH,
+    UsageError,
+    check_model_path,
+    check_positive,
+    find_split,
+    input_budget,
+    parse_args_with_config,
+    run_console_script,
+)
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_encoding import ENCODINGS, set_candidate_encoding
@@ -64,6 +75,30 @@ class ModelArguments:
             "choices": list(ENCODINGS),
         },
     )
+    input_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "How persona dialogs become tokens: 'chat_template' (the tokenizer's chat template, the persona as "
+            "the system message; a plain causal LM that serving engines prompt as in training) or 'speaker_tokens' "
+            "(the reference's <speaker1>/<speaker2> layout). Default: chat_template for a tokenizer with a chat "
+            "template, speaker_tokens for GPT / GPT-2 / DialoGPT / openai-gpt and tokenizers without one.",
+            "choices": ["chat_template", "speaker_tokens"],
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "chat_template: the system message, {persona} standing for the persona sentences (one per line). "
+            "Default: 'You are chatting with someone. Stay in character. Your persona:\\n{persona}'."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "chat_template: a Jinja template file (or a tokenizer_config.json / chat_template.json) used "
+            "instead of the tokenizer's own; it is saved with the model."
+        },
+    )
     shared_prefix: bool = field(
         default=True,
         metadata={"help": "false = --candidate_encoding plain (the former switch of the shared-context encodings)."},
@@ -84,6 +119,9 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        check_model_path(self.model_name_or_path)
+        if self.tokenizer_name is not None:
+            check_model_path(self.tokenizer_name, "--tokenizer_name")
         if not self.shared_prefix:
             if self.candidate_encoding not in ("auto", "plain"):
                 raise ValueError(
@@ -141,7 +179,10 @@ class DataArguments:
         default=None, metadata={"help": "Longest input in tokens (default: the model's maximum positions)."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="valid", metadata={"help": "Split to evaluate on ('validation' is also tried)."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (default: the first of valid, validation, test the data has)."},
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild cached features."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
@@ -152,18 +193,20 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.num_candidates < 1:
-            raise ValueError(f"--num_candidates must be >= 1, got {self.num_candidates}.")
-        if self.max_history < 0:
-            raise ValueError(f"--max_history must be >= 0, got {self.max_history}.")
-        if self.personality_permutations < 1:
-            raise ValueError(f"--personality_permutations must be >= 1, got {self.personality_permutations}.")
-        if self.num_distractors < 0:
-            raise ValueError(f"--num_distractors must be >= 0, got {self.num_distractors}.")
+        check_positive(self, "num_candidates", "personality_permutations", "max_train_samples", "max_eval_samples")
+        check_positive(self, "preprocessing_num_workers")
+        check_positive(self, "max_history", "num_distractors", minimum=0)
+        check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
+        if os.path.isfile(self.dataset_cache):
+            raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, PersonaTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, PersonaTrainingArguments), prog="persona-train")
+    # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
+    # 'no' so that a Trainer built in Python without an eval_dataset works.
+    parser.set_defaults(eval_strategy="auto")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
@@ -202,6 +245,84 @@ def default_output_dir(model_name_or_path: str) -> str:
     return os.path.join("runs", f"{stamp}_{socket.gethostname()}_{os.path.basename(model_name_or_path.rstrip('/'))}")
 
 
+def say(message: str) -> None:
+    """One line on stderr, from the main process only (shown whatever the log level)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _previous_run(training_args: PersonaTrainingArguments) -> tuple[str | None, bool]:
+    """What `output_dir` already holds: (the checkpoint to resume from, whether the run there has finished)."""
+    output_dir = training_args.output_dir
+    if not os.path.isdir(output_dir):
+        return None, False
+    if training_args.overwrite_output_dir:
+        if training_args.process_index == 0:
+            removed = remove_checkpoints(output_dir)
+            if removed:
+                say(f"persona-train: --overwrite_output_dir: removed {len(removed)} checkpoint(s) of {output_dir}.")
+        return None, False
+    step = finished_run(output_dir)
+    if step is not None:
+        say(
+            f"persona-train: {output_dir} already holds a finished run (step {step}); nothing to do. To train afresh "
+            "pass --overwrite_output_dir true or another --output_dir."
+        )
+        return None, True
+    checkpoint, skipped = last_complete_checkpoint(output_dir)
+    for path, reason in skipped:
+        say(f"persona-train: skipping the incomplete checkpoint {path} ({reason}).")
+    if checkpoint is not None:
+        say(f"persona-train: resuming from {checkpoint} (pass --overwrite_output_dir true to start afresh).")
+    return checkpoint, False
+
+
+def _splits(
+    dialogs, data_args: DataArguments, training_args: PersonaTrainingArguments
+) -> tuple[str | None, str | None]:
+    """The train and evaluation splits the run needs (None when it needs none); a `UsageError` saying how to fix a
+    missing one."""
+    train_split = eval_split = None
+    source = data_args.dataset_path
+    if training_args.do_train:
+        train_split = find_split(dialogs, data_args.train_split, source)
+    if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
+        try:
+            eval_split = find_split(dialogs, data_args.eval_split, source)
+        except UsageError as err:
+            users = [
+                flag
+                for flag, on in (
+                    ("--do_eval false", training_args.do_eval),
+                    (
+                        "--eval_strategy no",
+                        training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
+                    ),
+                    ("--do_convai2_eval false", data_args.do_convai2_eval),
+                )
+                if on
+            ]
+            raise UsageError(
+                f"{err} Nothing to evaluate on: pass {' '.join(users)} to train without evaluating, or "
+                "--eval_split NAME."
+            ) from None
+    return train_split, eval_split
+
+
+@contextmanager
+def _cache_hint(data_args: DataArguments):
+    """Errors reading cached features (a cache file cut short or damaged) name the cache and the way out."""
+    import pyarrow
+
+    try:
+        yield
+    except (pyarrow.ArrowException, EOFError) as err:
+        raise UsageError(
+            f"{data_args.dataset_cache}: the cached features cannot be read ({' '.join(str(err).split())}); "
+            "rebuild them with --overwrite_cache true."
+        ) from err
+
+
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
     """Train and/or evaluate; returns the final metrics."""
     logging.basicConfig(
@@ -221,17 +342,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
         # Every process must write to the folder the main process named.
         training_args.output_dir = broadcast_object_list([default_output_dir(model_args.model_name_or_path)])[0]
+        say(f"persona-train: writing the run to {training_args.output_dir}")
     logger.info("Training parameters %s", training_args)
 
     last_checkpoint = None
-    if (
-        training_args.do_train
-        and training_args.resume_from_checkpoint is None
-        and os.path.isdir(training_args.output_dir)
-    ):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info("Resuming from %s (pass another --output_dir to start afresh).", last_checkpoint)
+    if training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint, done = _previous_run(training_args)
+        if done:
+            return {}
 
     if training_args.deepspeed and training_args.world_size > 1:
         import deepspeed
@@ -240,7 +358,21 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         # DeepSpeed's own communicator, which accelerate leaves unset on CPU: hand it the process group now.
         deepspeed.init_distributed()
 
+    with training_args.main_process_first(desc="loading persona dialogs"):
+        dialogs = load_dialogs(
+            data_args.dataset_path,
+            data_args.dataset_format,
+            cache_dir=data_args.dataset_cache,
+            on_bad_record=data_args.on_bad_record,
+            num_distractors=data_args.num_distractors,
+            spc_bot_role=data_args.spc_bot_role,
+            column_mapping=data_args.column_mapping,
+            distractor_seed=training_args.seed,
+        )
+    train_split, eval_split = _splits(dialogs, data_args, training_args)
+
     set_seed(training_args.seed)
+    chat_template = load_chat_template(model_args.chat_template) if model_args.chat_template else None
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
         tokenizer_name_or_path=model_args.tokenizer_name,
@@ -249,7 +381,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         dtype=model_args.dtype,
         cache_dir=model_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
+        input_format=model_args.input_format,
+        system_prompt=model_args.system_prompt,
+        chat_template=chat_template,
+        chat_template_name=f"--chat_template {model_args.chat_template}" if chat_template else None,
     )
+    chat_format = chat_format_of(tokenizer)
     set_candidate_encoding(model, model_args.candidate_encoding)
     if training_args.gradient_checkpointing:
         check_gradient_checkpointing(model)
@@ -264,20 +401,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         )
     max_length = input_budget(model, data_args.max_length)
 
-    with training_args.main_process_first(desc="loading persona dialogs"):
-        dialogs = load_dialogs(
-            data_args.dataset_path,
-            data_args.dataset_format,
-            cache_dir=data_args.dataset_cache,
-            on_bad_record=data_args.on_bad_record,
-            num_distractors=data_args.num_distractors,
-            spc_bot_role=data_args.spc_bot_role,
-            column_mapping=data_args.column_mapping,
-            distractor_seed=training_args.seed,
-        )
-
     def features(split: str, num_candidates: int | None, max_samples: int | None) -> datasets.Dataset:
-        with training_args.main_process_first(desc=f"building {split} features"):
+        with training_args.main_process_first(desc=f"building {split} features"), _cache_hint(data_args):
             rows = build_features(
                 dialogs[split],
                 tokenizer,
@@ -289,15 +414,16 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
                 cache_dir=data_args.dataset_cache,
                 load_from_cache_file=not data_args.overwrite_cache,
                 source=f"{data_args.dataset_path}: split {split!r}",
+                chat_format=chat_format,
             )
+        if rows.num_rows == 0:
+            raise UsageError(f"{data_args.dataset_path}: split {split!r} gives no examples (no dialog with a turn).")
         return rows.select(range(min(max_samples, rows.num_rows))) if max_samples is not None else rows
 
     train_dataset = eval_dataset = None
-    if training_args.do_train:
-        find_split(dialogs, data_args.train_split, data_args.dataset_path, fallbacks=())
-        train_dataset = features(data_args.train_split, data_args.num_candidates, data_args.max_train_samples)
-    if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
-        eval_split = find_split(dialogs, data_args.eval_split, data_args.dataset_path)
+    if train_split is not None:
+        train_dataset = features(train_split, data_args.num_candidates, data_args.max_train_samples)
+    if eval_split is not None:
         # Evaluation ranks every candidate (20 in PERSONA-CHAT), as ConvAI2's Hits@1.
         eval_dataset = features(eval_split, None, data_args.max_eval_samples)
 
@@ -311,7 +437,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         processing_class=tokenizer,
         base_model=model_args.model_name_or_path,
         dataset_name=data_args.dataset_path,
-        recipe={**vars(data_args), "use_peft": model_args.use_peft},
+        recipe={
+            **vars(data_args),
+            "use_peft": model_args.use_peft,
+            "input_format": "speaker_tokens" if chat_format is None else "chat_template",
+            **({"system_prompt": chat_format.system_prompt} if chat_format is not None else {}),
+        },
     )
     if training_args.do_train and trainer.is_world_process_zero():
         # Saved with the model (and pushed with it): the options that reproduce the run.

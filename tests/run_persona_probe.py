@@ -1,7 +1,8 @@
 """`run_persona.py` with probes for tests/test_distributed.py (run under torchrun or python).
 
 Saves each rank's weights before and after training (`weights_init_rank{r}.pt`, `weights_final_rank{r}.pt`) and,
-with `PROBE_KILL_AT_STEP=N`, SIGKILLs its own process right after the checkpoint of step N is written.
+with `PROBE_KILL_AT_STEP=N`, SIGKILLs its own process right after the checkpoint of step N is written; with
+`PROBE_KILL_DURING_SAVE=N`, while that checkpoint is being written (weights and optimizer saved, trainer state not).
 """
 
 import os
@@ -37,7 +38,15 @@ def install_probes() -> None:
         if self.state.global_step == int(os.environ.get("PROBE_KILL_AT_STEP", -1)):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as an OOM kill or a preempted node
 
+    save_optimizer = PersonaTrainer._save_optimizer_and_scheduler
+
+    def probed_save_optimizer(self, output_dir):
+        save_optimizer(self, output_dir)
+        if self.state.global_step == int(os.environ.get("PROBE_KILL_DURING_SAVE", -1)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     PersonaTrainer.train, PersonaTrainer._save_checkpoint = probed_train, probed_save_checkpoint
+    PersonaTrainer._save_optimizer_and_scheduler = probed_save_optimizer
 
 
 if __name__ == "__main__":

@@ -242,16 +242,19 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     persona_file = tmp_path / "persona.txt"
     persona_file.write_text("i am a nurse.\n\nmy favorite color is purple.\n")
     args = ["--model_name_or_path", saved_checkpoint, "--persona", "i love cats.", "--persona_file", str(persona_file)]
+    long_turn = "hello " * 300  # far over the model's window: the context is cut, never the reply budget
     result = run_cli(
         [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_length", "20"],
-        "hi !\n\nwhat do you do ?\n",
+        f"hi !\n\nwhat do you do ?\n{long_turn}\nok .\n",
     )
     assert result.returncode == 0, result.stderr
-    replies = result.stdout.splitlines()
-    # Independent expectation: the in-process bot with the same persona and options.
+    replies = result.stdout.split("\n")[:-1]
+    # Independent expectation: the in-process bot with the same persona and options; one line out per line in.
     bot = PersonaBot(model, tokenizer, PERSONA, no_sample=True, min_length=3)
-    expected = [" ".join(bot.reply(t).split()) for t in ("hi !", "what do you do ?")]
-    assert replies == expected
+    expected = [
+        " ".join(bot.reply(t).split()) if t else "" for t in ("hi !", "", "what do you do ?", long_turn, "ok .")
+    ]
+    assert replies == expected and len(replies) == 5
     assert "i love cats." in result.stderr and "my favorite color is purple." in result.stderr
     assert "--max_length is deprecated, use --max_new_tokens" in result.stderr
 
@@ -259,13 +262,14 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
 @pytest.mark.slow
 def test_interactive_mode_commands_and_clean_eof(saved_checkpoint, personachat_json, synthetic_data):
     args = ["--model_name_or_path", saved_checkpoint, "--dataset_path", personachat_json, "--seed", "0"]
-    result = run_cli(args, "hello\n\n/persona\n/reset\n/persona i am a pilot. | i fly planes.\nhi\n")
+    result = run_cli(args, "hello\n\n/persona\n/reset\n/persona i am a pilot. | i fly planes.\n/bogus x\nhi\n")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     personas = [" ".join(d["personality"]) for d in synthetic_data["valid"]]
     shown = result.stdout.split("Persona:")[1].split("Talk to the bot")[0]
     assert " ".join(line.strip(" -") for line in shown.split("\n") if line.strip()) in personas
     assert "(history cleared)" in result.stdout and "  - i fly planes." in result.stdout
-    assert result.stdout.count(">>> ") == 7  # one prompt per line, plus the one EOF answers
+    assert "(unknown command /bogus: /reset clears the history" in result.stdout
+    assert result.stdout.count(">>> ") == 8  # one prompt per line, plus the one EOF answers
 
 
 @pytest.mark.slow
@@ -278,7 +282,28 @@ def test_persona_typed_at_start_up(saved_checkpoint):
 def test_long_context_is_cut_to_fit_the_model(tokenizer, ids):
     history = [f"turn {i} is a rather long sentence about many different things ." for i in range(5)]
     full = build_context(tokenizer, PERSONA, history, max_history=2)["input_ids"]
-    cut = build_context(tokenizer, PERSONA, history, max_history=2, max_length=full.size(1) + 20, reply_budget=20)
-    assert cut["input_ids"].size(1) + 20 + 1 <= full.size(1) + 20  # room for the reply and its eos
+    # One position short of the whole context plus a 20-token reply (its stop token among the 20).
+    cut = build_context(tokenizer, PERSONA, history, max_history=2, max_length=full.size(1) + 19, reply_budget=20)
+    assert cut["input_ids"].size(1) + 20 <= full.size(1) + 19
     kept = tokenizer.decode(cut["input_ids"][0], skip_special_tokens=True)
     assert "turn 0" not in kept and "turn 4" in kept and "i love cats." in kept  # oldest turn dropped first
+
+
+def test_generation_fits_the_window_whatever_the_turn(model, tokenizer):
+    window = model.config.n_positions
+    long_turn = "hello " * 300
+    for options in ({"max_new_tokens": 20}, {"max_new_tokens": window - 3}):
+        ids = generate_reply_ids(model, tokenizer, [(PERSONA, [long_turn]), ([], ["hi"])], no_sample=True, **options)
+        assert len(ids) == 2
+        context = build_context(
+            tokenizer, PERSONA, [long_turn], max_length=window, reply_budget=options["max_new_tokens"]
+        )
+        assert context["input_ids"].size(1) + options["max_new_tokens"] <= window
+    # The turn keeps its end (next to the reply); the persona stays when the turn alone overflows.
+    marked = "start " + "hello " * 300 + "the end ."
+    kept = tokenizer.decode(
+        build_context(tokenizer, PERSONA, [marked], max_length=window, reply_budget=20)["input_ids"][0]
+    )
+    assert "the end ." in kept and "start" not in kept and "i love cats." in kept
+    with pytest.raises(ValueError, match="lower --max_new_tokens"):
+        generate_reply_ids(model, tokenizer, [(PERSONA, ["hi"])], no_sample=True, max_new_tokens=window)

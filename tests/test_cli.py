@@ -8,16 +8,27 @@ import sys
 
 import pytest
 
-from persona_cli import UsageError, find_split, input_budget, run_console_script
+from persona_cli import UsageError, find_split, input_budget, looks_local, run_console_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_find_split_falls_back_to_a_validation_split():
-    assert find_split({"train": 0, "validation": 0}, "valid", "data.json") == "validation"
+def test_find_split_falls_back_only_when_no_split_is_named():
+    assert find_split({"train": 0, "validation": 0}, None, "data.json") == "validation"
+    assert find_split({"train": 0, "test": 0, "valid": 0}, None, "data.json") == "valid"
+    assert find_split({"train": 0, "test": 0}, None, "data.json") == "test"
     assert find_split({"train": 0, "test": 0}, "test", "data.json") == "test"
-    with pytest.raises(UsageError, match=r"data.json has no split 'valid' \(it has \['train'\]\)"):
-        find_split({"train": 0}, "valid", "data.json")
+    with pytest.raises(UsageError, match=r"data.json has no split 'valid' \(it has \['train', 'validation'\]\)"):
+        find_split({"train": 0, "validation": 0}, "valid", "data.json")
+    with pytest.raises(UsageError, match=r"no split 'valid' or 'validation' or 'test' \(it has \['train'\]\)"):
+        find_split({"train": 0}, None, "data.json")
+
+
+def test_local_looking_model_paths():
+    for path in ("runs/nope", "./x", "/abs/path", "~/model", "a/b/c", "out/", "..\\x"):
+        assert looks_local(path), path
+    for hub_id in ("gpt2", "openai-community/gpt2", "microsoft/DialoGPT-medium"):
+        assert not looks_local(hub_id), hub_id
 
 
 def test_input_budget_is_capped_by_the_window():

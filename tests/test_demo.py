@@ -90,8 +90,36 @@ def test_missing_checkpoint_gives_a_clear_error(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2
-    assert "cannot load the checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"persona-demo: error: --model_name_or_path {tmp_path / 'nope'}: no such folder " \
+        "(Hub ids look like 'org/name')."  # fmt: skip
+
+
+def test_too_long_message_or_persona_is_refused_and_the_session_goes_on(demo_url):
+    client = gradio_client.Client(demo_url, verbose=False)
+    send(client, "hi", PERSONA)
+    with pytest.raises(Exception, match="the limit is 2000"):
+        send(client, "hello " * 400, PERSONA)
+    with pytest.raises(Exception, match="the limits are 50 sentences"):
+        send(client, "hi", [f"i like thing {i}." for i in range(51)])
+    # A message under the limit but far over the model's window: the context is cut, the reply comes.
+    chat = send(client, "hello " * 300, PERSONA)
+    assert len(chat) == 4 and text(chat[-1])
+    assert len(send(client, "and now ?", PERSONA)) == 6
+
+
+def test_port_in_use_is_one_line_before_loading(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "persona_demo.py"), "--model_name_or_path", tiny_checkpoint,
+             "--port", str(port)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith(f"persona-demo: error: --port {port}: cannot listen on 127.0.0.1:{port}")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,11 +129,19 @@ def test_one_step_same_update_in_1_and_2_processes_and_ranks_agree(assets, expec
 
 @pytest.mark.slow
 def test_torchrun_two_processes_trains_with_identical_ranks(assets, tmp_path):
+    """The README's CPU recipe as written (no --use_cpu): one data-parallel run, not two independent ones."""
+    from persona_data import build_features, load_dialogs
+    from persona_model import load_model_and_tokenizer
+
     out = tmp_path / "ddp"
     args = ["--max_steps", "6", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    proc = launch(run_args(assets, out, *args, "--logging_steps", "3"), nproc=2)
+    proc = launch([a for a in run_args(assets, out, *args, "--logging_steps", "3") if a != "--use_cpu"], nproc=2)
     state = json.load(open(out / "trainer_state.json"))
     assert state["global_step"] == 6
+    # 6 steps of 2 rows x 2 accumulation x 2 processes: the epoch count shows both processes shared the data.
+    rows = build_features(load_dialogs(assets["data"])["train"], load_model_and_tokenizer(assets["model"])[1],
+                          num_candidates=2, max_history=2).num_rows  # fmt: skip
+    assert state["log_history"][-1]["epoch"] == pytest.approx(6 / math.ceil(rows / 8), rel=1e-3)
     losses = [log["loss"] for log in state["log_history"] if "loss" in log]
     assert len(losses) == 2 and losses[1] < losses[0], proc.stdout[-2000:]
     rank0, rank1 = torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt")
@@ -160,6 +169,32 @@ def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path):
     # and the run really moved past the checkpoint
     with pytest.raises(AssertionError):
         assert_same_weights(load_weights(killed), load_weights(killed / "checkpoint-3"))
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_mid_save_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
+    args = ["--max_train_samples", "16", "--max_steps", "6", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+            "--learning_rate", "1e-2", "--warmup_steps", "2"]  # fmt: skip
+    full = tmp_path / "full"
+    launch(run_args(assets, full, *args))
+    killed = tmp_path / "killed"
+    proc = launch(run_args(assets, killed, *args), env={"PROBE_KILL_DURING_SAVE": "4"}, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "checkpoint-4" / "trainer_state.json").exists()
+    # The same command again: no --resume_from_checkpoint.
+    proc = launch(run_args(assets, killed, *args))
+    messages = [line for line in proc.stderr.splitlines() if line.startswith("persona-train:")]
+    assert any("skipping the incomplete checkpoint" in m and "checkpoint-4" in m for m in messages), proc.stderr
+    assert any("resuming from" in m and m.endswith("checkpoint-2 (pass --overwrite_output_dir true to start afresh).")
+               for m in messages), messages  # fmt: skip
+    assert json.load(open(killed / "trainer_state.json"))["global_step"] == 6
+    assert_same_weights(load_weights(killed), load_weights(full))
+    # A third run finds the finished run: it says so, exits 0 and leaves the metrics alone.
+    results = (killed / "all_results.json").read_text()
+    proc = launch(run_args(assets, killed, *args))
+    assert "already holds a finished run (step 6)" in proc.stderr and "--overwrite_output_dir true" in proc.stderr
+    assert (killed / "all_results.json").read_text() == results
 
 
 VALIDATE_DEEPSPEED_CONFIGS = """

@@ -210,3 +210,13 @@ def test_run_folder_and_tensorboard_defaults(monkeypatch):
     assert folder.startswith("runs" + os.sep) and folder.endswith("_node7_DialoGPT-small")
     _, _, explicit = parse_args(["--output_dir", "mine", "--report_to", "none"])
     assert not explicit.auto_output_dir and explicit.output_dir == "mine"
+
+
+def test_gradient_checkpointing_maps_to_activation_checkpointing_without_a_warning(tmp_path, recwarn):
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path), gradient_checkpointing=True, report_to="none", use_cpu=True
+    )
+    assert args.activation_checkpointing is True
+    assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)]
+    # The library default (no eval_dataset needed in Python); persona-train evaluates each epoch with --do_eval.
+    assert args.eval_strategy == "no"

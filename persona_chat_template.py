@@ -1,0 +1,403 @@
+"""Persona dialogs as chat-template rows for instruct backbones (DESIGN.md "Chat-template inputs").
+
+One canonical example (persona sentences, history turns with the partner speaking the last one, candidates with the
+gold last) becomes messages: the persona in the system message through an overridable prompt, the history as
+alternating user/assistant messages (the partner is the user), each candidate the final assistant message. Ids come
+from the tokenizer's chat template with no special tokens added and no token types, so the trained model is a plain
+causal LM that any engine serving `apply_chat_template(..., add_generation_prompt=True)` prompts exactly as in
+training.
+
+A row is the generation prompt (system + history + assistant header, rendered once per example) followed by one
+candidate's part: what the template renders after the generation prompt for that reply. The gold's full rendering is
+checked against that split, token for token, so every row is what `apply_chat_template` gives for its conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "You are chatting with someone. Stay in character. Your persona:\n{persona}"
+PERSONA_FIELD = "{persona}"
+# A string no template invents: finding it in the rendering proves the system message was kept.
+_SYSTEM_PROBE = "persona-chat system probe 7f3a"
+_WARNED_NO_SYSTEM: set[tuple[str, str]] = set()  # say once per template that the persona moves to the user turn
+_MAX_CUTS = 64  # reply/last-turn cuts before giving up (each one removes at least a token)
+
+
+class ChatTemplateError(ValueError):
+    """A tokenizer or chat template that cannot build persona rows; the message names the template and the fix."""
+
+
+def load_chat_template(path: str) -> str:
+    """The Jinja chat template in `path`: a template file (.jinja, .txt...) or a JSON file with a `chat_template` field
+    (`tokenizer_config.json`, `chat_template.json`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise ChatTemplateError(f"--chat_template {path}: cannot read the file ({err.strerror}).") from err
+    if path.endswith(".json"):
+        try:
+            text = json.loads(text).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ChatTemplateError(f"--chat_template {path}: not a JSON object with a 'chat_template' field.") from err
+        if isinstance(text, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
+            text = {t.get("name"): t.get("template") for t in text}.get("default")
+    if not isinstance(text, str) or not text.strip():
+        raise ChatTemplateError(f"--chat_template {path}: the file holds no chat template.")
+    return text
+
+
+def _default_template(tokenizer, model_name: str) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise ChatTemplateError(
+            f"{model_name} has no chat template: use --input_format speaker_tokens, "
+            "or give a template with --chat_template FILE."
+        )
+    return template
+
+
+class _Encoded(NamedTuple):
+    """One example, tokenized: the generation prompt, each candidate's part after it, and the end-of-turn layout."""
+
+    prompt_ids: list[int]
+    parts: list[list[int]]  # [C][len]: reply tokens, the end-of-turn, whatever the template renders after it
+    tail_len: int  # tokens every part ends with (the end-of-turn and what follows it)
+    end_of_turn: int  # index of the (last) end-of-turn token within those tail tokens
+
+    def length(self, reply_budget: int = 0) -> int:
+        return len(self.prompt_ids) + (max(map(len, self.parts)) if self.parts else reply_budget)
+
+    def reply_lens(self) -> list[int]:
+        return [len(part) - self.tail_len for part in self.parts]
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How persona examples become chat-template rows for one tokenizer and template.
+
+    Build it with `ChatFormat.from_tokenizer`, which checks the template and finds out whether it can hold a system
+    message (if not, the persona goes at the head of the first user turn).
+    """
+
+    tokenizer: Any
+    template: str
+    name: str
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_role: bool = True
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer,
+        *,
+        chat_template: str | None = None,
+        template_name: str | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    ) -> ChatFormat:
+        """The format for `tokenizer` with its own template, or `chat_template` (template text, see
+        `load_chat_template`); `template_name` (e.g. the file) names the template in errors."""
+        model_name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if PERSONA_FIELD not in system_prompt:
+            raise ValueError(
+                f"--system_prompt must contain {PERSONA_FIELD} (where the persona sentences go); got {system_prompt!r}."
+            )
+        template = chat_template if chat_template is not None else _default_template(tokenizer, model_name)
+        name = template_name or f"the chat template of {model_name}"
+        fmt = cls(tokenizer, template, name, system_prompt, system_role=True)
+        try:
+            fmt.render([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+        except Exception as err:
+            raise ChatTemplateError(f"{name} cannot render a one-message user conversation: {err}") from err
+        if not fmt._holds_system_message():
+            if (name, template) not in _WARNED_NO_SYSTEM:
+                _WARNED_NO_SYSTEM.add((name, template))
+                logger.warning(
+                    "%s has no system role: the persona goes at the head of the first user turn.",
+                    name[0].upper() + name[1:],
+                )
+            fmt = cls(tokenizer, template, name, system_prompt, system_role=False)
+        fmt.end_of_turn_ids  # noqa: B018 -- a template that cannot build rows fails here, before any data is read
+        return fmt
+
+    def _holds_system_message(self) -> bool:
+        messages = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hello"}]
+        try:
+            text = self.render(messages, add_generation_prompt=True)
+        except Exception:  # e.g. Gemma's raise_exception('System role not supported')
+            return False
+        return _SYSTEM_PROBE in text  # some templates drop it silently
+
+    def system_text(self, persona: Sequence[str]) -> str:
+        """The system prompt with the persona sentences, one per line."""
+        return self.system_prompt.replace(PERSONA_FIELD, "\n".join(persona))
+
+    def messages(self, persona: Sequence[str], history: Sequence[str]) -> list[dict[str, str]]:
+        """The conversation before the reply: system (persona), then the history with the partner's last turn as user.
+
+        Without a system role the persona text heads the first user turn (a user turn of its own when the history
+        starts with the bot, so that the roles still alternate user first).
+        """
+        n = len(history)
+        turns = [{"role": "user" if (n - 1 - j) % 2 == 0 else "assistant", "content": h} for j, h in enumerate(history)]
+        system = self.system_text(persona)
+        if self.system_role:
+            return [{"role": "system", "content": system}, *turns]
+        if turns and turns[0]["role"] == "user":
+            return [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
+        return [{"role": "user", "content": system}, *turns]
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """The template's text for `messages`, ending with the assistant header when `add_generation_prompt`."""
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of renderings, as `apply_chat_template(tokenize=True)` makes them (the template writes its own special
+        tokens, so none is added)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        return frozenset(self.tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+
+    def _encode(self, persona: Sequence[str], history: Sequence[str], replies: Sequence[str]) -> _Encoded:
+        messages = self.messages(persona, history)
+        prompt = self.render(messages, add_generation_prompt=True)
+        if not replies:
+            return _Encoded(self.encode([prompt])[0], [], 0, 0)
+        gold = replies[-1]
+        full = self.render([*messages, {"role": "assistant", "content": gold}], add_generation_prompt=False)
+        suffix = full[len(prompt) :] if full.startswith(prompt) else None
+        at = suffix.find(gold) if suffix is not None else -1
+        if at < 0:
+            raise ChatTemplateError(
+                f"{self.name} renders the assistant's reply differently from its generation prompt "
+                "(add_generation_prompt=True) followed by the reply, so the reply cannot be trained as the "
+                f"continuation the model will be asked for; use a template whose rendering of a final assistant "
+                f"message extends its generation prompt (reply {gold!r})."
+            )
+        head, tail = suffix[:at], suffix[at + len(gold) :]
+        prompt_ids, full_ids, tail_ids, *parts = self.encode([prompt, full, tail, *(head + r + tail for r in replies)])
+        if prompt_ids + parts[-1] != full_ids:
+            raise ChatTemplateError(
+                f"{self.name}: the tokens of the conversation with the reply are not the tokens of the generation "
+                "prompt followed by those of the reply (the tokenizer merges across the end of the generation "
+                f"prompt), so the reply cannot be trained as the continuation the model will be asked for (reply "
+                f"{gold!r})."
+            )
+        specials = [i for i, t in enumerate(tail_ids) if t in self._special_ids]
+        if not specials:
+            raise ChatTemplateError(
+                f"{self.name} ends an assistant message with {tail!r}, which holds no special token: there is no "
+                "end-of-turn token for the model to learn to stop at."
+            )
+        for part, reply in zip(parts, replies):
+            if part[len(part) - len(tail_ids) :] != tail_ids:
+                raise ChatTemplateError(f"{self.name}: the reply {reply!r} merges into the end-of-turn tokens.")
+        return _Encoded(prompt_ids, parts, len(tail_ids), specials[-1])
+
+    def _fit(
+        self,
+        persona: Sequence[str],
+        history: Sequence[str],
+        replies: Sequence[str],
+        max_length: int | None,
+        reply_budget: int = 0,
+    ) -> tuple[_Encoded, bool]:
+        """Encode, shortening like `persona_data.fit_to_length` until the longest row fits `max_length`.
+
+        Oldest history turns go first (the last one stays), then persona sentences from the end; then the replies
+        lose their last tokens (down to one), and at last the final turn its oldest tokens. Cuts are made in token
+        space and decoded back to text, so that every row is still the rendering of a conversation.
+        """
+        enc = self._encode(persona, history, replies)
+        if max_length is None or enc.length(reply_budget) <= max_length:
+            return enc, False
+        persona, history, replies = list(persona), list(history), list(replies)
+        while enc.length(reply_budget) > max_length and len(history) > 1:
+            history.pop(0)
+            enc = self._encode(persona, history, replies)
+        while enc.length(reply_budget) > max_length and persona:
+            persona.pop()
+            enc = self._encode(persona, history, replies)
+        for _ in range(_MAX_CUTS):
+            if enc.length(reply_budget) <= max_length:
+                break
+            over = enc.length(reply_budget) - max_length
+            if replies and max(enc.reply_lens()) > 1:
+                budget = max(1, max(enc.reply_lens()) - over)
+                replies = [self._keep(r, n, budget, from_end=False) for r, n in zip(replies, enc.reply_lens())]
+            elif history and history[-1]:
+                (last_ids,) = self.encode(history[-1:])
+                history[-1] = self._keep(history[-1], len(last_ids), len(last_ids) - over, from_end=True)
+            else:
+                break
+            enc = self._encode(persona, history, replies)
+        if enc.length(reply_budget) > max_length:
+            raise ValueError(
+                f"max_length={max_length} is too small to hold {self.name}'s system prompt, headers and one reply "
+                "token; raise max_length or shorten --system_prompt."
+            )
+        return enc, True
+
+    def _keep(self, text: str, num_tokens: int, keep: int, *, from_end: bool) -> str:
+        """`text` cut to `keep` of its tokens (its last ones with `from_end`); `num_tokens` is its length in context."""
+        if keep >= num_tokens:
+            return text
+        (ids,) = self.encode([text])
+        # At least one token less, however the text tokenizes on its own; a reply keeps one token.
+        keep = max(min(keep, len(ids) - 1), 0 if from_end else 1)
+        ids = ids[len(ids) - keep :] if from_end else ids[:keep]
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
+
+    def build_rows(
+        self,
+        persona: Sequence[str],
+        history: Sequence[str],
+        candidates: Sequence[str],
+        *,
+        max_length: int | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Model inputs of one example (the gold is the last candidate) and whether it was shortened to fit.
+
+        Returns `input_ids` and `labels` (lists over candidates), `mc_token_ids` (the end-of-turn token of each
+        candidate's assistant turn) and `mc_labels` (the gold's index). Only the gold is labelled: the tokens the
+        template renders after the generation prompt up to and including the end-of-turn token; what follows the
+        end-of-turn (Qwen's "\\n" after "<|im_end|>") stays in `input_ids` but is not labelled. Candidate texts are
+        stripped of surrounding whitespace.
+        """
+        if not candidates:
+            raise ValueError("build_rows needs at least one candidate (the gold reply, last).")
+        replies = [c.strip() for c in candidates]
+        enc, cut = self._fit(persona, history, replies, max_length)
+        prompt_len = len(enc.prompt_ids)
+        after_end = enc.tail_len - 1 - enc.end_of_turn  # tokens after the end-of-turn token in every part
+        input_ids = [enc.prompt_ids + part for part in enc.parts]
+        mc_token_ids = [len(row) - 1 - after_end for row in input_ids]
+        labels = [[-100] * len(row) for row in input_ids]
+        gold = len(replies) - 1
+        labels[gold][prompt_len : mc_token_ids[gold] + 1] = input_ids[gold][prompt_len : mc_token_ids[gold] + 1]
+        rows = {"input_ids": input_ids, "mc_token_ids": mc_token_ids, "labels": labels, "mc_labels": gold}
+        return rows, cut
+
+    def context_ids(
+        self,
+        persona: Sequence[str],
+        history: Sequence[str],
+        *,
+        max_length: int | None = None,
+        reply_budget: int = 0,
+    ) -> list[int]:
+        """Generation context: system + history + the assistant header, as a serving engine renders it.
+
+        With `max_length` (the model's positions) the context is shortened by the training rules so that
+        `reply_budget` more tokens fit.
+        """
+        enc, cut = self._fit(persona, history, [], max_length, reply_budget)
+        if cut:
+            logger.warning(
+                "The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget
+            )
+        return enc.prompt_ids
+
+    @cached_property
+    def end_of_turn_ids(self) -> list[int]:
+        """The special tokens the template ends an assistant turn with (stop generation at any of them)."""
+        enc = self._encode(["i like tea ."], ["hello , how are you ?"], ["fine , thanks ."])
+        tail = enc.parts[0][len(enc.parts[0]) - enc.tail_len :]
+        return list(dict.fromkeys(t for t in tail[: enc.end_of_turn + 1] if t in self._special_ids))
+
+
+# The two ways persona examples become token ids; the chosen one is recorded in the tokenizer's config.
+CHAT_TEMPLATE, SPEAKER_TOKENS = "chat_template", "speaker_tokens"
+INPUT_FORMATS = (CHAT_TEMPLATE, SPEAKER_TOKENS)
+# Key in tokenizer_config.json: the tokenizer (and its chat template) is saved with every checkpoint, full or LoRA.
+FORMAT_KEY = "persona_input_format"
+# Backbones whose checkpoints keep the reference's speaker-token layout unless told otherwise.
+SPEAKER_TOKEN_MODEL_TYPES = ("gpt2", "openai-gpt")
+
+
+def recorded_input_format(tokenizer) -> dict | None:
+    """`{"input_format": ..., "system_prompt": ...}` recorded by `record_input_format` (saved with the tokenizer)."""
+    record = getattr(tokenizer, "init_kwargs", {}).get(FORMAT_KEY)
+    return dict(record) if isinstance(record, dict) else None
+
+
+def record_input_format(tokenizer, input_format: str, system_prompt: str | None = None) -> None:
+    """Record the input format (and the system prompt) so that `tokenizer.save_pretrained` writes it."""
+    record = {"input_format": input_format}
+    if input_format == CHAT_TEMPLATE:
+        record["system_prompt"] = system_prompt or DEFAULT_SYSTEM_PROMPT
+    tokenizer.init_kwargs[FORMAT_KEY] = record
+
+
+def default_input_format(tokenizer, model_type: str | None) -> str:
+    """`speaker_tokens` for GPT / GPT-2 / DialoGPT / openai-gpt, for a tokenizer that already has the persona tokens
+    (a checkpoint trained with them) or one without a chat template; `chat_template` otherwise."""
+    has_speaker_tokens = "<speaker1>" in tokenizer.get_vocab()
+    if model_type in SPEAKER_TOKEN_MODEL_TYPES or has_speaker_tokens or not getattr(tokenizer, "chat_template", None):
+        return SPEAKER_TOKENS
+    return CHAT_TEMPLATE
+
+
+def resolve_input_format(
+    tokenizer,
+    model_type: str | None = None,
+    *,
+    input_format: str | None = None,
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    chat_template_name: str | None = None,
+) -> ChatFormat | None:
+    """Decide and record how `tokenizer`'s model reads persona examples: a `ChatFormat`, or None for speaker tokens.
+
+    Explicit options win; then what the checkpoint recorded; then `default_input_format`. `chat_template`
+    (template text, see `load_chat_template`; `chat_template_name` names it in errors) replaces the tokenizer's own
+    and is stored in it, so it is saved with the model.
+    """
+    recorded = recorded_input_format(tokenizer) or {}
+    if input_format is None and (system_prompt is not None or chat_template is not None):
+        input_format = CHAT_TEMPLATE
+    input_format = input_format or recorded.get("input_format") or default_input_format(tokenizer, model_type)
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"--input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}.")
+    if input_format == SPEAKER_TOKENS:
+        if system_prompt is not None or chat_template is not None:
+            raise ValueError("--system_prompt and --chat_template apply to --input_format chat_template only.")
+        record_input_format(tokenizer, SPEAKER_TOKENS)
+        return None
+    system_prompt = system_prompt or recorded.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    fmt = ChatFormat.from_tokenizer(
+        tokenizer, chat_template=chat_template, template_name=chat_template_name, system_prompt=system_prompt
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    record_input_format(tokenizer, CHAT_TEMPLATE, system_prompt)
+    return fmt
+
+
+def chat_format_of(tokenizer) -> ChatFormat | None:
+    """The `ChatFormat` a tokenizer's record asks for (None: speaker tokens, or nothing recorded)."""
+    record = recorded_input_format(tokenizer)
+    if not record or record.get("input_format") != CHAT_TEMPLATE:
+        return None
+    key = (tokenizer.chat_template, record.get("system_prompt"))
+    cached = getattr(tokenizer, "_persona_chat_format", None)
+    if cached is None or cached[0] != key:
+        fmt = ChatFormat.from_tokenizer(tokenizer, system_prompt=record.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        cached = (key, fmt)
+        tokenizer._persona_chat_format = cached
+    return cached[1]

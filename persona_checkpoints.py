@@ -1,0 +1,115 @@
+"""What an output folder holds: its complete checkpoints, a finished run, or checkpoints to clear for a fresh start.
+
+The Trainer writes a checkpoint in order (weights, optimizer and scheduler, RNG states) and `trainer_state.json`
+last, so a run killed while saving leaves a folder without a readable `trainer_state.json`, or with a file cut short.
+A checkpoint is complete when `trainer_state.json` parses, a weights file is present, and every weights or torch file
+in it is whole (safetensors: the header and the data it announces; torch files: a readable zip directory). Checks
+read headers only, never the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import zipfile
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+# Written by the Trainer at the end of a training run (`save_metrics("train")`, `save_state()`).
+FINISHED_MARKERS = ("train_results.json", TRAINER_STATE)
+WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def incomplete_reason(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a few words), or None when it is complete."""
+    state = os.path.join(checkpoint, TRAINER_STATE)
+    try:
+        with open(state, encoding="utf-8") as f:
+            if "global_step" not in json.load(f):
+                return f"{TRAINER_STATE} has no global_step"
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}: the save was cut short"
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE} is unreadable"
+    names = os.listdir(checkpoint)
+    has_deepspeed_state = any(n.startswith("global_step") for n in names)
+    if not any(n in names for n in WEIGHTS_FILES) and not has_deepspeed_state:
+        return "no weights file"
+    for name in sorted(names):
+        path = os.path.join(checkpoint, name)
+        if name.endswith(".safetensors") and not _safetensors_whole(path):
+            return f"{name} is cut short"
+        if name.endswith((".pt", ".pth", ".bin")) and os.path.isfile(path) and not zipfile.is_zipfile(path):
+            return f"{name} is cut short"
+    return None
+
+
+def _safetensors_whole(path: str) -> bool:
+    """Whether a safetensors file holds its header and every byte of data the header announces."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return False
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return False
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    return 8 + header_len + max(ends, default=0) <= size
+
+
+def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint of `output_dir` (None if there is none) and the newer incomplete ones skipped,
+    as (path, reason)."""
+    skipped = []
+    for checkpoint in checkpoints(output_dir):
+        reason = incomplete_reason(checkpoint)
+        if reason is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, reason))
+    return None, skipped
+
+
+def finished_run(output_dir: str) -> int | None:
+    """The final step of a training run that finished in `output_dir`, or None when it holds no finished run."""
+    if not all(os.path.isfile(os.path.join(output_dir, name)) for name in FINISHED_MARKERS):
+        return None
+    try:
+        with open(os.path.join(output_dir, TRAINER_STATE), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_checkpoints(output_dir: str) -> list[str]:
+    """Delete the `checkpoint-N` folders and the finished-run markers of `output_dir` (a fresh start must not resume
+    from them later); returns the folders removed."""
+    removed = checkpoints(output_dir)
+    for path in removed:
+        shutil.rmtree(path)
+    for name in FINISHED_MARKERS:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    return removed

@@ -1,0 +1,383 @@
+"""persona_chat_template: chat-template rows checked against independent apply_chat_template calls and full logits."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_backbones import backbone_config
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from persona_chat_template import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatFormat,
+    ChatTemplateError,
+    load_chat_template,
+)
+from persona_synthetic import corpus_texts, make_synthetic_personachat
+
+# Qwen2.5-Instruct's template (ChatML with tools), as published with the model.
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""  # noqa: E501
+
+# Meta-Llama-3-Instruct's template (bos, headers, trimmed content, <|eot_id|>).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Gemma's template: no system role (raises), strict user-first alternation.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+# ChatML that silently skips system messages.
+DROPS_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# A thinking-style template: the generation prompt opens an empty think block that a rendered reply does not have.
+NON_PREFIX_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}"
+)
+
+# The pre-tokenizer patterns of Qwen2 and Llama 3 (GPT-2's, with newline runs kept whole).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+FAMILIES = {  # special tokens, the tokenizer attributes, the template, the pre-tokenizer pattern
+    "chatml": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        QWEN25_TEMPLATE,
+        QWEN2_PATTERN,
+    ),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        LLAMA3_TEMPLATE,
+        LLAMA3_PATTERN,
+    ),
+    "gemma": (
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        {"bos_token": "<bos>", "eos_token": "<eos>"},
+        GEMMA_TEMPLATE,
+        LLAMA3_PATTERN,
+    ),
+    # Llama 3's template on a GPT-2 pre-tokenizer, which splits "\n\n" before a word but not at the end of a text.
+    "llama3-gpt2-pretokenizer": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        LLAMA3_TEMPLATE,
+        GPT2_PATTERN,
+    ),
+}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+
+
+def reference_messages(persona, history, reply=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """The conversation written out independently: system, alternating turns ending with the user, the reply."""
+    roles = ["user", "assistant"] if len(history) % 2 else ["assistant", "user"]
+    messages = [{"role": "system", "content": system_prompt.replace("{persona}", "\n".join(persona))}]
+    messages += [{"role": roles[j % 2], "content": turn} for j, turn in enumerate(history)]
+    return messages + ([{"role": "assistant", "content": reply}] if reply is not None else [])
+
+
+def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
+    return tokenizer.apply_chat_template(messages, return_dict=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dialogs() -> list[dict]:
+    return make_synthetic_personachat(num_train=12, num_valid=2, seed=1)["train"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory, dialogs):
+    """Tiny byte-level BPE tokenizers with each family's pre-tokenizer, special tokens and template, saved and loaded
+    back as a Hub checkpoint would be. They are trained on rendered conversations, so they learn merges such as
+    "\\n\\n" and "assistant" that make token boundaries matter."""
+    data = {"train": dialogs}
+    out = {}
+    for family, (specials, attrs, template, pattern) in FAMILIES.items():
+        renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), **attrs)
+        conversations = [
+            renderer.apply_chat_template(
+                reference_messages(d["personality"], u["history"], reply)[family == "gemma" :],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=reply is None,
+            )
+            for d in dialogs
+            for u in d["utterances"]
+            for reply in (u["candidates"][-1], None)
+            if family != "gemma" or len(u["history"]) % 2
+        ]
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        bpe.train_from_iterator([*corpus_texts(data), *conversations], trainer)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, additional_special_tokens=specials, **attrs)
+        tokenizer.chat_template = template
+        path = tmp_path_factory.mktemp(f"tok-{family}")
+        tokenizer.save_pretrained(path)
+        out[family] = AutoTokenizer.from_pretrained(path)
+    return out
+
+
+def examples(dialogs, count=6):
+    """(persona, history, candidates) of the first `count` utterances with 4 candidates, two with the bot speaking
+    first, and one with all 20 candidates (evaluation)."""
+    found = [(d["personality"], u["history"], u["candidates"]) for d in dialogs for u in d["utterances"]]
+    return [(p, h, c[-4:]) for p, h, c in found[:count]] + [(p, h[1:], c[-4:]) for p, h, c in found[:2]] + found[-1:]
+
+
+def test_chatml_row_literal(tokenizers):
+    fmt = ChatFormat.from_tokenizer(tokenizers["chatml"])
+    rows, cut = fmt.build_rows(["i like tea.", "i am a nurse."], ["hello , how are you ?"], ["no way", "fine , thanks"])
+    tok = tokenizers["chatml"]
+    expected = (
+        "<|im_start|>system\nYou are chatting with someone. Stay in character. Your persona:\ni like tea.\n"
+        "i am a nurse.<|im_end|>\n<|im_start|>user\nhello , how are you ?<|im_end|>\n<|im_start|>assistant\n"
+        "fine , thanks<|im_end|>\n"
+    )
+    assert tok.decode(rows["input_ids"][1]) == expected and not cut
+    gold_labels = [t for t in rows["labels"][1] if t != -100]
+    assert tok.decode(gold_labels) == "fine , thanks<|im_end|>"
+    # The "\n" after <|im_end|> is in the row, unlabelled; the MC head reads <|im_end|>.
+    assert rows["labels"][1][-1] == -100 and rows["input_ids"][1][-1] == tok.encode("\n", add_special_tokens=False)[0]
+    assert [rows["input_ids"][i][rows["mc_token_ids"][i]] for i in range(2)] == [
+        tok.convert_tokens_to_ids("<|im_end|>")
+    ] * 2
+    assert rows["labels"][0] == [-100] * len(rows["input_ids"][0]) and rows["mc_labels"] == 1
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+def test_rows_equal_apply_chat_template(tokenizers, dialogs, family):
+    tok = tokenizers[family]
+    fmt = ChatFormat.from_tokenizer(tok)
+    end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN[family])
+    assert fmt.system_role and fmt.end_of_turn_ids == [end_of_turn]
+    for persona, history, candidates in examples(dialogs):
+        rows, cut = fmt.build_rows(persona, history, candidates)
+        assert not cut and rows["mc_labels"] == len(candidates) - 1
+        prompt = chat_ids(tok, reference_messages(persona, history), add_generation_prompt=True)
+        assert fmt.context_ids(persona, history) == prompt
+        for i, candidate in enumerate(candidates):
+            full = chat_ids(tok, reference_messages(persona, history, candidate))
+            assert rows["input_ids"][i] == full
+            assert full[rows["mc_token_ids"][i]] == end_of_turn
+            assert full[rows["mc_token_ids"][i] + 1 :] == tok.encode("\n", add_special_tokens=False) * (
+                family == "chatml"
+            )
+        # Labels: exactly the gold reply's tokens and the end-of-turn, right after the generation prompt.
+        gold_ids = tok(candidates[-1], add_special_tokens=False)["input_ids"]
+        labels = rows["labels"][-1]
+        span = slice(len(prompt), len(prompt) + len(gold_ids) + 1)
+        assert labels[span] == gold_ids + [end_of_turn]
+        assert set(labels[: span.start] + labels[span.stop :]) == {-100}
+        assert all(set(row) == {-100} for row in rows["labels"][:-1])
+
+
+def test_system_less_template_puts_persona_in_first_user_turn(tokenizers, dialogs, caplog):
+    tok = tokenizers["gemma"]
+    with caplog.at_level(logging.WARNING, logger="persona_chat_template"):
+        fmt = ChatFormat.from_tokenizer(tok)
+        ChatFormat.from_tokenizer(tok)  # says it once
+    assert not fmt.system_role
+    assert [r.getMessage() for r in caplog.records] == [
+        f"The chat template of {tok.name_or_path} has no system role: the persona goes at the head of the first user "
+        "turn."
+    ]
+    for persona, history, candidates in examples(dialogs):
+        system, *turns = reference_messages(persona, history, candidates[-1])
+        if turns[0]["role"] == "user":
+            turns[0] = {"role": "user", "content": system["content"] + "\n\n" + turns[0]["content"]}
+        else:  # the bot spoke first: the persona is a user turn of its own
+            turns.insert(0, {"role": "user", "content": system["content"]})
+        rows, _ = fmt.build_rows(persona, history, candidates)
+        assert rows["input_ids"][-1] == chat_ids(tok, turns)
+        assert tok.decode([t for t in rows["labels"][-1] if t != -100]) == candidates[-1] + "<end_of_turn>"
+    assert fmt.end_of_turn_ids == [tok.convert_tokens_to_ids("<end_of_turn>")]
+
+
+def test_template_that_drops_the_system_message_is_detected(tokenizers):
+    fmt = ChatFormat.from_tokenizer(
+        tokenizers["chatml"], chat_template=DROPS_SYSTEM_TEMPLATE, template_name="drop.jinja"
+    )
+    assert not fmt.system_role
+    assert fmt.messages(["i like tea."], ["hi"]) == [
+        {"role": "user", "content": fmt.system_text(["i like tea."]) + "\n\nhi"}
+    ]
+
+
+def test_custom_system_prompt(tokenizers):
+    fmt = ChatFormat.from_tokenizer(tokenizers["chatml"], system_prompt="Be {persona} Thanks.")
+    assert fmt.messages(["a.", "b."], ["hi"])[0] == {"role": "system", "content": "Be a.\nb. Thanks."}
+    with pytest.raises(ValueError, match=r"--system_prompt must contain \{persona\}"):
+        ChatFormat.from_tokenizer(tokenizers["chatml"], system_prompt="You are a bot.")
+
+
+def test_tokenizer_without_chat_template(tokenizers, tmp_path):
+    tok = tokenizers["chatml"]
+    tok.save_pretrained(tmp_path)
+    bare = AutoTokenizer.from_pretrained(tmp_path)
+    bare.chat_template = None
+    with pytest.raises(ChatTemplateError) as err:
+        ChatFormat.from_tokenizer(bare)
+    message = str(err.value)
+    assert str(tmp_path) in message and "--input_format speaker_tokens" in message and "--chat_template FILE" in message
+    # A template file gives it one.
+    (tmp_path / "chatml.jinja").write_text(QWEN25_TEMPLATE)
+    (tmp_path / "tc.json").write_text(json.dumps({"chat_template": QWEN25_TEMPLATE}))
+    for name in ("chatml.jinja", "tc.json"):
+        template = load_chat_template(str(tmp_path / name))
+        assert template == QWEN25_TEMPLATE
+        fmt = ChatFormat.from_tokenizer(bare, chat_template=template)
+        assert fmt.build_rows(["i like tea."], ["hi"], ["hello"])[0]["input_ids"][0] == chat_ids(
+            tok, reference_messages(["i like tea."], ["hi"], "hello")
+        )
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ChatTemplateError, match="empty.json: the file holds no chat template"):
+        load_chat_template(str(tmp_path / "empty.json"))
+    with pytest.raises(ChatTemplateError, match="missing.jinja: cannot read"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_non_prefix_template_raises(tokenizers):
+    # Found when the format is built, before any data is read.
+    with pytest.raises(ChatTemplateError, match="think.jinja renders the assistant's reply differently"):
+        ChatFormat.from_tokenizer(tokenizers["chatml"], chat_template=NON_PREFIX_TEMPLATE, template_name="think.jinja")
+
+
+def test_tokens_merging_across_the_generation_prompt_raise(tokenizers):
+    tok = tokenizers["llama3-gpt2-pretokenizer"]
+    # Precondition: alone, the prompt's final "\n\n" is one token; before a word it is two.
+    assert len(tok.encode("\n\n", add_special_tokens=False)) == 1
+    assert len(tok.encode("\n\nhello", add_special_tokens=False)) == 3
+    with pytest.raises(ChatTemplateError, match="merges across the end of the generation prompt"):
+        ChatFormat.from_tokenizer(tok)
+
+
+def test_truncation_follows_the_speaker_token_rules(tokenizers, dialogs):
+    tok = tokenizers["chatml"]
+    fmt = ChatFormat.from_tokenizer(tok)
+    persona, history, candidates = dialogs[0]["personality"], dialogs[0]["utterances"][3]["history"], ["ok", "fine"]
+    assert len(history) == 7
+
+    def row_length(p, h, reply="fine"):
+        return len(chat_ids(tok, reference_messages(p, h, reply)))
+
+    # Oldest history turns go first, the last one stays.
+    max_length = row_length(persona, history[-3:])
+    rows, cut = fmt.build_rows(persona, history, candidates, max_length=max_length)
+    assert cut and rows["input_ids"][1] == chat_ids(tok, reference_messages(persona, history[-3:], "fine"))
+    # Then persona sentences from the end.
+    max_length = row_length(persona[:2], history[-1:])
+    rows, cut = fmt.build_rows(persona, history, candidates, max_length=max_length)
+    assert cut and rows["input_ids"][1] == chat_ids(tok, reference_messages(persona[:2], history[-1:], "fine"))
+    # Then the reply budget, then the last turn's oldest tokens.
+    long_reply = "i could eat pizza every day , it relaxes me ."
+    max_length = row_length([], history[-1:]) - 2
+    rows, cut = fmt.build_rows(persona, history, ["ok", long_reply], max_length=max_length)
+    assert cut and max(map(len, rows["input_ids"])) <= max_length
+    labelled = tok.decode([t for t in rows["labels"][1] if t != -100])
+    assert labelled.endswith("<|im_end|>") and long_reply.startswith(labelled.removesuffix("<|im_end|>"))
+    assert len(labelled) < len(long_reply)
+    rows, cut = fmt.build_rows([], history[-1:], ["ok", "fine"], max_length=row_length([], ["?"]))
+    assert cut and max(map(len, rows["input_ids"])) <= row_length([], ["?"])
+    with pytest.raises(ValueError, match="max_length=5 is too small"):
+        fmt.build_rows(persona, history, candidates, max_length=5)
+    # The generation context is cut by the same rules, leaving room for the reply.
+    expected = chat_ids(tok, reference_messages(persona, history[-3:]), add_generation_prompt=True)
+    assert fmt.context_ids(persona, history, max_length=len(expected) + 5, reply_budget=5) == expected
+
+
+@pytest.mark.parametrize("family,model_family", [("chatml", "qwen2"), ("llama3", "llama")])
+def test_lm_loss_equals_full_logits_cross_entropy(tokenizers, dialogs, family, model_family):
+    tok = tokenizers[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(backbone_config(model_family, len(tok))).eval()
+    fmt = ChatFormat.from_tokenizer(tok)
+    persona, history, candidates = examples(dialogs)[1]
+    rows, _ = fmt.build_rows(persona, history, candidates)
+    input_ids, labels = torch.tensor([rows["input_ids"][-1]]), torch.tensor([rows["labels"][-1]])
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        # Independently: the assistant reply and its end-of-turn follow the rendered generation prompt.
+        prompt = chat_ids(tok, reference_messages(persona, history), add_generation_prompt=True)
+        full = chat_ids(tok, reference_messages(persona, history, candidates[-1]))
+        targets = tok(candidates[-1], add_special_tokens=False)["input_ids"] + [
+            tok.convert_tokens_to_ids(END_OF_TURN[family])
+        ]
+        logits = model(input_ids=torch.tensor([full])).logits[0]  # [T, V]
+        start = len(prompt)
+        expected = F.cross_entropy(logits[start - 1 : start - 1 + len(targets)], torch.tensor(targets))
+    torch.testing.assert_close(loss, expected)
