@@ -19,8 +19,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from persona_encoding import ENCODING_ATTR, encode_candidates
 from persona_heads import DoubleHeadsOutput, PersonaMultipleChoiceHead
-from persona_shared_prefix import encode_candidates
 
 # Key under which the head settings are stored in the backbone's own config.json; checkpoints saved before the
 # project settled on "double heads" carry the legacy key, which is still read.
@@ -55,8 +55,11 @@ class PersonaDoubleHeadsConfig(PreTrainedConfig):
         return getattr(self.__dict__["text_config"], name)
 
     def head_settings(self) -> dict:
-        """The head settings stored next to the backbone config."""
-        return {"summary_first_dropout": self.summary_first_dropout, "speaker_embeddings": self.speaker_embeddings}
+        """The head settings stored next to the backbone config (and the candidate encoding, where one was set)."""
+        settings = {"summary_first_dropout": self.summary_first_dropout, "speaker_embeddings": self.speaker_embeddings}
+        if (encoding := self.__dict__.get(ENCODING_ATTR)) is not None:
+            settings[ENCODING_ATTR] = encoding
+        return settings
 
     @classmethod
     def from_backbone(cls, backbone_config: PreTrainedConfig, **head_settings) -> PersonaDoubleHeadsConfig:
@@ -117,8 +120,8 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
     Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
     embeddings (GPT-2's convention), so the persona inputs work on backbones without token-type embeddings.
     With `labels`/`mc_labels` the forward returns a `DoubleHeadsOutput` (vocabulary logits only at labelled positions;
-    the shared context encoded once per example unless `config.persona_shared_prefix` is False, see
-    `persona_shared_prefix`); without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
+    the shared context encoded once per example as `config.persona_candidate_encoding` asks, see
+    `persona_encoding`); without, a `PersonaCausalLMOutput` (what `generate()` uses, KV cache included).
     """
 
     config_class = PersonaDoubleHeadsConfig

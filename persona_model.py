@@ -25,7 +25,7 @@ from transformers.utils.peft_utils import find_adapter_config_file
 
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
-from persona_shared_prefix import encode_candidates
+from persona_encoding import encode_candidates
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class PersonaDoubleHeadsMixin:
     """Training/evaluation forward of the library's double-heads classes that never builds [B, C, T, V] logits.
 
     With `labels` or `mc_labels` the forward returns a `persona_heads.DoubleHeadsOutput` (`loss` = LM loss, as the
-    parent class), the candidates encoded by `persona_shared_prefix.encode_candidates`; without them (generation,
+    parent class), the candidates encoded by `persona_encoding.encode_candidates`; without them (generation,
     plain inference) it is the parent's forward. Going through `forward` (not a side function) keeps DDP and DeepSpeed
     wrappers in the loop.
     """

@@ -1,34 +1,24 @@
-"""Encoding [B, C, T] candidates for the double-heads loss, with their shared context encoded once per example.
+"""Encoding [B, C, T] candidates for the double-heads loss: in full, or with their shared context encoded once.
 
-Every candidate of an example carries the same persona + history; only the reply segment differs. Instead of encoding
-that context C times, `encode_candidates` encodes it once per example, broadcasts its key/value cache to the C
-candidates and runs only the candidate segments on top of it (positions continue after the prefix). Exact: the same
-attention, the same positions, the same outputs as encoding every candidate in full, up to float rounding. Built on the
-backbone's standard forward (input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache), so any causal
-LM with a key/value cache can use it; where it cannot apply (no cache, gradient checkpointing in training, sliding
-windows, `persona_shared_prefix` off in the config) every candidate is encoded in full.
+Every candidate of an example carries the same persona + history; only the reply segment differs. `encode_in_full` is
+the reference computation (every candidate a sequence of its own). `encode_shared_prefix` encodes that context once
+per example, broadcasts its key/value cache to the C candidates and runs only the candidate segments on top of it
+(positions continue after the prefix). Exact: the same attention, the same positions, the same outputs as encoding
+every candidate in full, up to float rounding. Built on the backbone's standard forward (input_ids/inputs_embeds,
+attention_mask, position_ids, cache, use_cache), so any causal LM with a key/value cache can use it
+(`shared_prefix_unsupported_reason` says when not). Both give a `CandidateEncoding`, as does `persona_packed`; which
+one runs is `persona_encoding.encode_candidates`'s choice.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 
 from persona_heads import DoubleHeadsOutput, apply_heads
-
-logger = logging.getLogger(__name__)
-
-# Config attribute switching the shared-prefix encoding of the loss path (absent = on).
-SHARED_PREFIX_ATTR = "persona_shared_prefix"
-
-
-def shared_prefix_enabled(model: PreTrainedModel) -> bool:
-    """Whether `model.config` asks for the shared-prefix encoding (`persona_shared_prefix`, default True)."""
-    return bool(getattr(model.config, SHARED_PREFIX_ATTR, True))
 
 
 def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
@@ -84,37 +74,23 @@ def shared_prefix_lengths(
     return lengths.clamp(min=0)
 
 
-def shared_prefix_plan(
-    model: PreTrainedModel,
-    backbone: torch.nn.Module,
-    input_ids: torch.Tensor,
-    token_type_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    mc_token_ids: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Per-example prefix lengths [B] for `encode_shared_prefix` on `backbone`, or None when it cannot apply.
+def sequence_lengths(shape: torch.Size, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Real length [B, C] of each right-padded candidate of a [B, C, T] batch (T everywhere without a mask)."""
+    if attention_mask is None:
+        return torch.full(tuple(shape[:2]), shape[2], device=device, dtype=torch.long)
+    return attention_mask.sum(dim=-1)  # right padding: the real tokens are the first ones
 
-    None when `model.config` switches it off, and (logged once per model) for backbones without a KV cache
-    (openai-gpt), gradient checkpointing in training, sliding-window attention, inputs without `mc_token_ids`, or
-    an example with no shareable prefix.
-    """
-    if not shared_prefix_enabled(model):
-        return None
-    reason = shared_prefix_unsupported_reason(backbone)
-    prefix_lengths = None
-    if reason is None and mc_token_ids is None:
-        reason = "no mc_token_ids (the candidates' last tokens) were given"
-    if reason is None:
-        prefix_lengths = shared_prefix_lengths(input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
-        if int(prefix_lengths.min()) < 1:
-            reason = "an example has no context shared by its candidates"
-    if reason is not None:
-        if not getattr(model, "_persona_shared_prefix_warned", False):
-            logger.warning("Shared-prefix forward off (%s): encoding every candidate in full.", reason)
-            model._persona_shared_prefix_warned = True
-        return None
-    return prefix_lengths
+
+def candidate_frame(
+    prefix_lengths: torch.Tensor, seq_lengths: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`index` and `valid` [B, C, S] of the candidate frame (see `CandidateEncoding`): frame position j of candidate
+    (b, c) is full-sequence position `prefix_lengths[b] + j` (clamped to `seq_len - 1`), real when below its length.
+    S is the longest candidate segment."""
+    span = max(int((seq_lengths - prefix_lengths[:, None]).max()), 0) if seq_lengths.numel() else 0
+    index = prefix_lengths[:, None, None] + torch.arange(span, device=seq_lengths.device)  # [B, 1, S]
+    valid = index < seq_lengths[..., None]  # [B, C, S]
+    return index.expand(*seq_lengths.shape, span).clamp(max=seq_len - 1), valid
 
 
 @dataclass
@@ -201,12 +177,8 @@ def encode_shared_prefix(
     source = input_ids if input_ids is not None else inputs_embeds
     batch_size, num_candidates, seq_len = source.shape[:3]
     device = source.device
-    if attention_mask is None:
-        seq_lengths = torch.full((batch_size, num_candidates), seq_len, device=device, dtype=torch.long)
-    else:
-        seq_lengths = attention_mask.sum(dim=-1)  # right padding: the real tokens are the first ones
+    seq_lengths = sequence_lengths(source.shape, attention_mask, device)
     prefix_len = int(prefix_lengths.max())
-    cand_len = int((seq_lengths - prefix_lengths[:, None]).max())
 
     # 1. The prefixes: row 0 of each example (all candidates agree there), padded to the longest prefix.
     arange_p = torch.arange(prefix_len, device=device)
@@ -224,9 +196,7 @@ def encode_shared_prefix(
     cache.batch_repeat_interleave(num_candidates)
 
     # 2. The candidate segments, positions continuing after each example's own prefix.
-    index = prefix_lengths[:, None, None] + torch.arange(cand_len, device=device)  # [B, 1, S]
-    valid = index < seq_lengths[..., None]  # [B, C, S]
-    index = index.expand(batch_size, num_candidates, cand_len).clamp(max=seq_len - 1)
+    index, valid = candidate_frame(prefix_lengths, seq_lengths, seq_len)  # [B, C, S]
     flat = lambda t: t.reshape(batch_size * num_candidates, *t.shape[2:])  # noqa: E731
     # Keys: the example's real prefix positions (its padded ones masked out), then the candidate's own tokens.
     cand_mask = torch.cat([prefix_mask.repeat_interleave(num_candidates, dim=0), flat(valid).long()], dim=1)
@@ -239,39 +209,5 @@ def encode_shared_prefix(
     if token_type_ids is not None:
         cand_inputs["token_type_ids"] = flat(token_type_ids.gather(2, index))
     hidden = backbone(**cand_inputs, cache=cache, use_cache=True).last_hidden_state  # [B*C, S, H]
-    hidden = hidden.view(batch_size, num_candidates, cand_len, -1)
+    hidden = hidden.view(batch_size, num_candidates, index.size(-1), -1)
     return CandidateEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=index, valid=valid)
-
-
-def encode_candidates(
-    model: PreTrainedModel,
-    backbone: torch.nn.Module,
-    input_ids: torch.Tensor,
-    token_type_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    mc_token_ids: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    *,
-    inputs_embeds: torch.Tensor | None = None,
-) -> CandidateEncoding:
-    """[B, C, T] candidates through `backbone`: shared-prefix encoding where `shared_prefix_plan` allows, else in full.
-
-    With `inputs_embeds` [B, C, T, H] (speaker embeddings already added by the caller) the backbone reads those in
-    place of `input_ids` and `token_type_ids`, which then only decide which prefix the candidates share.
-    """
-    plan_inputs = (input_ids, token_type_ids, attention_mask, mc_token_ids, labels)
-    prefix_lengths = shared_prefix_plan(model, backbone, *plan_inputs)
-    if inputs_embeds is not None:
-        input_ids = token_type_ids = None
-    if prefix_lengths is None:
-        return encode_in_full(
-            backbone, input_ids, attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
-        )
-    return encode_shared_prefix(
-        backbone,
-        prefix_lengths,
-        input_ids,
-        attention_mask,
-        token_type_ids=token_type_ids,
-        inputs_embeds=inputs_embeds,
-    )

@@ -37,6 +37,7 @@ from persona_cli import (
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_encoding import ENCODINGS, set_candidate_encoding
 from persona_lora import apply_lora, check_gradient_checkpointing
 from persona_model import load_model_and_tokenizer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
@@ -64,6 +65,16 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    candidate_encoding: str = field(
+        default="auto",
+        metadata={
+            "help": "How the loss path encodes each example's candidates, all exact: 'packed' (the context once, the "
+            "candidates behind it in one row under a tree mask), 'shared_prefix' (the context once, its KV cache "
+            "broadcast to the candidates), 'plain' (every candidate in full, the reference computation) or 'auto' "
+            "(the fastest that applies to the backbone: see docs/architecture.md). Saved in the model config.",
+            "choices": list(ENCODINGS),
+        },
+    )
     input_format: str | None = field(
         default=None,
         metadata={
@@ -90,10 +101,7 @@ class ModelArguments:
     )
     shared_prefix: bool = field(
         default=True,
-        metadata={
-            "help": "Encode persona + history once per example and score the candidates on its KV cache (exact; "
-            "backbones without a cache, e.g. openai-gpt, and gradient checkpointing use the plain path)."
-        },
+        metadata={"help": "false = --candidate_encoding plain (the former switch of the shared-context encodings)."},
     )
     # --- LoRA (PEFT)
     use_peft: bool = field(
@@ -114,6 +122,13 @@ class ModelArguments:
         check_model_path(self.model_name_or_path)
         if self.tokenizer_name is not None:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
+        if not self.shared_prefix:
+            if self.candidate_encoding not in ("auto", "plain"):
+                raise ValueError(
+                    f"--shared_prefix false asks for the plain encoding, --candidate_encoding for "
+                    f"{self.candidate_encoding!r}: give only one of them."
+                )
+            self.candidate_encoding = "plain"
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise ValueError(
                 f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "
@@ -372,7 +387,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         chat_template_name=f"--chat_template {model_args.chat_template}" if chat_template else None,
     )
     chat_format = chat_format_of(tokenizer)
-    model.config.persona_shared_prefix = model_args.shared_prefix
+    set_candidate_encoding(model, model_args.candidate_encoding)
     if training_args.gradient_checkpointing:
         check_gradient_checkpointing(model)
     if model_args.use_peft:

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark: plain double-heads forward vs shared-prefix forward, same model, same data, one run.
+"""Benchmark: the three candidate encodings (plain, cache-broadcast shared prefix, packed) on the same batches.
 
-    python bench/shared_prefix.py                      # tiny model and GPT-2-small-sized config
-    python bench/shared_prefix.py --models tiny --train_steps 20 --eval_batches 10
+    python bench/shared_prefix.py                           # tiny GPT-2, 2/4/20 candidates, 1 and 2 threads
+    python bench/shared_prefix.py --candidates 20 --threads 2 --phases eval --eval_batches 20
+    python bench/shared_prefix.py --model gpt2-small --candidates 4 20 --eval_batches 2 --train_steps 2
 
-Training: forward + backward + SGD step on batches of `--train_batch_size` examples x 4 candidates. Evaluation:
-no-grad forward on `--eval_batch_size` examples x 20 candidates. Both paths run the same batches, interleaved
-(plain, shared, plain, ...) so that load from other processes on a shared CPU hits both alike; the figures to
-read are the ratios. Random weights; synthetic PERSONA-CHAT dialogs with a tokenizer trained on them, contexts
-cut to `--max_history` like the reference. One torch thread by default (see `--threads`). Also checks that both
-paths give the same losses and mc_logits.
+For each thread count, candidate count and phase (eval: no-grad forward; train: forward + backward + SGD step),
+every path runs the same batches through the model's own forward, interleaved batch by batch (plain, shared, packed,
+...), each batch `--repeats` times with the fastest run counted, so that load from other processes on a shared CPU
+hits all paths alike: read the ratios. Paths: `plain` (every candidate in full), `shared_prefix` (context encoded
+once, its key/value cache broadcast to the candidates), `packed` (what `auto` runs: several examples per row, first
+fit into rows no longer than the longest example), `packed-1ex` (one example per row), `packed-1row` (the whole batch
+in one row). Random weights, dropout 0; synthetic PERSONA-CHAT dialogs with a tokenizer trained on them, contexts cut
+to `--max_history`. Also checks that every path gives the plain path's losses and mc_logits along the whole run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -27,14 +31,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import GPT2Config  # noqa: E402
 
+import persona_encoding  # noqa: E402
 from persona_collator import PersonaCollator  # noqa: E402
 from persona_data import build_features  # noqa: E402
+from persona_encoding import set_candidate_encoding  # noqa: E402
 from persona_model import PersonaGPT2DoubleHeadsModel, add_special_tokens  # noqa: E402
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer  # noqa: E402
 
 MODELS = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4},
     "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+}
+# path -> (encoding asked for, packed row budget)
+PATHS = {
+    "plain": ("plain", None),
+    "shared_prefix": ("shared_prefix", None),
+    "packed": ("packed", persona_encoding.ROW_TOKENS),
+    "packed-1ex": ("packed", None),
+    "packed-1row": ("packed", 1 << 30),
 }
 
 
@@ -49,91 +63,97 @@ def make_batches(tokenizer, dialogs, num_candidates: int, batch_size: int, count
     return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def time_paths(model, batches: list[dict], train: bool, lr: float = 1e-3) -> dict:
-    """Seconds per path and the outputs of the first batch, both paths interleaved batch by batch."""
-    models = {"plain": model, "shared": copy.deepcopy(model)}
-    models["plain"].config.persona_shared_prefix = False
-    models["shared"].config.persona_shared_prefix = True
-    seconds = {name: 0.0 for name in models}
-    outputs = {name: [] for name in models}
+def forward(model, path: str, batch: dict):
+    with mock.patch.object(persona_encoding, "ROW_TOKENS", PATHS[path][1]):
+        return model(**batch)
+
+
+def time_paths(model, paths: list[str], batches: list[dict], train: bool, repeats: int = 1, lr: float = 1e-3) -> dict:
+    """Seconds per path over `batches` (paths interleaved; per batch the fastest of `repeats` runs), and the largest
+    output difference from `plain` (first run of each batch)."""
+    models = {path: copy.deepcopy(model).train(train) for path in paths}
+    for path, m in models.items():
+        set_candidate_encoding(m, PATHS[path][0])
+    seconds = dict.fromkeys(paths, 0.0)
+    outputs = {path: [] for path in paths}
     for batch in batches:
-        for name, m in models.items():
-            m.train(train)
-            start = time.perf_counter()
-            if train:
-                out = m(**batch)
-                (out.lm_loss + out.mc_loss).backward()
-                with torch.no_grad():
-                    for p in m.parameters():
-                        p -= lr * p.grad
-                        p.grad = None
-            else:
-                with torch.no_grad():
-                    out = m(**batch)
-            seconds[name] += time.perf_counter() - start
-            outputs[name].append((out.lm_loss.detach(), out.mc_loss.detach(), out.mc_logits.detach()))
-    # Same batches, same (deterministic: dropout 0) updates: every loss along the run must agree.
-    diff = max(
-        (a - b).abs().max().item() for pa, pb in zip(outputs["plain"], outputs["shared"]) for a, b in zip(pa, pb)
-    )
+        best = dict.fromkeys(paths, float("inf"))
+        for repeat in range(repeats):
+            for path, m in models.items():
+                start = time.perf_counter()
+                if train:
+                    out = forward(m, path, batch)
+                    (out.lm_loss + out.mc_loss).backward()
+                    if repeat == 0:  # the update once per batch: every path follows the same trajectory
+                        with torch.no_grad():
+                            for p in m.parameters():
+                                p -= lr * p.grad
+                    m.zero_grad(set_to_none=True)
+                else:
+                    with torch.no_grad():
+                        out = forward(m, path, batch)
+                best[path] = min(best[path], time.perf_counter() - start)
+                if repeat == 0:
+                    values = (out.lm_loss.view(1), out.mc_loss.view(1), out.mc_logits.flatten())
+                    outputs[path].append(torch.cat(values).detach())
+        for path in paths:
+            seconds[path] += best[path]
+    diff = {p: max((a - b).abs().max().item() for a, b in zip(outputs[p], outputs["plain"])) for p in paths}
     return {"seconds": seconds, "max_abs_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--train_batch_size", type=int, default=4)
-    parser.add_argument("--eval_batch_size", type=int, default=4)
-    parser.add_argument("--train_steps", type=int, default=None, help="Default: 12 (tiny), 2 (gpt2-small).")
-    parser.add_argument("--eval_batches", type=int, default=None, help="Default: 8 (tiny), 1 (gpt2-small).")
+    parser.add_argument("--model", default="tiny", choices=list(MODELS))
+    parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 20])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--phases", nargs="+", default=["eval", "train"], choices=["eval", "train"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--eval_batches", type=int, default=12)
+    parser.add_argument("--train_steps", type=int, default=12)
     parser.add_argument("--max_history", type=int, default=2)
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: on a CPU shared with other jobs, OpenMP threads spin-wait on each other and "
-        "drown the difference between the paths; 0 = torch's choice).",
+        "--repeats", type=int, default=3, help="Runs per batch and path; the fastest counts (other jobs share the CPU)."
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.paths[0] != "plain":
+        parser.error("--paths must start with plain (the reference of every ratio)")
 
-    data = make_synthetic_personachat(num_train=60, num_valid=20, seed=0)
+    data = make_synthetic_personachat(num_train=60, num_valid=40, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tiny_tokenizer(corpus_texts(data), tmp, vocab_size=400)
     add_special_tokens(None, tokenizer)
-    train_batches_all = make_batches(tokenizer, data["train"], 4, args.train_batch_size, 24, args.max_history)
-    eval_batches_all = make_batches(tokenizer, data["valid"], 20, args.eval_batch_size, 12, args.max_history)
-    sample = train_batches_all[0]
-    print(
-        f"data: train batches [B, C, T] like {list(sample['input_ids'].shape)}, "
-        f"eval like {list(eval_batches_all[0]['input_ids'].shape)}; mean tokens per candidate "
-        f"{eval_batches_all[0]['attention_mask'].sum(-1).float().mean():.0f}, torch threads {torch.get_num_threads()}"
-    )
-    print(f"{'model':<11} {'phase':<24} {'plain ex/s':>10} {'shared ex/s':>11} {'speed-up':>9} {'max |diff|':>10}")
-    for name in args.models:
-        torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            summary_first_dropout=0.0, **MODELS[name],
-        )  # fmt: skip
-        model = PersonaGPT2DoubleHeadsModel(config)
-        small = name != "tiny"
-        train_steps = args.train_steps or (2 if small else 12)
-        eval_batches = args.eval_batches or (1 if small else 8)
-        for phase, batches, train, batch_size in [
-            ("train (4 candidates)", train_batches_all[:train_steps], True, args.train_batch_size),
-            ("eval (20 candidates)", eval_batches_all[:eval_batches], False, args.eval_batch_size),
-        ]:
-            time_paths(model, [{k: v[:1] for k, v in batches[0].items()}], train)  # warm-up: first-call overheads
-            result = time_paths(model, batches, train)
-            examples = len(batches) * batch_size
-            plain, shared = (examples / result["seconds"][k] for k in ("plain", "shared"))
-            print(
-                f"{name:<11} {phase:<24} {plain:>10.3g} {shared:>11.3g} {shared / plain:>8.2f}x "
-                f"{result['max_abs_diff']:>10.1e}",
-                flush=True,
-            )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        summary_first_dropout=0.0, **MODELS[args.model],
+    )  # fmt: skip
+    model = PersonaGPT2DoubleHeadsModel(config)
+    others = args.paths[1:]
+    print(f"model {args.model} ({config.n_layer} layers, {config.n_embd} wide), batch {args.batch_size} examples")
+    print("speed-up over plain:")
+    header = f"{'thr':>3} {'C':>3} {'phase':<5} {'[B, C, T]':<14} {'plain ex/s':>10} "
+    print(header + " ".join(f"{p:>13}" for p in others))
+    for num_candidates in args.candidates:
+        split = "valid" if num_candidates > 4 else "train"
+        count = max(args.eval_batches, args.train_steps)
+        batches = make_batches(tokenizer, data[split], num_candidates, args.batch_size, count, args.max_history)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for phase in args.phases:
+                train = phase == "train"
+                use = batches[: args.train_steps if train else args.eval_batches]
+                time_paths(model, args.paths, [{k: v[:1] for k, v in use[0].items()}], train)  # warm-up
+                result = time_paths(model, args.paths, use, train, args.repeats)
+                examples = len(use) * args.batch_size
+                plain = examples / result["seconds"]["plain"]
+                ratios = " ".join(f"{result['seconds']['plain'] / result['seconds'][p]:>12.2f}x" for p in others)
+                shape = str(list(use[0]["input_ids"].shape))
+                print(f"{threads:>3} {num_candidates:>3} {phase:<5} {shape:<14} {plain:>10.3g} {ratios}", flush=True)
+                worst = max(result["max_abs_diff"].values())
+                if worst > 1e-4:
+                    print(f"    outputs differ from plain: {result['max_abs_diff']}", flush=True)
 
 
 if __name__ == "__main__":

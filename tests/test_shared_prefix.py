@@ -13,6 +13,7 @@ from transformers import GPT2Config, OpenAIGPTConfig
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs
+from persona_encoding import set_candidate_encoding
 from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_shared_prefix import encode_shared_prefix, shared_prefix_lengths, shared_prefix_unsupported_reason
 from persona_tokens import SpecialTokenIds
@@ -57,7 +58,7 @@ def random_batch(seed: int, batch_size: int, num_candidates: int, max_history: i
 
 
 def run(model, batch: dict, shared: bool, backward: bool = True) -> tuple:
-    model.config.persona_shared_prefix = shared
+    set_candidate_encoding(model, "shared_prefix" if shared else "plain")
     model.zero_grad(set_to_none=True)
     out = model(**batch)
     if backward:
@@ -165,7 +166,7 @@ def test_openai_gpt_falls_back_with_a_message(caplog):
     config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
     model = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
     batch = random_batch(0, batch_size=2, num_candidates=4)
-    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
+    with caplog.at_level(logging.WARNING, logger="persona_encoding"):
         assert_same(model, batch, atol=0)
     assert "no key/value cache" in caplog.text
 
@@ -188,7 +189,7 @@ def _train_and_evaluate(tmp_path, shared: bool) -> tuple[dict, dict]:
     from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
     model = tiny_gpt2(seed=5)
-    model.config.persona_shared_prefix = shared
+    set_candidate_encoding(model, "shared_prefix" if shared else "plain")
     args = PersonaTrainingArguments(
         output_dir=str(tmp_path / f"out-{shared}"),
         per_device_train_batch_size=2,
@@ -294,7 +295,7 @@ def test_bf16_autocast_close_to_plain_path():
     batch = random_batch(6, batch_size=3, num_candidates=4)
     outs = {}
     for shared in (False, True):
-        model.config.persona_shared_prefix = shared
+        set_candidate_encoding(model, "shared_prefix" if shared else "plain")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outs[shared] = model(**batch)
     torch.testing.assert_close(outs[True].mc_logits.float(), outs[False].mc_logits.float(), atol=0.05, rtol=0.05)
@@ -304,8 +305,14 @@ def test_bf16_autocast_close_to_plain_path():
 def test_run_persona_flag():
     import run_persona
 
-    assert run_persona.parse_args(["--output_dir", "out"])[0].shared_prefix is True
-    assert run_persona.parse_args(["--shared_prefix", "false", "--output_dir", "out"])[0].shared_prefix is False
+    def encoding(*flags):
+        return run_persona.parse_args([*flags, "--output_dir", "out"])[0].candidate_encoding
+
+    assert encoding() == "auto"
+    assert encoding("--shared_prefix", "false") == "plain"  # the former switch
+    assert encoding("--candidate_encoding", "shared_prefix") == "shared_prefix"
+    with pytest.raises(ValueError, match="give only one of them"):
+        encoding("--shared_prefix", "false", "--candidate_encoding", "packed")
 
 
 # The generic double-heads model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
@@ -368,7 +375,7 @@ def test_generic_double_heads_loss_only_and_mc_only(family):
         inputs = {k: v for k, v in batch.items() if k != drop}
         outs = {}
         for shared in (False, True):
-            model.config.persona_shared_prefix = shared
+            set_candidate_encoding(model, "shared_prefix" if shared else "plain")
             with torch.no_grad():
                 outs[shared] = model(**inputs)
         for key in keys:
@@ -381,7 +388,7 @@ def test_generic_double_heads_falls_back_with_gradient_checkpointing_and_sliding
     model.activation_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
     calls = count_backbone_calls(model.decoder)
-    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
+    with caplog.at_level(logging.WARNING, logger="persona_encoding"):
         assert_same(model, batch, atol=0)
     assert "gradient checkpointing" in caplog.text
     assert len(calls) == 2  # one full pass per path
@@ -389,6 +396,6 @@ def test_generic_double_heads_falls_back_with_gradient_checkpointing_and_sliding
     caplog.clear()
     model = tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert any(t != "full_attention" for t in model.config.text_config.layer_types)
-    with caplog.at_level(logging.WARNING, logger="persona_shared_prefix"):
+    with caplog.at_level(logging.WARNING, logger="persona_encoding"):
         assert_same(model, batch, atol=0)
     assert "non-full attention" in caplog.text
