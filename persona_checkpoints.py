@@ -1,4 +1,5 @@
-"""What an output folder holds: its complete checkpoints, a finished run, or checkpoints to clear for a fresh start.
+"""The run folder: its default name, its training config, and what it holds (complete checkpoints, a finished run,
+checkpoints to clear for a fresh start).
 
 The Trainer writes a checkpoint in order (weights, optimizer and scheduler, RNG states) and `trainer_state.json`
 last, so a run killed while saving leaves a folder without a readable `trainer_state.json`, or with a file cut short.
@@ -13,8 +14,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -113,3 +117,61 @@ def remove_checkpoints(output_dir: str) -> list[str]:
         if os.path.isfile(path):
             os.remove(path)
     return removed
+
+
+TRAINING_CONFIG_NAME = "training_config.yaml"
+
+
+def write_training_config(path: str, parser, *args_dataclasses) -> dict:
+    """Write the options that differ from the defaults as a config file `run_persona.py` accepts back; return them.
+
+    Tokens and machine-local paths of the run (output/logging dirs) are left out: the file is pushed to the Hub.
+    """
+    import yaml
+
+    skip = {"output_dir", "logging_dir", "hub_token", "token", "push_to_hub_token", "resume_from_checkpoint"}
+    defaults = {action.dest: action.default for action in parser._actions}
+    config = {}
+    for args in args_dataclasses:
+        values = args.to_dict() if hasattr(args, "to_dict") else vars(args)
+        for key, value in values.items():
+            value = getattr(value, "value", value)  # enums (eval_strategy, ...) as their strings
+            default = getattr(defaults.get(key), "value", defaults.get(key))
+            if key in defaults and key not in skip and value != default:
+                config[key] = value
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return config
+
+
+def default_output_dir(model_name_or_path: str) -> str:
+    """runs/<date>_<host>_<model>, as the reference names its log folder."""
+    stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+    return os.path.join("runs", f"{stamp}_{socket.gethostname()}_{os.path.basename(model_name_or_path.rstrip('/'))}")
+
+
+@dataclass
+class RunFolder:
+    """What an output folder holds for a new run: the checkpoint to resume from, the step of a finished run, the
+    incomplete checkpoints skipped (path, reason) and the checkpoints removed by an overwrite."""
+
+    path: str
+    resume_from: str | None = None
+    finished_step: int | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def inspect_run_folder(output_dir: str, *, overwrite: bool = False, clear: bool = True) -> RunFolder:
+    """Where a run into `output_dir` starts: afresh (no folder, or `overwrite`, whose checkpoints are removed when
+    `clear`), nowhere (a finished run), or from the newest complete checkpoint."""
+    folder = RunFolder(output_dir)
+    if not os.path.isdir(output_dir):
+        return folder
+    if overwrite:
+        folder.removed = remove_checkpoints(output_dir) if clear else []
+        return folder
+    folder.finished_step = finished_run(output_dir)
+    if folder.finished_step is None:
+        folder.resume_from, folder.skipped = last_complete_checkpoint(output_dir)
+    return folder

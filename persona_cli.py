@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -254,3 +255,17 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def feature_cache_hint(dataset_cache: str):
+    """Errors reading cached features (a cache file cut short or damaged) name the cache and the way out."""
+    import pyarrow
+
+    try:
+        yield
+    except (pyarrow.ArrowException, EOFError) as err:
+        raise UsageError(
+            f"{dataset_cache}: the cached features cannot be read ({' '.join(str(err).split())}); "
+            "rebuild them with --overwrite_cache true."
+        ) from err

@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import datasets
 import transformers
 from transformers import HfArgumentParser, set_seed
 
 from persona_chat_template import chat_format_of, load_chat_template
-from persona_checkpoints import finished_run, last_complete_checkpoint, remove_checkpoints
+from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspect_run_folder, write_training_config
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
     check_model_path,
     check_positive,
+    feature_cache_hint,
     find_split,
     input_budget,
     parse_args_with_config,
@@ -214,37 +212,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parse_args_with_config(make_parser(), argv)
 
 
-TRAINING_CONFIG_NAME = "training_config.yaml"
-
-
-def write_training_config(path: str, parser: HfArgumentParser, *args_dataclasses) -> dict:
-    """Write the options that differ from the defaults as a config file `run_persona.py` accepts back; return them.
-
-    Tokens and machine-local paths of the run (output/logging dirs) are left out: the file is pushed to the Hub.
-    """
-    import yaml
-
-    skip = {"output_dir", "logging_dir", "hub_token", "token", "push_to_hub_token", "resume_from_checkpoint"}
-    defaults = {action.dest: action.default for action in parser._actions}
-    config = {}
-    for args in args_dataclasses:
-        values = args.to_dict() if hasattr(args, "to_dict") else vars(args)
-        for key, value in values.items():
-            value = getattr(value, "value", value)  # enums (eval_strategy, ...) as their strings
-            default = getattr(defaults.get(key), "value", defaults.get(key))
-            if key in defaults and key not in skip and value != default:
-                config[key] = value
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    return config
-
-
-def default_output_dir(model_name_or_path: str) -> str:
-    """runs/<date>_<host>_<model>, as the reference names its log folder."""
-    stamp = datetime.now().strftime("%b%d_%H-%M-%S")
-    return os.path.join("runs", f"{stamp}_{socket.gethostname()}_{os.path.basename(model_name_or_path.rstrip('/'))}")
-
-
 def say(message: str) -> None:
     """One line on stderr, from the main process only (shown whatever the log level)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -252,29 +219,23 @@ def say(message: str) -> None:
 
 
 def _previous_run(training_args: PersonaTrainingArguments) -> tuple[str | None, bool]:
-    """What `output_dir` already holds: (the checkpoint to resume from, whether the run there has finished)."""
-    output_dir = training_args.output_dir
-    if not os.path.isdir(output_dir):
-        return None, False
-    if training_args.overwrite_output_dir:
-        if training_args.process_index == 0:
-            removed = remove_checkpoints(output_dir)
-            if removed:
-                say(f"persona-train: --overwrite_output_dir: removed {len(removed)} checkpoint(s) of {output_dir}.")
-        return None, False
-    step = finished_run(output_dir)
-    if step is not None:
+    """What `output_dir` already holds, said on stderr: (the checkpoint to resume from, whether the run finished)."""
+    folder = inspect_run_folder(
+        training_args.output_dir, overwrite=training_args.overwrite_output_dir, clear=training_args.process_index == 0
+    )
+    if folder.removed:
+        say(f"persona-train: --overwrite_output_dir: removed {len(folder.removed)} checkpoint(s) of {folder.path}.")
+    if folder.finished_step is not None:
         say(
-            f"persona-train: {output_dir} already holds a finished run (step {step}); nothing to do. To train afresh "
-            "pass --overwrite_output_dir true or another --output_dir."
+            f"persona-train: {folder.path} already holds a finished run (step {folder.finished_step}); nothing to do. "
+            "To train afresh pass --overwrite_output_dir true or another --output_dir."
         )
         return None, True
-    checkpoint, skipped = last_complete_checkpoint(output_dir)
-    for path, reason in skipped:
+    for path, reason in folder.skipped:
         say(f"persona-train: skipping the incomplete checkpoint {path} ({reason}).")
-    if checkpoint is not None:
-        say(f"persona-train: resuming from {checkpoint} (pass --overwrite_output_dir true to start afresh).")
-    return checkpoint, False
+    if folder.resume_from is not None:
+        say(f"persona-train: resuming from {folder.resume_from} (pass --overwrite_output_dir true to start afresh).")
+    return folder.resume_from, False
 
 
 def _splits(
@@ -307,20 +268,6 @@ def _splits(
                 "--eval_split NAME."
             ) from None
     return train_split, eval_split
-
-
-@contextmanager
-def _cache_hint(data_args: DataArguments):
-    """Errors reading cached features (a cache file cut short or damaged) name the cache and the way out."""
-    import pyarrow
-
-    try:
-        yield
-    except (pyarrow.ArrowException, EOFError) as err:
-        raise UsageError(
-            f"{data_args.dataset_cache}: the cached features cannot be read ({' '.join(str(err).split())}); "
-            "rebuild them with --overwrite_cache true."
-        ) from err
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
@@ -402,7 +349,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     max_length = input_budget(model, data_args.max_length)
 
     def features(split: str, num_candidates: int | None, max_samples: int | None) -> datasets.Dataset:
-        with training_args.main_process_first(desc=f"building {split} features"), _cache_hint(data_args):
+        with (
+            training_args.main_process_first(desc=f"building {split} features"),
+            feature_cache_hint(data_args.dataset_cache),
+        ):
             rows = build_features(
                 dialogs[split],
                 tokenizer,

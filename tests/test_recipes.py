@@ -11,6 +11,7 @@ import re
 import pytest
 import yaml
 
+import persona_checkpoints
 import run_persona
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def test_recipe_trains_one_step(recipe, tiny_checkpoint, personachat_json, tmp_p
     assert metrics["train_samples"] == 4 and "eval_hits@1" in metrics
     # The recipe's own values survive the swap (a recipe the parser ignored would not show here).
     config = yaml.safe_load(open(recipe))
-    written = yaml.safe_load(open(out / run_persona.TRAINING_CONFIG_NAME))
+    written = yaml.safe_load(open(out / persona_checkpoints.TRAINING_CONFIG_NAME))
     for key in ("num_candidates", "learning_rate", "lm_coef", "warmup_steps"):
         if key in config and key in written:
             assert written[key] == config[key], key

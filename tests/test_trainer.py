@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+import persona_checkpoints
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
@@ -206,7 +207,7 @@ def test_run_folder_and_tensorboard_defaults(monkeypatch):
     assert training_args.auto_output_dir
     assert training_args.report_to == (["tensorboard"] if is_tensorboard_available() else [])
     monkeypatch.setattr(run_persona.socket, "gethostname", lambda: "node7")
-    folder = run_persona.default_output_dir("org/DialoGPT-small/")
+    folder = persona_checkpoints.default_output_dir("org/DialoGPT-small/")
     assert folder.startswith("runs" + os.sep) and folder.endswith("_node7_DialoGPT-small")
     _, _, explicit = parse_args(["--output_dir", "mine", "--report_to", "none"])
     assert not explicit.auto_output_dir and explicit.output_dir == "mine"
