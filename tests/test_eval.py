@@ -227,7 +227,13 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
     results_two = json.loads((tmp_path / "two.json").read_text())
     assert results_two["num_processes"] == 2 and results["num_processes"] == 1
     assert two.stdout.count("Saved ") == 1  # only the main process prints and writes
-    assert results_two["metrics"] == results["metrics"]  # same turns in the same order: the same sums
+    # Same turns in the same order: the same ranks and counts; the sums agree to float rounding, since the packed
+    # encoding shares rows between different examples on 1 and 2 processes.
+    counts_two, counts = (
+        results_two["metrics"].pop("candidates_per_turn"),
+        results["metrics"].pop("candidates_per_turn"),
+    )
+    assert counts_two == counts and results_two["metrics"] == pytest.approx(results["metrics"], rel=1e-6)
     assert results_two.get("predictions") == results.get("predictions")
     assert len(results["predictions"]) == 13 and 0 <= results["metrics"]["f1"] <= 1
 

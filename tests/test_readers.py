@@ -233,5 +233,5 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
         "column_mapping": "a=b",
     }
     assert seen["distractor_seed"] == 5
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="invalid choice: 'bot'"):  # the CLI layer's one-line UsageError
         run_persona.parse_args(["--spc_bot_role", "bot", "--output_dir", str(tmp_path)])

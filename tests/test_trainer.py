@@ -201,12 +201,10 @@ def test_run_persona_end_to_end_save_reload_resume(tiny_checkpoint, personachat_
 def test_run_folder_and_tensorboard_defaults(monkeypatch):
     from transformers.integrations import is_tensorboard_available
 
-    import run_persona
-
     _, _, training_args = parse_args(["--model_name_or_path", "org/DialoGPT-small"])
     assert training_args.auto_output_dir
     assert training_args.report_to == (["tensorboard"] if is_tensorboard_available() else [])
-    monkeypatch.setattr(run_persona.socket, "gethostname", lambda: "node7")
+    monkeypatch.setattr(persona_checkpoints.socket, "gethostname", lambda: "node7")
     folder = persona_checkpoints.default_output_dir("org/DialoGPT-small/")
     assert folder.startswith("runs" + os.sep) and folder.endswith("_node7_DialoGPT-small")
     _, _, explicit = parse_args(["--output_dir", "mine", "--report_to", "none"])
