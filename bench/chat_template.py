@@ -2,8 +2,8 @@
 """Chat-template rows vs speaker-token rows on one tiny Qwen2 backbone and the same dialogs, in one run.
 
 Measures training throughput (forward + backward + AdamW step, examples/s), evaluation time (ranking every
-candidate of a turn, no gradients) and the shared-prefix speed-up of both row formats (shared-prefix forward on vs
-off). The tokenizer is a byte-level BPE trained here with ChatML special tokens and a ChatML template with a system
+candidate of a turn, no gradients) and the context-sharing speed-up of both row formats (the automatic candidate
+encoding, packed where it applies, vs the plain one). The tokenizer is a byte-level BPE trained here with ChatML special tokens and a ChatML template with a system
 role (Qwen2.5's layout); the speaker-token rows use the same tokenizer with the five persona tokens added.
 
     python bench/chat_template.py
@@ -52,7 +52,9 @@ def chatml_tokenizer(texts: list[str], workdir: str):
 
 def timed_steps(model, batches, *, train: bool, shared: bool) -> float:
     """Seconds per batch, after one warm-up batch."""
-    model.config.persona_shared_prefix = shared
+    from persona_encoding import set_candidate_encoding
+
+    set_candidate_encoding(model, "auto" if shared else "plain")
     model.train(train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
     times = []
@@ -142,7 +144,7 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name:15s} {r['tokens_per_batch']:7.0f} tokens/batch  train {args.batch_size / r['train_shared']:6.1f} "
-            f"ex/s  eval ({r['eval_candidates']} cands) {r['eval_shared'] * 1000:6.1f} ms/batch  shared-prefix "
+            f"ex/s  eval ({r['eval_candidates']} cands) {r['eval_shared'] * 1000:6.1f} ms/batch  auto-encoding "
             f"speed-up train x{r['train_full'] / r['train_shared']:.2f}, eval x{r['eval_full'] / r['eval_shared']:.2f}"
         )
     chat, speaker = results["chat_template"], results["speaker_tokens"]
