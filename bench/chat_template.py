@@ -3,8 +3,9 @@
 
 Measures training throughput (forward + backward + AdamW step, examples/s), evaluation time (ranking every
 candidate of a turn, no gradients) and the context-sharing speed-up of both row formats (the automatic candidate
-encoding, packed where it applies, vs the plain one). The tokenizer is a byte-level BPE trained here with ChatML special tokens and a ChatML template with a system
-role (Qwen2.5's layout); the speaker-token rows use the same tokenizer with the five persona tokens added.
+encoding, packed where it applies, vs the plain one). The tokenizer is a byte-level BPE trained here with ChatML
+special tokens and a ChatML template with a system role (Qwen2.5's layout); the speaker-token rows use the same
+tokenizer with the five persona tokens added.
 
     python bench/chat_template.py
     python bench/chat_template.py --dataset_path ../shared/data/Synthetic-Persona-Chat_valid.csv
