@@ -93,6 +93,11 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
         ("twice.json", '{"seed": 1, "seed": 2}', "option 'seed' is given twice"),
         ("broken.json", '{"seed": 1,', "not valid JSON (line 1"),
         ("latin1.yaml", b"output_dir: caf\xe9\n", "not UTF-8 text"),
+        ("text_for_int.yaml", 'seed: "two"\n', "option 'seed' must be a whole number, got 'two'"),
+        ("list_for_int.yaml", "seed: [1]\n", "option 'seed' must be a whole number, got [1]"),
+        ("fraction_for_int.yaml", "seed: 1.5\n", "option 'seed' must be a whole number, got 1.5"),
+        ("bool_for_int.yaml", "seed: true\n", "option 'seed' must be a whole number, got True"),
+        ("text_for_int.json", '{"seed": "x"}', "option 'seed' must be a whole number, got 'x'"),
     ],
 )
 def test_bad_config_files(name, text, words, tmp_path, capsys, monkeypatch):
@@ -102,6 +107,16 @@ def test_bad_config_files(name, text, words, tmp_path, capsys, monkeypatch):
     for cli in (run_persona.cli, persona_eval.cli, persona_chat.cli, persona_demo.cli):
         line = error_line(cli, [str(path)], capsys)
         assert str(path) in line and words in line, line
+
+
+@pytest.mark.parametrize("value", ["null", "[1]", "'fast'"])
+def test_config_values_are_checked_like_flags(value, tmp_path, capsys, monkeypatch):
+    # Config values bypass argparse's conversion; a null would silently replace the default.
+    no_loading(monkeypatch)
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"learning_rate: {value}\n")
+    line = error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "out")], capsys)
+    assert str(path) in line and "option 'learning_rate'" in line, line
 
 
 def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
