@@ -54,6 +54,13 @@ class DuplicateKeyError(ValueError):
 
 def check_file(path: str, source: str) -> None:
     """Raise a `PersonaDataError` unless `path` is a readable, non-empty regular file (named `source`)."""
+    if not path.strip():
+        raise PersonaDataError("the data path is empty; pass a file, a `datasets` folder, an http(s) URL or a Hub id.")
+    scheme = path.split("://", 1)[0] if "://" in path else None
+    if scheme is not None and not os.path.lexists(path):
+        raise PersonaDataError(
+            f"{source}: URLs must start with http:// or https://, not {scheme}://; pass a local file by its path (download it first)."
+        )
     if not os.path.lexists(path):
         raise PersonaDataError(
             f"{source}: no such file; pass an existing file, a `datasets` folder, an http(s) URL or a Hub id."
