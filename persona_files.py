@@ -59,7 +59,8 @@ def check_file(path: str, source: str) -> None:
     scheme = path.split("://", 1)[0] if "://" in path else None
     if scheme is not None and not os.path.lexists(path):
         raise PersonaDataError(
-            f"{source}: URLs must start with http:// or https://, not {scheme}://; pass a local file by its path (download it first)."
+            f"{source}: URLs must start with http:// or https://, not {scheme}://; "
+            "pass a local file by its path (download it first)."
         )
     if not os.path.lexists(path):
         raise PersonaDataError(
