@@ -141,6 +141,8 @@ def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
         (["--device", "bogus"], "--device 'bogus' is not a device"),
         (["--dtype", "int3"], "invalid choice: 'int3'"),
         (["--num_candidats", "3"], "unrecognized argument '--num_candidats'"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+        (["--seed", str(2**32)], "--seed must be between 0 and 2**32 - 1"),
     ],
 )
 def test_persona_chat_bad_flags(flags, words, tiny_checkpoint, capsys, monkeypatch):
@@ -218,13 +220,17 @@ def test_persona_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         assert f"--persona_file {tmp_path / name}" in line and words in line, line
 
 
-def test_invalid_utf8_on_stdin_names_the_line(tiny_checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "bad_line, words",
+    [(b"\xff\xfe oops\n", "stdin line 2: not UTF-8 text"), (b"hi\0there\n", "stdin line 2: NUL byte")],
+)
+def test_invalid_utf8_on_stdin_names_the_line(bad_line, words, tiny_checkpoint, capsys, monkeypatch):
     class Stdin:
-        buffer = [b"hi\n", b"\xff\xfe oops\n"]
+        buffer = [b"hi\n", bad_line]
 
     monkeypatch.setattr(sys, "stdin", Stdin())
     argv = ["--model_name_or_path", tiny_checkpoint, "--stdin", "--persona", "i like tea.", "--no_sample"]
-    assert "stdin line 2: not UTF-8 text" in error_line(persona_chat.cli, argv, capsys)
+    assert words in error_line(persona_chat.cli, argv, capsys)
 
 
 def test_named_split_never_falls_back(tiny_checkpoint, personachat_json, capsys, tmp_path):
