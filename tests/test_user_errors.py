@@ -82,6 +82,27 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
     assert "--output_dir" in line and "is a file" in line
 
 
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_output_path_under_a_file(script, tmp_path, capsys, monkeypatch, tiny_checkpoint, personachat_json):
+    # Found before loading, instead of "Not a directory" / "File exists" from makedirs after the work.
+    no_loading(monkeypatch)
+    (tmp_path / "plain").write_text("x")
+    if script == "train":
+        cli, flag, target = run_persona.cli, "--output_dir", tmp_path / "plain" / "sub" / "run"
+    else:
+        cli, flag, target = persona_eval.cli, "--output_file", tmp_path / "plain" / "r.json"
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json, flag, str(target)]
+    line = error_line(cli, argv, capsys)
+    assert f"{flag} {target}: {tmp_path / 'plain'} is a file, not a folder" in line, line
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
+def test_persona_demo_bad_host(host, tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    line = error_line(persona_demo.cli, ["--model_name_or_path", tiny_checkpoint, "--host", host], capsys)
+    assert line.startswith(f"persona-demo: error: --host {host}: not an address of this machine"), line
+
+
 @pytest.mark.parametrize(
     "name, text, words",
     [
