@@ -215,6 +215,33 @@ def test_model_paths_that_are_not_checkpoints(script, tmp_path, capsys, monkeypa
         assert f"--model_name_or_path {path}: {words}" in line, line
 
 
+@pytest.mark.parametrize("script", ["chat", "eval"])
+def test_checkpoint_without_tokenizer_files(script, tiny_checkpoint, personachat_json, tmp_path, capsys):
+    # transformers would otherwise build a tokenizer with a vocabulary of 1 and the bot would answer garbage.
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            os.remove(folder / name)
+    if script == "chat":
+        cli, argv = persona_chat.cli, ["--stdin", "--persona", "i like tea."]
+    else:
+        cli, argv = persona_eval.cli, ["--dataset_path", personachat_json, "--output_file", str(tmp_path / "r.json")]
+    line = error_line(cli, ["--model_name_or_path", str(folder), *argv], capsys)
+    assert f"{folder}: no tokenizer files" in line, line
+
+
+def test_config_that_does_not_match_the_weights(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = ["--model_name_or_path", str(folder), "--stdin", "--persona", "i like tea."]
+    line = error_line(persona_chat.cli, argv, capsys)
+    assert f"{folder}: the weights do not match its config.json" in line, line
+
+
 def test_truncated_weights_name_the_checkpoint(tiny_checkpoint, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
