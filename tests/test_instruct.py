@@ -1,5 +1,5 @@
 """Instruct backbones end to end through their own chat template: features, model, training, reload as a plain causal
-LM, persona-chat / persona-eval, LoRA, `transformers serve`, and the command-line errors."""
+LM, persona-chat / persona-eval, LoRA, DeepSpeed ZeRO-2/3, `transformers serve`, and the command-line errors."""
 
 from __future__ import annotations
 
