@@ -1,5 +1,5 @@
 """Instruct backbones end to end through their own chat template: features, model, training, reload as a plain causal
-LM, persona-chat / persona-eval, LoRA, `transformers serve`, and the command-line errors."""
+LM, persona-chat / persona-eval, LoRA, DeepSpeed ZeRO-2/3, `transformers serve`, and the command-line errors."""
 
 from __future__ import annotations
 
@@ -406,3 +406,46 @@ def test_chat_rows_cut_to_max_length_are_counted(tokenizers, data_path, caplog):
     longer = sum(max(map(len, r)) > max_length for r in whole["input_ids"])
     assert longer and all(max(map(len, r)) <= max_length for r in rows["input_ids"])
     assert f"{longer} of {len(rows)} rows lost their oldest history turns or persona sentences" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def qwen2_step(instruct_checkpoints, data_path, tmp_path_factory) -> dict:
+    """The tiny Qwen2 instruct checkpoint without dropout (the multiple-choice head's included, through the head
+    settings a persona checkpoint stores in config.json) and its one-step update by a single process without DeepSpeed,
+    so that 2-process ZeRO runs can be compared with it."""
+    from test_distributed import STEP_ARGS, launch
+
+    root = tmp_path_factory.mktemp("zero-chat")
+    checkpoint = root / "qwen2"
+    shutil.copytree(instruct_checkpoints["qwen2"], checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["persona_double_heads"] = {"summary_first_dropout": 0.0}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    single = root / "single"
+    launch(train_args(str(checkpoint), data_path, single, *STEP_ARGS, "--gradient_accumulation_steps", "4"))
+    init, expected = torch.load(single / "weights_init_rank0.pt"), torch.load(single / "weights_final_rank0.pt")
+    assert max(float((expected[k] - init[k]).abs().max()) for k in init) > 1e-3  # a step the tests can tell apart
+    return {"checkpoint": str(checkpoint), "init": init, "expected": expected}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_on_chat_rows_same_update_and_loadable(qwen2_step, data_path, tmp_path, stage):
+    """2 processes under DeepSpeed ZeRO (CPU, gloo) take the single-process step over the same global batch of 8
+    chat-template rows, and the saved folder loads as a plain causal LM and as a persona model with its format."""
+    pytest.importorskip("deepspeed")
+    from test_distributed import STEP_ARGS, assert_same_weights, launch
+
+    out = tmp_path / stage
+    config = os.path.join(ROOT, "configs", "deepspeed", f"{stage}.json")
+    args = [*STEP_ARGS, "--gradient_accumulation_steps", "2", "--deepspeed", config]
+    launch(train_args(qwen2_step["checkpoint"], data_path, out, *args), nproc=2)
+    if stage == "zero2":  # ZeRO-3's parameters are partitioned: the probe dumps none, the saved model is checked
+        assert_same_weights(torch.load(out / "weights_init_rank1.pt"), qwen2_step["init"], atol=0)
+        assert_same_weights(torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt"))
+    model, tokenizer = load_model_and_tokenizer(str(out))
+    assert type(model) is PersonaDoubleHeadsModel and chat_format_of(tokenizer) is not None
+    assert_same_weights(model.state_dict(), qwen2_step["expected"])
+    causal = AutoModelForCausalLM.from_pretrained(out)
+    backbone = {k: v for k, v in qwen2_step["expected"].items() if not k.startswith("multiple_choice_head")}
+    assert_same_weights(causal.state_dict(), backbone)  # the same names: the heads sit beside the backbone's modules
