@@ -170,6 +170,11 @@ def _load_model_and_tokenizer(
             name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
         )
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    model_type = config.model_type
+    model_cls = DOUBLE_HEADS_CLASSES.get(model_type)
+    if model_cls is None:  # any other causal LM: the generic double-heads model
+        model_cls = PersonaDoubleHeadsModel
+        config = PersonaDoubleHeadsConfig.from_backbone(config)
     # The tokenizer and the input format first: a template that cannot build rows fails before the weights load.
     tokenizer_path = tokenizer_name_or_path or name_or_path
     if os.path.isdir(tokenizer_path) and not any(
@@ -181,12 +186,7 @@ def _load_model_and_tokenizer(
             "the model it was trained from (or pass --tokenizer_name)."
         )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs)
-    chat_format = resolve_input_format(tokenizer, config.model_type, **format_options)
-    model_type = config.model_type
-    model_cls = DOUBLE_HEADS_CLASSES.get(model_type)
-    if model_cls is None:  # any other causal LM: the generic double-heads model
-        model_cls = PersonaDoubleHeadsModel
-        config = PersonaDoubleHeadsConfig.from_backbone(config)
+    chat_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
