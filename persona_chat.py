@@ -171,11 +171,14 @@ def _stdin_lines():
         return
     for number, raw in enumerate(stream, start=1):
         try:
-            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as err:
             raise UsageError(
                 f"stdin line {number}: not UTF-8 text (byte {err.start + 1}); send UTF-8 text, one turn per line."
             ) from None
+        if "\x00" in text:  # binary input, not a turn; the tokenizer would take it without a word
+            raise UsageError(f"stdin line {number}: NUL byte at byte {raw.index(0) + 1}; send text, one turn per line.")
+        yield number, text
 
 
 def _stdin_loop(bot: PersonaBot) -> None:

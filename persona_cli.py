@@ -56,6 +56,9 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
             close = (_closest(key, known) for key in unknown)
             hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
             raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
+        actions = {action.dest: action for action in parser._actions}
+        for key, value in config.items():
+            _check_config_value(config_path, key, value, actions[key])
         parser.set_defaults(**config)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
@@ -64,6 +67,30 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         hint = f"; did you mean {close}?" if close else "; see --help for the flags"
         raise UsageError(f"unrecognized argument {unknown!r}{hint}")
     return tuple(parsed)
+
+
+def _check_config_value(path: str, key: str, value, action) -> None:
+    """Type-check one config value as its flag would be: `parser.set_defaults` takes values as they are, so a
+    `learning_rate: [1]` or `num_candidates: null` would otherwise reach the run unchecked."""
+    if value is None:
+        if action.default is not None:
+            raise UsageError(f"{path}: option {key!r} has no value; give one or remove the line.")
+        return
+    from transformers.hf_argparser import string_to_bool
+
+    if action.type not in (int, float, string_to_bool):
+        return  # text, choices and mappings (a DeepSpeed config) are checked by the argument dataclasses
+    values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+    for item in values:
+        wrong = isinstance(item, (list, dict)) or (isinstance(item, bool) and action.type is not string_to_bool)
+        try:
+            if not wrong:
+                action.type(str(item))
+        except (TypeError, ValueError):
+            wrong = True
+        if wrong:
+            kind = {int: "a whole number", float: "a number", string_to_bool: "true or false"}[action.type]
+            raise UsageError(f"{path}: option {key!r} must be {kind}, got {item!r}.")
 
 
 def _closest(name: str, known) -> str | None:

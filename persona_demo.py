@@ -196,6 +196,7 @@ class DemoArguments:
 
 def check_port_free(host: str, port: int) -> None:
     """A `UsageError` when another program listens on `host:port` (checked before the model loads)."""
+    import errno
     import socket
 
     if port == 0:
@@ -204,6 +205,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
+            if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(
+                    f"--host {host}: not an address of this machine ({err.strerror}); pass e.g. 127.0.0.1 or 0.0.0.0."
+                ) from None
             raise UsageError(
                 f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); pass another --port."
             ) from None

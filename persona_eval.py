@@ -44,6 +44,7 @@ from persona_cli import (
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_files import file_in_the_way
 from persona_generation import GenerationArguments, generate_replies
 from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
@@ -233,6 +234,11 @@ class EvalArguments:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
         if self.output_file is not None and os.path.isdir(self.output_file):
             raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
+        blocking = None if self.output_file is None else file_in_the_way(self.output_file)
+        if blocking:
+            raise UsageError(
+                f"--output_file {self.output_file}: {blocking} is a file, not a folder; pass another path."
+            )
 
 
 @dataclass

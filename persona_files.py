@@ -52,8 +52,24 @@ class DuplicateKeyError(ValueError):
         return f"duplicate key {self.key!r} in this object (JSON keeps only the last value)"
 
 
+def file_in_the_way(path: str) -> str | None:
+    """The file, if any, among the folders above `path` (creating `path` would fail with "Not a directory")."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent if os.path.exists(parent) and not os.path.isdir(parent) else None
+
+
 def check_file(path: str, source: str) -> None:
     """Raise a `PersonaDataError` unless `path` is a readable, non-empty regular file (named `source`)."""
+    if not path.strip():
+        raise PersonaDataError("the data path is empty; pass a file, a `datasets` folder, an http(s) URL or a Hub id.")
+    scheme = path.split("://", 1)[0] if "://" in path else None
+    if scheme is not None and not os.path.lexists(path):
+        raise PersonaDataError(
+            f"{source}: URLs must start with http:// or https://, not {scheme}://; "
+            "pass a local file by its path (download it first)."
+        )
     if not os.path.lexists(path):
         raise PersonaDataError(
             f"{source}: no such file; pass an existing file, a `datasets` folder, an http(s) URL or a Hub id."

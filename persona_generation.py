@@ -45,6 +45,8 @@ class GenerationArguments:
 
     def __post_init__(self):
         check_generation_options(**{name: getattr(self, name) for name in GENERATION_FIELDS}, flags=True)
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}.")
 
     def generation_options(self) -> dict:
         """The options as keyword arguments of `generate_replies` / `PersonaBot`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
 from safetensors import SafetensorError
@@ -134,6 +135,17 @@ def load_model_and_tokenizer(
         ) from err
 
 
+# Any of these makes a folder a tokenizer (fast, BPE, SentencePiece or WordPiece files).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+)
+
+
 class CheckpointError(OSError):
     """A checkpoint folder that cannot be loaded (damaged or incomplete files): a user error, not a bug."""
 
@@ -158,16 +170,34 @@ def _load_model_and_tokenizer(
             name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
         )
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
-    # The tokenizer and the input format first: a template that cannot build rows fails before the weights load.
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, **hub_kwargs)
-    chat_format = resolve_input_format(tokenizer, config.model_type, **format_options)
-    model_cls = DOUBLE_HEADS_CLASSES.get(config.model_type)
+    model_type = config.model_type
+    model_cls = DOUBLE_HEADS_CLASSES.get(model_type)
     if model_cls is None:  # any other causal LM: the generic double-heads model
         model_cls = PersonaDoubleHeadsModel
         config = PersonaDoubleHeadsConfig.from_backbone(config)
+    # The tokenizer and the input format first: a template that cannot build rows fails before the weights load.
+    tokenizer_path = tokenizer_name_or_path or name_or_path
+    if os.path.isdir(tokenizer_path) and not any(
+        os.path.exists(os.path.join(tokenizer_path, f)) for f in TOKENIZER_FILES
+    ):
+        # transformers would build an empty tokenizer (a vocabulary of 1) and every reply would be garbage.
+        raise CheckpointError(
+            f"{tokenizer_path}: no tokenizer files (tokenizer.json, vocab.json, ...) in this folder; copy them from "
+            "the model it was trained from (or pass --tokenizer_name)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs)
+    chat_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
+    try:
+        model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{name_or_path}: the weights do not match its config.json (model type {model_type!r}; tensor "
+            "shapes differ); the config and weights come from different models, copy the checkpoint again."
+        ) from err
     if chat_format is not None:
         configure_chat_generation(model, tokenizer, chat_format)
         logger.info("Loaded %s (%s) with %s.", name_or_path, model_cls.__name__, chat_format.name)

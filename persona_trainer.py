@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_card import persona_model_card
+from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
 
 
@@ -104,6 +105,9 @@ def check_training_values(args: TrainingArguments) -> None:
             raise ValueError(f"--{name} must be > 0, got {value}.")
     if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output_dir {args.output_dir}: is a file; pass a folder (it is created if missing).")
+    blocking = None if args.output_dir is None else file_in_the_way(args.output_dir)
+    if blocking:
+        raise ValueError(f"--output_dir {args.output_dir}: {blocking} is a file, not a folder; pass another path.")
 
 
 class PersonaTrainer(Trainer):

@@ -222,6 +222,21 @@ def test_file_system_problems(tmp_path, fmt):
         assert str(info.value).startswith(f"{path}: {words}"), (case, str(info.value))
 
 
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("", "the data path is empty; pass a file"),
+        ("  ", "the data path is empty; pass a file"),
+        ("ftp://example.org/d.json", "ftp://example.org/d.json: URLs must start with http:// or https://, not ftp://"),
+        ("file:///tmp/d.json", "file:///tmp/d.json: URLs must start with http:// or https://, not file://"),
+    ],
+)
+def test_empty_path_and_unsupported_url_scheme(path, words):
+    with pytest.raises(PersonaDataError) as info:
+        load_dialogs(path, "personachat_json")
+    assert str(info.value).startswith(words), str(info.value)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file(tmp_path):
     path = tmp_path / "data.jsonl"

@@ -82,6 +82,27 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
     assert "--output_dir" in line and "is a file" in line
 
 
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_output_path_under_a_file(script, tmp_path, capsys, monkeypatch, tiny_checkpoint, personachat_json):
+    # Found before loading, instead of "Not a directory" / "File exists" from makedirs after the work.
+    no_loading(monkeypatch)
+    (tmp_path / "plain").write_text("x")
+    if script == "train":
+        cli, flag, target = run_persona.cli, "--output_dir", tmp_path / "plain" / "sub" / "run"
+    else:
+        cli, flag, target = persona_eval.cli, "--output_file", tmp_path / "plain" / "r.json"
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json, flag, str(target)]
+    line = error_line(cli, argv, capsys)
+    assert f"{flag} {target}: {tmp_path / 'plain'} is a file, not a folder" in line, line
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
+def test_persona_demo_bad_host(host, tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    line = error_line(persona_demo.cli, ["--model_name_or_path", tiny_checkpoint, "--host", host], capsys)
+    assert line.startswith(f"persona-demo: error: --host {host}: not an address of this machine"), line
+
+
 @pytest.mark.parametrize(
     "name, text, words",
     [
@@ -93,6 +114,11 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
         ("twice.json", '{"seed": 1, "seed": 2}', "option 'seed' is given twice"),
         ("broken.json", '{"seed": 1,', "not valid JSON (line 1"),
         ("latin1.yaml", b"output_dir: caf\xe9\n", "not UTF-8 text"),
+        ("text_for_int.yaml", 'seed: "two"\n', "option 'seed' must be a whole number, got 'two'"),
+        ("list_for_int.yaml", "seed: [1]\n", "option 'seed' must be a whole number, got [1]"),
+        ("fraction_for_int.yaml", "seed: 1.5\n", "option 'seed' must be a whole number, got 1.5"),
+        ("bool_for_int.yaml", "seed: true\n", "option 'seed' must be a whole number, got True"),
+        ("text_for_int.json", '{"seed": "x"}', "option 'seed' must be a whole number, got 'x'"),
     ],
 )
 def test_bad_config_files(name, text, words, tmp_path, capsys, monkeypatch):
@@ -102,6 +128,16 @@ def test_bad_config_files(name, text, words, tmp_path, capsys, monkeypatch):
     for cli in (run_persona.cli, persona_eval.cli, persona_chat.cli, persona_demo.cli):
         line = error_line(cli, [str(path)], capsys)
         assert str(path) in line and words in line, line
+
+
+@pytest.mark.parametrize("value", ["null", "[1]", "'fast'"])
+def test_config_values_are_checked_like_flags(value, tmp_path, capsys, monkeypatch):
+    # Config values bypass argparse's conversion; a null would silently replace the default.
+    no_loading(monkeypatch)
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"learning_rate: {value}\n")
+    line = error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "out")], capsys)
+    assert str(path) in line and "option 'learning_rate'" in line, line
 
 
 def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
@@ -126,6 +162,8 @@ def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
         (["--device", "bogus"], "--device 'bogus' is not a device"),
         (["--dtype", "int3"], "invalid choice: 'int3'"),
         (["--num_candidats", "3"], "unrecognized argument '--num_candidats'"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+        (["--seed", str(2**32)], "--seed must be between 0 and 2**32 - 1"),
     ],
 )
 def test_persona_chat_bad_flags(flags, words, tiny_checkpoint, capsys, monkeypatch):
@@ -177,6 +215,33 @@ def test_model_paths_that_are_not_checkpoints(script, tmp_path, capsys, monkeypa
         assert f"--model_name_or_path {path}: {words}" in line, line
 
 
+@pytest.mark.parametrize("script", ["chat", "eval"])
+def test_checkpoint_without_tokenizer_files(script, tiny_checkpoint, personachat_json, tmp_path, capsys):
+    # transformers would otherwise build a tokenizer with a vocabulary of 1 and the bot would answer garbage.
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            os.remove(folder / name)
+    if script == "chat":
+        cli, argv = persona_chat.cli, ["--stdin", "--persona", "i like tea."]
+    else:
+        cli, argv = persona_eval.cli, ["--dataset_path", personachat_json, "--output_file", str(tmp_path / "r.json")]
+    line = error_line(cli, ["--model_name_or_path", str(folder), *argv], capsys)
+    assert f"{folder}: no tokenizer files" in line, line
+
+
+def test_config_that_does_not_match_the_weights(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = ["--model_name_or_path", str(folder), "--stdin", "--persona", "i like tea."]
+    line = error_line(persona_chat.cli, argv, capsys)
+    assert f"{folder}: the weights do not match its config.json" in line, line
+
+
 def test_truncated_weights_name_the_checkpoint(tiny_checkpoint, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
@@ -203,13 +268,17 @@ def test_persona_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         assert f"--persona_file {tmp_path / name}" in line and words in line, line
 
 
-def test_invalid_utf8_on_stdin_names_the_line(tiny_checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "bad_line, words",
+    [(b"\xff\xfe oops\n", "stdin line 2: not UTF-8 text"), (b"hi\0there\n", "stdin line 2: NUL byte")],
+)
+def test_invalid_utf8_on_stdin_names_the_line(bad_line, words, tiny_checkpoint, capsys, monkeypatch):
     class Stdin:
-        buffer = [b"hi\n", b"\xff\xfe oops\n"]
+        buffer = [b"hi\n", bad_line]
 
     monkeypatch.setattr(sys, "stdin", Stdin())
     argv = ["--model_name_or_path", tiny_checkpoint, "--stdin", "--persona", "i like tea.", "--no_sample"]
-    assert "stdin line 2: not UTF-8 text" in error_line(persona_chat.cli, argv, capsys)
+    assert words in error_line(persona_chat.cli, argv, capsys)
 
 
 def test_named_split_never_falls_back(tiny_checkpoint, personachat_json, capsys, tmp_path):
