@@ -1,4 +1,4 @@
-"""Persona dialogs as chat-template rows for instruct backbones (DESIGN.md "Chat-template inputs").
+"""Persona dialogs as chat-template rows for instruct backbones (docs/architecture.md, "Chat-template inputs").
 
 One canonical example (persona sentences, history turns with the partner speaking the last one, candidates with the
 gold last) becomes messages: the persona in the system message through an overridable prompt, the history as

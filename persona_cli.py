@@ -3,8 +3,8 @@
 `persona-train`, `persona-chat`, `persona-eval` and `persona-demo` parse argument dataclasses with
 `parse_args_with_config` (a lone first `.yaml`/`.json` argument is a config file, later flags override it) and run
 their `main` through `run_console_script`, which turns a user error into one line on stderr and exit status 2.
-`--debug` (or `PERSONA_DEBUG=1`) shows the traceback instead. This module imports nothing of the project, so every
-script and library module above it may use its helpers.
+`--debug` (or `PERSONA_DEBUG=1`) shows the traceback instead. This module imports nothing of the project: it sits
+below the use layer (generation's argument checks raise its `UsageError`) and the four scripts.
 """
 
 from __future__ import annotations

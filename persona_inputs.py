@@ -1,6 +1,6 @@
 """The model inputs of one candidate reply: the reference's segments, speaker tokens, token types and labels.
 
-Shared by training (`persona_data.build_features`) and generation (`persona_chat`), so a chat context is exactly a
+Shared by training (`persona_data.build_features`) and generation (`persona_generation`), so a chat context is exactly a
 training input without its reply. The rules and a worked example are in docs/architecture.md (the data contract).
 
 >>> from persona_tokens import SpecialTokenIds

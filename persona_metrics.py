@@ -72,20 +72,21 @@ def gold_rank(scores, gold):
 
 
 def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[int] = HITS_KS) -> dict[str, float]:
-    """`hits@k` = fraction of turns whose gold rank is below k, for each k smaller than every turn's candidate count.
-
-    A k as large as the candidate count would be 1 by construction, so it is left out.
+    """`hits@k` = fraction of turns whose gold rank is below k: hits@1 always, a larger k when it is smaller than
+    every turn's candidate count (as large as the candidate count it would be 1 by construction, so it is left out).
 
     >>> hits_at_k([0, 1, 6, 12], [20, 20, 20, 20])
     {'hits@1': 0.25, 'hits@5': 0.5, 'hits@10': 0.75}
     >>> hits_at_k([0, 1], [2, 2])
     {'hits@1': 0.5}
+    >>> hits_at_k([0, 0], [1, 1])
+    {'hits@1': 1.0}
     """
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         return {}
     fewest = int(np.min(num_candidates))
-    return {f"hits@{k}": float((ranks < k).mean()) for k in ks if k < fewest}
+    return {f"hits@{k}": float((ranks < k).mean()) for k in ks if k == 1 or k < fewest}
 
 
 def corpus_perplexity(nll_sum: float, tokens: float) -> tuple[float, float]:
@@ -105,12 +106,10 @@ def corpus_perplexity(nll_sum: float, tokens: float) -> tuple[float, float]:
 def ranking_metrics(stats, ks: Sequence[int] | None = None) -> dict[str, float]:
     """Corpus metrics of per-turn statistics (rows of `STAT_COLUMNS`): hits, lm_loss, ppl, mc_loss.
 
-    With `ks=None` only `hits@1` (whatever the candidate counts), as the Trainer logs it; else `hits_at_k(ks)`.
+    With `ks=None` only `hits@1`, as the Trainer logs it; else `hits_at_k(ks)`.
     """
     columns = dict(zip(STAT_COLUMNS, np.asarray(stats, dtype=np.float64).reshape(-1, len(STAT_COLUMNS)).T))
-    hits = {"hits@1": float((columns["gold_rank"] == 0).mean())} if ks is None else {}
-    if ks is not None:
-        hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], ks)
+    hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], (1,) if ks is None else ks)
     lm_loss, ppl = corpus_perplexity(columns["lm_nll"].sum(), columns["lm_tokens"].sum())
     return {**hits, "lm_loss": lm_loss, "ppl": ppl, "mc_loss": float(columns["mc_nll"].mean())}
 

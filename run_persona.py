@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Fine-tune a GPT/GPT-2 double-heads model into a persona chatbot (LM + next-utterance multiple-choice loss).
+"""Fine-tune a causal LM (GPT, GPT-2, DialoGPT, Llama, Qwen2, ...) into a persona chatbot with the double-heads loss (LM
++ next-utterance multiple choice).
 
     python run_persona.py configs/gpt2.yaml [--flag value ...]
     accelerate launch run_persona.py configs/gpt2.yaml
@@ -113,7 +114,7 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names LoRA adapts (default for GPT/GPT-2: c_attn c_proj)."},
+        metadata={"help": "Module names LoRA adapts (default: PEFT's targets for the architecture)."},
     )
 
     def __post_init__(self):

@@ -64,7 +64,8 @@ def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5) ->
 
 
 def worked_example_batch() -> dict:
-    """DESIGN.md's worked example with three candidates (gold last): replies [30, 31], [40], [30]."""
+    """The data contract's worked example (docs/architecture.md) with three candidates (gold last): replies [30, 31],
+    [40], [30]."""
     persona, history = [[10, 11], [12]], [[20], [21, 22], [23]]
     rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == 2) for i, r in enumerate([[30, 31], [40], [30]])]
     row = {key: [r[key] for r in rows] for key in KEYS if key != "attention_mask"}
@@ -210,7 +211,7 @@ GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 @pytest.mark.parametrize("num_candidates", [1, 4, 20])
-def test_generic_dual_head_equals_plain_path(family, num_candidates):
+def test_generic_double_heads_equals_plain_path(family, num_candidates):
     model = tiny_double_heads(family, seed=num_candidates)
     calls = count_backbone_calls(model.decoder)
     for seed, row_tokens in enumerate([ONE_EXAMPLE_PER_ROW, ONE_ROW]):
@@ -221,7 +222,7 @@ def test_generic_dual_head_equals_plain_path(family, num_candidates):
 
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
-def test_generic_dual_head_loss_only_and_mc_only(family):
+def test_generic_double_heads_loss_only_and_mc_only(family):
     """labels without mc_labels and mc_labels without labels: each half of the output matches on its own."""
     model = tiny_double_heads(family, seed=7)
     batch = random_batch(20, batch_size=3, num_candidates=5)
