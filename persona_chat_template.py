@@ -320,6 +320,12 @@ class ChatFormat:
         tail = enc.parts[0][len(enc.parts[0]) - enc.tail_len :]
         return list(dict.fromkeys(t for t in tail[: enc.end_of_turn + 1] if t in self._special_ids))
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end a reply: the end-of-turn tokens, then the tokenizer's eos."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return list(dict.fromkeys([*self.end_of_turn_ids, *eos]))
+
 
 # The two ways persona examples become token ids; the chosen one is recorded in the tokenizer's config.
 CHAT_TEMPLATE, SPEAKER_TOKENS = "chat_template", "speaker_tokens"

@@ -225,7 +225,8 @@ def input_budget(model, max_length: int | None) -> int | None:
     return min(max_length, window)
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this is the main process of a launch (or the only process)."""
     return os.environ.get("RANK", "0") in ("0", "")
 
 
@@ -274,7 +275,7 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
     except USER_ERRORS as err:
         if debug:
             raise
-        if _is_rank_zero():
+        if is_rank_zero():
             print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:

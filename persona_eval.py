@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 
 import datasets
 import numpy as np
-import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,6 +38,7 @@ from persona_cli import (
     check_positive,
     find_split,
     input_budget,
+    is_rank_zero,
     parse_args_with_config,
     run_console_script,
 )
@@ -47,7 +47,7 @@ from persona_data import build_features, load_dialogs
 from persona_files import file_in_the_way
 from persona_generation import GenerationArguments, generate_replies
 from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
-from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,13 @@ def flatten_turns(dialogs: datasets.Dataset, max_turns: int | None = None) -> tu
 
 def ranking_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> PersonaTrainer:
     """A `PersonaTrainer` that only evaluates `model`, on this machine's accelerator (or all processes of a launch)."""
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     args = PersonaTrainingArguments(
         # Nothing is saved; the Trainer only creates the folder.
         output_dir=os.path.join(tempfile.gettempdir(), "persona-eval"),
         per_device_eval_batch_size=batch_size,
         report_to="none",
         # Without it accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator (no gloo group).
-        use_cpu=not has_accelerator,
+        use_cpu=not has_accelerator(),
         do_train=False,
         eval_strategy="no",
         save_strategy="no",
@@ -151,8 +150,9 @@ def evaluate_convai2(
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), lm_loss, f1, turns.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
-    `persona_generation.generate_replies` (default greedy). Candidates are ranked by `trainer` (a training run's own,
-    with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with `batch_size`.
+    `persona_generation.generate_replies` (default: persona-eval's, greedy). Candidates are ranked by `trainer` (a
+    training run's own, with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with
+    `batch_size`.
     With `return_predictions`, the result also holds the generated replies under "predictions".
     """
     trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
@@ -178,7 +178,7 @@ def evaluate_convai2(
     metrics.update(ppl=ranking["ppl"], lm_loss=ranking["lm_loss"])
     predictions = None
     if f1:
-        options = {"no_sample": True, **(generation_options or {})}
+        options = {**EvalGenerationArguments().generation_options(), **(generation_options or {})}
         predictions = generate_for_turns(
             model, tokenizer, turns, trainer.accelerator, max_history=max_history, batch_size=batch_size, **options
         )
@@ -276,7 +276,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     generation = generation or EvalGenerationArguments()
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        level=logging.INFO if is_rank_zero() else logging.WARNING,
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     # Seeded before loading: a checkpoint without the persona tokens gets new embeddings, the same on every process.
@@ -337,4 +337,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -91,8 +91,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     tokens). Chat template: the template's end-of-turn tokens and the eos, as the saved generation config says."""
     chat_format = chat_format_of(tokenizer)
     if chat_format is not None:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return list(dict.fromkeys([*chat_format.end_of_turn_ids, *eos]))
+        return chat_format.stop_ids
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
     persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
     return sorted(set(persona_ids) | set(tokenizer.all_special_ids))

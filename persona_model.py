@@ -213,8 +213,7 @@ def configure_chat_generation(model: PreTrainedModel, tokenizer: PreTrainedToken
     `generate()` and serving engines stop where training put the end of the reply."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stops = list(dict.fromkeys([*chat_format.end_of_turn_ids, *eos]))
+    stops = chat_format.stop_ids
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
     generation_config = getattr(model, "generation_config", None)

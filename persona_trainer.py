@@ -77,14 +77,15 @@ class PersonaTrainingArguments(TrainingArguments):
             if getattr(self, old) is not None and getattr(self, new) is None:
                 setattr(self, new, getattr(self, old))
             setattr(self, old, None)
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator():
             # Several processes on a machine without an accelerator: without use_cpu accelerate ignores the launch
             # and every process trains alone.
             self.use_cpu = True
         super().__post_init__()
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator) on this machine."""
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 

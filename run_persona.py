@@ -31,6 +31,7 @@ from persona_cli import (
     feature_cache_hint,
     find_split,
     input_budget,
+    is_rank_zero,
     parse_args_with_config,
     run_console_script,
 )
@@ -215,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 def say(message: str) -> None:
     """One line on stderr, from the main process only (shown whatever the log level)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -448,4 +449,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

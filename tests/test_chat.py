@@ -244,7 +244,7 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     args = ["--model_name_or_path", saved_checkpoint, "--persona", "i love cats.", "--persona_file", str(persona_file)]
     long_turn = "hello " * 300  # far over the model's window: the context is cut, never the reply budget
     result = run_cli(
-        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_length", "20"],
+        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_length=20"],
         f"hi !\n\nwhat do you do ?\n{long_turn}\nok .\n",
     )
     assert result.returncode == 0, result.stderr

@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 import torch
 from datasets import Dataset
+from sgd_step import one_sgd_step
 from test_shared_prefix import (
     NO_DROPOUT,
     PAD,
@@ -201,10 +202,8 @@ def test_bf16_autocast_close_to_plain_path():
     torch.testing.assert_close(packed.lm_loss, plain.lm_loss, atol=0.05, rtol=0.02)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The generic double-heads model: Llama/Qwen2 (RoPE, GQA) and OPT (learned positions, projected embeddings), with the
 # speaker embeddings added to the packed input embeddings.
-# ---------------------------------------------------------------------------------------------------------------------
 
 GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 
@@ -234,9 +233,7 @@ def test_generic_double_heads_loss_only_and_mc_only(family):
             torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # What falls back: openai-gpt (no custom 4D mask), sliding-window attention, attention kernels without custom masks.
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_unsupported_reasons():
@@ -275,9 +272,7 @@ def test_falls_back_with_a_message(caplog):
         assert calls == [(b * c, t)] * 3  # every pass in full
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The choice: "auto" takes packed where it applies, then the cache broadcast, then plain; the config keeps it.
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_auto_chooses_packed_and_says_so_once(caplog):
@@ -335,34 +330,7 @@ def test_the_config_keeps_the_choice(tmp_path):
         set_candidate_encoding(llama, "fast")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Padding-free batches through the Trainer: several examples per row, the loss bookkeeping unchanged.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _one_sgd_step(model, rows, tmp_path, batch_size: int, accumulation: int):
-    from persona_trainer import PersonaTrainer, PersonaTrainingArguments
-
-    args = PersonaTrainingArguments(
-        output_dir=str(tmp_path / f"b{batch_size}ga{accumulation}"),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        lm_coef=2.0,
-        mc_coef=1.0,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-    )
-    collator = PersonaCollator(pad_token_id=PAD)
-    PersonaTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
-    return model
 
 
 def test_trainer_packed_rows_gradient_accumulation(tmp_path):
@@ -376,7 +344,9 @@ def test_trainer_packed_rows_gradient_accumulation(tmp_path):
         model = copy.deepcopy(base)
         set_candidate_encoding(model, encoding)
         calls = count_backbone_calls(model.transformer)
-        results[encoding, batch_size] = _one_sgd_step(model, rows, tmp_path, batch_size, accumulation).state_dict()
+        results[encoding, batch_size] = one_sgd_step(
+            model, rows, tmp_path, batch_size, accumulation, PAD
+        ).model.state_dict()
         if (encoding, batch_size) == ("packed", 4):
             packed_rows = [r for r, _ in calls]
     assert packed_rows and packed_rows[0] < 4  # several examples shared a row

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from sgd_step import one_sgd_step
 
 import persona_checkpoints
 from persona_collator import PersonaCollator
@@ -35,36 +36,10 @@ def four_rows(tiny_model_and_tokenizer, personachat_json):
     return rows
 
 
-def _one_sgd_step(model, rows, tmp_path, batch_size, accumulation, **extra):
-    args = PersonaTrainingArguments(
-        output_dir=str(tmp_path / f"b{batch_size}ga{accumulation}"),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        lm_coef=2.0,
-        mc_coef=1.0,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        **extra,
-    )
-    trainer = PersonaTrainer(
-        model=model, args=args, train_dataset=rows, data_collator=PersonaCollator(model.config.pad_token_id)
-    )
-    trainer.train()
-    return trainer
-
-
 def test_gradient_accumulation_scales_loss_once(tiny_model_and_tokenizer, four_rows, tmp_path):
     base = _without_dropout(tiny_model_and_tokenizer[0])
-    one = _one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=4, accumulation=1).model
-    two = _one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=2, accumulation=2).model
+    one = one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=4, accumulation=1).model
+    two = one_sgd_step(copy.deepcopy(base), four_rows, tmp_path, batch_size=2, accumulation=2).model
 
     # Independent expectation: one SGD step (lr 1) on 2 * token-mean LM NLL + mean MC NLL over all four rows.
     manual = copy.deepcopy(base).train()
