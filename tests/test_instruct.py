@@ -3,6 +3,7 @@ LM, persona-chat / persona-eval, LoRA, DeepSpeed ZeRO-2/3, `transformers serve`,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from persona_chat import generate_reply_ids
 from persona_chat_template import DEFAULT_SYSTEM_PROMPT, ChatFormat, chat_format_of
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
+from persona_encoding import set_candidate_encoding
 from persona_model import load_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +147,9 @@ def test_gpt2_defaults_to_speaker_tokens(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_shared_prefix_equals_plain_path_on_chat_rows(tokenizers, data_path, family):  # noqa: F811
+def test_every_candidate_encoding_equals_the_plain_path_on_chat_rows(tokenizers, data_path, family):  # noqa: F811
+    """Cache broadcast and packed rows give the plain path's outputs; the plain path's LM loss is the causal LM's own
+    cross-entropy on each gold row."""
     tok = tokenizers[FAMILIES[family]]
     rows = build_features(
         load_dialogs(data_path)["train"].select(range(2)),
@@ -159,12 +163,25 @@ def test_shared_prefix_equals_plain_path_on_chat_rows(tokenizers, data_path, fam
     config = PersonaDoubleHeadsConfig.from_backbone(backbone_config(family, len(tok)), summary_first_dropout=0.0)
     model = PersonaDoubleHeadsModel(config).eval()
     outputs = {}
-    for shared in (True, False):
-        model.config.persona_shared_prefix = shared
+    for encoding in ("plain", "shared_prefix", "packed"):
+        set_candidate_encoding(model, encoding)
         with torch.no_grad():
-            outputs[shared] = model(**batch)
-    for key in ("lm_nll", "mc_logits", "mc_nll"):
-        torch.testing.assert_close(getattr(outputs[True], key), getattr(outputs[False], key), rtol=1e-4, atol=1e-5)
+            outputs[encoding] = model(**batch)
+    for encoding, key in itertools.product(("shared_prefix", "packed"), ("lm_nll", "mc_logits", "mc_nll")):
+        torch.testing.assert_close(
+            getattr(outputs[encoding], key), getattr(outputs["plain"], key), rtol=1e-4, atol=1e-5
+        )
+    # Independently: the same weights as a plain causal LM, summed cross-entropy over each gold row's labels.
+    lm = AutoModelForCausalLM.from_config(backbone_config(family, len(tok))).eval()
+    missing, _ = lm.load_state_dict(model.state_dict(), strict=False)
+    assert not [k for k in missing if k not in lm._tied_weights_keys]
+    gold_ids, gold_labels = batch["input_ids"][:, -1], batch["labels"][:, -1]  # [B, T]: the gold is the last candidate
+    with torch.no_grad():
+        logits = lm(input_ids=gold_ids, attention_mask=batch["attention_mask"][:, -1]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), gold_labels[:, 1:], ignore_index=-100, reduction="none"
+    ).sum(1)
+    torch.testing.assert_close(outputs["plain"].lm_nll, expected, rtol=1e-4, atol=1e-4)
     # The shared context really is the system prompt, the history and the assistant header.
     from persona_shared_prefix import shared_prefix_lengths
 
@@ -225,11 +242,25 @@ def test_persona_eval_uses_the_template(trained, data_path, tmp_path):
             max_turns=6,
             output_file=str(tmp_path / "eval.json"),
             dataset_cache=str(tmp_path / "cache"),
+            save_predictions=True,
         )
     )
     metrics = results["metrics"]
     assert metrics["turns"] == 6 and 0 <= metrics["hits@1"] <= 1 and metrics["ppl"] > 1 and "f1" in metrics
     assert metrics["candidates_per_turn"] == [20]
+
+    # The first turn's reply, independently: the plain causal LM on the tokenizer's own template, greedy, 20 tokens.
+    dialog = load_dialogs(data_path)["valid"][0]
+    plain = AutoModelForCausalLM.from_pretrained(trained["qwen2"]).eval()
+    plain_tok = AutoTokenizer.from_pretrained(trained["qwen2"])
+    messages = reference_messages(
+        dialog["personality"], dialog["utterances"][0]["history"], system_prompt=SYSTEM_PROMPT
+    )
+    prompt = chat_ids(plain_tok, messages, add_generation_prompt=True)
+    with torch.no_grad():
+        output = plain.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, len(prompt) :]
+    expected = plain_tok.decode(output, skip_special_tokens=True)
+    assert expected.strip() and " ".join(results["predictions"][0].split()) == " ".join(expected.split())
 
 
 @pytest.mark.slow
