@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from persona_cli import UsageError, check_model_path, parse_args_with_config, persona_split, run_console_script
+from persona_cli import (
+    UsageError,
+    check_model_path,
+    parse_args_with_config,
+    persona_split,
+    run_console_script,
+    sentence_list,
+)
 from persona_data import load_dialogs
 from persona_generation import (  # noqa: F401 (the public generation API, importable from persona_chat)
     GENERATION_DEFAULTS,
@@ -73,8 +80,7 @@ class ChatArguments:
     )
 
     def __post_init__(self):
-        # `--persona a --persona b` and `--persona a b` both give [a, b].
-        self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
+        self.persona = sentence_list(self.persona, "--persona")
         if self.max_history < 0:
             raise UsageError(f"--max_history must be >= 0, got {self.max_history}.")
         check_device(self.device)

@@ -59,6 +59,7 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         actions = {action.dest: action for action in parser._actions}
         for key, value in config.items():
             _check_config_value(config_path, key, value, actions[key])
+            actions[key].required = False  # the config file gives it (argparse only counts flags)
         parser.set_defaults(**config)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
@@ -248,6 +249,22 @@ def check_finite(obj, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}.")
+
+
+def sentence_list(values, flag: str) -> list[str]:
+    """The sentences of a repeatable text flag: `--persona a --persona b`, `--persona a b` and a config file's list or
+    single text all give a flat list of text; a `UsageError` naming the flag for anything else.
+
+    >>> sentence_list([["i like tea."], "i am a nurse."], "--persona")
+    ['i like tea.', 'i am a nurse.']
+    """
+    sentences = []
+    for item in values if isinstance(values, list) else [values]:
+        for sentence in item if isinstance(item, list) else [item]:
+            if not isinstance(sentence, str):
+                raise UsageError(f"{flag}: {sentence!r} is not a sentence; give text (quote it in a config file).")
+            sentences.append(sentence)
+    return sentences
 
 
 def _one_line(err: BaseException) -> str:

@@ -25,6 +25,7 @@ from persona_cli import (  # noqa: E402
     parse_args_with_config,
     persona_split,
     run_console_script,
+    sentence_list,
 )
 from persona_data import load_dialogs  # noqa: E402
 from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
@@ -182,8 +183,7 @@ class DemoArguments:
     max_persona_chars: int = field(default=5000, metadata={"help": "Longest persona a user may set (characters)."})
 
     def __post_init__(self):
-        # `--persona a --persona b` and `--persona a b` both give [a, b].
-        self.persona = [s for item in self.persona for s in ([item] if isinstance(item, str) else item)]
+        self.persona = sentence_list(self.persona, "--persona")
         check_positive(self, "max_message_chars", "max_persona_sentences", "max_persona_chars")
         check_positive(self, "max_history", minimum=0)
         if not 0 <= self.port <= 65535:

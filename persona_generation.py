@@ -378,6 +378,9 @@ def load_for_chat(
     return model, tokenizer
 
 
+RUNNABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
 def check_device(device: str | None, flag: str = "--device") -> None:
     """A `UsageError` for a device string torch does not know or an accelerator this machine does not have."""
     if device is None:
@@ -386,11 +389,15 @@ def check_device(device: str | None, flag: str = "--device") -> None:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type not in RUNNABLE_DEVICES:
+        raise UsageError(f"{flag} {device}: not a device to run a model on here; use cpu, cuda, cuda:1, mps or xpu.")
     if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
         raise UsageError(f"{flag} {device}: this machine has {found}; use --device cpu (or leave --device out).")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"{flag} mps: MPS is not available here; use --device cpu.")
+    if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"{flag} {device}: this machine has no XPU; use --device cpu (or leave --device out).")
 
 
 def check_reply_budget(model: PreTrainedModel, max_new_tokens: int) -> None:

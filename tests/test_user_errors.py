@@ -160,6 +160,8 @@ def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
         (["--top_k", "-1"], "--top_k must be >= 0"),
         (["--max_history", "-1"], "--max_history must be >= 0"),
         (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--device", "meta"], "--device meta: not a device to run a model on"),
+        (["--device", "xla"], "--device xla: not a device to run a model on"),
         (["--dtype", "int3"], "invalid choice: 'int3'"),
         (["--num_candidats", "3"], "unrecognized argument '--num_candidats'"),
         (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
@@ -177,6 +179,22 @@ def test_persona_chat_cuda_without_cuda(tiny_checkpoint, capsys, monkeypatch):
     no_loading(monkeypatch)
     line = error_line(persona_chat.cli, ["--model_name_or_path", tiny_checkpoint, "--device", "cuda"], capsys)
     assert "--device cuda: this machine has no CUDA" in line
+
+
+@pytest.mark.parametrize("script", ["chat", "demo"])
+def test_persona_sentences_in_a_config_file_must_be_text(script, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    cli = {"chat": persona_chat.cli, "demo": persona_demo.cli}[script]
+    config = tmp_path / "chat.yaml"
+    config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: [i like tea., 42]\n")
+    assert "--persona: 42 is not a sentence" in error_line(cli, [str(config)], capsys)
+
+
+def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint, tmp_path):
+    config = tmp_path / "chat.yaml"
+    config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: i like tea.\n")
+    args, _ = persona_chat.parse_args_with_config(persona_chat.make_parser(), [str(config)])
+    assert args.persona == ["i like tea."]
 
 
 @pytest.mark.parametrize(
