@@ -13,6 +13,7 @@ import logging
 import os
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -133,6 +134,9 @@ def load_model_and_tokenizer(
         raise CheckpointError(
             f"{name_or_path}: a weights file is damaged or incomplete ({err}); copy the checkpoint again or re-train."
         ) from err
+    except StrictDataclassError as err:
+        # A config.json edited by hand (a text where a number belongs): the validator's message, with the file.
+        raise CheckpointError(f"{name_or_path}: config.json is not valid ({' '.join(str(err).split())}).") from err
 
 
 # Any of these makes a folder a tokenizer (fast, BPE, SentencePiece or WordPiece files).

@@ -260,6 +260,17 @@ def test_config_that_does_not_match_the_weights(tiny_checkpoint, tmp_path, capsy
     assert f"{folder}: the weights do not match its config.json" in line, line
 
 
+def test_config_with_a_value_of_the_wrong_type(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] = "big"
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = ["--model_name_or_path", str(folder), "--stdin", "--persona", "i like tea."]
+    line = error_line(persona_chat.cli, argv, capsys)
+    assert f"{folder}: config.json is not valid" in line and "n_embd" in line, line
+
+
 def test_truncated_weights_name_the_checkpoint(tiny_checkpoint, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
