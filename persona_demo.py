@@ -186,6 +186,10 @@ class DemoArguments:
         self.persona = sentence_list(self.persona, "--persona")
         check_positive(self, "max_message_chars", "max_persona_sentences", "max_persona_chars")
         check_positive(self, "max_history", minimum=0)
+        if not self.host.strip():
+            raise UsageError("--host is empty; pass 127.0.0.1 (this machine only) or 0.0.0.0 (the network).")
+        if ":" in self.host:
+            raise UsageError(f"--host {self.host}: Gradio serves IPv4 addresses and host names; pass e.g. 127.0.0.1.")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}.")
         check_device(self.device)

@@ -103,6 +103,13 @@ def test_persona_demo_bad_host(host, tiny_checkpoint, capsys, monkeypatch):
     assert line.startswith(f"persona-demo: error: --host {host}: not an address of this machine"), line
 
 
+@pytest.mark.parametrize("host, words", [("", "--host is empty"), ("::1", "--host ::1: Gradio serves IPv4")])
+def test_persona_demo_host_it_cannot_serve(host, words, tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    line = error_line(persona_demo.cli, ["--model_name_or_path", tiny_checkpoint, "--host", host], capsys)
+    assert words in line, line
+
+
 @pytest.mark.parametrize(
     "name, text, words",
     [
