@@ -57,8 +57,17 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
             hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
             raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
         actions = {action.dest: action for action in parser._actions}
+        # Options whose dataclass field takes a list (`report_to: [tensorboard]`) besides the repeatable flags, from
+        # the classes' own annotations (HfArgumentParser rewrites the fields' types).
+        takes_list = {
+            name
+            for dataclass_type in getattr(parser, "dataclass_types", ())
+            for klass in dataclass_type.__mro__
+            for name, annotation in vars(klass).get("__annotations__", {}).items()
+            if "list" in str(annotation).lower()
+        }
         for key, value in config.items():
-            _check_config_value(config_path, key, value, actions[key])
+            config[key] = _check_config_value(config_path, key, value, actions[key], key in takes_list)
             actions[key].required = False  # the config file gives it (argparse only counts flags)
         parser.set_defaults(**config)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -70,17 +79,28 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
     return tuple(parsed)
 
 
-def _check_config_value(path: str, key: str, value, action) -> None:
-    """Type-check one config value as its flag would be: `parser.set_defaults` takes values as they are, so a
-    `learning_rate: [1]` or `num_candidates: null` would otherwise reach the run unchecked."""
+def _check_config_value(path: str, key: str, value, action, takes_list: bool = False):
+    """Type-check one config value as its flag would be, and return it: `parser.set_defaults` takes values as they
+    are, so a `learning_rate: [1]` or `num_candidates: null` would otherwise reach the run unchecked. A number where
+    text belongs (`output_dir: 2024`) becomes that text."""
     if value is None:
         if action.default is not None:
             raise UsageError(f"{path}: option {key!r} has no value; give one or remove the line.")
-        return
+        return value
     from transformers.hf_argparser import string_to_bool
 
+    if action.type is str:
+        if isinstance(value, dict):
+            return value  # a mapping option (a DeepSpeed config, --column_mapping): its dataclass checks it
+        if isinstance(value, list) and not (takes_list or action.nargs in ("+", "*")):
+            raise UsageError(f"{path}: option {key!r} takes one value, got a list {value!r}.")
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, (bool, list, dict)) or item is None for item in items):
+            raise UsageError(f"{path}: option {key!r} must be text, got {value!r}.")
+        items = [str(item) for item in items]
+        return items if isinstance(value, list) or action.nargs in ("+", "*") else items[0]
     if action.type not in (int, float, string_to_bool):
-        return  # text, choices and mappings (a DeepSpeed config) are checked by the argument dataclasses
+        return value  # choices: checked by the argument dataclasses
     values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
     for item in values:
         wrong = isinstance(item, (list, dict)) or (isinstance(item, bool) and action.type is not string_to_bool)
@@ -92,6 +112,7 @@ def _check_config_value(path: str, key: str, value, action) -> None:
         if wrong:
             kind = {int: "a whole number", float: "a number", string_to_bool: "true or false"}[action.type]
             raise UsageError(f"{path}: option {key!r} must be {kind}, got {item!r}.")
+    return value
 
 
 def _closest(name: str, known) -> str | None:
@@ -119,7 +140,8 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(config, dict):
         raise UsageError(
-            f"{path}: a config file holds 'option: value' lines (a mapping), not a {type(config).__name__}."
+            f"{path}: a config file holds 'option: value' lines (a mapping), not "
+            f"{'a list' if isinstance(config, list) else 'a single value'}."
         )
     bad = [key for key in config if not isinstance(key, str)]
     if bad:

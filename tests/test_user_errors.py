@@ -114,7 +114,7 @@ def test_persona_demo_host_it_cannot_serve(host, words, tiny_checkpoint, capsys,
     "name, text, words",
     [
         ("list.yaml", "- a\n- b\n", "not a list"),
-        ("scalar.yaml", "42\n", "not a int"),
+        ("scalar.yaml", "42\n", "not a single value"),
         ("broken.yaml", "a: [1, 2\nb: 3\n", "not valid YAML (line"),
         ("typo.yaml", "model_name_or_pth: x\n", "unknown option(s) ['model_name_or_pth'] (did you mean"),
         ("twice.yaml", "seed: 1\nnum_candidates: 2\nseed: 3\n", "line 3: option 'seed' is given twice"),
@@ -145,6 +145,29 @@ def test_config_values_are_checked_like_flags(value, tmp_path, capsys, monkeypat
     path.write_text(f"learning_rate: {value}\n")
     line = error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "out")], capsys)
     assert str(path) in line and "option 'learning_rate'" in line, line
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("dataset_path: [a.json, b.json]", "option 'dataset_path' takes one value, got a list"),
+        ("dataset_path: true", "option 'dataset_path' must be text, got True"),
+        ("lora_target_modules: [c_attn, [c_proj]]", "option 'lora_target_modules' must be text"),
+    ],
+)
+def test_config_text_options_are_text(line, words, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    path = tmp_path / "run.yaml"
+    path.write_text(line + "\n")
+    assert words in error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "out")], capsys)
+
+
+def test_config_text_options_take_numbers_and_single_items(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: 2024\nlora_target_modules: c_attn\nreport_to: [none]\n")
+    model_args, _, training_args = run_persona.parse_args([str(path)])
+    assert training_args.output_dir == "2024" and model_args.lora_target_modules == ["c_attn"]
+    assert training_args.report_to == [] or training_args.report_to == ["none"]
 
 
 def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
@@ -193,8 +216,8 @@ def test_persona_sentences_in_a_config_file_must_be_text(script, tiny_checkpoint
     no_loading(monkeypatch)
     cli = {"chat": persona_chat.cli, "demo": persona_demo.cli}[script]
     config = tmp_path / "chat.yaml"
-    config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: [i like tea., 42]\n")
-    assert "--persona: 42 is not a sentence" in error_line(cli, [str(config)], capsys)
+    config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: [i like tea., {{likes: tea}}]\n")
+    assert "option 'persona' must be text" in error_line(cli, [str(config)], capsys)
 
 
 def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint, tmp_path):
@@ -202,6 +225,8 @@ def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint,
     config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: i like tea.\n")
     args, _ = persona_chat.parse_args_with_config(persona_chat.make_parser(), [str(config)])
     assert args.persona == ["i like tea."]
+    with pytest.raises(ValueError, match="--persona: 42 is not a sentence"):
+        persona_chat.ChatArguments(model_name_or_path=tiny_checkpoint, persona=["i like tea.", 42])
 
 
 @pytest.mark.parametrize(
