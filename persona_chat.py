@@ -86,7 +86,14 @@ class ChatArguments:
         check_device(self.device)
         check_model_path(self.model_name_or_path)
         if self.persona_file is not None and not os.path.isfile(self.persona_file):
-            what = "is a directory" if os.path.isdir(self.persona_file) else "no such file"
+            exists = os.path.exists(self.persona_file)
+            what = (
+                "is a directory"
+                if os.path.isdir(self.persona_file)
+                else "not a regular file"
+                if exists
+                else "no such file"
+            )
             raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
 
 

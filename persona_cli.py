@@ -53,7 +53,8 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         known = {action.dest for action in parser._actions} - {"help"}
         unknown = sorted(set(config) - known)
         if unknown:
-            close = (_closest(key, known) for key in unknown)
+            close = (f"{key[3:]}: false" if key.startswith("no_") and key[3:] in known else _closest(key, known)
+                     for key in unknown)  # fmt: skip
             hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
             raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
         actions = {action.dest: action for action in parser._actions}
@@ -84,7 +85,7 @@ def _check_config_value(path: str, key: str, value, action, takes_list: bool = F
     are, so a `learning_rate: [1]` or `num_candidates: null` would otherwise reach the run unchecked. A number where
     text belongs (`output_dir: 2024`) becomes that text."""
     if value is None:
-        if action.default is not None:
+        if action.default is not None or action.required:
             raise UsageError(f"{path}: option {key!r} has no value; give one or remove the line.")
         return value
     from transformers.hf_argparser import string_to_bool
@@ -251,6 +252,12 @@ def input_budget(model, max_length: int | None) -> int | None:
 def is_rank_zero() -> bool:
     """Whether this is the main process of a launch (or the only process)."""
     return os.environ.get("RANK", "0") in ("0", "")
+
+
+def say(message: str) -> None:
+    """One line on stderr, from the main process only (shown whatever the log level)."""
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
 
 
 def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:

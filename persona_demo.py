@@ -196,6 +196,9 @@ class DemoArguments:
         check_model_path(self.model_name_or_path)
         if len(self.persona) > self.max_persona_sentences:
             raise UsageError(f"--persona: {len(self.persona)} sentences, over --max_persona_sentences.")
+        chars = len("\n".join(self.persona))  # as the persona box holds it
+        if chars > self.max_persona_chars:
+            raise UsageError(f"--persona: {chars} characters, over --max_persona_chars ({self.max_persona_chars}).")
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -203,6 +203,13 @@ class EvalArguments:
         metadata={"help": "Split to evaluate (default: the first of valid, validation, test the data has)."},
     )
     dataset_cache: str | None = field(default=None, metadata={"help": "Folder caching downloads and features."})
+    on_bad_record: str = field(
+        default="error",
+        metadata={
+            "help": "On a malformed record: 'error' stops, 'skip' counts and reports it.",
+            "choices": ["error", "skip"],
+        },
+    )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
     dtype: str | None = field(
         default=None,
@@ -232,6 +239,10 @@ class EvalArguments:
         check_model_path(self.model_name_or_path)
         if self.tokenizer_name is not None:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
+        if self.dataset_cache is not None and os.path.isfile(self.dataset_cache):
+            raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
+        if self.save_predictions and not self.f1:
+            raise UsageError("--save_predictions keeps the replies generated for F1; drop --no_f1 (or --f1 false).")
         if self.output_file is not None and os.path.isdir(self.output_file):
             raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
         blocking = None if self.output_file is None else file_in_the_way(self.output_file)
@@ -287,7 +298,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     trainer = ranking_trainer(model, tokenizer, args.batch_size)
     with trainer.args.main_process_first(desc="loading persona dialogs"):
         options = {"cache_dir": args.dataset_cache} if args.dataset_cache else {}
-        dialogs = load_dialogs(args.dataset_path, args.dataset_format, **options)
+        dialogs = load_dialogs(args.dataset_path, args.dataset_format, on_bad_record=args.on_bad_record, **options)
     split = find_split(dialogs, args.split, args.dataset_path)
 
     metrics = evaluate_convai2(

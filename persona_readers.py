@@ -73,12 +73,15 @@ def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | Non
             yield where, None, f"{where}, column {err.colno}: not valid JSON: {err.msg}."
         except RecursionError:
             yield where, None, f"{where}: JSON nested too deeply."
+        except ValueError as err:  # a number too long for Python to convert
+            yield where, None, f"{where}: not valid JSON data: {err}."
 
 
 def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """PERSONA-CHAT "self_original" JSON: ``{"train": [dialog...], "valid": [dialog...]}`` (a list: one split)."""
+    text = read_text(path, source)
     try:
-        data = loads_strict(read_text(path, source))
+        data = loads_strict(text)
     except DuplicateKeyError as err:
         raise PersonaDataError(f"{source}: {err}; remove one.") from None
     except json.JSONDecodeError as err:
@@ -87,6 +90,8 @@ def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[
         ) from None
     except RecursionError:
         raise PersonaDataError(f"{source}: JSON nested too deeply.") from None
+    except ValueError as err:  # a number too long for Python to convert
+        raise PersonaDataError(f"{source}: not valid JSON data: {' '.join(str(err).split())}.") from None
     if isinstance(data, list):
         data = {_split_from_name(path, options): data}
     elif options.split and isinstance(data, dict):
@@ -151,7 +156,7 @@ def read_chat_jsonl(path: str, source: str, options: ReadOptions) -> dict[str, I
     return {_split_from_name(path, options): records}
 
 
-_NUMBERED = re.compile(r"^(\d+) ?(.*)$", re.DOTALL)
+_NUMBERED = re.compile(r"^(\d{1,9}) ?(.*)$", re.DOTALL)  # a longer number is no line number (nor fits int())
 
 
 def _convai2_dialog(lines: list[tuple[int, str]], problems: list[str], where: str, source: str) -> list[dict]:
@@ -355,7 +360,7 @@ def _first_json_line(path: str, source: str) -> object:
         if text.strip():
             try:
                 return None if problem else json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, or a number too long to convert
                 return None
     return None
 

@@ -109,6 +109,12 @@ def check_training_values(args: TrainingArguments) -> None:
     blocking = None if args.output_dir is None else file_in_the_way(args.output_dir)
     if blocking:
         raise ValueError(f"--output_dir {args.output_dir}: {blocking} is a file, not a folder; pass another path.")
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume and not os.path.isdir(resume):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: no such checkpoint folder; pass a checkpoint-N folder (re-running "
+            "into the same --output_dir resumes from its newest complete checkpoint by itself)."
+        )
 
 
 class PersonaTrainer(Trainer):

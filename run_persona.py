@@ -31,9 +31,9 @@ from persona_cli import (
     feature_cache_hint,
     find_split,
     input_budget,
-    is_rank_zero,
     parse_args_with_config,
     run_console_script,
+    say,
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -211,13 +211,14 @@ def make_parser() -> HfArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
-    return parse_args_with_config(make_parser(), argv)
-
-
-def say(message: str) -> None:
-    """One line on stderr, from the main process only (shown whatever the log level)."""
-    if is_rank_zero():
-        print(message, file=sys.stderr, flush=True)
+    model_args, data_args, training_args = parse_args_with_config(make_parser(), argv)
+    if training_args.deepspeed and not any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK")):
+        # Without a launcher DeepSpeed looks for MPI and fails deep inside its communicator.
+        raise UsageError(
+            "--deepspeed needs a launcher: run under deepspeed, torchrun or accelerate launch "
+            "(one GPU: torchrun --nproc_per_node 1 run_persona.py ...)."
+        )
+    return model_args, data_args, training_args
 
 
 def _previous_run(training_args: PersonaTrainingArguments) -> tuple[str | None, bool]:

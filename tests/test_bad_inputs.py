@@ -19,6 +19,8 @@ BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
 # is skipped, which is an error too).
 CORPUS = {
     "json_broken.json": ("not valid JSON (line 1, column 34)", "Expecting", None, None),
+    "json_huge_number.json": ("not valid JSON data", "digits", None, None),
+    "jsonl_huge_number.jsonl": ("line 2", "not valid JSON data", 1, 1),
     "json_latin1.json": ("line 1", "UTF-8", None, None),
     "json_no_utterances.json": ("split 'train', dialog 1", "'utterances'", 1, 1),
     "json_empty_persona.json": (None, None, 1, 0),

@@ -66,6 +66,7 @@ def no_loading(monkeypatch):
         (["--max_steps", "0"], "Nothing to train"),
         (["--model_name_or_path", "runs/nope"], "--model_name_or_path runs/nope: no such folder"),
         (["--model_name_or_path", "./x"], "--model_name_or_path ./x: no such folder"),
+        (["--resume_from_checkpoint", "out/nope"], "--resume_from_checkpoint out/nope: no such checkpoint folder"),
     ],
 )
 def test_persona_train_bad_flags(flags, words, tmp_path, capsys, monkeypatch, personachat_json):
@@ -73,6 +74,15 @@ def test_persona_train_bad_flags(flags, words, tmp_path, capsys, monkeypatch, pe
     monkeypatch.chdir(tmp_path)
     argv = ["--dataset_path", personachat_json, "--output_dir", str(tmp_path / "out"), *flags]
     assert words in error_line(run_persona.cli, argv, capsys)
+
+
+def test_deepspeed_without_a_launcher(tmp_path, capsys, monkeypatch, personachat_json):
+    no_loading(monkeypatch)
+    for name in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config = os.path.join(ROOT, "configs", "deepspeed", "zero2.json")
+    argv = ["--dataset_path", personachat_json, "--output_dir", str(tmp_path / "out"), "--deepspeed", config]
+    assert "--deepspeed needs a launcher" in error_line(run_persona.cli, argv, capsys)
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
@@ -220,6 +230,22 @@ def test_persona_sentences_in_a_config_file_must_be_text(script, tiny_checkpoint
     assert "option 'persona' must be text" in error_line(cli, [str(config)], capsys)
 
 
+def test_config_file_hints(tmp_path, capsys, monkeypatch, tiny_checkpoint):
+    no_loading(monkeypatch)
+    path = tmp_path / "eval.yaml"
+    path.write_text(f"model_name_or_path: {tiny_checkpoint}\ndataset_path: data.json\nno_f1: true\n")
+    line = error_line(persona_eval.cli, [str(path)], capsys)
+    assert "unknown option(s) ['no_f1'] (did you mean 'f1: false'?)" in line
+    path.write_text("model_name_or_path: null\n")
+    assert "option 'model_name_or_path' has no value" in error_line(persona_chat.cli, [str(path)], capsys)
+
+
+def test_persona_demo_persona_over_the_character_limit(tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    argv = ["--model_name_or_path", tiny_checkpoint, "--persona", "x" * 30, "--max_persona_chars", "20"]
+    assert "--persona: 30 characters, over --max_persona_chars (20)" in error_line(persona_demo.cli, argv, capsys)
+
+
 def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint, tmp_path):
     config = tmp_path / "chat.yaml"
     config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: i like tea.\n")
@@ -239,6 +265,8 @@ def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint,
         (["--max_history", "-1"], "--max_history must be >= 0"),
         (["--num_beams", "0"], "--num_beams must be >= 1"),
         (["--no_sample", "false", "--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--no_f1", "--save_predictions"], "--save_predictions keeps the replies generated for F1"),
+        (["--dataset_cache", os.path.abspath(__file__)], "is a file; pass a folder"),
     ],
 )
 def test_persona_eval_bad_flags(flags, words, tiny_checkpoint, personachat_json, capsys, monkeypatch):
@@ -318,8 +346,10 @@ def test_persona_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     (tmp_path / "latin1.txt").write_bytes(b"i like caf\xe9.\n")
     (tmp_path / "blank.txt").write_text("\n \n")
+    os.mkfifo(tmp_path / "fifo")
     for name, words in [
         ("missing.txt", "no such file"),
+        ("fifo", "not a regular file"),
         ("binary.txt", "a binary file, not text"),
         ("latin1.txt", "line 1 is not UTF-8 text"),
         ("blank.txt", "no persona sentence in it"),
