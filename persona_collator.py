@@ -55,12 +55,14 @@ class PersonaCollator:
         batch = {
             key: torch.full(shape, value, dtype=torch.long) for key, value in pad_values.items() if key in features[0]
         }
-        batch["attention_mask"] = torch.zeros(shape, dtype=torch.long)
-        for b, feature in enumerate(features):
-            for c, ids in enumerate(feature["input_ids"]):
-                batch["attention_mask"][b, c, : len(ids)] = 1
-                for key in pad_values.keys() & batch.keys():
-                    batch[key][b, c, : len(ids)] = torch.as_tensor(feature[key][c], dtype=torch.long)
+        # One tensor per column from the concatenated sequences, scattered under the token mask (row-major, so in
+        # sequence order): a per-candidate copy costs a tensor conversion per sequence, a fifth of an eval step.
+        lengths = torch.tensor([len(ids) for f in features for ids in f["input_ids"]])  # [B*C]
+        tokens = torch.arange(seq_len) < lengths[:, None]  # [B*C, T]
+        batch["attention_mask"] = tokens.view(shape).long()
+        for key in pad_values.keys() & batch.keys():
+            values = torch.tensor([t for f in features for seq in f[key] for t in seq], dtype=torch.long)
+            batch[key].view(-1, seq_len)[tokens] = values
         for key in features[0].keys() - batch.keys():
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
         return batch
