@@ -30,9 +30,12 @@ logger = logging.getLogger(__name__)
 ENCODING_ATTR = "persona_candidate_encoding"  # config attribute: one of ENCODINGS (absent = "auto")
 LEGACY_ATTR = "persona_shared_prefix"  # the former on/off switch: False = "plain"
 ENCODINGS = ("auto", "packed", "shared_prefix", "plain")
-# Several examples per packed row, no row longer than the batch's longest example: as fast as a row per example
-# and almost no padding (bench/shared_prefix.py).
-ROW_TOKENS = "longest"
+# How many examples share a packed row: "auto" = the whole batch in one row under the per-example tree attention,
+# rows no longer than the longest example under the dense mask (`persona_packed.encode_packed`).
+ROW_TOKENS = "auto"
+# The packed attention: "tree" (example by example), "dense" (one tree mask over whole rows) or "auto" (tree where
+# it applies: sdpa on CPU without activation checkpointing).
+ATTENTION = "auto"
 
 
 def requested_encoding(model: PreTrainedModel) -> str:
@@ -102,7 +105,9 @@ def encode_candidates(
         input_ids = token_type_ids = None
     inputs = {"token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds}
     if encoding == "packed":
-        return encode_packed(backbone, prefix_lengths, input_ids, attention_mask, **inputs, row_tokens=ROW_TOKENS)
+        return encode_packed(
+            backbone, prefix_lengths, input_ids, attention_mask, **inputs, row_tokens=ROW_TOKENS, attention=ATTENTION
+        )
     if encoding == "shared_prefix":
         return encode_shared_prefix(backbone, prefix_lengths, input_ids, attention_mask, **inputs)
     return encode_in_full(backbone, input_ids, attention_mask, **inputs)

@@ -15,30 +15,37 @@ block-diagonal, so a batch carries almost no padding. The heads then read the ca
 Exact: every query sees exactly the keys, at exactly the positions, it sees in the full encoding, so the outputs and
 gradients equal `encode_in_full`'s up to float rounding (tests/test_packed.py).
 
-Why a dense boolean mask (bench/shared_prefix.py, tiny GPT-2, 2-core CPU): the mask is built once per batch and
-shared by every layer; torch's fused CPU SDPA kernel takes it directly, and a float additive mask was no faster.
-Computing the tree as a cascade (the candidates' scores against the context keys with one matmul, plus their own
-causal blocks, one joint softmax) skips the masked candidate-candidate blocks, yet in plain torch ops it was slower
-than the fused kernel where it matters (per layer, 1 thread: 20-candidate eval 4.5 vs 3.5 ms, 4-candidate training
-2.4 vs 1.9 ms; only 20-candidate training gained, 6.7 vs 10.2 ms). The whole batch in one row removes all padding but
-makes the dense mask quadratic in the batch: 2-3x slower than a row per example. `row_tokens="longest"` (short
-examples share rows no longer than the longest one) costs the same as a row per example and carries less padding.
-On GPU a FlexAttention block mask could skip the masked blocks; not implemented (no GPU to measure it on), the dense
-mask runs there through SDPA's memory-efficient kernel.
+Two attentions compute the tree. `tree_attention` (registered with transformers' `AttentionInterface`, chosen on CPU
+with sdpa) runs it example by example: the context with a causal kernel, then the candidate tokens over the
+example's own tokens under a small mask. It never computes a pair across examples or on padding, so the whole batch
+goes in one row with no padding at all. Per layer, tiny GPT-2, 20 candidates, 4 examples of 370-450 tokens: 3.4 ms
+against 4.9 ms for one dense mask per example (1 thread; 2.0 vs 2.5 ms on 2), and it builds no [N, N] mask. The
+dense form (`PackedLayout.attention_mask`: one boolean mask over whole rows, shared by every
+layer) serves everything else: eager attention (an additive float mask), activation checkpointing (recomputed
+blocks run outside `encode_packed`, where the tree attention is not set), other devices. There a row's cost grows
+with its square, so `row_tokens="longest"` packs short examples into rows no longer than the longest one.
+Computing the candidates over the context and over themselves as two kernels merged by their log-sum-exp skips more
+pairs, but the gathers it needs made it slower on CPU. On GPU a FlexAttention block mask could skip the masked
+blocks; not implemented (no GPU to measure it on).
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from persona_shared_prefix import CandidateEncoding, candidate_frame, sequence_lengths
 
 # Attention implementations that take a custom 4D mask: SDPA (boolean mask) and eager (additive float mask).
 # flash_attention_2 only knows causal/varlen masks; FlexAttention would need a BlockMask (GPU-fast only).
 PACKED_ATTENTION = ("sdpa", "eager")
+# The attention function name under which `tree_attention` is registered with transformers.
+TREE_ATTENTION = "persona_tree"
 
 
 def packed_unsupported_reason(backbone: torch.nn.Module) -> str | None:
@@ -106,6 +113,7 @@ class PackedLayout:
     frame: torch.Tensor  # [B, C, S]
     index: torch.Tensor  # [B, C, S]
     valid: torch.Tensor  # [B, C, S]
+    examples: list[tuple[int, int, int, int]]  # per example: (row, start column, context length, length)
 
     def pack(self, tensor: torch.Tensor, fill: int = 0) -> torch.Tensor:
         """[B, C, T, ...] -> [R, N, ...]: the packed rows, `fill` on the rows' padding."""
@@ -120,18 +128,109 @@ class PackedLayout:
         A query sees keys of its own example that lie in the context or in its own segment, at positions up to its
         own. Padding sees padding (never an all-masked row: SDPA would return NaN there, even if nobody reads it).
         """
-        ex, seg, pos = self.example_ids, self.segment_ids, self.position_ids
-        mask = ex[:, :, None] == ex[:, None, :]
+        ex, seg = self.example_ids, self.segment_ids
+        # Within an example a visible key never lies at a later column: its context comes first, then each
+        # candidate's tokens in order. So "earlier position" is the lower triangle of the columns.
+        mask = torch.ones(self.row_len, self.row_len, dtype=torch.bool, device=ex.device).tril_()
+        mask = mask & (ex[:, :, None] == ex[:, None, :])
         mask &= (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])
-        mask &= pos[:, None, :] <= pos[:, :, None]
         mask = mask[:, None]
         if dtype is None or dtype == torch.bool:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
+    def tree_blocks(self) -> TreeBlocks:
+        """The per-example form of `attention_mask` that `tree_attention` reads."""
+        masks = []
+        for row, start, prefix, length in self.examples:
+            seg = self.segment_ids[row, start : start + length]
+            mask = torch.ones(length - prefix, length, dtype=torch.bool, device=seg.device).tril_(prefix)
+            masks.append(mask & ((seg[None, :] == 0) | (seg[prefix:, None] == seg[None, :])))
+        return TreeBlocks(row_len=self.row_len, examples=self.examples, masks=masks)
+
     def candidate_frame(self, hidden: torch.Tensor) -> torch.Tensor:
         """Packed hidden states [R, N, H] -> the candidate frame [B, C, S, H]."""
         return hidden.flatten(0, 1)[self.frame.flatten()].view(*self.frame.shape, hidden.size(-1))
+
+
+@dataclass
+class TreeBlocks:
+    """What `tree_attention` needs of a `PackedLayout`: each example's (row, start, context length, length) and the
+    mask [length - context, length] of its candidate tokens over its own tokens."""
+
+    row_len: int
+    examples: list[tuple[int, int, int, int]]
+    masks: list[torch.Tensor]
+
+
+def tree_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed_tree: TreeBlocks | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The packed rows' attention, example by example: the context causally, the candidates over the context and
+    themselves. The transformers attention interface (registered as TREE_ATTENTION): query [R, heads, N, D],
+    key/value [R, kv heads, N, D] -> [R, N, heads, D].
+
+    Each example costs context² / 2 + candidate tokens × example tokens instead of N² for its whole row (and no
+    cross-example pairs); nothing is computed for padding.
+    """
+    if packed_tree is None:
+        raise RuntimeError(f"{TREE_ATTENTION} attention needs the packed layout (`packed_tree`); the backbone lost it.")
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    options = {"dropout_p": dropout, "scale": scaling}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    pieces = [[] for _ in range(query.size(0))]
+    for (row, start, prefix, length), mask in sorted(zip(packed_tree.examples, packed_tree.masks), key=lambda e: e[0]):
+        q, k, v = (t[row : row + 1, :, start : start + length] for t in (query, key, value))
+        if prefix:
+            pieces[row].append(sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True, **options))
+        if length > prefix:
+            pieces[row].append(sdpa(q[:, :, prefix:], k, v, attn_mask=mask, **options))
+    rows = []
+    for row in pieces:
+        used = sum(piece.size(2) for piece in row)
+        if used < packed_tree.row_len:
+            row.append(value.new_zeros(1, value.size(1), packed_tree.row_len - used, value.size(-1)))
+        rows.append(torch.cat(row, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TREE_ATTENTION, tree_attention)
+
+
+def tree_attention_unsupported_reason(backbone: torch.nn.Module) -> str | None:
+    """Why the packed forward of `backbone` runs on the dense tree mask rather than `tree_attention`, or None."""
+    config = backbone.config
+    if config._attn_implementation != "sdpa":
+        return f"attention implementation {config._attn_implementation!r}"
+    if next(backbone.parameters()).device.type != "cpu":
+        return "not on CPU (unmeasured elsewhere)"
+    if getattr(config, "sub_configs", None):
+        return "a backbone with sub-configs"
+    # Checkpointed blocks recompute in the backward pass, outside `encode_packed`'s choice of attention.
+    if any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+        return "activation checkpointing"
+    return None
+
+
+@contextmanager
+def attention_implementation(config, implementation: str):
+    """`config._attn_implementation` set to `implementation` for the duration of the block."""
+    previous = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def packed_layout(
@@ -145,8 +244,10 @@ def packed_layout(
     cand_lengths = (seq_lengths - prefix[:, None]).clamp(min=0)  # [B, C]
     cand_start = prefix[:, None] + cand_lengths.cumsum(1) - cand_lengths  # [B, C] offset inside the example
     example_lengths = prefix + cand_lengths.sum(1)  # [B]
-    rows, starts = assign_rows(example_lengths.tolist(), row_tokens)
-    rows, starts = torch.tensor(rows, device=device), torch.tensor(starts, device=device)
+    lengths_list = example_lengths.tolist()
+    rows_list, starts_list = assign_rows(lengths_list, row_tokens)
+    examples = list(zip(rows_list, starts_list, prefix.tolist(), lengths_list, strict=True))
+    rows, starts = torch.tensor(rows_list, device=device), torch.tensor(starts_list, device=device)
     num_rows = int(rows.max()) + 1
     row_len = int(torch.zeros(num_rows, dtype=torch.long, device=device).index_add(0, rows, example_lengths).max())
 
@@ -185,6 +286,7 @@ def packed_layout(
         frame=frame.clamp(max=num_rows * row_len - 1),
         index=index,
         valid=valid,
+        examples=examples,
     )
 
 
@@ -196,16 +298,24 @@ def encode_packed(
     *,
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
-    row_tokens: int | str | None = None,
+    row_tokens: int | str | None = "auto",
+    attention: str = "auto",
 ) -> CandidateEncoding:
     """One `backbone` pass over the packed rows of [B, C, T] candidates; their candidate frame as an encoding.
 
     input_ids / token_type_ids / attention_mask: [B, C, T], right-padded, each example's candidates agreeing on their
     first `prefix_lengths[b]` (>= 0) tokens (`shared_prefix_lengths`); or `inputs_embeds` [B, C, T, H] instead of
     input_ids (speaker embeddings added by the caller). `token_type_ids` go to the backbone as-is (GPT-2).
-    `row_tokens`: None = one example per row; a token budget or "longest" packs several per row (`assign_rows`).
+    `attention`: "tree" (`tree_attention`), "dense" (one mask over whole rows) or "auto" (tree where
+    `tree_attention_unsupported_reason` allows). `row_tokens`: None = one example per row; a token budget or
+    "longest" packs several per row (`assign_rows`); "auto" = the whole batch in one row under tree attention (no
+    padding at all), "longest" under the dense mask (whose cost grows with the square of the row).
     The backbone must pass `packed_unsupported_reason`.
     """
+    if attention == "auto":
+        attention = "dense" if tree_attention_unsupported_reason(backbone) else "tree"
+    if row_tokens == "auto":
+        row_tokens = 1 << 62 if attention == "tree" else "longest"
     source = input_ids if input_ids is not None else inputs_embeds
     seq_lengths = sequence_lengths(source.shape, attention_mask, source.device)
     layout = packed_layout(prefix_lengths, seq_lengths, source.size(2), row_tokens)
@@ -215,11 +325,16 @@ def encode_packed(
         inputs = {"inputs_embeds": layout.pack(inputs_embeds)}  # [R, N, H]
     if token_type_ids is not None:
         inputs["token_type_ids"] = layout.pack(token_type_ids)
-    if backbone.config._attn_implementation == "sdpa":
-        # Boolean: torch's CPU SDPA kernels take it as is; the float form costs the same and 4x the memory.
-        mask = layout.attention_mask()
-    else:  # eager adds the mask to the scores
-        mask = layout.attention_mask(next(backbone.parameters()).dtype)
-    hidden = backbone(**inputs, attention_mask=mask, position_ids=layout.position_ids, use_cache=False)
+    inputs.update(position_ids=layout.position_ids, use_cache=False)
+    if attention == "tree":
+        with attention_implementation(backbone.config, TREE_ATTENTION):
+            hidden = backbone(**inputs, packed_tree=layout.tree_blocks())
+    else:
+        if backbone.config._attn_implementation == "sdpa":
+            # Boolean: torch's CPU SDPA kernels take it as is; the float form costs the same and 4x the memory.
+            mask = layout.attention_mask()
+        else:  # eager adds the mask to the scores
+            mask = layout.attention_mask(next(backbone.parameters()).dtype)
+        hidden = backbone(**inputs, attention_mask=mask)
     hidden = layout.candidate_frame(hidden.last_hidden_state)  # [B, C, S, H]
     return CandidateEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=layout.index, valid=layout.valid)

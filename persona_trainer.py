@@ -10,11 +10,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_card import persona_model_card
+from persona_collator import ArrowBatches
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
 
@@ -182,6 +185,11 @@ class PersonaTrainer(Trainer):
         self._metrics[mode]["mc_loss"].append(self.accelerator.gather(outputs.mc_loss.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
+    def _remove_unused_columns(self, dataset, description=None):
+        """The Trainer's column filter, then `ArrowBatches`: the DataLoader hands the collator each batch as one
+        Arrow table instead of Python lists (the only hook between the dataset and the DataLoader)."""
+        return ArrowBatches(super()._remove_unused_columns(dataset, description))
+
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_by_candidate_count():
             return super().get_eval_dataloader(eval_dataset)
@@ -275,12 +283,17 @@ class CandidateCountBatches:
 
     collator: Callable
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list[dict] | pa.Table) -> dict:
+        if isinstance(features, pa.Table):
+            counts = pc.list_value_length(features.column("input_ids")).to_pylist()
+        else:
+            counts = [len(feature["input_ids"]) for feature in features]
         by_count = defaultdict(list)
-        for i, feature in enumerate(features):
-            by_count[len(feature["input_ids"])].append(i)
+        for i, count in enumerate(counts):
+            by_count[count].append(i)
         order = [i for rows in by_count.values() for i in rows]
-        return {
-            "row_order": torch.tensor(order).argsort(),
-            "groups": [self.collator([features[i] for i in rows]) for rows in by_count.values()],
-        }
+        if isinstance(features, pa.Table):
+            groups = [features.take(rows) if len(by_count) > 1 else features for rows in by_count.values()]
+        else:
+            groups = [[features[i] for i in rows] for rows in by_count.values()]
+        return {"row_order": torch.tensor(order).argsort(), "groups": [self.collator(group) for group in groups]}

@@ -9,10 +9,11 @@ For each thread count, candidate count and phase (eval: no-grad forward; train: 
 every path runs the same batches through the model's own forward, interleaved batch by batch (plain, shared, packed,
 ...), each batch `--repeats` times with the fastest run counted, so that load from other processes on a shared CPU
 hits all paths alike: read the ratios. Paths: `plain` (every candidate in full), `shared_prefix` (context encoded
-once, its key/value cache broadcast to the candidates), `packed` (what `auto` runs: several examples per row, first
-fit into rows no longer than the longest example), `packed-1ex` (one example per row), `packed-1row` (the whole batch
-in one row). Random weights, dropout 0; synthetic PERSONA-CHAT dialogs with a tokenizer trained on them, contexts cut
-to `--max_history`. Also checks that every path gives the plain path's losses and mc_logits along the whole run.
+once, its key/value cache broadcast to the candidates), `packed` (what `auto` runs; on CPU the whole batch in one
+row under the per-example tree attention), `packed-dense` (one dense tree mask per row, several examples per row,
+first fit into rows no longer than the longest example), `packed-dense-1ex` (dense, one example per row). Random
+weights, dropout 0; synthetic PERSONA-CHAT dialogs with a tokenizer trained on them, contexts cut to `--max_history`.
+Also checks that every path gives the plain path's losses and mc_logits along the whole run.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ MODELS = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4},
     "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
 }
-# path -> (encoding asked for, packed row budget)
+# path -> (encoding asked for, packed row budget, packed attention)
 PATHS = {
-    "plain": ("plain", None),
-    "shared_prefix": ("shared_prefix", None),
-    "packed": ("packed", persona_encoding.ROW_TOKENS),
-    "packed-1ex": ("packed", None),
-    "packed-1row": ("packed", 1 << 30),
+    "plain": ("plain", None, None),
+    "shared_prefix": ("shared_prefix", None, None),
+    "packed": ("packed", persona_encoding.ROW_TOKENS, persona_encoding.ATTENTION),
+    "packed-dense": ("packed", "longest", "dense"),
+    "packed-dense-1ex": ("packed", None, "dense"),
 }
 
 
@@ -64,7 +65,8 @@ def make_batches(tokenizer, dialogs, num_candidates: int, batch_size: int, count
 
 
 def forward(model, path: str, batch: dict):
-    with mock.patch.object(persona_encoding, "ROW_TOKENS", PATHS[path][1]):
+    _, row_tokens, attention = PATHS[path]
+    with mock.patch.multiple(persona_encoding, ROW_TOKENS=row_tokens, ATTENTION=attention or "auto"):
         return model(**batch)
 
 

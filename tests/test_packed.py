@@ -23,14 +23,21 @@ from test_shared_prefix import (
     tiny_double_heads,
     tiny_gpt2,
 )
-from transformers import OpenAIGPTConfig
+from transformers import AttentionInterface, OpenAIGPTConfig
 
 import persona_encoding
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs
 from persona_encoding import requested_encoding, set_candidate_encoding
 from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
-from persona_packed import assign_rows, packed_layout, packed_unsupported_reason
+from persona_packed import (
+    TREE_ATTENTION,
+    assign_rows,
+    packed_layout,
+    packed_unsupported_reason,
+    tree_attention,
+    tree_attention_unsupported_reason,
+)
 from persona_shared_prefix import shared_prefix_lengths
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "labels")
@@ -38,25 +45,25 @@ ONE_ROW = 1 << 30  # a budget every batch fits in: the whole batch in one row
 ONE_EXAMPLE_PER_ROW = None
 
 
-def forward(model, batch: dict, encoding: str, row_tokens="longest"):
-    """The model's own forward with `encoding` asked for and packed rows of `row_tokens`."""
+def forward(model, batch: dict, encoding: str, row_tokens="longest", attention="auto"):
+    """The model's own forward with `encoding` asked for, packed rows of `row_tokens` and `attention`."""
     set_candidate_encoding(model, encoding)
-    with mock.patch.object(persona_encoding, "ROW_TOKENS", row_tokens):
+    with mock.patch.multiple(persona_encoding, ROW_TOKENS=row_tokens, ATTENTION=attention):
         return model(**batch)
 
 
-def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True) -> tuple:
+def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True, attention="auto") -> tuple:
     model.zero_grad(set_to_none=True)
-    out = forward(model, batch, "packed" if packed else "plain", row_tokens)
+    out = forward(model, batch, "packed" if packed else "plain", row_tokens, attention)
     if backward:
         (out.lm_loss + out.mc_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5) -> None:
+def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5, attention="auto") -> None:
     plain, plain_grads = run(model, batch, packed=False)
-    packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens)
+    packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens, attention=attention)
     for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
         torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
     assert plain_grads.keys() == packed_grads.keys() and plain_grads
@@ -106,21 +113,25 @@ def test_assign_rows():
     assert assign_rows([12, 2], 10) == ([0, 1], [0, 0])  # longer than the budget: a row of its own
 
 
+@pytest.mark.parametrize("attention", ["tree", "dense"])
 @pytest.mark.parametrize("row_tokens", [ONE_EXAMPLE_PER_ROW, "longest", ONE_ROW])
 @pytest.mark.parametrize("num_candidates", [1, 2, 4, 20])
-def test_equals_plain_path(num_candidates, row_tokens):
+def test_equals_plain_path(num_candidates, row_tokens, attention):
     model = tiny_gpt2()
     for seed in range(2):
-        assert_same(model, random_batch(seed, batch_size=4, num_candidates=num_candidates), row_tokens)
+        batch = random_batch(seed, batch_size=4, num_candidates=num_candidates)
+        assert_same(model, batch, row_tokens, attention=attention)
 
 
-def test_equals_plain_path_worked_example_history_cuts_and_padding():
+@pytest.mark.parametrize("attention", ["tree", "dense"])
+def test_equals_plain_path_worked_example_history_cuts_and_padding(attention):
     model = tiny_gpt2(seed=1)
-    assert_same(model, worked_example_batch())
+    assert_same(model, worked_example_batch(), attention=attention)
     for max_history in (0, 1, 3):
-        assert_same(model, random_batch(7, batch_size=5, num_candidates=4, max_history=max_history), "longest")
+        batch = random_batch(7, batch_size=5, num_candidates=4, max_history=max_history)
+        assert_same(model, batch, "auto", attention=attention)
     rows = [random_example(random.Random(3), 3, 2, long=True, shared_start=False)]
-    assert_same(model, PersonaCollator(pad_token_id=PAD, pad_to_multiple_of=8)(rows))
+    assert_same(model, PersonaCollator(pad_token_id=PAD, pad_to_multiple_of=8)(rows), attention=attention)
 
 
 def test_without_attention_mask_and_token_types():
@@ -208,15 +219,16 @@ def test_bf16_autocast_close_to_plain_path():
 GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 
 
+@pytest.mark.parametrize("attention", ["tree", "dense"])
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 @pytest.mark.parametrize("num_candidates", [1, 4, 20])
-def test_generic_double_heads_equals_plain_path(family, num_candidates):
+def test_generic_double_heads_equals_plain_path(family, num_candidates, attention):
     model = tiny_double_heads(family, seed=num_candidates)
     calls = count_backbone_calls(model.decoder)
     for seed, row_tokens in enumerate([ONE_EXAMPLE_PER_ROW, ONE_ROW]):
         batch = random_batch(10 + seed, batch_size=4, num_candidates=num_candidates)
         calls.clear()
-        assert_same(model, batch, row_tokens)
+        assert_same(model, batch, row_tokens, attention=attention)
         assert len(calls) == 2 and calls[1][0] == (4 if row_tokens is None else 1)  # plain pass, then one packed
 
 
@@ -231,6 +243,66 @@ def test_generic_double_heads_loss_only_and_mc_only(family):
             plain, packed = forward(model, inputs, "plain"), forward(model, inputs, "packed")
         for key in keys:
             torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=1e-5, rtol=1e-5)
+
+
+# The tree attention: what "auto" runs on CPU, and where the dense mask takes over.
+
+
+def tree_calls() -> list:
+    """Calls of the registered tree attention from now on (a spy in its place)."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["packed_tree"])
+        return tree_attention(*args, **kwargs)
+
+    AttentionInterface.register(TREE_ATTENTION, spy)
+    return calls
+
+
+@pytest.fixture
+def restore_tree_attention():
+    yield
+    AttentionInterface.register(TREE_ATTENTION, tree_attention)
+
+
+def test_auto_runs_the_tree_attention_on_cpu_sdpa_else_the_dense_mask(restore_tree_attention):
+    batch = random_batch(4, batch_size=3, num_candidates=4)
+    calls = tree_calls()
+    gpt2, llama = tiny_gpt2(), tiny_double_heads("llama", seed=2)
+    for model, layers in ((gpt2, gpt2.config.n_layer), (llama, llama.config.num_hidden_layers)):
+        calls.clear()
+        assert_same(model, batch, row_tokens="auto")
+        assert len(calls) == layers and model.config._attn_implementation == "sdpa"  # put back after the forward
+        assert [e[0] for e in calls[0].examples] == [0, 0, 0]  # "auto" rows: the whole batch in one row
+    assert tree_attention_unsupported_reason(gpt2.transformer) is None
+    eager = tiny_gpt2()
+    eager.set_attn_implementation("eager")
+    checkpointed = tiny_gpt2()
+    checkpointed.activation_checkpointing_enable()
+    for model, reason in ((eager, "attention implementation 'eager'"), (checkpointed, "activation checkpointing")):
+        assert tree_attention_unsupported_reason(model.transformer) == reason
+        calls.clear()
+        assert_same(model, batch, row_tokens="auto")
+        assert calls == []
+
+
+def test_tree_attention_needs_its_layout():
+    model = tiny_gpt2()
+    query = torch.zeros(1, 4, 3, 8)
+    with pytest.raises(RuntimeError, match="needs the packed layout"):
+        tree_attention(model.transformer.h[0].attn, query, query, query, None)
+
+
+def test_tree_attention_applies_attention_dropout():
+    """Training mode with attn_pdrop only: the packed tree forward draws dropout (two runs differ), eval does not."""
+    model = tiny_gpt2(attn_pdrop=0.5)
+    batch = random_batch(2, batch_size=2, num_candidates=3)
+    for mode, differ in ((model.train, True), (model.eval, False)):
+        mode()
+        with torch.no_grad():
+            a, b = (forward(model, batch, "packed", "auto", "tree").mc_logits for _ in range(2))
+        assert torch.isfinite(a).all() and (not torch.equal(a, b)) == differ
 
 
 # What falls back: openai-gpt (no custom 4D mask), sliding-window attention, attention kernels without custom masks.
@@ -377,5 +449,5 @@ def test_bench_script_runs(capsys):
     args = ["--candidates", "3", "--threads", "1", "--eval_batches", "1", "--train_steps", "1", "--repeats", "1"]
     bench.main(args)
     out = capsys.readouterr().out
-    assert "packed-1row" in out and "  1   3 eval" in out and "  1   3 train" in out
+    assert "packed-dense" in out and "  1   3 eval" in out and "  1   3 train" in out
     assert "outputs differ" not in out

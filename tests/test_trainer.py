@@ -6,15 +6,16 @@ import copy
 import json
 import os
 
+import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
 from sgd_step import one_sgd_step
 
 import persona_checkpoints
-from persona_collator import PersonaCollator
+from persona_collator import ArrowBatches, PersonaCollator
 from persona_data import build_features, load_dialogs
-from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+from persona_trainer import CandidateCountBatches, PersonaTrainer, PersonaTrainingArguments
 from run_persona import cli, parse_args
 
 
@@ -100,6 +101,52 @@ def test_eval_ranks_mixed_candidate_counts(tiny_model_and_tokenizer, personachat
         logits, gold = out.mc_logits[0], row["mc_labels"]
         assert row_stats[0] == sum(float(x) >= float(logits[gold]) for x in logits) - 1
         assert row_stats[1] == pytest.approx(out.lm_nll.item(), rel=1e-5) and row_stats[2] == out.lm_tokens.item()
+
+
+def test_collator_takes_an_arrow_batch_as_it_takes_rows(tiny_model_and_tokenizer, personachat_json):
+    """`ArrowBatches` hands the collator one Arrow table: the same tensors as the list of rows `datasets` gives,
+    for plain batches, padded to a multiple, and grouped by candidate count."""
+    _, tokenizer = tiny_model_and_tokenizer
+    valid = load_dialogs(personachat_json)["valid"]
+    feats = build_features(valid, tokenizer, num_candidates=None, max_history=2)
+    five = build_features(valid, tokenizer, num_candidates=5, max_history=2)
+    mixed = Dataset.from_list([feats[0], five[1], feats[2], five[3]])
+    batches = ArrowBatches(feats)
+    assert len(batches) == len(feats) and batches[3] == feats[3]
+    for pad_to in (None, 8):
+        collator = PersonaCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
+        for indices in ([0], [7, 2, 5], list(range(len(feats) - 3, len(feats)))):
+            table = batches.__getitems__(indices)
+            assert isinstance(table, pa.Table)
+            expected, got = collator([feats[i] for i in indices]), collator(table)
+            assert list(got) == list(expected)
+            for key in expected:
+                assert torch.equal(got[key], expected[key]), key
+    grouped = CandidateCountBatches(PersonaCollator(tokenizer.pad_token_id))
+    expected, got = grouped(list(mixed)), grouped(ArrowBatches(mixed).__getitems__(range(4)))
+    assert torch.equal(got["row_order"], expected["row_order"]) and len(got["groups"]) == 2
+    for group_got, group_expected in zip(got["groups"], expected["groups"]):
+        assert all(torch.equal(group_got[k], group_expected[k]) for k in group_expected)
+    with pytest.raises(ValueError, match="empty batch"):
+        PersonaCollator(0)(feats.with_format("arrow")[0:0])
+
+
+def test_trainer_batches_come_as_arrow_tables(tiny_model_and_tokenizer, four_rows, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer
+    seen = []
+    collator = PersonaCollator(tokenizer.pad_token_id)
+
+    def spy(features):
+        seen.append(type(features))
+        return collator(features)
+
+    args = PersonaTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=2, report_to="none"
+    )
+    trainer = PersonaTrainer(model=model, args=args, data_collator=spy, train_dataset=four_rows)
+    assert next(iter(trainer.get_train_dataloader()))["input_ids"].shape[:2] == (2, 3)
+    assert next(iter(trainer.get_eval_dataloader(four_rows)))["groups"][0]["input_ids"].shape[:2] == (2, 3)
+    assert set(seen) == {pa.Table}  # the loaders fetch ahead: some batches more than asked for
 
 
 def test_model_card_gets_its_facts_from_the_constructor(tiny_model_and_tokenizer, tmp_path):
