@@ -32,6 +32,7 @@ blocks; not implemented (no GPU to measure it on).
 from __future__ import annotations
 
 import inspect
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from persona_shared_prefix import CandidateEncoding, candidate_frame, sequence_lengths
+
+logger = logging.getLogger(__name__)
 
 # Attention implementations that take a custom 4D mask: SDPA (boolean mask) and eager (additive float mask).
 # flash_attention_2 only knows causal/varlen masks; FlexAttention would need a BlockMask (GPU-fast only).
@@ -163,6 +166,11 @@ class TreeBlocks:
     masks: list[torch.Tensor]
 
 
+class TreeLayoutLost(RuntimeError):
+    """The backbone did not pass its forward's keyword arguments down to the attention (`encode_packed` then falls
+    back to the dense mask for good)."""
+
+
 def tree_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -182,7 +190,7 @@ def tree_attention(
     cross-example pairs); nothing is computed for padding.
     """
     if packed_tree is None:
-        raise RuntimeError(f"{TREE_ATTENTION} attention needs the packed layout (`packed_tree`); the backbone lost it.")
+        raise TreeLayoutLost(f"{TREE_ATTENTION} attention needs the packed layout (`packed_tree`); the layers lost it.")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -210,6 +218,8 @@ AttentionInterface.register(TREE_ATTENTION, tree_attention)
 def tree_attention_unsupported_reason(backbone: torch.nn.Module) -> str | None:
     """Why the packed forward of `backbone` runs on the dense tree mask rather than `tree_attention`, or None."""
     config = backbone.config
+    if getattr(backbone, "_persona_tree_lost", False):
+        return "the backbone does not pass attention keyword arguments through"
     if config._attn_implementation != "sdpa":
         return f"attention implementation {config._attn_implementation!r}"
     if next(backbone.parameters()).device.type != "cpu":
@@ -314,27 +324,36 @@ def encode_packed(
     """
     if attention == "auto":
         attention = "dense" if tree_attention_unsupported_reason(backbone) else "tree"
-    if row_tokens == "auto":
-        row_tokens = 1 << 62 if attention == "tree" else "longest"
     source = input_ids if input_ids is not None else inputs_embeds
     seq_lengths = sequence_lengths(source.shape, attention_mask, source.device)
-    layout = packed_layout(prefix_lengths, seq_lengths, source.size(2), row_tokens)
-    if input_ids is not None:
-        inputs = {"input_ids": layout.pack(input_ids)}  # [R, N]
-    else:
-        inputs = {"inputs_embeds": layout.pack(inputs_embeds)}  # [R, N, H]
+    tensors = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}  # [B, C, T(, H)]
     if token_type_ids is not None:
-        inputs["token_type_ids"] = layout.pack(token_type_ids)
-    inputs.update(position_ids=layout.position_ids, use_cache=False)
-    if attention == "tree":
-        with attention_implementation(backbone.config, TREE_ATTENTION):
-            hidden = backbone(**inputs, packed_tree=layout.tree_blocks())
-    else:
+        tensors["token_type_ids"] = token_type_ids
+
+    def run(attention: str) -> tuple[PackedLayout, torch.Tensor]:
+        rows = row_tokens if row_tokens != "auto" else (1 << 62 if attention == "tree" else "longest")
+        layout = packed_layout(prefix_lengths, seq_lengths, source.size(2), rows)
+        inputs = {key: layout.pack(value) for key, value in tensors.items()}  # [R, N(, H)]
+        inputs.update(position_ids=layout.position_ids, use_cache=False)
+        if attention == "tree":
+            with attention_implementation(backbone.config, TREE_ATTENTION):
+                return layout, backbone(**inputs, packed_tree=layout.tree_blocks()).last_hidden_state
         if backbone.config._attn_implementation == "sdpa":
             # Boolean: torch's CPU SDPA kernels take it as is; the float form costs the same and 4x the memory.
             mask = layout.attention_mask()
         else:  # eager adds the mask to the scores
             mask = layout.attention_mask(next(backbone.parameters()).dtype)
-        hidden = backbone(**inputs, attention_mask=mask)
-    hidden = layout.candidate_frame(hidden.last_hidden_state)  # [B, C, S, H]
+        return layout, backbone(**inputs, attention_mask=mask).last_hidden_state
+
+    try:
+        layout, hidden = run(attention)
+    except TreeLayoutLost:
+        logger.warning(
+            "The %s backbone does not pass attention keyword arguments through its layers: the packed encoding runs "
+            "under the dense tree mask from now on.",
+            type(backbone).__name__,
+        )
+        backbone._persona_tree_lost = True
+        layout, hidden = run("dense")
+    hidden = layout.candidate_frame(hidden)  # [B, C, S, H]
     return CandidateEncoding(hidden=hidden, prefix_lengths=prefix_lengths, index=layout.index, valid=layout.valid)

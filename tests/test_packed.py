@@ -32,6 +32,7 @@ from persona_encoding import requested_encoding, set_candidate_encoding
 from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_packed import (
     TREE_ATTENTION,
+    TreeLayoutLost,
     assign_rows,
     packed_layout,
     packed_unsupported_reason,
@@ -290,8 +291,24 @@ def test_auto_runs_the_tree_attention_on_cpu_sdpa_else_the_dense_mask(restore_tr
 def test_tree_attention_needs_its_layout():
     model = tiny_gpt2()
     query = torch.zeros(1, 4, 3, 8)
-    with pytest.raises(RuntimeError, match="needs the packed layout"):
+    with pytest.raises(TreeLayoutLost, match="needs the packed layout"):
         tree_attention(model.transformer.h[0].attn, query, query, query, None)
+
+
+def test_a_backbone_that_drops_attention_kwargs_falls_back_to_the_dense_mask(caplog):
+    """Layers that do not pass the forward's keyword arguments to the attention: the packed pass reruns under the
+    dense mask (same outputs), says so once, and asks for the dense mask from then on."""
+    model = tiny_gpt2(seed=3)
+    for block in model.transformer.h:
+        forward_of = block.attn.forward
+        block.attn.forward = lambda *a, _f=forward_of, **k: _f(*a, **{x: y for x, y in k.items() if x != "packed_tree"})
+    batch = random_batch(5, batch_size=3, num_candidates=4)
+    with caplog.at_level(logging.WARNING, logger="persona_packed"):
+        assert_same(model, batch, row_tokens="auto", attention="tree")
+        assert_same(model, batch, row_tokens="auto")
+    assert caplog.text.count("does not pass attention keyword arguments through its layers") == 1
+    assert "attention keyword arguments" in tree_attention_unsupported_reason(model.transformer)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_tree_attention_applies_attention_dropout():
