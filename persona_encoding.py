@@ -16,7 +16,7 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
-from persona_packed import encode_packed, packed_unsupported_reason
+from persona_packed import encode_packed, packed_unsupported_reason, tree_attention_unsupported_reason
 from persona_shared_prefix import (
     CandidateEncoding,
     encode_in_full,
@@ -100,23 +100,33 @@ def encode_candidates(
         if reason is None:
             break
         skipped.append(f"{encoding}: {reason}")
-    _log_once(model, encoding, requested, skipped)
+    attention = None
+    if encoding == "packed":
+        attention = ATTENTION
+        if attention == "auto":
+            attention = "dense" if tree_attention_unsupported_reason(backbone) else "tree"
+    _log_once(model, encoding, requested, skipped, attention)
     if inputs_embeds is not None:
         input_ids = token_type_ids = None
     inputs = {"token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds}
     if encoding == "packed":
         return encode_packed(
-            backbone, prefix_lengths, input_ids, attention_mask, **inputs, row_tokens=ROW_TOKENS, attention=ATTENTION
+            backbone, prefix_lengths, input_ids, attention_mask, **inputs, row_tokens=ROW_TOKENS, attention=attention
         )
     if encoding == "shared_prefix":
         return encode_shared_prefix(backbone, prefix_lengths, input_ids, attention_mask, **inputs)
     return encode_in_full(backbone, input_ids, attention_mask, **inputs)
 
 
-def _log_once(model: PreTrainedModel, encoding: str, requested: str, skipped: list[str]) -> None:
-    """Log which encoding runs, once per model and distinct message; a warning when one was passed over."""
+def _log_once(
+    model: PreTrainedModel, encoding: str, requested: str, skipped: list[str], attention: str | None = None
+) -> None:
+    """Log which encoding runs (and the packed attention), once per model and distinct message; a warning when one
+    was passed over."""
     message = f"Candidate encoding: {encoding} (asked for {requested}"
     message += f"; not {'; not '.join(skipped)})." if skipped else ")."
+    if attention is not None:
+        message += f" Packed attention: {attention}."
     logged = model.__dict__.setdefault("_persona_encoding_logged", set())
     if message not in logged:
         logged.add(message)

@@ -372,7 +372,7 @@ def test_auto_chooses_packed_and_says_so_once(caplog):
     with caplog.at_level(logging.INFO, logger="persona_encoding"), torch.no_grad():
         auto = model(**batch)
         model(**batch)
-    assert caplog.text.count("Candidate encoding: packed (asked for auto).") == 1
+    assert caplog.text.count("Candidate encoding: packed (asked for auto). Packed attention: tree.") == 1
     b, c, t = batch["input_ids"].shape
     assert len(calls) == 2 and calls[0][0] * calls[0][1] < b * c * t / 2  # one packed pass each, a fraction of plain
     torch.testing.assert_close(auto.mc_logits, forward(model, batch, "plain").mc_logits, atol=1e-5, rtol=1e-5)
@@ -395,7 +395,7 @@ def test_auto_falls_back_in_order(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("Candidate encoding: plain (asked for auto; not packed: the openai-gpt backbone")
     assert "sliding-window" in lines[1] and lines[1].startswith("Candidate encoding: plain (asked for auto;")
-    assert lines[2] == "Candidate encoding: packed (asked for auto)."
+    assert lines[2] == "Candidate encoding: packed (asked for auto). Packed attention: dense."  # checkpointed
     assert lines[3].startswith("Candidate encoding: plain (asked for shared_prefix; not shared_prefix: gradient")
     assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING", "INFO", "WARNING"]
 
