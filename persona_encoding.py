@@ -60,9 +60,9 @@ def set_candidate_encoding(model: PreTrainedModel, encoding: str) -> None:
 
 def preference(requested: str, device: torch.device) -> tuple[str, ...]:
     """Encodings to try, best first. Measured on CPU (bench/shared_prefix.py, tiny GPT-2, 1-2 threads) packed beats
-    the cache broadcast at every candidate count (20-candidate eval 6.1x vs 5.0x over plain, 4-candidate training
-    2.6x vs 2.2x) and both beat plain; on GPU unmeasured (no GPU here), the same order, the dense tree mask running
-    through SDPA's memory-efficient kernel."""
+    the cache broadcast at every candidate count and thread count (20-candidate eval 5.2x / 5.5x vs 3.9x / 4.2x over
+    plain on 1 / 2 threads, 4-candidate training 2.7x / 2.0x vs 2.3x / 1.8x) and both beat plain; on GPU unmeasured
+    (no GPU here), the same order, the dense tree mask running through SDPA's memory-efficient kernel."""
     del device  # one order for every device until a GPU measurement says otherwise
     order = ("packed", "shared_prefix", "plain")
     return order if requested == "auto" else order[order.index(requested) :]
