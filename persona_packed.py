@@ -144,12 +144,12 @@ class PackedLayout:
 
     def tree_blocks(self) -> TreeBlocks:
         """The per-example form of `attention_mask` that `tree_attention` reads."""
-        masks = []
-        for row, start, prefix, length in self.examples:
+        rows = [[] for _ in range(self.num_rows)]
+        for row, start, prefix, length in sorted(self.examples):
             seg = self.segment_ids[row, start : start + length]
             mask = torch.ones(length - prefix, length, dtype=torch.bool, device=seg.device).tril_(prefix)
-            masks.append(mask & ((seg[None, :] == 0) | (seg[prefix:, None] == seg[None, :])))
-        return TreeBlocks(row_len=self.row_len, examples=self.examples, masks=masks)
+            rows[row].append((prefix, length, mask & ((seg[None, :] == 0) | (seg[prefix:, None] == seg[None, :]))))
+        return TreeBlocks(row_len=self.row_len, rows=rows)
 
     def candidate_frame(self, hidden: torch.Tensor) -> torch.Tensor:
         """Packed hidden states [R, N, H] -> the candidate frame [B, C, S, H]."""
@@ -158,12 +158,11 @@ class PackedLayout:
 
 @dataclass
 class TreeBlocks:
-    """What `tree_attention` needs of a `PackedLayout`: each example's (row, start, context length, length) and the
-    mask [length - context, length] of its candidate tokens over its own tokens."""
+    """What `tree_attention` needs of a `PackedLayout`: per row, its examples in column order as (context length,
+    length, mask [length - context, length] of the candidate tokens over the example's tokens)."""
 
     row_len: int
-    examples: list[tuple[int, int, int, int]]
-    masks: list[torch.Tensor]
+    rows: list[list[tuple[int, int, torch.Tensor]]]
 
 
 class TreeLayoutLost(RuntimeError):
@@ -196,19 +195,24 @@ def tree_attention(
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     options = {"dropout_p": dropout, "scale": scaling}
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    pieces = [[] for _ in range(query.size(0))]
-    for (row, start, prefix, length), mask in sorted(zip(packed_tree.examples, packed_tree.masks), key=lambda e: e[0]):
-        q, k, v = (t[row : row + 1, :, start : start + length] for t in (query, key, value))
-        if prefix:
-            pieces[row].append(sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True, **options))
-        if length > prefix:
-            pieces[row].append(sdpa(q[:, :, prefix:], k, v, attn_mask=mask, **options))
     rows = []
-    for row in pieces:
-        used = sum(piece.size(2) for piece in row)
-        if used < packed_tree.row_len:
-            row.append(value.new_zeros(1, value.size(1), packed_tree.row_len - used, value.size(-1)))
-        rows.append(torch.cat(row, dim=2))
+    for row, examples in enumerate(packed_tree.rows):
+        # split, not slicing: the backward of a slice fills a zero tensor the size of the whole row, per slice.
+        sizes = [length for _, length, _ in examples]
+        sizes.append(packed_tree.row_len - sum(sizes))
+        parts = [t[row : row + 1] if t.size(0) > 1 else t for t in (query, key, value)]
+        pieces = []
+        for (prefix, length, mask), q, k, v in zip(examples, *(t.split(sizes, dim=2) for t in parts)):
+            if prefix:
+                q_context, q_candidates = q.split([prefix, length - prefix], dim=2)
+                pieces.append(sdpa(q_context, k[:, :, :prefix], v[:, :, :prefix], is_causal=True, **options))
+            else:
+                q_candidates = q
+            if length > prefix:
+                pieces.append(sdpa(q_candidates, k, v, attn_mask=mask, **options))
+        if sizes[-1]:
+            pieces.append(value.new_zeros(1, value.size(1), sizes[-1], value.size(-1)))
+        rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 

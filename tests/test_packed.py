@@ -275,7 +275,7 @@ def test_auto_runs_the_tree_attention_on_cpu_sdpa_else_the_dense_mask(restore_tr
         calls.clear()
         assert_same(model, batch, row_tokens="auto")
         assert len(calls) == layers and model.config._attn_implementation == "sdpa"  # put back after the forward
-        assert [e[0] for e in calls[0].examples] == [0, 0, 0]  # "auto" rows: the whole batch in one row
+        assert [len(row) for row in calls[0].rows] == [3]  # "auto" rows: the whole batch in one row
     assert tree_attention_unsupported_reason(gpt2.transformer) is None
     eager = tiny_gpt2()
     eager.set_attn_implementation("eager")
