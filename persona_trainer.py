@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_card import persona_model_card
-from persona_collator import ArrowBatches
+from persona_collator import ArrowBatches, PersonaCollator
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
 
@@ -186,9 +186,14 @@ class PersonaTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _remove_unused_columns(self, dataset, description=None):
-        """The Trainer's column filter, then `ArrowBatches`: the DataLoader hands the collator each batch as one
-        Arrow table instead of Python lists (the only hook between the dataset and the DataLoader)."""
-        return ArrowBatches(super()._remove_unused_columns(dataset, description))
+        """The Trainer's column filter, then `ArrowBatches` when the collator is a `PersonaCollator`: the DataLoader
+        hands it each batch as one Arrow table instead of Python lists (the only hook between the dataset and the
+        DataLoader). Any other collator gets the rows as `datasets` gives them."""
+        dataset = super()._remove_unused_columns(dataset, description)
+        collator = self.data_collator
+        if isinstance(collator, CandidateCountBatches):
+            collator = collator.collator
+        return ArrowBatches(dataset) if isinstance(collator, PersonaCollator) else dataset
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_by_candidate_count():

@@ -132,21 +132,29 @@ def test_collator_takes_an_arrow_batch_as_it_takes_rows(tiny_model_and_tokenizer
 
 
 def test_trainer_batches_come_as_arrow_tables(tiny_model_and_tokenizer, four_rows, tmp_path):
+    """A PersonaCollator gets each batch as one Arrow table, in training and evaluation; any other collator gets
+    the rows as `datasets` gives them."""
     model, tokenizer = tiny_model_and_tokenizer
     seen = []
-    collator = PersonaCollator(tokenizer.pad_token_id)
 
-    def spy(features):
+    class Spy(PersonaCollator):
+        def __call__(self, features):
+            seen.append(type(features))
+            return super().__call__(features)
+
+    def other(features):
         seen.append(type(features))
-        return collator(features)
+        return PersonaCollator(tokenizer.pad_token_id)(features)
 
     args = PersonaTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=2, report_to="none"
     )
-    trainer = PersonaTrainer(model=model, args=args, data_collator=spy, train_dataset=four_rows)
-    assert next(iter(trainer.get_train_dataloader()))["input_ids"].shape[:2] == (2, 3)
-    assert next(iter(trainer.get_eval_dataloader(four_rows)))["groups"][0]["input_ids"].shape[:2] == (2, 3)
-    assert set(seen) == {pa.Table}  # the loaders fetch ahead: some batches more than asked for
+    for collator, kind in ((Spy(tokenizer.pad_token_id), pa.Table), (other, list)):
+        seen.clear()
+        trainer = PersonaTrainer(model=model, args=args, data_collator=collator, train_dataset=four_rows)
+        assert next(iter(trainer.get_train_dataloader()))["input_ids"].shape[:2] == (2, 3)
+        assert next(iter(trainer.get_eval_dataloader(four_rows)))["groups"][0]["input_ids"].shape[:2] == (2, 3)
+        assert set(seen) == {kind}  # the loaders fetch ahead: some batches more than asked for
 
 
 def test_model_card_gets_its_facts_from_the_constructor(tiny_model_and_tokenizer, tmp_path):
