@@ -40,7 +40,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from persona_shared_prefix import CandidateEncoding, candidate_frame, sequence_lengths
+from persona_shared_prefix import CandidateEncoding, activation_checkpointed, candidate_frame, sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def tree_attention_unsupported_reason(backbone: torch.nn.Module) -> str | None:
     if getattr(config, "sub_configs", None):
         return "a backbone with sub-configs"
     # Checkpointed blocks recompute in the backward pass, outside `encode_packed`'s choice of attention.
-    if any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+    if activation_checkpointed(backbone):
         return "activation checkpointing"
     return None
 

@@ -27,7 +27,7 @@ def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
     model_type = getattr(backbone.config, "model_type", type(backbone).__name__)
     if "cache" not in params:
         return f"the {model_type} backbone has no key/value cache (its forward takes no `cache`)"
-    if backbone.training and any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+    if backbone.training and activation_checkpointed(backbone):
         # Checkpointed blocks (GradientCheckpointingLayer) drop the cache in training.
         return "gradient checkpointing disables the key/value cache during training"
     layer_types = getattr(backbone.config, "layer_types", None) or []
@@ -35,6 +35,11 @@ def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
         # A sliding-window cache keeps only the last window of the prefix: not exact for long contexts.
         return f"the {model_type} backbone has non-full attention layers ({sorted(set(layer_types))})"
     return None
+
+
+def activation_checkpointed(backbone: torch.nn.Module) -> bool:
+    """Whether any block of `backbone` is checkpointed (recomputed in the backward pass)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
 
 
 def shared_prefix_lengths(
