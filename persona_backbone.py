@@ -1,16 +1,22 @@
 """Any causal LM as a persona backbone: `PersonaDoubleHeadsModel` = an `AutoModelForCausalLM` + a multiple-choice head.
 
-The folder it saves is the backbone's own checkpoint (its config.json plus a `persona_double_heads` entry, its weights
-plus `multiple_choice_head.*`), so AutoModelForCausalLM, vLLM, ... load it as a plain causal LM and this project loads
-it back as a double-heads model.
+The folder it saves is exactly the backbone's own checkpoint (its config.json plus a `persona_double_heads` entry, its
+`model*.safetensors` holding the causal LM's tensors and nothing else) with the multiple-choice head in its own file
+beside them (`multiple_choice_head.safetensors`): AutoModelForCausalLM, vLLM, llama.cpp's converter, ... load the folder
+as a plain causal LM without an unknown tensor, and this project loads it back as a double-heads model.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -18,14 +24,19 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import cached_file
 
 from persona_encoding import ENCODING_ATTR, encode_candidates
 from persona_heads import DoubleHeadsOutput, PersonaMultipleChoiceHead
 
-# Key under which the head settings are stored in the backbone's own config.json; checkpoints saved before the
-# project settled on "double heads" carry the legacy key, which is still read.
+logger = logging.getLogger(__name__)
+
+# The multiple-choice head's own weights file beside the causal LM's, and the prefix of its tensors in the model.
+MC_HEAD_FILE = "multiple_choice_head.safetensors"
+MC_HEAD_PREFIX = "multiple_choice_head."
+
+# Key under which the head settings are stored in the backbone's own config.json.
 DOUBLE_HEADS_CONFIG_KEY = "persona_double_heads"
-LEGACY_CONFIG_KEY = "persona_dual_head"
 
 
 class PersonaDoubleHeadsConfig(PreTrainedConfig):
@@ -73,10 +84,9 @@ class PersonaDoubleHeadsConfig(PreTrainedConfig):
             )
         backbone_config = copy.deepcopy(backbone_config)
         stored = {}
-        for key in (LEGACY_CONFIG_KEY, DOUBLE_HEADS_CONFIG_KEY):  # the current key wins
-            if hasattr(backbone_config, key):
-                stored.update(getattr(backbone_config, key) or {})
-                delattr(backbone_config, key)
+        if hasattr(backbone_config, DOUBLE_HEADS_CONFIG_KEY):
+            stored = dict(getattr(backbone_config, DOUBLE_HEADS_CONFIG_KEY) or {})
+            delattr(backbone_config, DOUBLE_HEADS_CONFIG_KEY)
         config = cls(text_config=backbone_config, **{**stored, **head_settings})
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, attr, getattr(backbone_config, attr, None))
@@ -105,6 +115,21 @@ class PersonaDoubleHeadsConfig(PreTrainedConfig):
         backbone.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
+def _weights_hold_head(name_or_path: str, hub_kwargs: dict) -> bool:
+    """Whether a checkpoint's safetensors weights (one file or an index) hold `multiple_choice_head.*` tensors."""
+    lookup = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    index = cached_file(name_or_path, "model.safetensors.index.json", **lookup, **hub_kwargs)
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            names = json.load(f).get("weight_map", {})
+    elif (weights := cached_file(name_or_path, "model.safetensors", **lookup, **hub_kwargs)) is not None:
+        with safe_open(weights, framework="pt") as f:
+            names = list(f.keys())
+    else:
+        return False
+    return any(name.startswith(MC_HEAD_PREFIX) for name in names)
+
+
 @dataclass
 class PersonaCausalLMOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus the multiple-choice scores when candidates and `mc_token_ids` are given."""
@@ -116,7 +141,9 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
     """Any `AutoModelForCausalLM` backbone with a multiple-choice head, trained like `GPT2DoubleHeadsModel`.
 
     The causal LM's modules are registered under their own names (e.g. `model`, `lm_head`), so the state dict is
-    exactly the backbone's plus `multiple_choice_head.*`: a saved folder also loads as a plain causal LM.
+    exactly the backbone's plus `multiple_choice_head.*`; `save_pretrained` writes the head to its own file
+    (`MC_HEAD_FILE`), so a saved folder is exactly a causal-LM checkpoint. `head_trained` says whether the head came
+    from a checkpoint (its own file, or a folder saved with the head inside the weights) or is freshly initialised.
     Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
     embeddings (GPT-2's convention), so the persona inputs work on backbones without token-type embeddings.
     With `labels`/`mc_labels` the forward returns a `DoubleHeadsOutput` (vocabulary logits only at labelled positions;
@@ -132,6 +159,8 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     accepts_loss_kwargs = False  # PersonaTrainer normalises over the accumulated batch itself
+    # The head is not in the causal LM's weights: `from_pretrained` loads it from its own file (no missing-keys report).
+    _keys_to_ignore_on_load_missing = [rf"^{MC_HEAD_PREFIX}"]
 
     def __init__(self, config: PersonaDoubleHeadsConfig):
         super().__init__(config)
@@ -145,7 +174,51 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         self._tied_weights_keys = lm._tied_weights_keys
         hidden_size = output_embeddings.in_features  # OPT-350m-like projections: the LM head's input, not hidden_size
         self.multiple_choice_head = PersonaMultipleChoiceHead(hidden_size, config.summary_first_dropout)
+        self.head_trained = False
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """The causal LM's checkpoint (config, `model*.safetensors` with its tensors only), then the head's file."""
+        if state_dict is None:
+            state_dict = self.state_dict()
+        head = {k[len(MC_HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MC_HEAD_PREFIX)}
+        backbone = {k: v for k, v in state_dict.items() if not k.startswith(MC_HEAD_PREFIX)}
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        super().save_pretrained(save_directory, *args, state_dict=backbone, **kwargs)
+        if head and kwargs.get("is_main_process", True):
+            tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
+            save_file(tensors, os.path.join(save_directory, MC_HEAD_FILE), metadata={"format": "pt"})
+        if push_to_hub:  # transformers would upload before the head's file exists: push the whole model instead
+            repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, token=kwargs.get("token"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load the causal LM's weights, then the head from its own file when the folder has one."""
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        head_file = cached_file(
+            pretrained_model_name_or_path,
+            MC_HEAD_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+        if head_file is not None:
+            model.load_multiple_choice_head(head_file)
+        else:  # a folder saved with the head inside its weights, or a plain causal LM (the head is new)
+            model.head_trained = _weights_hold_head(pretrained_model_name_or_path, hub_kwargs)
+        return loaded
+
+    def load_multiple_choice_head(self, path: str) -> None:
+        """Load the head's weights from `MC_HEAD_FILE` (a file, or a folder holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, MC_HEAD_FILE)
+        tensors = load_file(path)
+        head = self.multiple_choice_head
+        head.load_state_dict({k: v.to(head.summary.weight.dtype) for k, v in tensors.items()})
+        self.head_trained = True
 
     @property
     def decoder(self) -> PreTrainedModel:

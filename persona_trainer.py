@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+from persona_backbone import MC_HEAD_FILE, PersonaDoubleHeadsModel
 from persona_card import persona_model_card
 from persona_collator import ArrowBatches, PersonaCollator
 from persona_files import file_in_the_way
@@ -203,6 +204,15 @@ class PersonaTrainer(Trainer):
         with self._collating_by_candidate_count():
             return super().get_test_dataloader(test_dataset)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's weights, then the multiple-choice head from its own file (it is not in model.safetensors)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_head_file(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        _load_head_file(self.model, self.state.best_model_checkpoint)
+
     @contextmanager
     def _collating_by_candidate_count(self):
         collator = self.data_collator
@@ -267,6 +277,15 @@ class PersonaTrainer(Trainer):
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
+
+
+def _load_head_file(model, folder: str | None) -> None:
+    """Load `MC_HEAD_FILE` from a checkpoint folder into the (unwrapped) double-heads model when both have one."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "get_base_model"):  # PEFT: the adapter file holds the head already
+        return
+    if folder and isinstance(model, PersonaDoubleHeadsModel) and os.path.isfile(os.path.join(folder, MC_HEAD_FILE)):
+        model.load_multiple_choice_head(folder)
 
 
 def score_candidates(outputs, mc_labels: torch.Tensor) -> torch.Tensor:

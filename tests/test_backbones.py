@@ -253,17 +253,52 @@ def test_config_round_trip(backbone_checkpoints, tmp_path):
         PersonaDoubleHeadsConfig.from_backbone(ViTConfig())  # an encoder-only vision model
 
 
-def test_checkpoint_with_the_former_config_key_keeps_its_head_settings(backbone_checkpoints, tmp_path):
-    """Folders saved before the rename store the head settings under "persona_dual_head"."""
-    on_disk = json.loads(open(os.path.join(backbone_checkpoints["llama"], "config.json")).read())
-    on_disk["persona_dual_head"] = {"summary_first_dropout": 0.25, "speaker_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(on_disk))
-    config = PersonaDoubleHeadsConfig.from_pretrained(tmp_path)
-    assert config.summary_first_dropout == 0.25 and config.speaker_embeddings is False
-    assert not hasattr(config.text_config, "persona_dual_head")
-    config.save_pretrained(tmp_path / "again")
-    saved = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert "persona_dual_head" not in saved and saved["persona_double_heads"]["summary_first_dropout"] == 0.25
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_saved_folder_is_exactly_a_causal_lm_checkpoint_with_the_head_beside_it(backbone_checkpoints, family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from persona_backbone import MC_HEAD_FILE
+
+    model, tokenizer = load_model_and_tokenizer(backbone_checkpoints[family])
+    assert not model.head_trained  # a plain causal LM: the head is new
+    with torch.no_grad():  # a head unlike any fresh initialisation
+        model.multiple_choice_head.summary.weight.uniform_(-1, 1)
+        model.multiple_choice_head.summary.bias.fill_(0.5)
+    model.save_pretrained(tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    causal_lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "run"))
+    expected = set(causal_lm.state_dict())
+    if causal_lm.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    assert set(saved) == expected
+    assert set(load_file(tmp_path / "run" / MC_HEAD_FILE)) == {"summary.weight", "summary.bias"}
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "run", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path / "run"))
+    assert reloaded.head_trained
+    torch.testing.assert_close(
+        reloaded.multiple_choice_head.state_dict(), model.multiple_choice_head.state_dict(), rtol=0, atol=0
+    )
+    direct, info = PersonaDoubleHeadsModel.from_pretrained(tmp_path / "run", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and direct.head_trained
+
+    # A folder saved with the head inside model.safetensors (the earlier layout) still loads its head.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in os.listdir(tmp_path / "run"):
+        if name not in ("model.safetensors", MC_HEAD_FILE):
+            (old / name).write_bytes((tmp_path / "run" / name).read_bytes())
+    inside = {
+        **saved,
+        **{f"multiple_choice_head.{k}": v for k, v in load_file(tmp_path / "run" / MC_HEAD_FILE).items()},
+    }
+    save_file(inside, old / "model.safetensors", metadata={"format": "pt"})
+    from_old, _ = load_model_and_tokenizer(str(old))
+    assert from_old.head_trained
+    torch.testing.assert_close(from_old.state_dict(), reloaded.state_dict(), rtol=0, atol=0)
 
 
 def test_lora_settings_with_peft(backbone_checkpoints, backbone_data):
@@ -384,3 +419,19 @@ def test_train_save_load_generate_eval_round_trip(backbone_checkpoints, backbone
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
         with_speakers = plain(inputs_embeds=model.embed(ids, torch.tensor([types]))).logits
         torch.testing.assert_close(with_speakers, model(input_ids=ids, token_type_ids=torch.tensor([types])).logits)
+
+
+def test_resume_restores_the_head_from_its_own_file(backbone_checkpoints, tmp_path):
+    """The Trainer's resume loads model.safetensors only: the head must come back from its file too."""
+    from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+    model, tokenizer = load_model_and_tokenizer(backbone_checkpoints["qwen2"])
+    with torch.no_grad():
+        model.multiple_choice_head.summary.weight.uniform_(-1, 1)
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    fresh, _ = load_model_and_tokenizer(backbone_checkpoints["qwen2"])
+    assert not torch.equal(fresh.multiple_choice_head.summary.weight, model.multiple_choice_head.summary.weight)
+    args = PersonaTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    trainer = PersonaTrainer(model=fresh, args=args, data_collator=PersonaCollator(tokenizer.pad_token_id))
+    trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
