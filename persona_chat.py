@@ -49,7 +49,7 @@ def random_persona(dataset_path: str, dataset_format: str | None = None, seed: i
     dialogs = load_dialogs(dataset_path, dataset_format)
     split = persona_split(dialogs)
     if dialogs[split].num_rows == 0:
-        raise ValueError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
+        raise UsageError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
     index = random.Random(seed).randrange(dialogs[split].num_rows)
     return list(dialogs[split][index]["personality"])
 

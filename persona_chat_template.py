@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from persona_errors import PersonaError, UsageError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are chatting with someone. Stay in character. Your persona:\n{persona}"
@@ -31,7 +33,7 @@ _WARNED_NO_SYSTEM: set[tuple[str, str]] = set()  # say once per template that th
 _MAX_CUTS = 64  # reply/last-turn cuts before giving up (each one removes at least a token)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(PersonaError, ValueError):
     """A tokenizer or chat template that cannot build persona rows; the message names the template and the fix."""
 
 
@@ -109,7 +111,7 @@ class ChatFormat:
         `load_chat_template`); `template_name` (e.g. the file) names the template in errors."""
         model_name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         if PERSONA_FIELD not in system_prompt:
-            raise ValueError(
+            raise UsageError(
                 f"--system_prompt must contain {PERSONA_FIELD} (where the persona sentences go); got {system_prompt!r}."
             )
         template = chat_template if chat_template is not None else _default_template(tokenizer, model_name)
@@ -247,7 +249,7 @@ class ChatFormat:
                 break
             enc = self._encode(persona, history, replies)
         if enc.length(reply_budget) > max_length:
-            raise ValueError(
+            raise UsageError(
                 f"max_length={max_length} is too small to hold {self.name}'s system prompt, headers and one reply "
                 "token; raise max_length or shorten --system_prompt."
             )
@@ -280,7 +282,7 @@ class ChatFormat:
         stripped of surrounding whitespace.
         """
         if not candidates:
-            raise ValueError("build_rows needs at least one candidate (the gold reply, last).")
+            raise UsageError("build_rows needs at least one candidate (the gold reply, last).")
         replies = [c.strip() for c in candidates]
         enc, cut = self._fit(persona, history, replies, max_length)
         prompt_len = len(enc.prompt_ids)
@@ -379,10 +381,10 @@ def resolve_input_format(
         input_format = CHAT_TEMPLATE
     input_format = input_format or recorded.get("input_format") or default_input_format(tokenizer, model_type)
     if input_format not in INPUT_FORMATS:
-        raise ValueError(f"--input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}.")
+        raise UsageError(f"--input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}.")
     if input_format == SPEAKER_TOKENS:
         if system_prompt is not None or chat_template is not None:
-            raise ValueError("--system_prompt and --chat_template apply to --input_format chat_template only.")
+            raise UsageError("--system_prompt and --chat_template apply to --input_format chat_template only.")
         record_input_format(tokenizer, SPEAKER_TOKENS)
         return None
     system_prompt = system_prompt or recorded.get("system_prompt") or DEFAULT_SYSTEM_PROMPT

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
+from persona_errors import PersonaError, UsageError
+
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Names tried, in order, for evaluation when the user names no split.
@@ -23,13 +25,7 @@ EVAL_SPLIT_FALLBACKS = ("valid", "validation", "test")
 MIN_INPUT_LENGTH = 8
 
 
-class UsageError(ValueError):
-    """A mistake of the user (a flag, a file, a value): the console scripts print its message as one line."""
-
-
-# What the boundary reports as one line: the project's typed errors (PersonaDataError and UsageError are
-# ValueErrors, as are the argument dataclasses' checks) and file errors.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+EXIT_BUG = 1
 
 
 def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
@@ -71,7 +67,12 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
             config[key] = _check_config_value(config_path, key, value, actions[key], key in takes_list)
             actions[key].required = False  # the config file gives it (argparse only counts flags)
         parser.set_defaults(**config)
-    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except PersonaError:
+        raise
+    except ValueError as err:  # an argument dataclass's own check (`__post_init__`): a flag mistake
+        raise UsageError(str(err)) from err
     if rest:
         unknown = next((a for a in rest if a.startswith("-")), rest[0])
         close = _closest(unknown.split("=")[0], flags) if unknown.startswith("--") else None
@@ -296,6 +297,12 @@ def sentence_list(values, flag: str) -> list[str]:
     return sentences
 
 
+def is_user_error(err: BaseException) -> bool:
+    """What the boundary reports as one line: the project's own error types (argument and config checks become
+    `UsageError`s while parsing) and file errors that name their file. Anything else is a bug."""
+    return isinstance(err, PersonaError) or (isinstance(err, OSError) and err.filename is not None)
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         return f"{err.filename}: {err.strerror}"
@@ -305,12 +312,12 @@ def _one_line(err: BaseException) -> str:
 def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)` (parse, then work) inside the one error boundary of the console scripts.
 
-    A user error (`USER_ERRORS`) prints `prog: error: <message>` once (rank 0 under torchrun) and exits with status 2,
-    without a traceback unless `--debug` is among the arguments or `PERSONA_DEBUG=1`. Returns main's exit status.
+    A user error (`is_user_error`) prints `prog: error: <message>` once (rank 0 under torchrun) and exits with status
+    2, without a traceback unless `PERSONA_DEBUG=1`. Anything else is a bug: its
+    traceback, then one line saying so, exit status 1. Returns main's exit status.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("PERSONA_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    debug = os.environ.get("PERSONA_DEBUG", "") not in ("", "0")
     try:
         return main(argv) or 0
     except KeyboardInterrupt:
@@ -318,9 +325,16 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except USER_ERRORS as err:
+    except Exception as err:
         if debug:
             raise
+        if not is_user_error(err):
+            import traceback
+
+            traceback.print_exc()
+            print(f"{prog}: internal error: this is a bug, not your input; please report it with the traceback above.",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(EXIT_BUG) from None
         if is_rank_zero():
             print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

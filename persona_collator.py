@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from persona_errors import UsageError
+
 # The columns padded to [B, C, T]; the others pass through as they are, but a given attention mask: it is built here.
 PADDED = ("input_ids", "token_type_ids", "labels")
 BUILT = (*PADDED, "attention_mask")
@@ -56,7 +58,7 @@ class PersonaCollator:
         if not counts:
             raise ValueError("PersonaCollator got an empty batch.")
         if len(set(counts)) != 1:
-            raise ValueError(
+            raise UsageError(
                 f"Every row of a batch needs the same number of candidates, got {sorted(set(counts))}; "
                 "pass num_candidates to build_features (or use per_device_eval_batch_size=1)."
             )

@@ -20,6 +20,7 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from persona_chat_template import ChatFormat
+from persona_errors import UsageError
 from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
@@ -64,12 +65,12 @@ def load_dialogs_with_report(
         splits = read_hub_dataset(source, read_options, cache_dir=cache_dir, **options)
     else:
         if options:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown load_dialogs option(s) {sorted(options)} for a {dataset_format or 'data'} file; known: "
                 f"{sorted(known | {'cache_dir'})}."
             )
         if fmt is not None and fmt not in READERS:
-            raise ValueError(f"Unknown --dataset_format {fmt!r}; choose one of {sorted(READERS) + ['hub']}.")
+            raise UsageError(f"Unknown --dataset_format {fmt!r}; choose one of {sorted(READERS) + ['hub']}.")
         local = fetch(source, cache_dir)
         try:
             fmt = fmt or detect_format(local, source.split("?")[0] if is_url(source) else None)
@@ -229,11 +230,11 @@ def build_features(
     `source` (e.g. "data.json: split 'train'") prefixes error messages.
     """
     if num_candidates is not None and num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1 or None, got {num_candidates}.")
+        raise UsageError(f"num_candidates must be >= 1 or None, got {num_candidates}.")
     if personality_permutations < 1:
-        raise ValueError(f"personality_permutations must be >= 1, got {personality_permutations}.")
+        raise UsageError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
-        raise ValueError(f"max_history must be >= 0, got {max_history}.")
+        raise UsageError(f"max_history must be >= 0, got {max_history}.")
     if chat_format is None and max_length is not None and max_length < MIN_LENGTH:
         raise PersonaDataError(
             f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "

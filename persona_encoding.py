@@ -16,6 +16,7 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
+from persona_errors import UsageError
 from persona_packed import encode_packed, packed_unsupported_reason, tree_attention_unsupported_reason
 from persona_shared_prefix import (
     CandidateEncoding,
@@ -45,14 +46,14 @@ def requested_encoding(model: PreTrainedModel) -> str:
     if requested is None:
         return "auto" if getattr(model.config, LEGACY_ATTR, True) else "plain"
     if requested not in ENCODINGS:
-        raise ValueError(f"config.{ENCODING_ATTR} is {requested!r}; expected one of {', '.join(ENCODINGS)}.")
+        raise UsageError(f"config.{ENCODING_ATTR} is {requested!r}; expected one of {', '.join(ENCODINGS)}.")
     return requested
 
 
 def set_candidate_encoding(model: PreTrainedModel, encoding: str) -> None:
     """Ask `model` for `encoding` (one of ENCODINGS); saved with its config, so a checkpoint keeps the choice."""
     if encoding not in ENCODINGS:
-        raise ValueError(f"candidate encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}.")
+        raise UsageError(f"candidate encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}.")
     setattr(model.config, ENCODING_ATTR, encoding)
     if hasattr(model.config, LEGACY_ATTR):
         delattr(model.config, LEGACY_ATTR)

@@ -159,7 +159,7 @@ def evaluate_convai2(
     batch_size = trainer.args.per_device_eval_batch_size
     dialogs, turns = flatten_turns(dialogs, max_turns)
     if not turns:
-        raise ValueError("The evaluation split has no turns (no dialog with an utterance).")
+        raise UsageError("The evaluation split has no turns (no dialog with an utterance).")
     with trainer.args.main_process_first(desc="building evaluation features"):
         features = build_features(
             dialogs,

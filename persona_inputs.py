@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import chain
 
+from persona_errors import UsageError
 from persona_tokens import SpecialTokenIds
 
 
@@ -94,7 +95,7 @@ def fit_to_length(
         excess -= len(history[-1]) - keep
         history[-1] = history[-1][len(history[-1]) - keep :]
     if excess > 0:
-        raise ValueError(
+        raise UsageError(
             f"max_length={max_length} is too small to hold even the special tokens and one reply token; raise it."
         )
     return persona, history, budget, True

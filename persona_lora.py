@@ -11,6 +11,7 @@ import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from persona_errors import UsageError
 from persona_tokens import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def check_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Raise a clear error when the backbone cannot recompute activations (the Trainer would fail deep inside)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise UsageError(
             f"--gradient_checkpointing: {type(base).__name__} (model type {base.config.model_type!r}) does not "
             "support gradient checkpointing in transformers; drop the flag, or use a smaller per-device batch "
             "with more --gradient_accumulation_steps."

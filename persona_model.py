@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -28,6 +29,7 @@ from transformers.utils.peft_utils import find_adapter_config_file
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
 from persona_encoding import encode_candidates
+from persona_errors import CheckpointError, PersonaError
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
 
 logger = logging.getLogger(__name__)
@@ -150,8 +152,18 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(OSError):
-    """A checkpoint folder that cannot be loaded (damaged or incomplete files): a user error, not a bug."""
+@contextmanager
+def library_load_errors(name_or_path: str):
+    """What transformers raises for a checkpoint it cannot find or read (an `OSError` without a file name: a Hub id
+    offline or unknown, a folder without weights; a `ValueError`: an unknown model type) becomes a `CheckpointError`
+    naming the checkpoint: the user's input, not a bug."""
+    try:
+        yield
+    except PersonaError:
+        raise
+    except (OSError, ValueError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CheckpointError(f"{name_or_path}: cannot be loaded: {first[:300]}") from err
 
 
 def _load_model_and_tokenizer(
@@ -173,7 +185,8 @@ def _load_model_and_tokenizer(
         return load_lora_adapter(
             name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
         )
-    config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    with library_load_errors(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     model_type = config.model_type
     model_cls = DOUBLE_HEADS_CLASSES.get(model_type)
     if model_cls is None:  # any other causal LM: the generic double-heads model
@@ -189,12 +202,14 @@ def _load_model_and_tokenizer(
             f"{tokenizer_path}: no tokenizer files (tokenizer.json, vocab.json, ...) in this folder; copy them from "
             "the model it was trained from (or pass --tokenizer_name)."
         )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs)
+    with library_load_errors(tokenizer_path):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs)
     chat_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
-        model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
+        with library_load_errors(name_or_path):
+            model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
@@ -243,7 +258,7 @@ def load_lora_adapter(
     with open(adapter_config_file, encoding="utf-8") as f:
         base_name = json.load(f).get("base_model_name_or_path")
     if not base_name:
-        raise ValueError(f"{adapter_config_file}: no 'base_model_name_or_path'; cannot find the base model.")
+        raise CheckpointError(f"{adapter_config_file}: no 'base_model_name_or_path'; cannot find the base model.")
     # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: size its
     # embeddings to that tokenizer as training did; the adapter then restores the trained rows.
     model, tokenizer = load_model_and_tokenizer(

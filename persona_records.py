@@ -19,6 +19,8 @@ from itertools import chain
 
 import datasets
 
+from persona_errors import PersonaError, UsageError
+
 logger = logging.getLogger(__name__)
 
 DIALOG_FEATURES = datasets.Features(
@@ -37,7 +39,7 @@ DIALOG_FEATURES = datasets.Features(
 SILENCE = "__SILENCE__"
 
 
-class PersonaDataError(ValueError):
+class PersonaDataError(PersonaError, ValueError):
     """Malformed persona data; the message names the file, the record and the field."""
 
 
@@ -55,13 +57,13 @@ class ReadOptions:
 
     def __post_init__(self):
         if self.on_bad_record not in ("error", "skip"):
-            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
+            raise UsageError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
         if self.spc_bot_role not in ("user1", "user2", "both"):
-            raise ValueError(f"spc_bot_role must be 'user1', 'user2' or 'both', got {self.spc_bot_role!r}.")
+            raise UsageError(f"spc_bot_role must be 'user1', 'user2' or 'both', got {self.spc_bot_role!r}.")
         if not isinstance(self.num_distractors, int) or self.num_distractors < 0:
-            raise ValueError(f"num_distractors must be an integer >= 0, got {self.num_distractors!r}.")
+            raise UsageError(f"num_distractors must be an integer >= 0, got {self.num_distractors!r}.")
         if self.max_turn_chars is not None and self.max_turn_chars < 1:
-            raise ValueError(f"max_turn_chars must be >= 1 or None, got {self.max_turn_chars!r}.")
+            raise UsageError(f"max_turn_chars must be >= 1 or None, got {self.max_turn_chars!r}.")
         self.column_mapping = parse_column_mapping(self.column_mapping)
 
 
@@ -82,14 +84,14 @@ def parse_column_mapping(mapping: dict[str, str] | str | None) -> dict[str, str]
         try:
             parsed = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"column_mapping is not valid JSON: {err.msg}.") from None
+            raise UsageError(f"column_mapping is not valid JSON: {err.msg}.") from None
         if not isinstance(parsed, dict):
-            raise ValueError(f"column_mapping must be a JSON object, got {type(parsed).__name__}.")
+            raise UsageError(f"column_mapping must be a JSON object, got {type(parsed).__name__}.")
         return parse_column_mapping(parsed)
     out = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in pair:
-            raise ValueError(f"column_mapping entry {pair!r} must look like 'dataset_column=field'.")
+            raise UsageError(f"column_mapping entry {pair!r} must look like 'dataset_column=field'.")
         src, dst = (s.strip() for s in pair.split("=", 1))
         out[src] = dst
     return out

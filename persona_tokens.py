@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persona_errors import UsageError
+
 # The reference's five tokens, in its order: checkpoints stay interchangeable with transfer-learning-conv-ai.
 SPECIAL_TOKENS = ["<bos>", "<eos>", "<speaker1>", "<speaker2>", "<pad>"]
 ATTR_TO_SPECIAL_TOKEN = {
@@ -34,7 +36,7 @@ class SpecialTokenIds:
         ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
         unknown = [tok for tok, i in zip(SPECIAL_TOKENS, ids) if i is None or i == tokenizer.unk_token_id]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"The tokenizer lacks the persona special tokens {unknown}: call "
                 "persona_model.add_special_tokens(model, tokenizer) first."
             )

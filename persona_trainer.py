@@ -19,6 +19,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from persona_backbone import MC_HEAD_FILE, PersonaDoubleHeadsModel
 from persona_card import persona_model_card
 from persona_collator import ArrowBatches, PersonaCollator
+from persona_errors import UsageError
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
 
@@ -69,7 +70,7 @@ class PersonaTrainingArguments(TrainingArguments):
         if self.auto_eval_strategy:  # persona-train's default: evaluate each epoch when evaluating at all
             self.eval_strategy = "epoch" if self.do_eval else "no"
         if not (self.lm_coef >= 0 and self.mc_coef >= 0 and self.lm_coef + self.mc_coef > 0):
-            raise ValueError(
+            raise UsageError(
                 f"--lm_coef and --mc_coef must be >= 0 and not both 0, got {self.lm_coef}, {self.mc_coef}."
             )
         check_training_values(self)
@@ -97,25 +98,25 @@ def check_training_values(args: TrainingArguments) -> None:
     """A `ValueError` naming the flag for values the Trainer would accept and then fail on (or train wrongly with)."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if not getattr(args, name) >= 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "num_train_epochs", "warmup_steps", "adam_epsilon"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name} must be a finite number >= 0, got {value}.")
+            raise UsageError(f"--{name} must be a finite number >= 0, got {value}.")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs == 0 and args.do_train):
-        raise ValueError("Nothing to train: pass --max_steps >= 1 or --num_train_epochs > 0 (or --do_train false).")
+        raise UsageError("Nothing to train: pass --max_steps >= 1 or --num_train_epochs > 0 (or --do_train false).")
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(args, name)
         if value is not None and not value > 0:
-            raise ValueError(f"--{name} must be > 0, got {value}.")
+            raise UsageError(f"--{name} must be > 0, got {value}.")
     if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir}: is a file; pass a folder (it is created if missing).")
+        raise UsageError(f"--output_dir {args.output_dir}: is a file; pass a folder (it is created if missing).")
     blocking = None if args.output_dir is None else file_in_the_way(args.output_dir)
     if blocking:
-        raise ValueError(f"--output_dir {args.output_dir}: {blocking} is a file, not a folder; pass another path.")
+        raise UsageError(f"--output_dir {args.output_dir}: {blocking} is a file, not a folder; pass another path.")
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume and not os.path.isdir(resume):
-        raise ValueError(
+        raise UsageError(
             f"--resume_from_checkpoint {resume}: no such checkpoint folder; pass a checkpoint-N folder (re-running "
             "into the same --output_dir resumes from its newest complete checkpoint by itself)."
         )

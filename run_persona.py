@@ -6,8 +6,8 @@
     accelerate launch run_persona.py configs/gpt2.yaml
     torchrun --nproc_per_node 8 run_persona.py --model_name_or_path openai-community/gpt2 --output_dir out
 
-A lone `.yaml`/`.json` argument is a config file; flags after it override its values. `--debug` shows the traceback
-of a user error (otherwise one line and exit status 2).
+A lone `.yaml`/`.json` argument is a config file; flags after it override its values. A user error is one line and exit
+status 2 (`PERSONA_DEBUG=1` shows its traceback); a bug keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -124,13 +124,13 @@ class ModelArguments:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
         if not self.shared_prefix:
             if self.candidate_encoding not in ("auto", "plain"):
-                raise ValueError(
+                raise UsageError(
                     f"--shared_prefix false asks for the plain encoding, --candidate_encoding for "
                     f"{self.candidate_encoding!r}: give only one of them."
                 )
             self.candidate_encoding = "plain"
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
-            raise ValueError(
+            raise UsageError(
                 f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "
                 f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}."
             )

@@ -65,20 +65,30 @@ def test_debug_shows_the_traceback(monkeypatch):
         seen.append(argv)
         raise UsageError("bad")
 
-    with pytest.raises(UsageError):
-        run_console_script("persona-x", main, ["--debug", "--flag"])
-    assert seen == [["--flag"]]
     monkeypatch.setenv("PERSONA_DEBUG", "1")
     with pytest.raises(UsageError):
-        run_console_script("persona-x", main, [])
+        run_console_script("persona-x", main, ["--debug", "underflow_overflow"])
+    assert seen == [["--debug", "underflow_overflow"]]  # the Trainer's --debug is not ours to take
 
 
-def test_programming_errors_are_not_swallowed():
+@pytest.mark.parametrize(
+    "bug",
+    [ValueError("not enough values to unpack (expected 2, got 1)"), KeyError("a bug"), OSError("no file named")],
+)
+def test_a_bug_keeps_its_traceback_and_says_it_is_one(bug, capsys, monkeypatch):
+    """Only the project's own errors (and file errors naming their file) are one line: a ValueError raised inside
+    the code or a library is a bug, shown with its traceback and exit status 1."""
+    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
+
     def main(argv):
-        raise KeyError("a bug")
+        raise bug
 
-    with pytest.raises(KeyError):
+    with pytest.raises(SystemExit) as exit_info:
         run_console_script("persona-x", main, [])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "Traceback" in err and repr(bug)[: repr(bug).index("(")] in err
+    assert err.strip().splitlines()[-1].startswith("persona-x: internal error: this is a bug")
 
 
 @pytest.mark.parametrize(

@@ -416,6 +416,30 @@ def test_one_line_through_the_real_console_script_and_once_under_torchrun(tmp_pa
                           cwd=tmp_path, env=env, timeout=300)  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.count("persona-train: error: --gradient_accumulation_steps") == 1, proc.stderr
-    debug = subprocess.run([sys.executable, os.path.join(ROOT, "run_persona.py"), *args, "--debug"],
-                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    debug = subprocess.run([sys.executable, os.path.join(ROOT, "run_persona.py"), *args], capture_output=True,
+                           text=True, cwd=tmp_path, env={**env, "PERSONA_DEBUG": "1"}, timeout=300)  # fmt: skip
     assert "Traceback" in debug.stderr
+
+
+def test_an_internal_value_error_during_training_is_a_bug_with_its_traceback(
+    tiny_checkpoint, personachat_json, tmp_path, capsys, monkeypatch
+):
+    """A ValueError raised inside the training loop (here: a failed unpacking in compute_loss) is not the user's
+    mistake: the traceback stays, one line says it is a bug, exit status 1."""
+    import persona_trainer
+
+    def broken_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        first, second = [model]  # the kind of slip a refactor makes
+        return first
+
+    monkeypatch.setattr(persona_trainer.PersonaTrainer, "compute_loss", broken_loss)
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json, "--output_dir",
+            str(tmp_path / "run"), "--max_steps", "1", "--num_candidates", "2", "--do_eval", "false",
+            "--report_to", "none", "--use_cpu", "true", "--dataset_cache", str(tmp_path / "cache")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_persona.cli(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1, err
+    assert "Traceback" in err and "ValueError: not enough values to unpack" in err and "broken_loss" in err
+    assert err.strip().splitlines()[-1].startswith("persona-train: internal error: this is a bug")
+    assert ": error: " not in err
