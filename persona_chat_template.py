@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 from persona_errors import PersonaError, UsageError
+from persona_inputs import Kept, fit_context
 
 logger = logging.getLogger(__name__)
 
@@ -219,36 +220,47 @@ class ChatFormat:
         max_length: int | None,
         reply_budget: int = 0,
     ) -> tuple[_Encoded, bool]:
-        """Encode, shortening like `persona_data.fit_to_length` until the longest row fits `max_length`.
-
-        Oldest history turns go first (the last one stays), then persona sentences from the end; then the replies
-        lose their last tokens (down to one), and at last the final turn its oldest tokens. Cuts are made in token
-        space and decoded back to text, so that every row is still the rendering of a conversation.
-        """
+        """Encode, shortening the context by the one rule (`persona_inputs.fit_context`) until the longest row, or the
+        generation prompt plus `reply_budget` tokens, fits `max_length`; then the replies lose their last tokens
+        (down to one). Cuts are made in token space and decoded back to text, so that every row is still the
+        rendering of a conversation. Every candidate's part is encoded apart from the prompt, so a cut renders only
+        the prompt again: O(log n) renderings for n persona sentences or turns."""
         enc = self._encode(persona, history, replies)
         if max_length is None or enc.length(reply_budget) <= max_length:
             return enc, False
-        persona, history, replies = list(persona), list(history), list(replies)
-        while enc.length(reply_budget) > max_length and len(history) > 1:
-            history.pop(0)
-            enc = self._encode(persona, history, replies)
-        while enc.length(reply_budget) > max_length and persona:
-            persona.pop()
-            enc = self._encode(persona, history, replies)
+        reply_cost = enc.length(reply_budget) - len(enc.prompt_ids)
+        persona, history = list(persona), list(history)
+        (last_ids,) = self.encode(history[-1:]) if history else ([],)
+        prompts = {}
+
+        def context(kept: Kept) -> tuple[list[str], list[str]]:
+            turns = history[kept.first_turn :]
+            if kept.last_turn is not None and turns:
+                turns[-1] = self._keep(turns[-1], len(last_ids), kept.last_turn, from_end=True)
+            return persona[: kept.persona], turns
+
+        def fits(kept: Kept) -> bool:
+            if kept not in prompts:
+                prompts[kept] = self.encode([self.render(self.messages(*context(kept)), add_generation_prompt=True)])[0]
+            return len(prompts[kept]) + reply_cost <= max_length
+
+        persona_tokens = [len(ids) for ids in self.encode(persona)] if persona else []
+        kept, _ = fit_context(fits, persona_tokens, len(history), len(last_ids), max_length)
+        persona, history = context(kept)
+        enc = self._encode(persona, history, replies)
         for _ in range(_MAX_CUTS):
-            if enc.length(reply_budget) <= max_length:
-                break
             over = enc.length(reply_budget) - max_length
-            if replies and max(enc.reply_lens()) > 1:
-                budget = max(1, max(enc.reply_lens()) - over)
-                replies = [self._keep(r, n, budget, from_end=False) for r, n in zip(replies, enc.reply_lens())]
-            elif history and history[-1]:
-                (last_ids,) = self.encode(history[-1:])
-                history[-1] = self._keep(history[-1], len(last_ids), len(last_ids) - over, from_end=True)
-            else:
+            if over <= 0 or not replies or max(enc.reply_lens()) <= 1:
                 break
+            budget = max(1, max(enc.reply_lens()) - over)
+            replies = [self._keep(r, n, budget, from_end=False) for r, n in zip(replies, enc.reply_lens())]
             enc = self._encode(persona, history, replies)
         if enc.length(reply_budget) > max_length:
+            if not replies:
+                raise UsageError(
+                    f"a reply of {reply_budget} new tokens leaves no room for {self.name}'s system prompt and headers "
+                    f"in the model's {max_length} positions; lower --max_new_tokens."
+                )
             raise UsageError(
                 f"max_length={max_length} is too small to hold {self.name}'s system prompt, headers and one reply "
                 "token; raise max_length or shorten --system_prompt."
@@ -305,8 +317,9 @@ class ChatFormat:
     ) -> list[int]:
         """Generation context: system + history + the assistant header, as a serving engine renders it.
 
-        With `max_length` (the model's positions) the context is shortened by the training rules so that
-        `reply_budget` more tokens fit.
+        With `max_length` (the model's positions) the context is shortened by the training rule so that
+        `reply_budget` more tokens fit: with `reply_budget` = the length of a training row's longest candidate part
+        (reply and end-of-turn tokens), it is that row's prompt, token for token.
         """
         enc, cut = self._fit(persona, history, [], max_length, reply_budget)
         if cut:

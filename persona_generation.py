@@ -23,7 +23,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from persona_chat_template import chat_format_of
 from persona_cli import UsageError, max_positions
-from persona_inputs import build_inputs
+from persona_inputs import build_inputs, fit_to_length
 from persona_model import load_model_and_tokenizer
 from persona_tokens import SpecialTokenIds
 
@@ -116,7 +116,7 @@ def build_context(
     For a chat-template model it is the template's rendering of the system message and the history with the
     assistant header (`ChatFormat.context_ids`, what a serving engine sends), without `token_type_ids`.
     `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) the context is
-    cut (`fit_generation_context`, or the template's own rule) so that it plus `reply_budget` new tokens fit.
+    cut by the training rule (`persona_inputs.fit_context`) so that it plus `reply_budget` new tokens fit.
     """
     history = history[-(2 * max_history + 1) :] if history else []
     chat_format = chat_format_of(tokenizer)
@@ -126,7 +126,15 @@ def build_context(
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     persona_ids = _encode(tokenizer, persona)
     history_ids = _encode(tokenizer, history)
-    persona_ids, history_ids, cut = fit_generation_context(persona_ids, history_ids, reply_budget, max_length)
+    # The training rule (`persona_inputs.fit_to_length`) for a reply of `reply_budget` tokens, its last one the eos
+    # slot: the context equals the training input of the same turn without its reply.
+    reply = max(reply_budget - 1, 0)
+    persona_ids, history_ids, budget, cut = fit_to_length(persona_ids, history_ids, reply, max_length)
+    if budget < reply:
+        raise UsageError(
+            f"a reply of {reply_budget} new tokens leaves no room for the context in the model's {max_length} "
+            "positions; lower --max_new_tokens."
+        )
     if cut:
         logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
     row = build_inputs(persona_ids, history_ids, [], SpecialTokenIds.from_tokenizer(tokenizer), with_eos=False)
@@ -136,47 +144,6 @@ def build_context(
         "token_type_ids": torch.tensor([row["token_type_ids"]]),
         "attention_mask": torch.ones_like(input_ids),
     }
-
-
-def fit_generation_context(
-    persona: list[list[int]], history: list[list[int]], reply_budget: int, max_length: int | None
-) -> tuple[list[list[int]], list[list[int]], bool]:
-    """Cut a generation context so that bos + persona + speaker-prefixed turns + the reply prefix + `reply_budget`
-    new tokens fit `max_length` positions; returns persona, history and whether anything was cut (linear time).
-
-    The oldest turns go first (the user's last turn stays); persona sentences from the end while the persona takes
-    more than half the room; then the last turn loses its start (its end, next to the reply, is kept); then more
-    persona sentences. A `ValueError` when `reply_budget` alone leaves no room.
-    """
-    if max_length is None:
-        return persona, history, False
-    room = max_length - 2 - reply_budget  # bos and the reply's speaker prefix
-    if room < 1:
-        raise UsageError(
-            f"a reply of {reply_budget} new tokens leaves no room for the context in the model's {max_length} "
-            "positions; lower --max_new_tokens."
-        )
-    persona_len = sum(map(len, persona))
-    turn_lens = [len(h) + 1 for h in history]
-    total = persona_len + sum(turn_lens)
-    if total <= room:
-        return persona, history, False
-    first = 0
-    while total > room and first < len(history) - 1:
-        total -= turn_lens[first]
-        first += 1
-    history, persona = list(history[first:]), list(persona)
-    while total > room and persona and persona_len > room // 2:
-        dropped = len(persona.pop())
-        persona_len -= dropped
-        total -= dropped
-    if total > room and history:
-        keep = max(0, len(history[-1]) - (total - room))
-        total -= len(history[-1]) - keep
-        history[-1] = history[-1][len(history[-1]) - keep :]
-    while total > room and persona:
-        total -= len(persona.pop())
-    return persona, history, True
 
 
 def generation_config_from_options(

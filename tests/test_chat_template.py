@@ -326,7 +326,30 @@ def test_tokens_merging_across_the_generation_prompt_raise(tokenizers):
         ChatFormat.from_tokenizer(tok)
 
 
-def test_truncation_follows_the_speaker_token_rules(tokenizers, dialogs):
+def reference_cut(tok, persona, history, reply, max_length):
+    """The context rule written out plainly for chat rows: one turn, sentence or token at a time, the whole row rendered
+    and tokenized again after each (quadratic). Returns the persona and history that are kept."""
+    persona, history = list(persona), list(history)
+
+    def fits():
+        return len(chat_ids(tok, reference_messages(persona, history, reply))) <= max_length
+
+    while not fits() and len(history) > 1:  # 1. the oldest turns
+        history.pop(0)
+    tokens = lambda: sum(len(tok.encode(p, add_special_tokens=False)) for p in persona)  # noqa: E731
+    while not fits() and persona and tokens() > max_length // 2:  # 2. the persona over half the window
+        persona.pop()
+    last = tok.encode(history[-1], add_special_tokens=False)
+    keep = len(last)
+    while not fits() and keep:  # 3. the last turn's oldest tokens
+        keep -= 1
+        history[-1] = tok.decode(last[len(last) - keep :], clean_up_tokenization_spaces=False) if keep else ""
+    while not fits() and persona:  # 4. the rest of the persona
+        persona.pop()
+    return persona, history
+
+
+def test_truncation_follows_the_one_context_rule(tokenizers, dialogs):
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
     persona, history, candidates = dialogs[0]["personality"], dialogs[0]["utterances"][3]["history"], ["ok", "fine"]
@@ -339,25 +362,41 @@ def test_truncation_follows_the_speaker_token_rules(tokenizers, dialogs):
     max_length = row_length(persona, history[-3:])
     rows, cut = fmt.build_rows(persona, history, candidates, max_length=max_length)
     assert cut and rows["input_ids"][1] == chat_ids(tok, reference_messages(persona, history[-3:], "fine"))
-    # Then persona sentences from the end.
-    max_length = row_length(persona[:2], history[-1:])
-    rows, cut = fmt.build_rows(persona, history, candidates, max_length=max_length)
-    assert cut and rows["input_ids"][1] == chat_ids(tok, reference_messages(persona[:2], history[-1:], "fine"))
-    # Then the reply budget, then the last turn's oldest tokens.
+    # Every window from the smallest that holds a row to the whole one: what is kept is the plain rule's.
+    smallest = row_length([], [""])
+    checked = set()
+    for max_length in range(smallest, row_length(persona, history) + 1):
+        rows, cut = fmt.build_rows(persona, history, candidates, max_length=max_length)
+        kept = reference_cut(tok, persona, history, "fine", max_length)
+        assert rows["input_ids"][1] == chat_ids(tok, reference_messages(*kept, "fine")), max_length
+        assert max(map(len, rows["input_ids"])) <= max_length
+        checked.add((len(kept[0]), len(kept[1]), kept[1][-1] == history[-1]))
+    # The windows reached every step: fewer turns, fewer sentences, a shortened last turn.
+    assert {k[1] for k in checked} >= {1, 3, 7} and {k[0] for k in checked} >= {0, len(persona)}
+    assert any(not whole for _, _, whole in checked)
+    # Then the reply: the replies lose their last tokens once the context holds nothing more to cut.
     long_reply = "i could eat pizza every day , it relaxes me ."
-    max_length = row_length([], history[-1:]) - 2
+    max_length = row_length([], [""]) - 2
     rows, cut = fmt.build_rows(persona, history, ["ok", long_reply], max_length=max_length)
     assert cut and max(map(len, rows["input_ids"])) <= max_length
     labelled = tok.decode([t for t in rows["labels"][1] if t != -100])
     assert labelled.endswith("<|im_end|>") and long_reply.startswith(labelled.removesuffix("<|im_end|>"))
     assert len(labelled) < len(long_reply)
-    rows, cut = fmt.build_rows([], history[-1:], ["ok", "fine"], max_length=row_length([], ["?"]))
-    assert cut and max(map(len, rows["input_ids"])) <= row_length([], ["?"])
     with pytest.raises(ValueError, match="max_length=5 is too small"):
         fmt.build_rows(persona, history, candidates, max_length=5)
-    # The generation context is cut by the same rules, leaving room for the reply.
-    expected = chat_ids(tok, reference_messages(persona, history[-3:]), add_generation_prompt=True)
-    assert fmt.context_ids(persona, history, max_length=len(expected) + 5, reply_budget=5) == expected
+    with pytest.raises(ValueError, match="lower --max_new_tokens"):
+        fmt.context_ids(persona, history, max_length=20, reply_budget=18)
+
+
+def test_a_long_persona_is_fitted_in_few_renderings(tokenizers, monkeypatch):
+    """Fitting renders the prompt O(log n) times, not once per dropped sentence."""
+    fmt = ChatFormat.from_tokenizer(tokenizers["chatml"])
+    persona = [f"i have a pet number {i} ." for i in range(2000)]
+    calls = []
+    render = ChatFormat.render
+    monkeypatch.setattr(ChatFormat, "render", lambda self, *a, **k: calls.append(1) or render(self, *a, **k))
+    ids = fmt.context_ids(persona, ["hello , how are you ?"], max_length=256, reply_budget=20)
+    assert len(ids) + 20 <= 256 and len(calls) < 60, len(calls)
 
 
 @pytest.mark.parametrize("family,model_family", [("chatml", "qwen2"), ("llama3", "llama")])

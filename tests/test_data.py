@@ -99,18 +99,22 @@ def test_too_few_candidates_names_dialog(tokenizer):
 def test_cut_gold_replies_are_counted_apart(tokenizer, caplog):
     dialogs = _dialogs()
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    # The smallest context: bos + the last turn, both utterances; the gold "hi there" needs all its tokens.
+    # The smallest context: bos + the last turn's speaker token (the turn itself emptied before the reply is cut);
+    # the gold "hi there" needs all its tokens.
     gold_len = len(enc("hi there"))
     assert gold_len >= 2
-    max_length = 1 + 1 + len(enc("hello")) + 1 + gold_len + 1 - 1  # one token short for utterance 0's gold
+    max_length = 1 + 1 + 1 + gold_len + 1 - 1  # one token short for utterance 0's gold
     with caplog.at_level("WARNING", logger="persona_data"):
         feats = build_features(dialogs, tokenizer, num_candidates=3, max_history=2, max_length=max_length)
     gold_rows = [row[-1] for row in feats["input_ids"]]
     assert all(len(seq) <= max_length for row in feats["input_ids"] for seq in row)
-    # Independently: with only the last turn left, the reply budget is what remains of max_length.
-    budgets = [max(1, max_length - 4 - len(enc(last))) for last in ("hello", "cool")]
-    cut = [len(enc(gold)) > b for gold, b in zip(("hi there", "thanks"), budgets)]
-    assert cut[0] and f"{sum(cut)} rows had their gold reply cut (to as few as {min(budgets)} tokens" in caplog.text
+    # Independently: with nothing of the context left, a reply keeps what remains of max_length (bos, two speaker
+    # tokens, eos), so a row's budget is that or its longest candidate, whichever is shorter.
+    candidates = (["no way", "maybe so", "hi there"], ["ok", "yes", "thanks"])
+    budgets = [min(max(len(enc(c)) for c in cands), max_length - 4) for cands in candidates]
+    cut = [len(enc(cands[-1])) > b for cands, b in zip(candidates, budgets)]
+    shortest = min(b for b, c in zip(budgets, cut) if c)
+    assert cut[0] and f"{sum(cut)} rows had their gold reply cut (to as few as {shortest} tokens" in caplog.text
     assert f"--max_length {max_length}: 2 of 2 rows lost their oldest history turns or persona sentences" in caplog.text
     eos = SpecialTokenIds.from_tokenizer(tokenizer).eos
     assert gold_rows[0][-1] == eos

@@ -38,37 +38,48 @@ def test_no_persona_and_even_history():
     assert out["token_type_ids"] == [3, 4, 4, 3, 3, 4, 4, 4]
 
 
-def test_fit_to_length_drops_oldest_history_then_persona():
+def test_fit_to_length_keeps_the_persona_longest():
     persona, history = [[1, 1], [2, 2], [3, 3]], [[4], [5, 5], [6, 6, 6]]
     # full length: 1 + 6 + (2 + 3 + 4) + reply 2 + 2 = 20
     assert fit_to_length(persona, history, 2, 20) == (persona, history, 2, False)
-    p, h, budget, cut = fit_to_length(persona, history, 2, 18)  # drop [4] (2 tokens)
+    p, h, budget, cut = fit_to_length(persona, history, 2, 18)  # 1. the oldest turn [4] goes (2 tokens)
     assert (p, h, budget, cut) == (persona, [[5, 5], [6, 6, 6]], 2, True)
-    p, h, budget, cut = fit_to_length(persona, history, 2, 14)  # all history but the last turn, then 1 sentence
-    assert (p, h, budget) == ([[1, 1], [2, 2]], [[6, 6, 6]], 2)
-    p, h, budget, cut = fit_to_length(persona, history, 5, 8)  # nothing but the last turn, reply cut
-    assert (p, h) == ([], [[6, 6, 6]]) and 1 + 4 + budget + 2 <= 8 and budget == 1
+    # 15 with the last turn alone; the persona (6) is under half of 14, so 3. the last turn loses its oldest token.
+    p, h, budget, cut = fit_to_length(persona, history, 2, 14)
+    assert (p, h, budget) == (persona, [[6, 6]], 2)
+    # max_length 10: the persona (6) is over half (5): 2. one sentence goes (4 <= 5), leaving 1 + 4 + 4 + 4 = 13;
+    # 3. the last turn loses all 3 tokens (10); done, the rest of the persona stays.
+    p, h, budget, cut = fit_to_length(persona, history, 2, 10)
+    assert (p, h, budget) == ([[1, 1], [2, 2]], [[]], 2)
+    # max_length 7, a 5-token reply: 2. one sentence is left (2 <= 3); 3. the last turn empties; 4. the last sentence
+    # goes (1 + 1 + 5 + 2 = 9); then the reply keeps 3 of its 5 tokens (1 + 1 + 3 + 2 = 7).
+    p, h, budget, cut = fit_to_length(persona, history, 5, 7)
+    assert (p, h, budget) == ([], [[]], 3) and 1 + 1 + budget + 2 <= 7
 
 
 def _fit_reference(persona, history, longest_reply, max_length):
-    """The plain version: drop one turn or sentence at a time and recompute the whole length (quadratic)."""
+    """The plain version of the rule: one turn, sentence or token at a time, the whole length recomputed (quadratic)."""
     if max_length is None:
         return persona, history, longest_reply, False
-    length = lambda: 1 + sum(map(len, persona)) + sum(len(h) + 1 for h in history) + longest_reply + 2  # noqa: E731
+
+    def length(reply=longest_reply):
+        return 1 + sum(map(len, persona)) + sum(len(h) + 1 for h in history) + reply + 2
+
     if length() <= max_length:
         return persona, history, longest_reply, False
     persona, history = list(persona), list(history)
     while length() > max_length and len(history) > 1:
         history.pop(0)
+    while length() > max_length and persona and sum(map(len, persona)) > max_length // 2:
+        persona.pop()
+    while length() > max_length and history and history[-1]:
+        history[-1] = history[-1][1:]
     while length() > max_length and persona:
         persona.pop()
     budget = longest_reply
-    if length() > max_length:
-        budget = longest_reply = max(1, longest_reply - (length() - max_length))
-    if length() > max_length and history:
-        keep = max(0, len(history[-1]) - (length() - max_length))
-        history[-1] = history[-1][len(history[-1]) - keep :]
-    if length() > max_length:
+    while length(budget) > max_length and budget > 1:
+        budget -= 1
+    if length(budget) > max_length:
         raise ValueError("too small")
     return persona, history, budget, True
 

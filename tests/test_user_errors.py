@@ -429,7 +429,7 @@ def test_an_internal_value_error_during_training_is_a_bug_with_its_traceback(
     import persona_trainer
 
     def broken_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        first, second = [model]  # the kind of slip a refactor makes
+        first, _second = [model]  # the kind of slip a refactor makes
         return first
 
     monkeypatch.setattr(persona_trainer.PersonaTrainer, "compute_loss", broken_loss)
