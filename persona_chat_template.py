@@ -410,6 +410,14 @@ def resolve_input_format(
     return fmt
 
 
+def tokenizer_chat_format(tokenizer) -> ChatFormat | None:
+    """The input format of a tokenizer when no option names one, as the console scripts decide it: the recorded
+    format (`load_model_and_tokenizer` records it), else `default_input_format` (None: speaker tokens)."""
+    if recorded_input_format(tokenizer) is None and default_input_format(tokenizer, None) == CHAT_TEMPLATE:
+        return ChatFormat.from_tokenizer(tokenizer)
+    return chat_format_of(tokenizer)
+
+
 def chat_format_of(tokenizer) -> ChatFormat | None:
     """The `ChatFormat` a tokenizer's record asks for (None: speaker tokens, or nothing recorded)."""
     record = recorded_input_format(tokenizer)

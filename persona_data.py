@@ -19,7 +19,7 @@ from itertools import chain
 import datasets
 from datasets.fingerprint import Hasher
 
-from persona_chat_template import ChatFormat
+from persona_chat_template import ChatFormat, tokenizer_chat_format
 from persona_errors import UsageError
 from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
@@ -221,9 +221,11 @@ def build_features(
 ) -> datasets.Dataset:
     """Model-input rows (one per permutation × utterance) of a canonical dialogs split.
 
-    `num_candidates=None` keeps every candidate (evaluation). With `chat_format`
-    (`persona_chat_template.ChatFormat`) the rows are the tokenizer's chat template (persona as the system message,
-    no `token_type_ids`); else the speaker-token rows of `persona_inputs`. Candidate selection, history, persona
+    `num_candidates=None` keeps every candidate (evaluation). The rows follow the checkpoint's input format, as the
+    console scripts do: `chat_format` (`persona_chat_template.ChatFormat`) when given, else the format recorded in the
+    tokenizer by `load_model_and_tokenizer`, else the tokenizer's default (`default_input_format`). A chat format
+    gives the tokenizer's chat template (persona as the system message, no `token_type_ids`); speaker tokens give the
+    rows of `persona_inputs`. Candidate selection, history, persona
     permutations, truncation and errors follow the same rules for both. The result is cached by a fingerprint of
     the dialogs, the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory
     dialogs.
@@ -235,6 +237,8 @@ def build_features(
         raise UsageError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise UsageError(f"max_history must be >= 0, got {max_history}.")
+    if chat_format is None:
+        chat_format = tokenizer_chat_format(tokenizer)
     if chat_format is None and max_length is not None and max_length < MIN_LENGTH:
         raise PersonaDataError(
             f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "

@@ -480,3 +480,29 @@ def test_deepspeed_zero_on_chat_rows_same_update_and_loadable(qwen2_step, data_p
     causal = AutoModelForCausalLM.from_pretrained(out)
     backbone = {k: v for k, v in qwen2_step["expected"].items() if not k.startswith("multiple_choice_head")}
     assert_same_weights(causal.state_dict(), backbone)  # the same names: the heads sit beside the backbone's modules
+
+
+def test_readme_instruct_snippet_builds_chat_template_rows(instruct_checkpoints, data_path, tmp_path, monkeypatch):
+    """The README's instruct snippet as written (a tiny checkpoint swapped in): rows follow the recorded chat
+    template without `chat_format`, exactly as with it, where before they failed asking for speaker tokens."""
+    import re
+
+    from persona_data import build_features, load_dialogs
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "Instruct" in b]
+    code = snippet.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(instruct_checkpoints["qwen2"]))
+    code = code.replace('"personachat_self_original.json"', repr(data_path))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    train, tokenizer = namespace["train"], namespace["tokenizer"]
+    assert "token_type_ids" not in train.column_names and "<speaker1>" not in tokenizer.get_vocab()
+    explicit = build_features(
+        load_dialogs(data_path)["train"],
+        tokenizer,
+        num_candidates=2,
+        max_history=2,
+        chat_format=chat_format_of(tokenizer),
+    )
+    assert train["input_ids"] == explicit["input_ids"] and train["labels"] == explicit["labels"]
