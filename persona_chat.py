@@ -226,10 +226,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `persona-chat` console script."""
 
     def chat(args: list[str]) -> int:
-        old = [a for a in args if a == "--max_length" or a.startswith("--max_length=")]
-        if old:  # the reference's name of the reply budget
-            print("persona-chat: --max_length is deprecated, use --max_new_tokens.", file=sys.stderr)
-            args = [a.replace("--max_length", "--max_new_tokens", 1) if a in old else a for a in args]
         return main(*parse_args_with_config(make_parser(), args))
 
     return run_console_script("persona-chat", chat, argv)

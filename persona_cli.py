@@ -271,16 +271,6 @@ def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1
             raise UsageError(f"--{name} must be >= {minimum:g}, got {value}.")
 
 
-def check_finite(obj, *names: str) -> None:
-    """A `UsageError` naming `--name` for each float attribute of `obj` that is NaN or infinite."""
-    import math
-
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number, got {value}.")
-
-
 def sentence_list(values, flag: str) -> list[str]:
     """The sentences of a repeatable text flag: `--persona a --persona b`, `--persona a b` and a config file's list or
     single text all give a flat list of text; a `UsageError` naming the flag for anything else.

@@ -29,22 +29,20 @@ from persona_shared_prefix import (
 logger = logging.getLogger(__name__)
 
 ENCODING_ATTR = "persona_candidate_encoding"  # config attribute: one of ENCODINGS (absent = "auto")
-LEGACY_ATTR = "persona_shared_prefix"  # the former on/off switch: False = "plain"
 ENCODINGS = ("auto", "packed", "shared_prefix", "plain")
-# How many examples share a packed row: "auto" = the whole batch in one row under the per-example tree attention,
-# rows no longer than the longest example under the dense mask (`persona_packed.encode_packed`).
-ROW_TOKENS = "auto"
-# The packed attention: "tree" (example by example), "dense" (one tree mask over whole rows) or "auto" (tree where
-# it applies: sdpa on CPU without activation checkpointing).
-ATTENTION = "auto"
+# Config attributes of the packed encoding (absent = "auto"), set by `set_packed_layout`:
+# the attention, "tree" (example by example), "dense" (one tree mask over whole rows) or "auto" (tree where it
+# applies: sdpa without activation checkpointing); and how many tokens a packed row holds, "auto" = the whole batch
+# in one row under the tree attention, rows no longer than the longest example under the dense mask, "longest", an
+# int, or None (one example per row) (`persona_packed.encode_packed`).
+PACKED_ATTENTION_ATTR = "persona_packed_attention"
+PACKED_ROW_TOKENS_ATTR = "persona_packed_row_tokens"
+PACKED_ATTENTIONS = ("auto", "tree", "dense")
 
 
 def requested_encoding(model: PreTrainedModel) -> str:
-    """The encoding `model.config` asks for: `persona_candidate_encoding`, else "plain" where the former
-    `persona_shared_prefix` switch is off, else "auto"."""
-    requested = getattr(model.config, ENCODING_ATTR, None)
-    if requested is None:
-        return "auto" if getattr(model.config, LEGACY_ATTR, True) else "plain"
+    """The encoding `model.config` asks for: `persona_candidate_encoding`, else "auto"."""
+    requested = getattr(model.config, ENCODING_ATTR, None) or "auto"
     if requested not in ENCODINGS:
         raise UsageError(f"config.{ENCODING_ATTR} is {requested!r}; expected one of {', '.join(ENCODINGS)}.")
     return requested
@@ -55,8 +53,15 @@ def set_candidate_encoding(model: PreTrainedModel, encoding: str) -> None:
     if encoding not in ENCODINGS:
         raise UsageError(f"candidate encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}.")
     setattr(model.config, ENCODING_ATTR, encoding)
-    if hasattr(model.config, LEGACY_ATTR):
-        delattr(model.config, LEGACY_ATTR)
+
+
+def set_packed_layout(model: PreTrainedModel, attention: str = "auto", row_tokens: int | str | None = "auto") -> None:
+    """Choose the packed encoding's attention (one of PACKED_ATTENTIONS) and row budget for `model` (benchmarks and
+    tests compare them; "auto" is what training and evaluation run)."""
+    if attention not in PACKED_ATTENTIONS:
+        raise UsageError(f"packed attention {attention!r}: expected one of {', '.join(PACKED_ATTENTIONS)}.")
+    setattr(model.config, PACKED_ATTENTION_ATTR, attention)
+    setattr(model.config, PACKED_ROW_TOKENS_ATTR, row_tokens)
 
 
 def preference(requested: str, device: torch.device) -> tuple[str, ...]:
@@ -103,7 +108,7 @@ def encode_candidates(
         skipped.append(f"{encoding}: {reason}")
     attention = None
     if encoding == "packed":
-        attention = ATTENTION
+        attention = getattr(model.config, PACKED_ATTENTION_ATTR, "auto")
         if attention == "auto":
             attention = "dense" if tree_attention_unsupported_reason(backbone) else "tree"
     _log_once(model, encoding, requested, skipped, attention)
@@ -112,7 +117,13 @@ def encode_candidates(
     inputs = {"token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds}
     if encoding == "packed":
         return encode_packed(
-            backbone, prefix_lengths, input_ids, attention_mask, **inputs, row_tokens=ROW_TOKENS, attention=attention
+            backbone,
+            prefix_lengths,
+            input_ids,
+            attention_mask,
+            **inputs,
+            row_tokens=getattr(model.config, PACKED_ROW_TOKENS_ATTR, "auto"),
+            attention=attention,
         )
     if encoding == "shared_prefix":
         return encode_shared_prefix(backbone, prefix_lengths, input_ids, attention_mask, **inputs)

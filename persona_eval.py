@@ -218,10 +218,7 @@ class EvalArguments:
     max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
     max_length: int | None = field(
         default=None,
-        metadata={
-            "help": "Longest input in tokens (default: the model's maximum positions), as in training.",
-            "aliases": ["--max_input_length"],
-        },
+        metadata={"help": "Longest input in tokens (default: the model's maximum positions), as in training."},
     )
     batch_size: int = field(default=8, metadata={"help": "Turns per batch and process (each turn has ~20 candidates)."})
     max_turns: int | None = field(default=None, metadata={"help": "Score only the first N turns (quick looks)."})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -194,9 +193,6 @@ def generation_config_from_options(
 
 
 def _split_options(options: dict) -> tuple[dict, int | None]:
-    if "max_length" in options:
-        warnings.warn("The generation option max_length is now max_new_tokens.", FutureWarning, stacklevel=3)
-        options = {"max_new_tokens": options["max_length"], **{k: v for k, v in options.items() if k != "max_length"}}
     unknown = set(options) - set(GENERATION_DEFAULTS)
     if unknown:
         raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(GENERATION_DEFAULTS)}.")

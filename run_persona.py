@@ -99,10 +99,6 @@ class ModelArguments:
             "instead of the tokenizer's own; it is saved with the model."
         },
     )
-    shared_prefix: bool = field(
-        default=True,
-        metadata={"help": "false = --candidate_encoding plain (the former switch of the shared-context encodings)."},
-    )
     # --- LoRA (PEFT)
     use_peft: bool = field(
         default=False,
@@ -122,13 +118,6 @@ class ModelArguments:
         check_model_path(self.model_name_or_path)
         if self.tokenizer_name is not None:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
-        if not self.shared_prefix:
-            if self.candidate_encoding not in ("auto", "plain"):
-                raise UsageError(
-                    f"--shared_prefix false asks for the plain encoding, --candidate_encoding for "
-                    f"{self.candidate_encoding!r}: give only one of them."
-                )
-            self.candidate_encoding = "plain"
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise UsageError(
                 f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from unittest import mock
 
 import torch
 
@@ -32,10 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import GPT2Config  # noqa: E402
 
-import persona_encoding  # noqa: E402
 from persona_collator import PersonaCollator  # noqa: E402
 from persona_data import build_features  # noqa: E402
-from persona_encoding import set_candidate_encoding  # noqa: E402
+from persona_encoding import set_candidate_encoding, set_packed_layout  # noqa: E402
 from persona_model import PersonaGPT2DoubleHeadsModel, add_special_tokens  # noqa: E402
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer  # noqa: E402
 
@@ -47,7 +45,7 @@ MODELS = {
 PATHS = {
     "plain": ("plain", None, None),
     "shared_prefix": ("shared_prefix", None, None),
-    "packed": ("packed", persona_encoding.ROW_TOKENS, persona_encoding.ATTENTION),
+    "packed": ("packed", "auto", "auto"),
     "packed-dense": ("packed", "longest", "dense"),
     "packed-dense-1ex": ("packed", None, "dense"),
 }
@@ -66,8 +64,8 @@ def make_batches(tokenizer, dialogs, num_candidates: int, batch_size: int, count
 
 def forward(model, path: str, batch: dict):
     _, row_tokens, attention = PATHS[path]
-    with mock.patch.multiple(persona_encoding, ROW_TOKENS=row_tokens, ATTENTION=attention or "auto"):
-        return model(**batch)
+    set_packed_layout(model, attention or "auto", row_tokens)
+    return model(**batch)
 
 
 def time_paths(model, paths: list[str], batches: list[dict], train: bool, repeats: int = 1, lr: float = 1e-3) -> dict:

@@ -175,10 +175,11 @@ def test_generation_config_maps_reference_options(tokenizer, ids):
         generate_replies(None, tokenizer, CONTEXTS, topp=0.5)
 
 
-def test_max_length_is_a_deprecated_name_of_max_new_tokens(model, tokenizer):
-    with pytest.warns(FutureWarning, match="max_new_tokens"):
-        old = generate_reply_ids(model, tokenizer, CONTEXTS[:1], no_sample=True, max_length=4, min_length=4)
-    assert old == generate_reply_ids(model, tokenizer, CONTEXTS[:1], no_sample=True, max_new_tokens=4, min_length=4)
+def test_the_reply_budget_is_max_new_tokens(model, tokenizer):
+    replies = generate_reply_ids(model, tokenizer, CONTEXTS[:1], no_sample=True, max_new_tokens=4, min_length=4)
+    assert len(replies[0]) == 4
+    with pytest.raises(TypeError, match="Unknown generation options"):
+        generate_reply_ids(model, tokenizer, CONTEXTS[:1], max_length=4)
     parsed = persona_chat.make_parser().parse_args_into_dataclasses(
         ["--model_name_or_path", "m", "--persona", "a", "b"]
     )
@@ -244,7 +245,7 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     args = ["--model_name_or_path", saved_checkpoint, "--persona", "i love cats.", "--persona_file", str(persona_file)]
     long_turn = "hello " * 300  # far over the model's window: the context is cut, never the reply budget
     result = run_cli(
-        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_length=20"],
+        [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_new_tokens=20"],
         f"hi !\n\nwhat do you do ?\n{long_turn}\nok .\n",
     )
     assert result.returncode == 0, result.stderr
@@ -256,7 +257,6 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     ]
     assert replies == expected and len(replies) == 5
     assert "i love cats." in result.stderr and "my favorite color is purple." in result.stderr
-    assert "--max_length is deprecated, use --max_new_tokens" in result.stderr
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from unittest import mock
 
 import pytest
 import torch
@@ -25,10 +24,9 @@ from test_shared_prefix import (
 )
 from transformers import AttentionInterface, OpenAIGPTConfig
 
-import persona_encoding
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs
-from persona_encoding import requested_encoding, set_candidate_encoding
+from persona_encoding import requested_encoding, set_candidate_encoding, set_packed_layout
 from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_packed import (
     TREE_ATTENTION,
@@ -49,8 +47,8 @@ ONE_EXAMPLE_PER_ROW = None
 def forward(model, batch: dict, encoding: str, row_tokens="longest", attention="auto"):
     """The model's own forward with `encoding` asked for, packed rows of `row_tokens` and `attention`."""
     set_candidate_encoding(model, encoding)
-    with mock.patch.multiple(persona_encoding, ROW_TOKENS=row_tokens, ATTENTION=attention):
-        return model(**batch)
+    set_packed_layout(model, attention, row_tokens)
+    return model(**batch)
 
 
 def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True, attention="auto") -> tuple:
@@ -401,16 +399,15 @@ def test_auto_falls_back_in_order(caplog):
 
 
 def test_the_config_keeps_the_choice(tmp_path):
-    """Saved and reloaded (GPT-2 and the generic model); a config with only the former switch off asks for plain."""
+    """Saved and reloaded (GPT-2 and the generic model)."""
     from persona_backbone import PersonaDoubleHeadsModel
 
     gpt2 = tiny_gpt2()
-    gpt2.config.persona_shared_prefix = False  # a checkpoint saved before the encodings had names
-    assert requested_encoding(gpt2) == "plain"
+    assert requested_encoding(gpt2) == "auto"
     set_candidate_encoding(gpt2, "shared_prefix")
     gpt2.save_pretrained(tmp_path / "gpt2")
     reloaded = PersonaGPT2DoubleHeadsModel.from_pretrained(tmp_path / "gpt2")
-    assert requested_encoding(reloaded) == "shared_prefix" and not hasattr(reloaded.config, "persona_shared_prefix")
+    assert requested_encoding(reloaded) == "shared_prefix"
     llama = tiny_double_heads("llama")
     set_candidate_encoding(llama, "plain")
     llama.save_pretrained(tmp_path / "llama")

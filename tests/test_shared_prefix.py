@@ -309,10 +309,9 @@ def test_run_persona_flag():
         return run_persona.parse_args([*flags, "--output_dir", "out"])[0].candidate_encoding
 
     assert encoding() == "auto"
-    assert encoding("--shared_prefix", "false") == "plain"  # the former switch
     assert encoding("--candidate_encoding", "shared_prefix") == "shared_prefix"
-    with pytest.raises(ValueError, match="give only one of them"):
-        encoding("--shared_prefix", "false", "--candidate_encoding", "packed")
+    with pytest.raises(ValueError, match="unrecognized argument '--shared_prefix'"):
+        encoding("--shared_prefix", "false")
 
 
 # The generic double-heads model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
