@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from persona_arguments import DialogArguments, InferenceArguments
 from persona_cli import (
     UsageError,
-    check_model_path,
     parse_args_with_config,
     persona_split,
     run_console_script,
     sentence_list,
+    setup_logging,
 )
 from persona_data import load_dialogs
 from persona_generation import (  # noqa: F401 (the public generation API, importable from persona_chat)
@@ -44,9 +45,11 @@ from persona_generation import (  # noqa: F401 (the public generation API, impor
 logger = logging.getLogger(__name__)
 
 
-def random_persona(dataset_path: str, dataset_format: str | None = None, seed: int | None = None) -> list[str]:
+def random_persona(
+    dataset_path: str, dataset_format: str | None = None, seed: int | None = None, **read_options
+) -> list[str]:
     """The persona of a random dialog of a dataset (its validation split when there is one)."""
-    dialogs = load_dialogs(dataset_path, dataset_format)
+    dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
     split = persona_split(dialogs)
     if dialogs[split].num_rows == 0:
         raise UsageError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
@@ -54,37 +57,21 @@ def random_persona(dataset_path: str, dataset_format: str | None = None, seed: i
     return list(dialogs[split][index]["personality"])
 
 
-@dataclass
-class ChatArguments:
-    """Options of `persona-chat` besides decoding (`GenerationArguments`)."""
+@dataclass(kw_only=True)
+class ChatArguments(DialogArguments, InferenceArguments):
+    """Options of `persona-chat` besides decoding (`GenerationArguments`): the shared model and dialog options, the
+    persona, and the stdin mode. `--dataset_path` gives a random persona."""
 
-    model_name_or_path: str = field(metadata={"help": "Checkpoint directory or Hub id."})
-    revision: str = field(default="main", metadata={"help": "Hub revision."})
-    device: str | None = field(
-        default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda when available)."}
-    )
-    dtype: str | None = field(
-        default=None, metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]}
-    )
     persona: list[str] = field(
         default_factory=list, metadata={"help": "A persona sentence; repeat for more.", "action": "append"}
     )
     persona_file: str | None = field(default=None, metadata={"help": "A text file with one persona sentence per line."})
-    dataset_path: str | None = field(
-        default=None, metadata={"help": "Take a random persona from this dataset (any format persona-train reads)."}
-    )
-    dataset_format: str | None = field(default=None, metadata={"help": "Format of --dataset_path when not detected."})
-    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
     stdin: bool = field(
         default=False, metadata={"help": "Read user turns from stdin, one per line; write one reply per line."}
     )
 
     def __post_init__(self):
         self.persona = sentence_list(self.persona, "--persona")
-        if self.max_history < 0:
-            raise UsageError(f"--max_history must be >= 0, got {self.max_history}.")
-        check_device(self.device)
-        check_model_path(self.model_name_or_path)
         if self.persona_file is not None and not os.path.isfile(self.persona_file):
             exists = os.path.exists(self.persona_file)
             what = (
@@ -95,6 +82,7 @@ class ChatArguments:
                 else "no such file"
             )
             raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
+        super().__post_init__()
 
 
 def make_parser() -> HfArgumentParser:
@@ -124,7 +112,7 @@ def _read_persona(args: ChatArguments, seed: int | None, interactive: bool) -> l
             raise UsageError(f"--persona_file {args.persona_file}: no persona sentence in it (one per line).")
         persona += sentences
     if not persona and args.dataset_path:
-        persona = random_persona(args.dataset_path, args.dataset_format, seed)
+        persona = random_persona(args.dataset_path, args.dataset_format, seed, **args.read_options())
     if not persona and interactive:
         persona = _type_persona()
     return persona
@@ -203,11 +191,12 @@ def _stdin_loop(bot: PersonaBot) -> None:
 
 
 def main(args: ChatArguments, generation: GenerationArguments) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    setup_logging(logging.WARNING, stream=sys.stderr)  # stdout carries the replies
+    check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
     interactive = not args.stdin
     try:
         persona = _read_persona(args, generation.seed, interactive)
-        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, revision=args.revision)
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
         check_reply_budget(model, generation.max_new_tokens)
         bot = PersonaBot(model, tokenizer, persona, max_history=args.max_history, **generation.generation_options())
         # In --stdin mode stdout carries replies only, one per line.

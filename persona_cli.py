@@ -1,10 +1,11 @@
 """The command-line layer under the four console scripts: parsing, shared look-ups and one error boundary.
 
-`persona-train`, `persona-chat`, `persona-eval` and `persona-demo` parse argument dataclasses with
+`persona-train`, `persona-chat`, `persona-eval` and `persona-demo` parse argument dataclasses (`persona_arguments`) with
 `parse_args_with_config` (a lone first `.yaml`/`.json` argument is a config file, later flags override it) and run
-their `main` through `run_console_script`, which turns a user error into one line on stderr and exit status 2.
-`--debug` (or `PERSONA_DEBUG=1`) shows the traceback instead. This module imports nothing of the project: it sits
-below the use layer (generation's argument checks raise its `UsageError`) and the four scripts.
+their `main` through `run_console_script`, which turns a user error into one line on stderr and exit status 2
+(`PERSONA_DEBUG=1` shows the traceback instead) and a bug into its traceback and exit status 1. This module imports
+only the project's error types: it sits below the use layer (generation's argument checks raise its `UsageError`) and
+the four scripts.
 """
 
 from __future__ import annotations
@@ -285,6 +286,25 @@ def sentence_list(values, flag: str) -> list[str]:
                 raise UsageError(f"{flag}: {sentence!r} is not a sentence; give text (quote it in a config file).")
             sentences.append(sentence)
     return sentences
+
+
+def setup_logging(level: int, stream=None) -> None:
+    """The one logging set-up of the console scripts: one line per record on `stream` (stdout by default;
+    persona-chat's stdout carries replies, so it passes stderr), and the project's modules, `datasets` and
+    `transformers` at `level`."""
+    import logging
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(stream or sys.stdout)],
+    )
+    for name in list(logging.root.manager.loggerDict):  # every project module logs under its own name
+        if name.startswith("persona_") or name == "run_persona" or name == "__main__":
+            logging.getLogger(name).setLevel(level)
+    for library in ("datasets", "transformers"):
+        if library in sys.modules:  # set where loaded; a script that never imports one does not pay for it
+            sys.modules[library].utils.logging.set_verbosity(level)
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -8,6 +8,7 @@ controls in an accordion. Each browser session keeps its own history; editing th
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -18,16 +19,18 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from persona_arguments import DialogArguments, InferenceArguments  # noqa: E402
 from persona_cli import (  # noqa: E402
     UsageError,
-    check_model_path,
     check_positive,
     parse_args_with_config,
     persona_split,
     run_console_script,
     sentence_list,
+    setup_logging,
 )
 from persona_data import load_dialogs  # noqa: E402
+from persona_errors import PersonaError  # noqa: E402
 from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
 
 TITLE = "persona-chat"
@@ -42,9 +45,9 @@ def _messages(turns: Sequence[str]) -> list[dict]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
 
 
-def dataset_personas(dataset_path: str, dataset_format: str | None = None) -> list[list[str]]:
+def dataset_personas(dataset_path: str, dataset_format: str | None = None, **read_options) -> list[list[str]]:
     """Every persona of a dataset's validation split (or its first split), for the "random persona" button."""
-    dialogs = load_dialogs(dataset_path, dataset_format)
+    dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
     return [list(p) for p in dialogs[persona_split(dialogs)]["personality"] if p]
 
 
@@ -157,23 +160,14 @@ def build_demo(
     return demo
 
 
-@dataclass
-class DemoArguments:
-    """Options of `persona-demo`."""
+@dataclass(kw_only=True)
+class DemoArguments(DialogArguments, InferenceArguments):
+    """Options of `persona-demo`: the shared model and dialog options (`--dataset_path` gives the random personas),
+    the page's limits and where it is served."""
 
-    model_name_or_path: str = field(metadata={"help": "Checkpoint directory or Hub id."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)."})
-    dtype: str | None = field(
-        default=None, metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]}
-    )
     persona: list[str] = field(
         default_factory=list, metadata={"help": "Initial persona sentence; repeat for more.", "action": "append"}
     )
-    dataset_path: str | None = field(
-        default=None, metadata={"help": "Dataset to draw random personas from (any format persona-train reads)."}
-    )
-    dataset_format: str | None = field(default=None, metadata={"help": "Format of --dataset_path when not detected."})
-    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the random personas."})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (0.0.0.0 exposes it to the network)."})
     port: int = field(default=7860, metadata={"help": "Port to serve on."})
@@ -185,20 +179,18 @@ class DemoArguments:
     def __post_init__(self):
         self.persona = sentence_list(self.persona, "--persona")
         check_positive(self, "max_message_chars", "max_persona_sentences", "max_persona_chars")
-        check_positive(self, "max_history", minimum=0)
         if not self.host.strip():
             raise UsageError("--host is empty; pass 127.0.0.1 (this machine only) or 0.0.0.0 (the network).")
         if ":" in self.host:
             raise UsageError(f"--host {self.host}: Gradio serves IPv4 addresses and host names; pass e.g. 127.0.0.1.")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}.")
-        check_device(self.device)
-        check_model_path(self.model_name_or_path)
         if len(self.persona) > self.max_persona_sentences:
             raise UsageError(f"--persona: {len(self.persona)} sentences, over --max_persona_sentences.")
         chars = len("\n".join(self.persona))  # as the persona box holds it
         if chars > self.max_persona_chars:
             raise UsageError(f"--persona: {chars} characters, over --max_persona_chars ({self.max_persona_chars}).")
+        super().__post_init__()
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -230,18 +222,22 @@ def main(args: DemoArguments) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
+    check_device(args.device)
     check_port_free(args.host, args.port)
+    setup_logging(logging.WARNING, stream=sys.stderr)
     try:
-        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype)
-    except (OSError, ValueError) as err:
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+    except PersonaError as err:
         raise UsageError(
             f"cannot load the checkpoint {args.model_name_or_path!r}: {err} Pass a directory written by persona-train "
             "(or a Hub id); for an offline demo checkpoint run: python persona_synthetic.py --output_dir demo_assets "
             "&& persona-train configs/demo.yaml"
         ) from err
     try:
-        personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
-    except (OSError, ValueError) as err:
+        personas = (
+            dataset_personas(args.dataset_path, args.dataset_format, **args.read_options()) if args.dataset_path else []
+        )
+    except PersonaError as err:
         raise UsageError(f"cannot read personas from {args.dataset_path!r}: {err}") from err
     demo = build_demo(
         model,

@@ -30,17 +30,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from persona_arguments import DialogArguments, ModelArguments
 from persona_chat_template import chat_format_of
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
-    check_model_path,
     check_positive,
     find_split,
     input_budget,
     is_rank_zero,
     parse_args_with_config,
     run_console_script,
+    setup_logging,
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -191,53 +192,32 @@ def evaluate_convai2(
     return metrics
 
 
-@dataclass
-class EvalArguments:
-    """Options of `persona-eval` besides decoding (`EvalGenerationArguments`)."""
+@dataclass(kw_only=True)
+class EvalArguments(DialogArguments, ModelArguments):
+    """Options of `persona-eval` besides decoding (`EvalGenerationArguments`): the shared model and dialog options
+    (the Trainer places the model: every process gets its device), the split and what to score."""
 
-    model_name_or_path: str = field(metadata={"help": "Checkpoint to evaluate: a local folder or a Hub id."})
     dataset_path: str = field(metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."})
-    dataset_format: str | None = field(default=None, metadata={"help": "Reader to use (default: detected)."})
     split: str | None = field(
         default=None,
-        metadata={"help": "Split to evaluate (default: the first of valid, validation, test the data has)."},
+        metadata={"help": "Split to evaluate; none: the first of valid, validation, test the data has."},
     )
-    dataset_cache: str | None = field(default=None, metadata={"help": "Folder caching downloads and features."})
-    on_bad_record: str = field(
-        default="error",
-        metadata={
-            "help": "On a malformed record: 'error' stops, 'skip' counts and reports it.",
-            "choices": ["error", "skip"],
-        },
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
-    dtype: str | None = field(
-        default=None,
-        metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]},
-    )
-    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
     max_length: int | None = field(
         default=None,
-        metadata={"help": "Longest input in tokens (default: the model's maximum positions), as in training."},
+        metadata={"help": "Longest input in tokens, as in training; none: the model's maximum positions."},
     )
     batch_size: int = field(default=8, metadata={"help": "Turns per batch and process (each turn has ~20 candidates)."})
     max_turns: int | None = field(default=None, metadata={"help": "Score only the first N turns (quick looks)."})
     f1: bool = field(default=True, metadata={"help": "Generate replies and score F1 (the slow part); --no_f1 skips."})
     output_file: str | None = field(
         default=None,
-        metadata={"help": "JSON results (default: convai2_eval_<split>.json in the checkpoint folder, or here)."},
+        metadata={"help": "JSON results; none: convai2_eval_<split>.json in the checkpoint folder, or here."},
     )
     save_predictions: bool = field(default=False, metadata={"help": "Also store the generated replies in the JSON."})
 
     def __post_init__(self):
         check_positive(self, "max_turns", "batch_size")
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
-        check_positive(self, "max_history", minimum=0)
-        check_model_path(self.model_name_or_path)
-        if self.tokenizer_name is not None:
-            check_model_path(self.tokenizer_name, "--tokenizer_name")
-        if self.dataset_cache is not None and os.path.isfile(self.dataset_cache):
-            raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
         if self.save_predictions and not self.f1:
             raise UsageError("--save_predictions keeps the replies generated for F1; drop --no_f1 (or --f1 false).")
         if self.output_file is not None and os.path.isdir(self.output_file):
@@ -247,6 +227,7 @@ class EvalArguments:
             raise UsageError(
                 f"--output_file {self.output_file}: {blocking} is a file, not a folder; pass another path."
             )
+        super().__post_init__()
 
 
 @dataclass
@@ -282,20 +263,13 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     from persona_model import load_model_and_tokenizer
 
     generation = generation or EvalGenerationArguments()
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        level=logging.INFO if is_rank_zero() else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    setup_logging(logging.INFO if is_rank_zero() else logging.WARNING)
     # Seeded before loading: a checkpoint without the persona tokens gets new embeddings, the same on every process.
     set_seed(generation.seed or 0)
-    model, tokenizer = load_model_and_tokenizer(
-        args.model_name_or_path, tokenizer_name_or_path=args.tokenizer_name, dtype=args.dtype
-    )
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype, **args.load_options())
     trainer = ranking_trainer(model, tokenizer, args.batch_size)
     with trainer.args.main_process_first(desc="loading persona dialogs"):
-        options = {"cache_dir": args.dataset_cache} if args.dataset_cache else {}
-        dialogs = load_dialogs(args.dataset_path, args.dataset_format, on_bad_record=args.on_bad_record, **options)
+        dialogs = load_dialogs(args.dataset_path, args.dataset_format, **args.read_options())
     split = find_split(dialogs, args.split, args.dataset_path)
 
     metrics = evaluate_convai2(

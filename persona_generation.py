@@ -331,8 +331,11 @@ def load_for_chat(
     """Load a checkpoint written by `persona-train` (or any supported backbone) for inference, on `device`.
 
     `dtype`: None (the checkpoint's), "auto", "float32", "bfloat16", "float16" or a torch dtype. Extra keyword
-    arguments (revision, token, cache_dir, ...) go to `persona_model.load_model_and_tokenizer`.
+    arguments (revision, token, cache_dir, ...) go to `persona_model.load_model_and_tokenizer`. A device this
+    machine does not have is a `UsageError`, before anything loads.
     """
+    if device is not None and not isinstance(device, torch.device):
+        check_device(device)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, **kwargs)

@@ -12,21 +12,22 @@ status 2 (`PERSONA_DEBUG=1` shows its traceback); a bug keeps its traceback (exi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
 import datasets
-import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from persona_arguments import DialogArguments
+from persona_arguments import ModelArguments as SharedModelArguments
 from persona_chat_template import chat_format_of, load_chat_template
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspect_run_folder, write_training_config
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
-    check_model_path,
     check_positive,
     feature_cache_hint,
     find_split,
@@ -34,6 +35,7 @@ from persona_cli import (
     parse_args_with_config,
     run_console_script,
     say,
+    setup_logging,
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -47,24 +49,15 @@ logger = logging.getLogger(__name__)
 PERSONACHAT_URL = "https://s3.amazonaws.com/datasets.huggingface.co/personachat/personachat_self_original.json"
 
 
-@dataclass
-class ModelArguments:
+@dataclass(kw_only=True)
+class ModelArguments(SharedModelArguments):
+    """The backbone and how to load it (the options every script shares), the input format, the candidate encoding
+    and LoRA."""
+
     model_name_or_path: str = field(
         default="openai-community/openai-gpt",
         metadata={"help": "Hub id or local path of the backbone (gpt2, distilgpt2, microsoft/DialoGPT-*, openai-gpt)."},
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are stored."})
-    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one stored by `hf auth`)."})
-    dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Weights dtype at load time: 'auto', 'float32', 'bfloat16' or 'float16'.",
-            "choices": ["auto", "float32", "bfloat16", "float16"],
-        },
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
     candidate_encoding: str = field(
         default="auto",
         metadata={
@@ -111,13 +104,11 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names LoRA adapts (default: PEFT's targets for the architecture)."},
+        metadata={"help": "Module names LoRA adapts; none: PEFT's targets for the architecture."},
     )
 
     def __post_init__(self):
-        check_model_path(self.model_name_or_path)
-        if self.tokenizer_name is not None:
-            check_model_path(self.tokenizer_name, "--tokenizer_name")
+        super().__post_init__()
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise UsageError(
                 f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "
@@ -125,23 +116,12 @@ class ModelArguments:
             )
 
 
-@dataclass
-class DataArguments:
+@dataclass(kw_only=True)
+class DataArguments(DialogArguments):
+    """The dialogs (the options every script shares) and how they become training rows."""
+
     dataset_path: str = field(
         default=PERSONACHAT_URL, metadata={"help": "Local path, http(s) URL or Hub id of the persona dialogs."}
-    )
-    dataset_format: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reader: personachat_json, jsonl, chat_jsonl, convai2_txt, spc_csv or hub (default: detected)."
-        },
-    )
-    on_bad_record: str = field(
-        default="error",
-        metadata={
-            "help": "On a malformed record: 'error' stops, 'skip' counts and reports it.",
-            "choices": ["error", "skip"],
-        },
     )
     num_distractors: int = field(
         default=19, metadata={"help": "Distractors sampled from other dialogs for formats that have none."}
@@ -160,17 +140,16 @@ class DataArguments:
         default="./dataset_cache", metadata={"help": "Folder caching downloads and tokenized features."}
     )
     num_candidates: int = field(default=2, metadata={"help": "Candidates per training example (gold included)."})
-    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
     personality_permutations: int = field(
         default=1, metadata={"help": "Times each dialog is used, the persona rotated by one sentence each time."}
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Longest input in tokens (default: the model's maximum positions)."}
+        default=None, metadata={"help": "Longest input in tokens; none: the model's maximum positions."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
         default=None,
-        metadata={"help": "Split to evaluate on (default: the first of valid, validation, test the data has)."},
+        metadata={"help": "Split to evaluate on; none: the first of valid, validation, test the data has."},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild cached features."})
@@ -184,10 +163,9 @@ class DataArguments:
     def __post_init__(self):
         check_positive(self, "num_candidates", "personality_permutations", "max_train_samples", "max_eval_samples")
         check_positive(self, "preprocessing_num_workers")
-        check_positive(self, "max_history", "num_distractors", minimum=0)
+        check_positive(self, "num_distractors", minimum=0)
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
-        if os.path.isfile(self.dataset_cache):
-            raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
+        super().__post_init__()
 
 
 def make_parser() -> HfArgumentParser:
@@ -195,6 +173,13 @@ def make_parser() -> HfArgumentParser:
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
     parser.set_defaults(eval_strategy="auto")
+    # --help: the persona options (model, data, and the objective fields PersonaTrainingArguments adds) first, then
+    # the Trainer's own; HfArgumentParser lists a subclass's new fields after all of its base class's.
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    first = [a for a in parser._actions if a.dest not in trainer_fields]
+    parser._actions[:] = first + [a for a in parser._actions if a.dest in trainer_fields]
+    for group in parser._action_groups:
+        group._group_actions.sort(key=lambda a: a.dest in trainer_fields)  # stable: each part keeps its order
     return parser
 
 
@@ -264,18 +249,7 @@ def _splits(
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
     """Train and/or evaluate; returns the final metrics."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    for lib in (datasets, transformers):
-        lib.utils.logging.set_verbosity(log_level)
-    for name in list(logging.root.manager.loggerDict):  # every project module logs under its own name
-        if name.startswith("persona_"):
-            logging.getLogger(name).setLevel(log_level)
+    setup_logging(training_args.get_process_log_level())
     if training_args.auto_output_dir:
         from accelerate.utils import broadcast_object_list
 
@@ -314,12 +288,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     chat_template = load_chat_template(model_args.chat_template) if model_args.chat_template else None
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
-        tokenizer_name_or_path=model_args.tokenizer_name,
-        revision=model_args.model_revision,
-        token=model_args.token,
         dtype=model_args.dtype,
-        cache_dir=model_args.cache_dir,
-        trust_remote_code=model_args.trust_remote_code,
+        **model_args.load_options(),
         input_format=model_args.input_format,
         system_prompt=model_args.system_prompt,
         chat_template=chat_template,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -106,3 +107,28 @@ def test_console_scripts_share_the_boundary(script, args, tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and ": error: " in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["run_persona.py", "persona_chat.py", "persona_eval.py", "persona_demo.py"])
+def test_every_script_takes_the_shared_model_and_dialog_options(script):
+    """One declaration of the loading and data options: the four parsers take the same flags with the same help."""
+    import importlib
+
+    from persona_arguments import DialogArguments, ModelArguments
+
+    parser = importlib.import_module(script[:-3]).make_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for dataclass_type in (ModelArguments, DialogArguments):
+        for field in dataclasses.fields(dataclass_type):
+            assert field.name in actions, (script, field.name)
+            if field.name not in ("model_name_or_path", "dataset_path", "dataset_cache"):  # script defaults differ
+                assert actions[field.name].help.startswith(field.metadata["help"]), (script, field.name)
+
+
+def test_persona_train_help_lists_the_persona_options_first():
+    import run_persona
+
+    help_text = run_persona.make_parser().format_help()
+    persona = [help_text.index(f"  --{name} ") for name in ("model_name_or_path", "num_candidates", "lm_coef")]
+    trainer = [help_text.index(f"  --{name} ") for name in ("output_dir", "learning_rate", "seed")]
+    assert max(persona) < min(trainer)

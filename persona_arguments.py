@@ -1,0 +1,121 @@
+"""The argument dataclasses every console script shares, as TRL's `ModelConfig` / `ScriptArguments`: which checkpoint
+and how to load it (`ModelArguments`, `InferenceArguments`), which dialogs and how to read them (`DialogArguments`).
+
+One declaration and one check per option, so `persona-train`, `persona-chat`, `persona-eval` and `persona-demo` take
+the same flags with the same help. The dataclasses are keyword-only (a script's own dataclass inherits several of
+them); their checks run while parsing and import nothing heavy, so a flag mistake is reported before torch loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from persona_cli import check_model_path, check_positive
+from persona_errors import UsageError
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+# Device types torch.device knows, and those a model runs on here; whether one is present is checked at load time.
+TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta", "xla", "hpu", "mtia", "ipu", "lazy", "vulkan", "fpga")
+RUNNABLE_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _post_init_next(obj, cls) -> None:
+    """Run the next `__post_init__` in the MRO: each shared dataclass checks its own fields, then hands on."""
+    following = getattr(super(cls, obj), "__post_init__", None)
+    if following is not None:
+        following()
+
+
+@dataclass(kw_only=True)
+class ModelArguments:
+    """The checkpoint and how to load it (every script)."""
+
+    model_name_or_path: str = field(metadata={"help": "Checkpoint: a local folder or a Hub id."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+    token: str | None = field(default=None, metadata={"help": "Hub token; none: the one stored by `hf auth`."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are stored."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype at load time; none: the checkpoint's.", "choices": DTYPES}
+    )
+
+    def __post_init__(self):
+        check_model_path(self.model_name_or_path)
+        if self.tokenizer_name is not None:
+            check_model_path(self.tokenizer_name, "--tokenizer_name")
+        _post_init_next(self, ModelArguments)
+
+    def load_options(self) -> dict:
+        """Keyword arguments of `persona_model.load_model_and_tokenizer` (and `load_for_chat`) besides `dtype`."""
+        return {
+            "tokenizer_name_or_path": self.tokenizer_name,
+            "revision": self.revision,
+            "token": self.token,
+            "cache_dir": self.cache_dir,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+@dataclass(kw_only=True)
+class InferenceArguments(ModelArguments):
+    """A checkpoint loaded for replies and scores (persona-chat, persona-eval, persona-demo): the model options and
+    the device."""
+
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, mps, xpu; none: cuda when available."}
+    )
+
+    def __post_init__(self):
+        check_device_name(self.device)
+        _post_init_next(self, InferenceArguments)
+
+
+def check_device_name(device: str | None, flag: str = "--device") -> None:
+    """A `UsageError` for a device string that is not a device a model runs on (checked without importing torch)."""
+    if device is None:
+        return
+    match = re.fullmatch(r"([a-z_]+)(:\d+)?", device)
+    if match is None or match.group(1) not in TORCH_DEVICE_TYPES:
+        raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...")
+    if match.group(1) not in RUNNABLE_DEVICE_TYPES:
+        raise UsageError(f"{flag} {device}: not a device to run a model on here; use cpu, cuda, cuda:1, mps or xpu.")
+
+
+@dataclass(kw_only=True)
+class DialogArguments:
+    """Persona dialogs and how to read them, and how much history a context keeps (every script)."""
+
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Local path, http(s) URL or Hub id of persona dialogs (any format it reads)."}
+    )
+    dataset_format: str | None = field(
+        default=None,
+        metadata={"help": "Reader: personachat_json, jsonl, chat_jsonl, convai2_txt, spc_csv or hub; none: detected."},
+    )
+    dataset_cache: str | None = field(default=None, metadata={"help": "Folder caching downloads and features."})
+    on_bad_record: str = field(
+        default="error",
+        metadata={
+            "help": "On a malformed record: 'error' stops, 'skip' counts and reports it.",
+            "choices": ["error", "skip"],
+        },
+    )
+    max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
+
+    def __post_init__(self):
+        check_positive(self, "max_history", minimum=0)
+        if self.dataset_cache is not None and os.path.isfile(self.dataset_cache):
+            raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
+        if self.on_bad_record not in ("error", "skip"):
+            raise UsageError(f"--on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
+        _post_init_next(self, DialogArguments)
+
+    def read_options(self) -> dict:
+        """Keyword arguments of `persona_data.load_dialogs` besides the source and format."""
+        options = {"on_bad_record": self.on_bad_record}
+        if self.dataset_cache is not None:
+            options["cache_dir"] = self.dataset_cache
+        return options
