@@ -198,38 +198,50 @@ class NLIScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def pair_probabilities(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> torch.Tensor:
+    def pair_probabilities(
+        self, pairs: Sequence[tuple[str, str]], progress: bool = False, accelerator=None
+    ) -> torch.Tensor:
         """Probabilities [P, 3] (entailment, neutral, contradiction) of (reply, persona sentence) pairs, on the CPU.
 
-        Pairs are batched by length (little padding) and truncated to the model's window (logged once).
+        Pairs are batched by length (little padding) and truncated to the model's window (logged once). With an
+        `accelerate.Accelerator`, each process scores every n-th batch and all get every result: the batches are the
+        same whatever the number of processes, so the numbers are too.
         """
         from tqdm.auto import tqdm
 
-        if not pairs:
-            return torch.zeros(0, len(NLI_LABELS))
         if self.pair_order == "persona_first":
             pairs = [(persona, reply) for reply, persona in pairs]
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-        out = torch.empty(len(pairs), len(NLI_LABELS))
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc="NLI (persona consistency)", disable=not progress, leave=False):
-            batch = order[start : start + self.batch_size]
-            first, second = [pairs[i][0] for i in batch], [pairs[i][1] for i in batch]
-            encoded = self.tokenizer(first, second, padding=True, truncation=False, return_tensors="pt")
-            if encoded["input_ids"].size(1) > self.window:
-                if not self._warned_truncation:
-                    logger.warning(
-                        "NLI model %s: pairs longer than its window of %d tokens are truncated.", self.name, self.window
-                    )
-                    self._warned_truncation = True
-                encoded = self.tokenizer(
-                    first, second, padding=True, truncation=True, max_length=self.window, return_tensors="pt"
-                )
-            encoded = {key: value.to(self.device) for key, value in encoded.items()}
-            with torch.inference_mode():
-                logits = self.model(**encoded).logits.float()  # [b, 3] in the checkpoint's order
-            out[batch] = logits[:, self.label_order].softmax(-1).cpu()
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        scored = []
+        for batch in tqdm(batches[rank::world], desc="NLI (persona consistency)", disable=not progress, leave=False):
+            scored.append((batch, self._batch_probabilities([pairs[i] for i in batch])))
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            scored = gather_object(scored)
+        out = torch.zeros(len(pairs), len(NLI_LABELS))
+        for batch, probabilities in scored:
+            out[batch] = probabilities
         return out
+
+    def _batch_probabilities(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        first, second = [a for a, _ in pairs], [b for _, b in pairs]
+        encoded = self.tokenizer(first, second, padding=True, truncation=False, return_tensors="pt")
+        if encoded["input_ids"].size(1) > self.window:
+            if not self._warned_truncation:
+                logger.warning(
+                    "NLI model %s: pairs longer than its window of %d tokens are truncated.", self.name, self.window
+                )
+                self._warned_truncation = True
+            encoded = self.tokenizer(
+                first, second, padding=True, truncation=True, max_length=self.window, return_tensors="pt"
+            )
+        encoded = {key: value.to(self.device) for key, value in encoded.items()}
+        with torch.inference_mode():
+            logits = self.model(**encoded).logits.float()  # [b, 3] in the checkpoint's order
+        return logits[:, self.label_order].softmax(-1).cpu()
 
     def probabilities(self, replies: Sequence[str], persona: Sequence[str]) -> torch.Tensor:
         """Probabilities [len(replies), len(persona), 3] in `NLI_LABELS` order of every reply against every sentence."""
@@ -245,11 +257,13 @@ class NLIScorer:
         return torch.tensor([reply_c_score(row) for row in self.labels(replies, persona).tolist()], dtype=torch.long)
 
     def turn_labels(
-        self, replies: Sequence[str], personas: Sequence[Sequence[str]], progress: bool = False
+        self, replies: Sequence[str], personas: Sequence[Sequence[str]], progress: bool = False, accelerator=None
     ) -> list[list[int]]:
-        """Per reply, the label (+1/0/-1) of each sentence of its own persona: one batched pass over every pair."""
+        """Per reply, the label (+1/0/-1) of each sentence of its own persona: one batched pass over every pair
+        (spread over the processes of `accelerator`)."""
         pairs = [(reply, sentence) for reply, persona in zip(replies, personas) for sentence in persona]
-        flat = probabilities_to_labels(self.pair_probabilities(pairs, progress=progress)).tolist()
+        probabilities = self.pair_probabilities(pairs, progress=progress, accelerator=accelerator)
+        flat = probabilities_to_labels(probabilities).tolist()
         out, start = [], 0
         for persona in personas:
             out.append(flat[start : start + len(persona)])

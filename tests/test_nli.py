@@ -11,24 +11,6 @@ import torch
 from transformers import PretrainedConfig, pipeline
 
 from persona_nli import NLI_LABELS, NLIModelError, NLIScorer, nli_label_order
-from persona_synthetic import corpus_texts, make_tiny_nli_checkpoint
-
-ORDERS = {
-    "mnli-style": ("CONTRADICTION", "NEUTRAL", "ENTAILMENT"),  # roberta-large-mnli
-    "deberta-style": ("entailment", "neutral", "contradiction"),  # MoritzLaurer, ynie
-    "cross-encoder-style": ("contradiction", "entailment", "neutral"),  # cross-encoder/nli-deberta-v3
-}
-
-
-@pytest.fixture(scope="session")
-def nli_checkpoints(tmp_path_factory, synthetic_data) -> dict[str, str]:
-    """One tiny NLI classifier saved three times: same weights and vocabulary, classifier rows in three orders."""
-    root = tmp_path_factory.mktemp("tiny-nli")
-    first = make_tiny_nli_checkpoint(str(root / "base"), corpus_texts(synthetic_data))
-    return {
-        name: make_tiny_nli_checkpoint(str(root / name), (), labels=labels, tokenizer_from=first)
-        for name, labels in ORDERS.items()
-    }
 
 
 def test_label_order_is_read_by_name():
@@ -58,11 +40,11 @@ def test_unmappable_labels_are_one_line_naming_them(labels, expected):
     assert "\n" not in message and "some/checkpoint" in message and all(label in message for label in labels)
 
 
-def test_permuted_label_orders_give_the_same_c_scores(nli_checkpoints, synthetic_data):
+def test_permuted_label_orders_give_the_same_c_scores(tiny_nli_checkpoints, synthetic_data):
     dialog = synthetic_data["valid"][0]
     replies = [c for u in dialog["utterances"] for c in u["candidates"][-4:]]
     results = {}
-    for name, path in nli_checkpoints.items():
+    for name, path in tiny_nli_checkpoints.items():
         scorer = NLIScorer.from_pretrained(path, device="cpu")
         results[name] = (
             scorer.probabilities(replies, dialog["personality"]),
@@ -76,8 +58,8 @@ def test_permuted_label_orders_give_the_same_c_scores(nli_checkpoints, synthetic
 
 
 @pytest.mark.parametrize("pair_order", ["reply_first", "persona_first"])
-def test_c_scores_equal_a_pipeline_summed_by_hand(nli_checkpoints, synthetic_data, pair_order):
-    path = nli_checkpoints["mnli-style"]
+def test_c_scores_equal_a_pipeline_summed_by_hand(tiny_nli_checkpoints, synthetic_data, pair_order):
+    path = tiny_nli_checkpoints["mnli-style"]
     classifier = pipeline("text-classification", model=path, tokenizer=path, device="cpu")
     scorer = NLIScorer(classifier, pair_order=pair_order, batch_size=5)
     for dialog in synthetic_data["valid"][:3]:
@@ -94,8 +76,8 @@ def test_c_scores_equal_a_pipeline_summed_by_hand(nli_checkpoints, synthetic_dat
         assert scorer.c_scores(replies, persona).tolist() == expected
 
 
-def test_a_pipeline_and_a_loaded_model_agree(nli_checkpoints):
-    path = nli_checkpoints["cross-encoder-style"]
+def test_a_pipeline_and_a_loaded_model_agree(tiny_nli_checkpoints):
+    path = tiny_nli_checkpoints["cross-encoder-style"]
     scorer = NLIScorer.from_pretrained(path, device="cpu")
     via_pipeline = NLIScorer(pipeline("text-classification", model=path, device="cpu"))
     replies, persona = ["i have cats at home .", "i like red the most ."], ["i love to eat pizza.", "i have cats."]
@@ -103,8 +85,8 @@ def test_a_pipeline_and_a_loaded_model_agree(nli_checkpoints):
     torch.testing.assert_close(scorer.probabilities(replies, persona), via_pipeline.probabilities(replies, persona))
 
 
-def test_long_pairs_are_truncated_to_the_window(nli_checkpoints, caplog):
-    scorer = NLIScorer.from_pretrained(nli_checkpoints["deberta-style"], device="cpu")
+def test_long_pairs_are_truncated_to_the_window(tiny_nli_checkpoints, caplog):
+    scorer = NLIScorer.from_pretrained(tiny_nli_checkpoints["deberta-style"], device="cpu")
     long_reply = "i have cats at home . " * 100
     with caplog.at_level("WARNING", logger="persona_nli"):
         labels = scorer.labels([long_reply, "i like red ."], ["i have cats."] * 2)
@@ -123,16 +105,16 @@ def edit_config(path: str, **changes) -> str:
     return path
 
 
-def test_bad_checkpoints_are_one_line_naming_their_labels(tmp_path, nli_checkpoints, tiny_checkpoint):
+def test_bad_checkpoints_are_one_line_naming_their_labels(tmp_path, tiny_nli_checkpoints, tiny_checkpoint):
     import shutil
 
     two = edit_config(
-        shutil.copytree(nli_checkpoints["deberta-style"], tmp_path / "two"),
+        shutil.copytree(tiny_nli_checkpoints["deberta-style"], tmp_path / "two"),
         id2label={"0": "entailment", "1": "not_entailment"},
         label2id={"entailment": 0, "not_entailment": 1},
     )
     generic = edit_config(
-        shutil.copytree(nli_checkpoints["deberta-style"], tmp_path / "generic"),
+        shutil.copytree(tiny_nli_checkpoints["deberta-style"], tmp_path / "generic"),
         id2label={"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"},
         label2id={"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2},
     )

@@ -267,6 +267,10 @@ def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint,
         (["--no_sample", "false", "--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--no_f1", "--save_predictions"], "--save_predictions keeps the replies generated for F1"),
         (["--dataset_cache", os.path.abspath(__file__)], "is a file; pass a folder"),
+        (["--nli_model", "./no-such-nli"], "--nli_model ./no-such-nli: no such folder"),
+        (["--nli_model", "org/nli", "--no_f1"], "--nli_model scores the replies generated for F1"),
+        (["--nli_model", "org/nli", "--nli_pair_order", "backwards"], "invalid choice: 'backwards'"),
+        (["--nli_model", "org/nli", "--nli_batch_size", "0"], "--nli_batch_size must be >= 1"),
     ],
 )
 def test_persona_eval_bad_flags(flags, words, tiny_checkpoint, personachat_json, capsys, monkeypatch):
