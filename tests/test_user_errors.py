@@ -67,6 +67,8 @@ def no_loading(monkeypatch):
         (["--model_name_or_path", "runs/nope"], "--model_name_or_path runs/nope: no such folder"),
         (["--model_name_or_path", "./x"], "--model_name_or_path ./x: no such folder"),
         (["--resume_from_checkpoint", "out/nope"], "--resume_from_checkpoint out/nope: no such checkpoint folder"),
+        (["--nli_model", "org/nli"], "--nli_model scores the replies of --do_convai2_eval"),
+        (["--nli_model", "./nli", "--do_convai2_eval"], "--nli_model ./nli: no such folder"),
     ],
 )
 def test_persona_train_bad_flags(flags, words, tmp_path, capsys, monkeypatch, personachat_json):
