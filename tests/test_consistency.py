@@ -277,3 +277,34 @@ def test_console_script_with_nli_one_and_two_processes(
     first = results["predictions"][0]
     assert set(first) == {"reply", "gold", "persona", "nli_labels", "nli_labels_gold"}
     assert len(first["nli_labels"]) == len(first["persona"]) and set(first["nli_labels"]) <= {-1, 0, 1}
+
+
+def readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_nli_command_runs(persona_checkpoint, personachat_json, tiny_nli_checkpoints, tmp_path, capsys):
+    import shlex
+
+    import persona_eval
+
+    (line,) = [line for line in readme().splitlines() if line.startswith("persona-eval") and "--nli_model" in line]
+    swapped = line.replace("runs/my-run", persona_checkpoint).replace("data.json", personachat_json)
+    argv = shlex.split(swapped.replace("path/to/nli-checkpoint", tiny_nli_checkpoints["deberta-style"]))[1:]
+    assert persona_eval.cli([*argv, "--output_file", str(tmp_path / "out.json")]) == 0
+    metrics = json.loads((tmp_path / "out.json").read_text())["metrics"]
+    assert {"c_score", "c_score_gold", "persona_copy_rate", "ppl_word", "distinct_2_gold"} <= set(metrics)
+
+
+def test_readme_consistency_snippet_runs(tiny_nli_checkpoints, tmp_path, monkeypatch):
+    import re
+
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "modules")
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme(), flags=re.S) if '"consistency"' in b]
+    monkeypatch.chdir(ROOT)  # the snippet loads metrics/convai2 from a source checkout
+    namespace = {}
+    code = snippet.replace("path/to/nli-checkpoint", tiny_nli_checkpoints["deberta-style"])
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    assert set(namespace["scores"]) == {"c_score", "contradiction_rate", "entailment_rate", "persona_copy_rate"}
