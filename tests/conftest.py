@@ -53,6 +53,16 @@ def tiny_model_and_tokenizer(tiny_checkpoint):
     return load_model_and_tokenizer(tiny_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def persona_checkpoint(tmp_path_factory, tiny_model_and_tokenizer) -> str:
+    """The tiny model saved WITH the persona tokens, so every process loads identical weights."""
+    model, tokenizer = tiny_model_and_tokenizer
+    out = tmp_path_factory.mktemp("tiny-persona")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture
 def tokenizer(tiny_model_and_tokenizer):
     return tiny_model_and_tokenizer[1]

@@ -174,15 +174,6 @@ def test_c_score_equals_a_pipeline_summed_by_hand_on_real_dialogs(shared_spc_csv
     assert metrics["entailment_rate"] == pytest.approx(entailed / len(turns))
 
 
-@pytest.fixture(scope="module")
-def persona_checkpoint(tmp_path_factory, tiny_model_and_tokenizer) -> str:
-    model, tokenizer = tiny_model_and_tokenizer
-    out = tmp_path_factory.mktemp("tiny-persona")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 def test_evaluation_reports_word_perplexity_and_consistency(persona_checkpoint, synthetic_data):
     from persona_data import dialogs_to_dataset_dict
     from persona_model import load_model_and_tokenizer

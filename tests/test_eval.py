@@ -118,16 +118,6 @@ def test_evaluate_metric_module_loads_offline(tmp_path, monkeypatch):
     }
 
 
-@pytest.fixture(scope="module")
-def persona_checkpoint(tmp_path_factory, tiny_model_and_tokenizer) -> str:
-    """The tiny model saved WITH the persona tokens, so every process loads identical weights."""
-    model, tokenizer = tiny_model_and_tokenizer
-    out = tmp_path_factory.mktemp("tiny-persona")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 @pytest.fixture
 def mixed_dialogs(synthetic_data) -> datasets.Dataset:
     """Validation dialogs where the first two keep only their last 5 candidates (mixed candidate counts)."""
