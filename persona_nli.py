@@ -86,7 +86,7 @@ def nli_label_order(config, name: str) -> list[int]:
     return [found[label] for label in NLI_LABELS]
 
 
-def _hub_options(name_or_path: str, revision: str | None, token) -> dict:
+def _hub_options(name_or_path: str, revision: str | None, token, trust_remote_code: bool = False) -> dict:
     """`from_pretrained` options for a Hub id that fail in one fast line when the Hub cannot be reached.
 
     transformers retries an unreachable Hub for about half a minute per file; a cached copy is used as it is, and an
@@ -99,7 +99,9 @@ def _hub_options(name_or_path: str, revision: str | None, token) -> dict:
     if os.path.isdir(os.path.expanduser(name_or_path)):
         return {}
     try:
-        AutoConfig.from_pretrained(name_or_path, revision=revision, token=token, local_files_only=True)
+        AutoConfig.from_pretrained(
+            name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code, local_files_only=True
+        )
         cached = True
     except (OSError, ValueError):
         cached = False
@@ -174,7 +176,7 @@ class NLIScorer:
     ) -> NLIScorer:
         """Load a Hub id or local folder of an NLI sequence classifier; its labels are checked before the weights."""
         options = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-        options.update(_hub_options(name_or_path, revision, token))
+        options.update(_hub_options(name_or_path, revision, token, trust_remote_code))
         config = AutoConfig.from_pretrained(name_or_path, **options)
         nli_label_order(config, name_or_path)
         try:

@@ -133,3 +133,19 @@ def test_an_uncached_hub_id_offline_is_one_fast_line():
     with pytest.raises(CheckpointError, match="no-such-org/no-such-nli-model") as info:
         NLIScorer.from_pretrained("no-such-org/no-such-nli-model")
     assert time.perf_counter() - start < 5 and "\n" not in str(info.value)
+
+
+def test_an_unreachable_hub_is_one_fast_line(monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from persona_model import CheckpointError
+
+    def no_network(self, *args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    with pytest.raises(CheckpointError, match="NLI model org/nli-model: the Hub cannot be reached") as info:
+        NLIScorer.from_pretrained("org/nli-model")
+    assert "\n" not in str(info.value)
