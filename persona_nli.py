@@ -94,7 +94,7 @@ def _hub_options(name_or_path: str, revision: str | None, token, trust_remote_co
     """
     from huggingface_hub import HfApi
     from huggingface_hub.constants import is_offline_mode
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     if os.path.isdir(os.path.expanduser(name_or_path)):
         return {}
@@ -114,9 +114,9 @@ def _hub_options(name_or_path: str, revision: str | None, token, trust_remote_co
         )
     try:
         HfApi().model_info(name_or_path, revision=revision, token=token, timeout=10)
-    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as err:
+    except HfHubHTTPError as err:  # the Hub answered: no such repository or revision, gated, private, ...
         raise CheckpointError(f"NLI model {name_or_path}: {' '.join(str(err).split()[:20])}") from err
-    except Exception as err:  # no network: httpx/requests/socket errors alike
+    except Exception as err:  # no answer: the HTTP client's connection and timeout errors, whichever client it is
         if cached:
             logger.warning("NLI model %s: the Hub cannot be reached (%s); using the cached copy.", name_or_path, err)
             return {"local_files_only": True}
