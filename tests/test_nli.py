@@ -149,3 +149,27 @@ def test_an_unreachable_hub_is_one_fast_line(monkeypatch):
     with pytest.raises(CheckpointError, match="NLI model org/nli-model: the Hub cannot be reached") as info:
         NLIScorer.from_pretrained("org/nli-model")
     assert "\n" not in str(info.value)
+
+
+def test_persona_eval_with_a_bad_nli_checkpoint_is_one_line_before_the_model_loads(
+    tmp_path, tiny_nli_checkpoints, tiny_checkpoint, personachat_json, capsys, monkeypatch
+):
+    import shutil
+
+    from test_user_errors import error_line
+
+    import persona_eval
+    import persona_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the NLI checkpoint was checked")
+
+    monkeypatch.setattr(persona_model, "load_model_and_tokenizer", refuse)
+    bad = edit_config(
+        shutil.copytree(tiny_nli_checkpoints["deberta-style"], tmp_path / "sentiment"),
+        id2label={"0": "negative", "1": "neutral", "2": "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json, "--nli_model", str(bad)]
+    line = error_line(persona_eval.cli, argv, capsys)
+    assert f"NLI model {bad}: labels ['negative', 'neutral', 'positive'] are not" in line
