@@ -182,6 +182,16 @@ def test_every_candidate_encoding_equals_the_plain_path_on_chat_rows(tokenizers,
         logits[:, :-1].transpose(1, 2), gold_labels[:, 1:], ignore_index=-100, reduction="none"
     ).sum(1)
     torch.testing.assert_close(outputs["plain"].lm_nll, expected, rtol=1e-4, atol=1e-4)
+    # The end-of-reply NLL (left out of the word-level perplexity) is the template's end-of-turn token's, everywhere.
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), gold_labels[:, 1:], ignore_index=-100, reduction="none"
+    )  # [B, T-1]
+    last = [int((row != -100).nonzero().max()) for row in gold_labels[:, 1:]]
+    stops = ChatFormat.from_tokenizer(tok, system_prompt=SYSTEM_PROMPT).stop_ids
+    assert all(int(gold_labels[i, 1 + j]) in stops for i, j in enumerate(last))
+    end_nll = torch.stack([per_token[i, j] for i, j in enumerate(last)])
+    for encoding in ("plain", "shared_prefix", "packed"):
+        torch.testing.assert_close(outputs[encoding].lm_end_nll, end_nll, rtol=1e-4, atol=1e-4)
     # The shared context really is the system prompt, the history and the assistant header.
     from persona_shared_prefix import shared_prefix_lengths
 

@@ -63,7 +63,7 @@ def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool =
 def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5, attention="auto") -> None:
     plain, plain_grads = run(model, batch, packed=False)
     packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens, attention=attention)
-    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
+    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll", "lm_end_nll"):
         torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
     assert plain_grads.keys() == packed_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
@@ -168,7 +168,7 @@ def test_examples_in_one_row_do_not_see_each_other():
     with torch.no_grad():
         packed = forward(model, collate(rows), "packed", row_tokens=ONE_ROW)
         alone = [forward(model, collate([row]), "plain") for row in rows]
-    for key in ("lm_nll", "lm_tokens", "mc_nll", "mc_logits"):
+    for key in ("lm_nll", "lm_tokens", "mc_nll", "mc_logits", "lm_end_nll"):
         torch.testing.assert_close(getattr(packed, key), torch.cat([getattr(a, key) for a in alone]), msg=key)
 
 

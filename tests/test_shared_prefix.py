@@ -70,7 +70,7 @@ def run(model, batch: dict, shared: bool, backward: bool = True) -> tuple:
 def assert_same(model, batch: dict, atol: float = 1e-5) -> None:
     plain, plain_grads = run(model, batch, shared=False)
     shared, shared_grads = run(model, batch, shared=True)
-    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll"):
+    for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll", "lm_end_nll"):
         torch.testing.assert_close(getattr(shared, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
     assert plain_grads.keys() == shared_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
