@@ -1,0 +1,148 @@
+"""bench/gpu_check.py, the first GPU's check: its --smoke run (every part on CPU, as the README gives the command),
+its comparisons able to fail, and the offline wheel set it travels with."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
+WHEELS_SCRIPT = os.path.join(ROOT, "bench", "gpu_wheels.sh")
+PARTS = ["environment", "peak_matmul", "correctness_gpt2", "correctness_llama", "fp16_trainer", "deepspeed_zero2",
+         "generation", "train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium",
+         "chat"]  # fmt: skip
+ENCODINGS = {"shared_prefix", "packed-dense", "packed-dense-1ex", "packed-tree"}
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_gpu_check_section() -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return text.split("### GPU check", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_command(fragment: str) -> str:
+    """The one command line of the README's GPU check section that holds `fragment` (its comment cut off)."""
+    blocks = re.findall(r"```bash\n(.*?)```", readme_gpu_check_section(), flags=re.S)
+    (line,) = [line for block in blocks for line in block.splitlines() if fragment in line]
+    return line.split(" #", 1)[0].strip()
+
+
+@pytest.mark.slow
+def test_smoke_run_as_the_readme_gives_it(tmp_path):
+    argv = shlex.split(readme_command("gpu_check.py --smoke"))
+    assert argv[:3] == ["python", "bench/gpu_check.py", "--smoke"]
+    output = tmp_path / "check.json"
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, *argv[1:], "--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    parts = results["parts"]
+    assert list(parts) == PARTS and results["meta"]["smoke"] is True
+    for name, record in parts.items():
+        assert record["status"] in ("ok", "skipped"), (name, record.get("reason"), record.get("traceback"))
+    # On CPU only these two may skip, and then with a reason: no GradScaler; DeepSpeed's op compile.
+    skipped = {name: record["reason"] for name, record in parts.items() if record["status"] == "skipped"}
+    assert set(skipped) <= {"fp16_trainer", "deepspeed_zero2"} and all(skipped.values())
+    assert "GradScaler" in skipped.get("fp16_trainer", "GradScaler")
+    # The table comes last: one line per part, in order, then where the figures are.
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == f"full figures: {output}"
+    assert [line.split()[0] for line in lines[-len(PARTS) - 1 : -1]] == PARTS
+
+    for name in ("correctness_gpt2", "correctness_llama"):
+        for dtype, tolerance in (("fp32", 1e-4), ("bf16", 1e-2)):
+            errors = parts[name][dtype]
+            assert set(errors) == ENCODINGS
+            for path, es in errors.items():
+                assert set(es) == {f"{key}_4c" for key in ("lm_loss", "mc_loss", "mc_logits", "grads")} | {
+                    f"{key}_20c" for key in ("lm_loss", "mc_loss", "mc_logits")
+                }
+                assert all(0 <= e <= tolerance for e in es.values()), (name, dtype, path, es)
+        # fp32 agrees to float rounding; bf16 differs by far more (so it did run in bf16) and still within 1e-2.
+        assert parts[name]["fp32_worst"] < 1e-5 < parts[name]["bf16_worst"]
+    fp16 = parts["fp16_trainer"]["fp16_vs_fp32"]
+    assert len(fp16["losses"]) == len(fp16["reference_losses"]) == 2 and max(fp16["relative_errors"]) <= 1e-2
+    for shape in ("gpt2-small", "llama-gqa"):
+        replies = parts["generation"][shape]
+        assert replies["kv_cache"] == replies["no_cache"] and len(replies["kv_cache"]) == 6  # --new_tokens 6
+    for name in ("train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium"):
+        record = parts[name]
+        for path in ("plain", "shared_prefix", "packed", "packed-tree"):
+            figures = record[path]
+            assert figures["tokens_per_s"] > 0
+            assert figures["speedup"] == pytest.approx(record["plain"]["seconds"] / figures["seconds"])
+            # the shared context runs once: fewer tokens through the model than the candidates hold
+            assert figures["model_tokens_per_s"] < figures["tokens_per_s"] or path == "plain"
+            assert ("mfu" in figures) == name.startswith("train")
+    sizes = [parts[f"train_gpt2-{size}"]["non_embedding_parameters"] for size in ("small", "medium")]
+    assert sizes[0] < sizes[1]
+    chat = parts["chat"]
+    assert chat["tokens_per_s"] == pytest.approx(1000 / chat["ms_per_token"])
+
+
+def test_comparisons_fail_on_a_perturbed_input():
+    bench = load_bench()
+    torch.manual_seed(0)
+    reference = {"lm_loss": torch.tensor(2.5), "grads": torch.randn(1000, dtype=torch.float64)}
+    assert bench.relative_errors(reference, {k: v.clone() for k, v in reference.items()}) == {
+        "lm_loss": 0.0,
+        "grads": 0.0,
+    }
+    perturbed = {"lm_loss": torch.tensor(2.5), "grads": reference["grads"].clone()}
+    perturbed["grads"][7] += 1e-3 * reference["grads"].norm()  # one gradient off by 1e-3 of the whole norm
+    errors = bench.relative_errors(reference, perturbed)
+    assert errors == {"lm_loss": 0.0, "grads": pytest.approx(1e-3, rel=1e-6)}
+    with pytest.raises(bench.CheckFailed, match=r"fp32: beyond 0.0001 relative: packed-tree grads 1.00e-03"):
+        bench.check_close({"shared_prefix": {"grads": 0.0}, "packed-tree": errors}, 1e-4, "fp32")
+    bench.check_close({"packed-tree": errors}, 1e-2, "bf16")  # within the bf16 tolerance
+    with pytest.raises(bench.CheckFailed, match="nan"):
+        bench.check_close({"packed": {"lm_loss": float("nan")}}, 1e-2, "bf16")
+    with pytest.raises(bench.CheckFailed, match="losses"):
+        bench.compare_losses({}, "zero2_fp32", [7.0, 6.9], [7.0, 6.8], 1e-4)
+    record = {}
+    bench.compare_losses(record, "fp16_vs_fp32", [7.0, 6.8], [7.0, 6.8], 1e-4)
+    assert record["fp16_vs_fp32"]["relative_errors"] == [0.0, 0.0]
+
+
+def test_tokens_run_counts_the_shared_context_once():
+    bench = load_bench()
+    ids = torch.tensor([[[1, 5, 6, 7, 2], [1, 5, 6, 8, 0]]])  # the second candidate padded
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": torch.ones_like(ids),
+        "attention_mask": ids.ne(0).long(),
+        "mc_token_ids": torch.tensor([[4, 3]]),
+        "labels": torch.tensor([[[-100] * 5, [-100, -100, -100, 8, -100]]]),  # position 2 predicts the first label
+    }
+    # 9 real tokens; the context [1, 5] once, then [6, 7, 2] and [6, 8]: 7 through the model.
+    assert bench.tokens_run(batch, "plain") == (9, 9)
+    assert bench.tokens_run(batch, "packed") == (9, 7)
+
+
+def test_wheel_script_and_the_device_command_agree():
+    """gpu_wheels.sh parses, writes the folder the README's offline install reads, and git ignores that folder."""
+    subprocess.run(["bash", "-n", WHEELS_SCRIPT], check=True)
+    folder = re.search(r"^WHEELS=(\S+)$", open(WHEELS_SCRIPT).read(), flags=re.M).group(1).strip('"')
+    install = readme_command("--no-index")
+    assert f"{folder}/*.whl" in install and "--target /tmp/site" in install and "PYTHONPATH=/tmp/site" in install
+    assert "bench/gpu_check.py" in install
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x.whl"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{folder} is not git-ignored"
