@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The wheels an offline GPU machine lacks for bench/gpu_check.py and persona-train, fetched here where PyPI answers.
 # The machine's image: Python 3.12 on x86_64 with torch, transformers, accelerate, peft, pyarrow, pandas, xxhash and
-# huggingface_hub, but no datasets, evaluate or deepspeed. Writes bench/wheels/ (git-ignored; about 5 MiB, at most 60).
+# huggingface_hub, but no datasets, evaluate or deepspeed. Writes bench/wheels/ (git-ignored; ~53 MiB, at most 60).
 #
-#   bash bench/gpu_wheels.sh             # PYTHON=... picks the interpreter that runs pip (default python3)
-#   bash bench/gpu_wheels.sh --pyarrow   # also pyarrow (datasets 5.2 needs >= 24; ~45 MiB), for an older image
+#   bash bench/gpu_wheels.sh                # PYTHON=... picks the interpreter that runs pip (default python3)
+#   bash bench/gpu_wheels.sh --no-pyarrow   # without pyarrow (6 MiB): for an image whose pyarrow is >= 24
 #
 # Then, on the machine, in the checkout with bench/wheels/ beside it (the README's "GPU check" gives the line):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site bench/wheels/*.whl
@@ -25,8 +25,10 @@ PACKAGES=(
     hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0
 )
-if [[ "${1:-}" == "--pyarrow" ]]; then
-    PACKAGES+=(pyarrow==26.0.1)
+# The image's pyarrow version is unknown here and datasets 5.2 needs >= 24: carried unless told otherwise (a second
+# trip to the machine costs more than the bytes), at 24, the smallest such wheel.
+if [[ "${1:-}" != "--no-pyarrow" ]]; then
+    PACKAGES+=(pyarrow==24.0.0)
 fi
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 

@@ -120,6 +120,9 @@ def test_comparisons_fail_on_a_perturbed_input():
     record = {}
     bench.compare_losses(record, "fp16_vs_fp32", [7.0, 6.8], [7.0, 6.8], 1e-4)
     assert record["fp16_vs_fp32"]["relative_errors"] == [0.0, 0.0]
+    bench.compare_losses(record, "fp16_vs_fp32", [7.0, 6.9], [7.0, 6.8], 1e-4, compared=1)  # only the first compared
+    with pytest.raises(bench.CheckFailed):  # but every loss must be finite
+        bench.compare_losses(record, "fp16_vs_fp32", [7.0, float("inf")], [7.0, 6.8], 1e-4, compared=1)
 
 
 def test_tokens_run_counts_the_shared_context_once():
