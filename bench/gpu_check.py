@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -142,7 +143,7 @@ class Check:
         self.started = time.perf_counter()
         self._features = None
 
-    def model(self, shape: str, vocab_size: int | None = None) -> torch.nn.Module:
+    def model(self, shape: str) -> torch.nn.Module:
         """A random-init double-heads model of `shape` (dropout 0, so every encoding computes the same thing)."""
         from transformers import GPT2Config, LlamaConfig
 
@@ -150,7 +151,7 @@ class Check:
         from persona_model import PersonaGPT2DoubleHeadsModel
 
         torch.manual_seed(0)
-        vocab = {"vocab_size": vocab_size or self.vocab_size}
+        vocab = {"vocab_size": self.vocab_size}
         ids = {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id}
         if shape.startswith("gpt2"):
             dropout = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"), 0.0)
@@ -189,6 +190,7 @@ class Check:
             torch.cuda.synchronize()
 
     def reset_memory(self) -> None:
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -269,7 +271,7 @@ def part_environment(check: Check, record: dict) -> None:
 
 
 def part_peak_matmul(check: Check, record: dict) -> None:
-    n = 256 if check.args.smoke else 8192
+    n = 8192 if check.device.type == "cuda" else 512  # a CPU only runs it to keep the part working
     a, b = (torch.randn(n, n, device=check.device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -284,16 +286,36 @@ def part_peak_matmul(check: Check, record: dict) -> None:
     record["summary"] = f"bf16 {n}^3 matrix product: {record['bf16_tflops']:.3g} TFLOP/s"
 
 
-def encoding_outputs(model, path: str, batch: dict, autocast, grads: bool) -> dict[str, torch.Tensor]:
-    """Losses, mc_logits and (with `grads`) every parameter gradient concatenated, of one forward on `path`."""
+def forward_on(model, path: str, batch: dict, ran: dict | None = None):
+    """The double-heads forward on `path` (`bench/shared_prefix.PATHS`). An encoding that does not apply falls back
+    silently to the next one, which would make every comparison trivially pass: CheckFailed unless the encoding
+    `persona_encoding` logged for this call is the one asked for (and the packed attention, where one is forced).
+    `ran[path]` gets that log line."""
     from shared_prefix import PATHS, forward
 
     from persona_encoding import set_candidate_encoding
 
-    set_candidate_encoding(model, PATHS[path][0])
+    encoding, _, attention = PATHS[path]
+    set_candidate_encoding(model, encoding)
+    logged = model.__dict__.setdefault("_persona_encoding_logged", set())  # persona_encoding logs each line once
+    logged.clear()
+    out = forward(model, path, batch)
+    message = " | ".join(sorted(logged)) or "nothing logged"
+    expected = f"Candidate encoding: {encoding} (asked for {encoding})."
+    if attention not in (None, "auto"):
+        expected += f" Packed attention: {attention}."
+    if not message.startswith(expected) or (attention not in (None, "auto") and message != expected):
+        raise CheckFailed(f"{path} did not run as asked ({expected}): {message}")
+    if ran is not None:
+        ran[path] = message
+    return out
+
+
+def encoding_outputs(model, path: str, batch: dict, autocast, grads: bool, ran: dict) -> dict[str, torch.Tensor]:
+    """Losses, mc_logits and (with `grads`) every parameter gradient concatenated, of one forward on `path`."""
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grads), autocast:
-        out = forward(model, path, batch)
+        out = forward_on(model, path, batch, ran)
     result = {"lm_loss": out.lm_loss.float(), "mc_loss": out.mc_loss.float(), "mc_logits": out.mc_logits.float()}
     if grads:
         (out.lm_loss + out.mc_loss).backward()
@@ -306,13 +328,13 @@ def correctness(shape: str):
         model = check.model(shape).to(check.device).train()
         train_batch = check.batches(4, 4, 1)[0]
         eval_batch = check.batches(20, 2, 1)[0]
-        failures = []
+        failures, ran = [], record.setdefault("encodings", {})
         for dtype, tolerance in TOLERANCES.items():
             errors = {}
             for batch, grads, tag in ((train_batch, True, "4c"), (eval_batch, False, "20c")):
-                reference = encoding_outputs(model, "plain", batch, check.autocast(dtype), grads)
+                reference = encoding_outputs(model, "plain", batch, check.autocast(dtype), grads, ran)
                 for path in CORRECTNESS_PATHS[1:]:
-                    other = encoding_outputs(model, path, batch, check.autocast(dtype), grads)
+                    other = encoding_outputs(model, path, batch, check.autocast(dtype), grads, ran)
                     errors.setdefault(path, {}).update(
                         {f"{key}_{tag}": e for key, e in relative_errors(reference, other).items()}
                     )
@@ -458,10 +480,6 @@ def part_generation(check: Check, record: dict) -> None:
 
 def throughput(shape: str, phase: str):
     def part(check: Check, record: dict) -> None:
-        from shared_prefix import PATHS, forward
-
-        from persona_encoding import set_candidate_encoding
-
         args = check.args
         train = phase == "train"
         num_candidates, batch_size = (4, args.train_batch_size) if train else (20, args.eval_batch_size)
@@ -470,16 +488,16 @@ def throughput(shape: str, phase: str):
         params = non_embedding_parameters(base)
         peak = check.results["parts"].get("peak_matmul", {}).get("bf16_tflops")
         record.update(dtype=args.dtype, parameters=sum(p.numel() for p in base.parameters()))
+        ran = record["encodings"] = {}
         record.update(non_embedding_parameters=params, shape=list(batches[0]["input_ids"].shape), steps=args.steps)
         for path in THROUGHPUT_PATHS:
             check.reset_memory()
             model = copy.deepcopy(base).to(check.device).train(train)
-            set_candidate_encoding(model, PATHS[path][0])
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5) if train else None
 
             def step(batch, model=model, optimizer=optimizer, path=path):
                 with torch.set_grad_enabled(train), check.autocast(args.dtype):
-                    out = forward(model, path, batch)
+                    out = forward_on(model, path, batch, ran)
                 if train:
                     (out.lm_loss + out.mc_loss).backward()
                     optimizer.step()
@@ -504,7 +522,7 @@ def throughput(shape: str, phase: str):
             if train and peak:
                 figures["mfu"] = 6 * params * run / seconds / (peak * 1e12)
             record[path] = figures
-            del model, optimizer
+            del model, optimizer, step  # before the next path's peak memory is measured
         for path in THROUGHPUT_PATHS:
             record[path]["speedup"] = record["plain"]["seconds"] / record[path]["seconds"]
         goal = GOALS["train_speedup" if train else "eval_speedup"]

@@ -125,19 +125,25 @@ def test_comparisons_fail_on_a_perturbed_input():
         bench.compare_losses(record, "fp16_vs_fp32", [7.0, float("inf")], [7.0, 6.8], 1e-4, compared=1)
 
 
-def test_tokens_run_counts_the_shared_context_once():
-    bench = load_bench()
-    ids = torch.tensor([[[1, 5, 6, 7, 2], [1, 5, 6, 8, 0]]])  # the second candidate padded
-    batch = {
+def two_candidates() -> dict:
+    """One example, two candidates (the second padded), the gold's reply starting at position 3 (shared_prefix_lengths'
+    doctest): the context both share is [1, 5]."""
+    ids = torch.tensor([[[1, 5, 6, 7, 2], [1, 5, 6, 8, 0]]])
+    return {
         "input_ids": ids,
         "token_type_ids": torch.ones_like(ids),
         "attention_mask": ids.ne(0).long(),
         "mc_token_ids": torch.tensor([[4, 3]]),
-        "labels": torch.tensor([[[-100] * 5, [-100, -100, -100, 8, -100]]]),  # position 2 predicts the first label
+        "labels": torch.tensor([[[-100] * 5, [-100, -100, -100, 8, -100]]]),
+        "mc_labels": torch.tensor([1]),
     }
+
+
+def test_tokens_run_counts_the_shared_context_once():
+    bench = load_bench()
     # 9 real tokens; the context [1, 5] once, then [6, 7, 2] and [6, 8]: 7 through the model.
-    assert bench.tokens_run(batch, "plain") == (9, 9)
-    assert bench.tokens_run(batch, "packed") == (9, 7)
+    assert bench.tokens_run(two_candidates(), "plain") == (9, 9)
+    assert bench.tokens_run(two_candidates(), "packed") == (9, 7)
 
 
 def test_wheel_script_and_the_device_command_agree():
@@ -149,3 +155,24 @@ def test_wheel_script_and_the_device_command_agree():
     assert "bench/gpu_check.py" in install
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x.whl"], cwd=ROOT)
     assert ignored.returncode == 0, f"{folder} is not git-ignored"
+
+
+def test_an_encoding_that_fell_back_is_caught():
+    """An encoding that cannot apply falls back to the next one; compared with plain it would pass for nothing."""
+    from transformers import GPT2Config
+
+    from persona_model import PersonaGPT2DoubleHeadsModel
+
+    bench = load_bench()
+    batch = two_candidates()
+    model = PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).train()
+    ran = {}
+    bench.forward_on(model, "shared_prefix", batch, ran)
+    bench.forward_on(model, "packed-dense", batch, ran)
+    assert ran == {
+        "shared_prefix": "Candidate encoding: shared_prefix (asked for shared_prefix).",
+        "packed-dense": "Candidate encoding: packed (asked for packed). Packed attention: dense.",
+    }
+    model.gradient_checkpointing_enable()  # the cache broadcast cannot train under it: plain runs instead
+    with pytest.raises(bench.CheckFailed, match="shared_prefix did not run as asked"):
+        bench.forward_on(model, "shared_prefix", batch)
