@@ -633,7 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+        if not args.smoke and not torch.cuda.is_available():
+            parser.error("no CUDA GPU here: --smoke runs every part on CPU with tiny shapes (--device cpu: full sizes)")
+        args.device = "cuda" if not args.smoke else "cpu"
     if args.output is None:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         args.output = os.path.join(BENCH, "results", f"gpu_check-{stamp}{'-smoke' if args.smoke else ''}.json")
