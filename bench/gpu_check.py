@@ -15,6 +15,8 @@ on; the JSON is rewritten after each part, so a run cut short keeps what it meas
   4-candidate batch through every candidate encoding (plain, cache broadcast, packed under the dense tree mask with
   several examples per row and with one, packed under the per-example tree attention), losses, mc_logits and every
   gradient against plain's, fp32 (relative error <= 1e-4) and bf16 autocast (<= 1e-2); a 20-candidate forward too.
+  Every forward (here and in the throughput parts) checks that the encoding asked for is the one that ran: one that
+  does not apply falls back silently, and a fallback to plain would pass every comparison for nothing.
 - fp16_trainer: `PersonaTrainer` with fp16=True (its GradScaler) against the same steps in fp32.
 - deepspeed_zero2: `PersonaTrainer` under configs/deepspeed/zero2.json on one device against the same steps without
   DeepSpeed (fp32 <= 1e-4, bf16 <= 1e-2), in a child process (a hang or crash costs only this part).
@@ -23,9 +25,11 @@ on; the JSON is rewritten after each part, so a run cut short keeps what it meas
 - train_<model> (GPT-2-small 124M, GPT-2-medium 355M; 4 candidates, bf16 autocast, AdamW): real tokens/s (every
   candidate's unpadded tokens), model FLOPs utilisation (6 * non-embedding parameters * the tokens the path actually
   runs through the model / time / the measured bf16 peak; packed runs each context once) and peak memory, per encoding.
-- eval_<model>: 20-candidate ranking forward (no grad, bf16), turns/s and peak memory per encoding.
+- eval_<model>: 20-candidate ranking forward (no grad, bf16), turns/s and peak memory per encoding. Encodings timed:
+  plain, shared_prefix, packed (what `auto` runs on the device: the dense tree mask on CUDA) and packed-tree.
 - chat: GPT-2-small in bf16, milliseconds per generated token (`--new_tokens` forced greedy tokens, one reply).
 
+--smoke times in fp32 on one thread (CPU bf16 matrix products are slow; threads of a shared CPU wait on each other).
 Goals (reported, not enforced): packed >= 2x plain training tokens/s at 4 candidates, >= 4x 20-candidate evaluation,
 GPT-2-medium packed training >= 40% MFU, chat >= 100 tokens/s on GPT-2-small.
 """
