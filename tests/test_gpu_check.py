@@ -173,6 +173,6 @@ def test_an_encoding_that_fell_back_is_caught():
         "shared_prefix": "Candidate encoding: shared_prefix (asked for shared_prefix).",
         "packed-dense": "Candidate encoding: packed (asked for packed). Packed attention: dense.",
     }
-    model.gradient_checkpointing_enable()  # the cache broadcast cannot train under it: plain runs instead
+    model.activation_checkpointing_enable()  # the cache broadcast cannot train under it: plain runs instead
     with pytest.raises(bench.CheckFailed, match="shared_prefix did not run as asked"):
         bench.forward_on(model, "shared_prefix", batch)
