@@ -14,7 +14,8 @@ on; the JSON is rewritten after each part, so a run cut short keeps what it meas
 - correctness_gpt2 / correctness_llama (GPT-2-small shape; a Llama shape with grouped-query attention): the same
   4-candidate batch through every candidate encoding (plain, cache broadcast, packed under the dense tree mask with
   several examples per row and with one, packed under the per-example tree attention), losses, mc_logits and every
-  gradient against plain's, fp32 (relative error <= 1e-4) and bf16 autocast (<= 1e-2); a 20-candidate forward too.
+  gradient against plain's, fp32 (relative error <= 1e-4) and bf16 autocast (against fp32: <= 1e-2, or <= 1.5x
+  plain's own bf16 error, since two bf16 runs of a real-size model differ by about 1e-2); a 20-candidate forward too.
   Every forward (here and in the throughput parts) checks that the encoding asked for is the one that ran: one that
   does not apply falls back silently, and a fallback to plain would pass every comparison for nothing.
 - fp16_trainer: `PersonaTrainer` with fp16=True (its GradScaler) against the same steps in fp32.
@@ -85,6 +86,7 @@ SHAPES = {
     "llama-gqa": (llama(8, 1024, 16, 4, 2816), llama(2, 64, 4, 2, 128)),  # grouped queries: 4 (2) per kv head
 }
 TOLERANCES = {"fp32": 1e-4, "bf16": 1e-2}
+FLOOR_FACTOR = 1.5  # bf16: an encoding may be this much further from fp32 than plain in bf16 is (`check_close`)
 CORRECTNESS_PATHS = ["plain", "shared_prefix", "packed-dense", "packed-dense-1ex", "packed-tree"]
 THROUGHPUT_PATHS = ["plain", "shared_prefix", "packed", "packed-tree"]  # packed: what `auto` runs on this device
 GOALS = {"train_speedup": 2.0, "eval_speedup": 4.0, "mfu_gpt2-medium": 0.40, "chat_tokens_per_s": 100.0}
@@ -110,9 +112,21 @@ def relative_errors(reference: dict[str, torch.Tensor], other: dict[str, torch.T
     return errors
 
 
-def check_close(errors: dict[str, dict[str, float]], tolerance: float, what: str) -> None:
-    """Raise CheckFailed naming every (path, quantity) whose relative error exceeds `tolerance` (NaN fails too)."""
-    bad = [f"{path} {key} {e:.2e}" for path, es in errors.items() for key, e in es.items() if not e <= tolerance]
+def check_close(
+    errors: dict[str, dict[str, float]], tolerance: float, what: str, floor: dict[str, float] | None = None
+) -> None:
+    """Raise CheckFailed naming every (path, quantity) whose relative error exceeds `tolerance` (NaN fails too).
+
+    With `floor` (per quantity: plain's own bf16 error against fp32), a quantity may also reach FLOOR_FACTOR times
+    its floor. Two bf16 computations of a real-size model differ by about bf16's own error (~1e-2 on the gradients
+    of GPT-2-small and of an 8 x 1024 Llama), so an encoding is judged against fp32, as close as plain in bf16 is.
+    """
+    bad = []
+    for path, es in errors.items():
+        for key, e in es.items():
+            limit = max(tolerance, FLOOR_FACTOR * floor[key]) if floor else tolerance
+            if not e <= limit:
+                bad.append(f"{path} {key} {e:.2e}" + (f" (plain's own {floor[key]:.2e})" if floor else ""))
     if bad:
         raise CheckFailed(f"{what}: beyond {tolerance:g} relative: " + ", ".join(bad))
 
@@ -330,27 +344,41 @@ def encoding_outputs(model, path: str, batch: dict, autocast, grads: bool, ran: 
 def correctness(shape: str):
     def part(check: Check, record: dict) -> None:
         model = check.model(shape).to(check.device).train()
-        train_batch = check.batches(4, 4, 1)[0]
-        eval_batch = check.batches(20, 2, 1)[0]
-        failures, ran = [], record.setdefault("encodings", {})
-        for dtype, tolerance in TOLERANCES.items():
-            errors = {}
-            for batch, grads, tag in ((train_batch, True, "4c"), (eval_batch, False, "20c")):
-                reference = encoding_outputs(model, "plain", batch, check.autocast(dtype), grads, ran)
-                for path in CORRECTNESS_PATHS[1:]:
-                    other = encoding_outputs(model, path, batch, check.autocast(dtype), grads, ran)
-                    errors.setdefault(path, {}).update(
-                        {f"{key}_{tag}": e for key, e in relative_errors(reference, other).items()}
-                    )
-            record[dtype] = errors
-            worst = max(e for es in errors.values() for e in es.values())
-            record[f"{dtype}_worst"] = worst
+        batches = ((check.batches(4, 4, 1)[0], True, "4c"), (check.batches(20, 2, 1)[0], False, "20c"))
+        ran = record.setdefault("encodings", {})
+        errors = {name: {} for name in ("fp32", "bf16", "bf16_vs_fp32")}
+        floor = {}  # plain's own bf16 error against fp32
+        for batch, grads, tag in batches:
+
+            def outputs(path: str, dtype: str, batch=batch, grads=grads) -> dict[str, torch.Tensor]:
+                return encoding_outputs(model, path, batch, check.autocast(dtype), grads, ran)
+
+            def tagged(reference: dict, other: dict, tag=tag) -> dict[str, float]:
+                return {f"{key}_{tag}": e for key, e in relative_errors(reference, other).items()}
+
+            fp32, bf16 = outputs("plain", "fp32"), outputs("plain", "bf16")
+            floor.update(tagged(fp32, bf16))
+            for path in CORRECTNESS_PATHS[1:]:
+                errors["fp32"].setdefault(path, {}).update(tagged(fp32, outputs(path, "fp32")))
+                other = outputs(path, "bf16")
+                errors["bf16"].setdefault(path, {}).update(tagged(bf16, other))
+                errors["bf16_vs_fp32"].setdefault(path, {}).update(tagged(fp32, other))
+        record.update(errors, bf16_plain_vs_fp32=floor)
+        for name, es in errors.items():
+            record[f"{name}_worst"] = max(e for path_errors in es.values() for e in path_errors.values())
+        record["summary"] = (
+            f"vs plain: fp32 worst {record['fp32_worst']:.1e} (tol 1e-4), bf16 {record['bf16_worst']:.1e}; bf16 vs "
+            f"fp32 {record['bf16_vs_fp32_worst']:.1e} (plain's own {max(floor.values()):.1e})"
+        )
+        failures = []
+        for what, es, tolerance, limits in (
+            ("fp32", errors["fp32"], TOLERANCES["fp32"], None),
+            ("bf16 vs fp32", errors["bf16_vs_fp32"], TOLERANCES["bf16"], floor),
+        ):
             try:
-                check_close(errors, tolerance, dtype)
+                check_close(es, tolerance, what, floor=limits)
             except CheckFailed as failure:
                 failures.append(str(failure))
-        record["summary"] = f"worst relative error vs plain: fp32 {record['fp32_worst']:.1e} (tol 1e-4), " \
-            f"bf16 {record['bf16_worst']:.1e} (tol 1e-2); {len(CORRECTNESS_PATHS) - 1} encodings"  # fmt: skip
         if failures:
             raise CheckFailed("; ".join(failures))
 
