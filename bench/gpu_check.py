@@ -19,8 +19,6 @@ on; the JSON is rewritten after each part, so a run cut short keeps what it meas
   Every forward (here and in the throughput parts) checks that the encoding asked for is the one that ran: one that
   does not apply falls back silently, and a fallback to plain would pass every comparison for nothing.
 - fp16_trainer: `PersonaTrainer` with fp16=True (its GradScaler) against the same steps in fp32.
-- deepspeed_zero2: `PersonaTrainer` under configs/deepspeed/zero2.json on one device against the same steps without
-  DeepSpeed (fp32 <= 1e-4, bf16 <= 1e-2), in a child process (a hang or crash costs only this part).
 - generation: a KV-cached greedy reply (`persona_generation`; GPT-2 and Llama shapes, fp32) equal to the no-cache
   re-encoding one.
 - train_<model> (GPT-2-small 124M, GPT-2-medium 355M; 4 candidates, bf16 autocast, AdamW): real tokens/s (every
@@ -29,6 +27,8 @@ on; the JSON is rewritten after each part, so a run cut short keeps what it meas
 - eval_<model>: 20-candidate ranking forward (no grad, bf16), turns/s and peak memory per encoding. Encodings timed:
   plain, shared_prefix, packed (what `auto` runs on the device: the dense tree mask on CUDA) and packed-tree.
 - chat: GPT-2-small in bf16, milliseconds per generated token (`--new_tokens` forced greedy tokens, one reply).
+- deepspeed_zero2: `PersonaTrainer` under configs/deepspeed/zero2.json on one device against the same steps without
+  DeepSpeed (fp32 <= 1e-4, bf16 <= 1e-2), last, in a child process (a hang or crash costs only this part).
 
 --smoke times in fp32 on one thread (CPU bf16 matrix products are slow; threads of a shared CPU wait on each other).
 Goals (reported, not enforced): packed >= 2x plain training tokens/s at 4 candidates, >= 4x 20-candidate evaluation,
@@ -90,9 +90,9 @@ FLOOR_FACTOR = 1.5  # bf16: an encoding may be this much further from fp32 than 
 CORRECTNESS_PATHS = ["plain", "shared_prefix", "packed-dense", "packed-dense-1ex", "packed-tree"]
 THROUGHPUT_PATHS = ["plain", "shared_prefix", "packed", "packed-tree"]  # packed: what `auto` runs on this device
 GOALS = {"train_speedup": 2.0, "eval_speedup": 4.0, "mfu_gpt2-medium": 0.40, "chat_tokens_per_s": 100.0}
-PARTS = ["environment", "peak_matmul", "correctness_gpt2", "correctness_llama", "fp16_trainer", "deepspeed_zero2",
-         "generation", "train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium",
-         "chat"]  # fmt: skip
+PARTS = ["environment", "peak_matmul", "correctness_gpt2", "correctness_llama", "fp16_trainer", "generation",
+         "train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium", "chat",
+         "deepspeed_zero2"]  # fmt: skip
 
 
 class Skipped(Exception):
@@ -466,8 +466,10 @@ def part_deepspeed_zero2(check: Check, record: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         output = os.path.join(tmp, "child.json")
         argv = [sys.executable, os.path.abspath(__file__), *_keep_options(sys.argv[1:]), "--parts", "deepspeed_zero2"]
-        proc = subprocess.run([*argv, "--output", output], env=env, capture_output=True, text=True,
-                              timeout=check.args.deepspeed_timeout_s)  # fmt: skip
+        # Last in the run, so that a hang costs only this part; it ends with the run's time (--deadline_s + 60 s).
+        left = check.args.deadline_s + 60 - (time.perf_counter() - check.started)
+        timeout = max(30.0, min(check.args.deepspeed_timeout_s, left))
+        proc = subprocess.run([*argv, "--output", output], env=env, capture_output=True, text=True, timeout=timeout)
         if not os.path.exists(output):
             raise RuntimeError(f"the child process exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
         with open(output, encoding="utf-8") as f:
@@ -654,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)."
     )
     parser.add_argument("--deadline_s", type=float, default=420.0, help="Parts not started by then are skipped.")
-    parser.add_argument("--deepspeed_timeout_s", type=float, default=240.0)
+    parser.add_argument("--deepspeed_timeout_s", type=float, default=240.0, help="The DeepSpeed child's time limit.")
     parser.add_argument("--deepspeed_on_cpu", action="store_true", help="Run the DeepSpeed part on CPU too (slow).")
     args = parser.parse_args(argv)
     smoke = {"max_dialogs": 24, "train_batch_size": 2, "eval_batch_size": 2, "steps": 1, "warmup": 1, "chat_repeats": 1,

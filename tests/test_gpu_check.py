@@ -17,9 +17,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
 WHEELS_SCRIPT = os.path.join(ROOT, "bench", "gpu_wheels.sh")
-PARTS = ["environment", "peak_matmul", "correctness_gpt2", "correctness_llama", "fp16_trainer", "deepspeed_zero2",
-         "generation", "train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium",
-         "chat"]  # fmt: skip
+PARTS = ["environment", "peak_matmul", "correctness_gpt2", "correctness_llama", "fp16_trainer", "generation",
+         "train_gpt2-small", "train_gpt2-medium", "eval_gpt2-small", "eval_gpt2-medium", "chat",
+         "deepspeed_zero2"]  # fmt: skip
 ENCODINGS = {"shared_prefix", "packed-dense", "packed-dense-1ex", "packed-tree"}
 
 
