@@ -118,6 +118,41 @@ def _check_config_value(path: str, key: str, value, action, takes_list: bool = F
     return value
 
 
+def source_fields(path: str, class_name: str) -> dict[str, dict]:
+    """The init fields a dataclass declares in a source file, read without importing it (importing
+    `TrainingArguments` costs seconds of torch): name -> {"default": source text, "help": text, "flag": True for a
+    bool}, in declaration order. `persona-train --help` is printed from these."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    (klass,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name]
+    fields = {}
+    for node in klass.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        annotation = ast.unparse(node.annotation)
+        if node.target.id.startswith("_") or annotation.startswith("ClassVar"):
+            continue
+        default, help_text = node.value, ""
+        if isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith("field"):
+            keywords = {k.arg: k.value for k in node.value.keywords}
+            if "init" in keywords and ast.unparse(keywords["init"]) == "False":
+                continue
+            default = keywords.get("default", keywords.get("default_factory"))
+            metadata = keywords.get("metadata")
+            if isinstance(metadata, ast.Dict):
+                for key, value in zip(metadata.keys, metadata.values):
+                    if isinstance(key, ast.Constant) and key.value == "help" and isinstance(value, ast.Constant):
+                        help_text = value.value
+        fields[node.target.id] = {
+            "default": "None" if default is None else ast.unparse(default),
+            "help": help_text,
+            "flag": annotation.split("|")[0].strip() == "bool",
+        }
+    return fields
+
+
 def _closest(name: str, known) -> str | None:
     import difflib
 
