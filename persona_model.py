@@ -194,7 +194,9 @@ def _load_model_and_tokenizer(
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
-        model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
+        model, loading_info = model_cls.from_pretrained(
+            name_or_path, config=config, output_loading_info=True, **hub_kwargs, **model_kwargs
+        )
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
@@ -202,6 +204,8 @@ def _load_model_and_tokenizer(
             f"{name_or_path}: the weights do not match its config.json (model type {model_type!r}; tensor "
             "shapes differ); the config and weights come from different models, copy the checkpoint again."
         ) from err
+    head_missing = any(key.startswith("multiple_choice_head.") for key in loading_info["missing_keys"])
+    mark_multiple_choice_head(model, loaded=not head_missing)
     if chat_format is not None:
         configure_chat_generation(model, tokenizer, chat_format)
         logger.info("Loaded %s (%s) with %s.", name_or_path, model_cls.__name__, chat_format.name)
@@ -209,6 +213,22 @@ def _load_model_and_tokenizer(
     num_added = add_special_tokens(model, tokenizer)
     logger.info("Loaded %s (%s); %d special tokens added.", name_or_path, model_cls.__name__, num_added)
     return model, tokenizer
+
+
+# Set on a loaded model: whether its multiple-choice head came from the checkpoint (False: a plain causal LM's
+# weights, the head randomly initialised, its scores meaningless).
+MC_HEAD_LOADED_ATTR = "persona_multiple_choice_head_loaded"
+
+
+def mark_multiple_choice_head(model: PreTrainedModel, loaded: bool) -> None:
+    """Record whether `model`'s multiple-choice head was loaded (trained) or initialised at random."""
+    setattr(model, MC_HEAD_LOADED_ATTR, loaded)
+
+
+def multiple_choice_head_loaded(model: PreTrainedModel) -> bool:
+    """Whether the multiple-choice head holds trained weights: False for a checkpoint that had none (a plain causal
+    LM); True for a model built or trained in this process, which nothing marked."""
+    return bool(getattr(model, MC_HEAD_LOADED_ATTR, True))
 
 
 def configure_chat_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat):
@@ -257,8 +277,12 @@ def load_lora_adapter(
     )
     if chat_format_of(tokenizer) is None and model.get_input_embeddings().num_embeddings != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    head_loaded = multiple_choice_head_loaded(model)
     model = PeftModel.from_pretrained(model, adapter_path, revision=hub_kwargs["revision"], token=hub_kwargs["token"])
+    # The adapter saves the head in full when it trained it (`modules_to_save`, see persona_lora).
+    head_loaded = head_loaded or "multiple_choice_head" in (model.active_peft_config.modules_to_save or [])
     if merge_adapter:
         model = model.merge_and_unload()
+    mark_multiple_choice_head(model, head_loaded)
     logger.info("Loaded LoRA adapter %s on %s%s.", adapter_path, base_name, " (merged)" if merge_adapter else "")
     return model, tokenizer
