@@ -28,7 +28,7 @@ from persona_cli import (  # noqa: E402
     sentence_list,
 )
 from persona_data import load_dialogs  # noqa: E402
-from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
+from persona_generation import GENERATION_DEFAULTS, MAX_RANKED, PersonaBot, check_device, load_for_chat  # noqa: E402
 
 TITLE = "persona-chat"
 
@@ -83,26 +83,46 @@ def build_demo(
                 f"{max_persona_sentences} sentences and {max_persona_chars} characters. Shorten it."
             )
 
-    def send(message, persona_text, turns, temperature, top_p, top_k, max_new_tokens, greedy):
+    def send(
+        message,
+        persona_text,
+        turns,
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        greedy,
+        num_ranked=GENERATION_DEFAULTS["num_ranked"],
+        no_repeat_ngram_size=GENERATION_DEFAULTS["no_repeat_ngram_size"],
+        repetition_penalty=GENERATION_DEFAULTS["repetition_penalty"],
+    ):
         """Answer `message`; `turns` is this session's history (user and bot turns alternating)."""
         message = (message or "").strip()
         if not message:
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
-        bot = PersonaBot(
-            model,
-            tokenizer,
-            _persona_lines(persona_text),
-            max_history=max_history,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            max_new_tokens=int(max_new_tokens),
-            min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
-            no_sample=bool(greedy),
-        )
-        # The bot keeps only the turns its context uses; the page shows them all.
+        try:
+            bot = PersonaBot(
+                model,
+                tokenizer,
+                _persona_lines(persona_text),
+                max_history=max_history,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                max_new_tokens=int(max_new_tokens),
+                min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
+                no_sample=bool(greedy),
+                # Greedy decoding gives one reply: nothing to rank.
+                num_ranked=1 if greedy else int(num_ranked),
+                no_repeat_ngram_size=int(no_repeat_ngram_size),
+                repetition_penalty=float(repetition_penalty),
+            )
+        except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
+            raise gr.Error(str(err)) from None
+        # The bot keeps only the turns its context uses; the page shows them all (the bot's own for repetition).
         bot.history = list(turns)
+        bot.own_replies = list(turns[1::2])
         try:
             answer = bot.reply(message)
         except ValueError as err:  # e.g. a reply budget the model's window cannot hold
@@ -138,6 +158,18 @@ def build_demo(
                         1, 100, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max reply tokens"
                     )
                     greedy = gr.Checkbox(value=False, label="Greedy (no sampling)")
+                    num_ranked = gr.Slider(
+                        1, MAX_RANKED, value=GENERATION_DEFAULTS["num_ranked"], step=1,
+                        label="Candidates to rank (sample N, the multiple-choice head picks)",
+                    )  # fmt: skip
+                    no_repeat_ngram_size = gr.Slider(
+                        0, 6, value=GENERATION_DEFAULTS["no_repeat_ngram_size"], step=1,
+                        label="Block repeated n-grams of its own turns (0 = off; the persona is exempt)",
+                    )  # fmt: skip
+                    repetition_penalty = gr.Slider(
+                        0.5, 2.0, value=GENERATION_DEFAULTS["repetition_penalty"], step=0.05,
+                        label="Repetition penalty on its own turns (1 = off)",
+                    )  # fmt: skip
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
                 message = gr.Textbox(placeholder="Say something and press Enter", show_label=False, elem_id="message")
@@ -146,6 +178,7 @@ def build_demo(
                     reset_btn = gr.Button("Reset", elem_id="reset")
 
         inputs = [message, persona_box, turns, temperature, top_p, top_k, max_new_tokens, greedy]
+        inputs += [num_ranked, no_repeat_ngram_size, repetition_penalty]
         outputs = [message, chatbot, turns]
         # One generation at a time: sessions share the model and torch's global random state.
         send_btn.click(send, inputs, outputs, api_name="send", concurrency_id="generate", concurrency_limit=1)

@@ -1,0 +1,231 @@
+"""Generate, then rank: the chosen reply is the best of the samples by the multiple-choice head scored independently
+(training rows through the plain forward, one candidate at a time); the context is encoded once; N=1 is the plain
+reply; the NLI penalty follows Welleck et al.'s formula; chat-template and LoRA checkpoints; a checkpoint without a
+trained head refuses to rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
+from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
+
+from persona_chat import PersonaBot, build_context, generate_replies, generate_reply_ids
+from persona_cli import UsageError
+from persona_data import build_features, dialogs_to_dataset_dict
+from persona_generation import generate_candidate_ids, generate_ranked, generation_config_from_options
+from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
+from persona_ranking import rank_replies
+
+PERSONA = ["i love cats.", "i am a nurse.", "my favorite color is purple."]
+HISTORY = ["hi , how are you ?", "good , i just got home from work .", "what do you do ?"]
+CONTEXTS = [(PERSONA, HISTORY), (PERSONA[:1], ["hello"])]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_and_tokenizer):
+    return tiny_model_and_tokenizer[0].eval()
+
+
+def independent_scores(model, tokenizer, persona, history, replies, max_history=2, chat_format=None) -> list[float]:
+    """Each reply's multiple-choice score through `build_features` (the training rows) and the model's plain forward,
+    one candidate at a time (no padding, no shared context)."""
+    dialogs = dialogs_to_dataset_dict(
+        {"valid": [{"personality": persona, "utterances": [{"history": history, "candidates": list(replies)}]}]},
+        source="test",
+    )["valid"]
+    row = build_features(dialogs, tokenizer, num_candidates=None, max_history=max_history, chat_format=chat_format)[0]
+    scores = []
+    for i, input_ids in enumerate(row["input_ids"]):
+        inputs = {"input_ids": torch.tensor([[input_ids]]), "mc_token_ids": torch.tensor([[row["mc_token_ids"][i]]])}
+        if "token_type_ids" in row:
+            inputs["token_type_ids"] = torch.tensor([[row["token_type_ids"][i]]])
+        with torch.no_grad():
+            scores.append(float(model(**inputs).mc_logits[0, 0]))
+    return scores
+
+
+def test_ranked_reply_is_the_best_sample_by_independent_scores(model, tokenizer):
+    options = {"num_ranked": 6, "seed": 3, "temperature": 1.5, "max_new_tokens": 8}
+    ranked = generate_ranked(model, tokenizer, CONTEXTS, **options)
+    replies = generate_replies(model, tokenizer, CONTEXTS, **options)
+    for (persona, history), candidates, reply in zip(CONTEXTS, ranked, replies):
+        texts = [text for text, _ in candidates]
+        assert len(texts) == len(set(texts)) and 2 <= len(texts) <= 6  # distinct samples, each once
+        expected = independent_scores(model, tokenizer, persona, history, texts)
+        assert [score for _, score in candidates] == pytest.approx(expected, abs=1e-4)
+        assert reply == texts[max(range(len(texts)), key=expected.__getitem__)]
+        assert expected == sorted(expected, reverse=True)  # best first
+    # generate_reply_ids picks the same reply (its token ids).
+    ids = generate_reply_ids(model, tokenizer, CONTEXTS, **options)
+    assert [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids] == replies
+
+
+def test_samples_equal_generates_own_num_return_sequences(model, tokenizer):
+    """The context's cache computed once and repeated gives the library's own N samples, token for token."""
+    options = {"num_ranked": 5, "temperature": 1.2, "max_new_tokens": 10, "min_length": 10}
+    samples = generate_candidate_ids(model, tokenizer, CONTEXTS[:1], seed=7, **options)[0]
+    config = generation_config_from_options(tokenizer, temperature=1.2, max_new_tokens=10, min_length=10)
+    context = build_context(tokenizer, *CONTEXTS[0])
+    context["position_ids"] = torch.arange(context["input_ids"].size(1))[None]
+    set_seed(7)
+    with torch.no_grad():
+        out = model.generate(**context, generation_config=config, num_return_sequences=5)
+    assert samples == out[:, context["input_ids"].size(1) :].tolist()
+
+
+def test_the_context_is_encoded_once(model, tokenizer):
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        seen.append(tuple((ids if ids is not None else embeds).shape[:2]))
+
+    handle = model.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate_replies(model, tokenizer, CONTEXTS[:1], num_ranked=8, seed=0, max_new_tokens=6)
+    finally:
+        handle.remove()
+    context_len = build_context(tokenizer, *CONTEXTS[0])["input_ids"].size(1)
+    prefill, *steps, ranking = seen
+    assert prefill == (1, context_len - 1)  # the context once, for all 8 samples
+    assert steps[0] == (8, 1) and all(s == (8, 1) for s in steps)  # then one token per sample and step
+    assert ranking[0] == 1  # the candidates scored in one forward (packed: one row)
+
+
+def test_num_ranked_1_is_the_plain_reply(model, tokenizer):
+    for options in ({"seed": 5}, {"no_sample": True}, {"seed": 2, "top_k": 5, "top_p": 1.0}):
+        plain = generate_reply_ids(model, tokenizer, CONTEXTS, **options)
+        assert generate_reply_ids(model, tokenizer, CONTEXTS, num_ranked=1, **options) == plain
+        # Independent: the library's generate on the training builder's context with the same random stream.
+        config = generation_config_from_options(tokenizer, **{k: v for k, v in options.items() if k != "seed"})
+        context = build_context(tokenizer, *CONTEXTS[0])
+        context["position_ids"] = torch.arange(context["input_ids"].size(1))[None]
+        set_seed(options.get("seed", 0))
+        with torch.no_grad():
+            out = model.generate(**context, generation_config=config)[0, context["input_ids"].size(1) :].tolist()
+        first = generate_reply_ids(model, tokenizer, CONTEXTS[:1], **options)[0]
+        assert out[: len(first)] == first and (len(out) == len(first) or out[len(first)] in config.eos_token_id)
+
+
+class StubNLI:
+    """An NLI scorer that finds the replies in `contradicting` contradicting the persona's second sentence."""
+
+    def __init__(self, contradicting: dict[str, float]):
+        self.contradicting = contradicting
+        self.calls = []
+
+    def probabilities(self, replies, persona):
+        self.calls.append((list(replies), list(persona)))
+        out = torch.zeros(len(replies), len(persona), 3)
+        out[..., 1] = 1.0  # neutral
+        for i, reply in enumerate(replies):
+            c = self.contradicting.get(reply, 0.0)
+            out[i, 1] = torch.tensor([0.0, 1.0 - c, c])
+        return out
+
+
+def test_nli_penalty_follows_the_formula(model, tokenizer):
+    replies = ["i love cats too .", "i hate cats .", "hello there .", "i hate cats ."]
+    plain = dict(rank_replies(model, tokenizer, PERSONA, HISTORY, replies))
+    assert len(plain) == 3  # the duplicate scored once
+    best = max(plain, key=plain.get)
+    stub = StubNLI({best: 0.9, "hello there .": 0.2})
+    penalty = 2.0
+    ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=stub, nli_penalty=penalty)
+    spread = max(plain.values()) - min(plain.values())
+    contradiction = {best: 0.9, "hello there .": 0.2}
+    expected = {r: s - penalty * spread * contradiction.get(r, 0.0) for r, s in plain.items()}
+    assert dict(ranked) == pytest.approx(expected, abs=1e-5)
+    assert [r for r, _ in ranked] == sorted(expected, key=expected.get, reverse=True)
+    assert ranked[-1][0] == best  # 0.9 of the spread twice over: the former best drops to last
+    assert stub.calls == [(list(dict.fromkeys(replies)), PERSONA)]  # each distinct reply once, in sample order
+    # Through the bot: the stub's penalty is applied to the sampled candidates.
+    bot = PersonaBot(model, tokenizer, PERSONA, num_ranked=4, seed=0, nli_scorer=StubNLI({}), nli_penalty=1.0)
+    assert bot.reply("hi", return_ranked=True)[0][0] == bot.history[-1]
+
+
+def test_return_ranked_lists_every_candidate_best_first(model, tokenizer):
+    bot = PersonaBot(model, tokenizer, PERSONA, num_ranked=5, seed=1, temperature=1.5)
+    ranked = bot.reply("hi , how are you ?", return_ranked=True)
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True) and bot.history[-1] == ranked[0][0]
+    assert scores == pytest.approx(
+        independent_scores(model, tokenizer, PERSONA, ["hi , how are you ?"], [r for r, _ in ranked]), abs=1e-4
+    )
+    assert isinstance(bot.reply("and you ?"), str) and bot.own_replies[-1] == bot.history[-1]
+
+
+@pytest.fixture(scope="module")
+def plain_lm_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """The tiny GPT-2 saved as a plain causal LM (no multiple-choice head), as a Hub GPT-2 is."""
+    out = tmp_path_factory.mktemp("plain-lm")
+    GPT2LMHeadModel.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    return str(out)
+
+
+def test_a_checkpoint_without_a_trained_head_refuses_to_rank(plain_lm_checkpoint, tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(plain_lm_checkpoint)
+    assert not multiple_choice_head_loaded(model)
+    assert multiple_choice_head_loaded(load_model_and_tokenizer(tiny_checkpoint)[0])
+    with pytest.raises(UsageError, match="no trained multiple-choice head|has none"):
+        PersonaBot(model, tokenizer, PERSONA, num_ranked=4)
+    with pytest.raises(UsageError, match="has none"):
+        generate_replies(model, tokenizer, CONTEXTS, num_ranked=2)
+    assert generate_replies(model, tokenizer, CONTEXTS, no_sample=True)  # one reply needs no head
+    # LoRA trains the head in full (modules_to_save): the adapter folder ranks, merged or not.
+    from persona_lora import apply_lora
+
+    lora = apply_lora(model, tokenizer, r=2)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name or "multiple_choice_head" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    lora.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    for merge in (True, False):
+        loaded, tok = load_model_and_tokenizer(str(tmp_path / "adapter"), merge_adapter=merge)
+        loaded.eval()
+        assert multiple_choice_head_loaded(loaded)
+        ranked = generate_ranked(loaded, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
+        if merge:
+            expected = independent_scores(loaded, tok, *CONTEXTS[0], [r for r, _ in ranked])
+            assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
+
+
+def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp_path):  # noqa: F811
+    from test_backbones import backbone_config
+    from transformers import AutoModelForCausalLM
+
+    from persona_chat_template import chat_format_of
+
+    tokenizer = tokenizers["chatml"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(backbone_config("qwen2", len(tokenizer))).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    plain, _ = load_model_and_tokenizer(str(tmp_path / "plain"))
+    assert not multiple_choice_head_loaded(plain)  # an instruct model from the Hub: no head yet
+    plain.save_pretrained(tmp_path / "run")  # as persona-train saves it: the head beside the backbone
+    tokenizer.save_pretrained(tmp_path / "run")
+    model, tok = load_model_and_tokenizer(str(tmp_path / "run"))
+    model.eval()
+    chat_format = chat_format_of(tok)
+    assert chat_format is not None and multiple_choice_head_loaded(model)
+    ranked = generate_ranked(model, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
+    texts = [r for r, _ in ranked]
+    expected = independent_scores(model, tok, *CONTEXTS[0], texts, chat_format=chat_format)
+    assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
+    rows = build_features(
+        dialogs_to_dataset_dict(
+            {"valid": [{"personality": PERSONA, "utterances": [{"history": HISTORY, "candidates": texts}]}]}, source="t"
+        )["valid"],
+        tok,
+        num_candidates=None,
+        max_history=2,
+        chat_format=chat_format,
+    )[0]
+    # The head reads each candidate's end-of-turn token.
+    assert all(ids[m] in chat_format.stop_ids for ids, m in zip(rows["input_ids"], rows["mc_token_ids"]))
