@@ -29,6 +29,7 @@ from persona_cli import (  # noqa: E402
 )
 from persona_data import load_dialogs  # noqa: E402
 from persona_generation import GENERATION_DEFAULTS, MAX_RANKED, PersonaBot, check_device, load_for_chat  # noqa: E402
+from persona_ranking import NLIRankingArguments  # noqa: E402
 
 TITLE = "persona-chat"
 
@@ -59,12 +60,15 @@ def build_demo(
     max_message_chars: int = 2000,
     max_persona_sentences: int = 50,
     max_persona_chars: int = 5000,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
 ):
     """The Gradio Blocks app. API endpoints: `/send`, `/set_persona`, `/reset`, `/random_persona`.
 
     A message longer than `max_message_chars`, or a persona over `max_persona_sentences` sentences or
     `max_persona_chars` characters, is refused with a message in the page (generation runs one request at a time, so
-    a huge input would stall every session); the session goes on.
+    a huge input would stall every session); the session goes on. `nli_scorer`/`nli_penalty`: the contradiction
+    penalty on ranked replies (`persona_ranking`).
     """
     import gradio as gr
 
@@ -117,6 +121,8 @@ def build_demo(
                 num_ranked=1 if greedy else int(num_ranked),
                 no_repeat_ngram_size=int(no_repeat_ngram_size),
                 repetition_penalty=float(repetition_penalty),
+                nli_scorer=nli_scorer,
+                nli_penalty=nli_penalty,
             )
         except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
             raise gr.Error(str(err)) from None
@@ -255,10 +261,11 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(DemoArguments, prog="persona-demo", description=__doc__)
+    return HfArgumentParser((DemoArguments, NLIRankingArguments), prog="persona-demo", description=__doc__)
 
 
-def main(args: DemoArguments) -> int:
+def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int:
+    ranking = ranking or NLIRankingArguments()
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -272,6 +279,7 @@ def main(args: DemoArguments) -> int:
             "(or a Hub id); for an offline demo checkpoint run: python persona_synthetic.py --output_dir demo_assets "
             "&& persona-train configs/demo.yaml"
         ) from err
+    nli_scorer = ranking.load_scorer(args.device)
     try:
         personas = dataset_personas(args.dataset_path, args.dataset_format) if args.dataset_path else []
     except (OSError, ValueError) as err:
@@ -286,6 +294,8 @@ def main(args: DemoArguments) -> int:
         max_message_chars=args.max_message_chars,
         max_persona_sentences=args.max_persona_sentences,
         max_persona_chars=args.max_persona_chars,
+        nli_scorer=nli_scorer,
+        nli_penalty=ranking.nli_penalty,
     )
     try:
         demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
