@@ -156,7 +156,7 @@ def build_demo(
                     elem_id="persona",
                 )
                 random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
-                with gr.Accordion("Decoding", open=False):
+                with gr.Accordion("Decoding", open=False, elem_id="decoding"):
                     temperature = gr.Slider(0.05, 2.0, value=GENERATION_DEFAULTS["temperature"], label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
                     top_k = gr.Slider(0, 200, value=GENERATION_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
@@ -166,15 +166,16 @@ def build_demo(
                     greedy = gr.Checkbox(value=False, label="Greedy (no sampling)")
                     num_ranked = gr.Slider(
                         1, MAX_RANKED, value=GENERATION_DEFAULTS["num_ranked"], step=1,
-                        label="Candidates to rank (sample N, the multiple-choice head picks)",
+                        label="Candidates to rank (sample N, the multiple-choice head picks)", elem_id="num-ranked",
                     )  # fmt: skip
                     no_repeat_ngram_size = gr.Slider(
                         0, 6, value=GENERATION_DEFAULTS["no_repeat_ngram_size"], step=1,
                         label="Block repeated n-grams of its own turns (0 = off; the persona is exempt)",
+                        elem_id="no-repeat-ngram-size",
                     )  # fmt: skip
                     repetition_penalty = gr.Slider(
                         0.5, 2.0, value=GENERATION_DEFAULTS["repetition_penalty"], step=0.05,
-                        label="Repetition penalty on its own turns (1 = off)",
+                        label="Repetition penalty on its own turns (1 = off)", elem_id="repetition-penalty",
                     )  # fmt: skip
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
