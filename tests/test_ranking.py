@@ -5,12 +5,17 @@ trained head refuses to rank."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
 from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from test_user_errors import error_line, no_loading
 from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
 
+import persona_chat
+import persona_eval
 from persona_chat import PersonaBot, build_context, generate_replies, generate_reply_ids
 from persona_cli import UsageError
 from persona_data import build_features, dialogs_to_dataset_dict
@@ -229,3 +234,36 @@ def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp
     )[0]
     # The head reads each candidate's end-of-turn token.
     assert all(ids[m] in chat_format.stop_ids for ids, m in zip(rows["input_ids"], rows["mc_token_ids"]))
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--num_ranked", "0"], "--num_ranked must be between 1 and 64, got 0"),
+        (["--num_ranked", "-3"], "--num_ranked must be between 1 and 64, got -3"),
+        (["--num_ranked", "65"], "--num_ranked must be between 1 and 64, got 65"),
+        (["--num_ranked", "4", "--no_sample"], "--num_ranked 4 ranks sampled replies; greedy decoding"),
+        (["--num_ranked", "4", "--num_beams", "2"], "--num_ranked 4 ranks sampled replies"),
+        (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be >= 0"),
+        (["--repetition_penalty", "0"], "--repetition_penalty must be a number > 0"),
+        (["--repetition_penalty", "nan"], "--repetition_penalty must be a number > 0"),
+        (["--nli_penalty", "1"], "--nli_penalty needs --nli_model"),
+        (["--nli_model", "some/nli"], "--nli_model needs --nli_penalty > 0"),
+        (["--nli_model", "some/nli", "--nli_penalty", "-1"], "--nli_penalty must be a finite number >= 0"),
+        (["--nli_model", "some/nli", "--nli_penalty", "1"], "--nli_model re-ranks sampled replies; set --num_ranked"),
+    ],
+)
+def test_bad_ranking_and_repetition_flags_are_one_line(flags, words, tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    line = error_line(persona_chat.cli, ["--model_name_or_path", tiny_checkpoint, "--stdin", *flags], capsys)
+    assert line.startswith("persona-chat: error: ") and words in line, line
+
+
+def test_eval_and_a_headless_checkpoint_are_one_line(plain_lm_checkpoint, personachat_json, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    line = error_line(
+        persona_chat.cli, ["--model_name_or_path", plain_lm_checkpoint, "--stdin", "--num_ranked", "4"], capsys
+    )
+    assert "this checkpoint has none (a plain causal LM" in line
+    argv = ["--model_name_or_path", plain_lm_checkpoint, "--dataset_path", personachat_json, "--num_ranked", "4"]
+    assert "--num_ranked 4 ranks sampled replies; greedy decoding" in error_line(persona_eval.cli, argv, capsys)
