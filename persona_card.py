@@ -6,14 +6,35 @@ import os
 
 from transformers import TrainingArguments
 
-# Card rows: (label, metric key, format). F1 comes from persona_eval when the run computed it.
+# Card rows: (label, metric key, format). The convai2_* rows come from persona_eval (--do_convai2_eval).
 CARD_METRICS = [
     ("Hits@1", "eval_hits@1", "{:.4f}"),
-    ("Perplexity", "eval_ppl", "{:.2f}"),
-    ("F1 (greedy, ConvAI2 normalisation)", "convai2_f1", "{:.4f}"),  # recorded by --do_convai2_eval
+    ("Perplexity (token-level)", "eval_ppl", "{:.2f}"),
+    ("Perplexity (word-level: ParlAI words, end token excluded)", "convai2_ppl_word", "{:.2f}"),
+    ("F1 (greedy, ConvAI2 normalisation)", "convai2_f1", "{:.4f}"),
+    ("C-score (NLI persona consistency, per reply)", "convai2_c_score", "{:.3f}"),
+    ("C-score of the gold replies (same NLI model)", "convai2_c_score_gold", "{:.3f}"),
+    ("Replies contradicting their persona", "convai2_contradiction_rate", "{:.3f}"),
+    ("Replies copying a persona sentence", "convai2_persona_copy_rate", "{:.3f}"),
+    ("Distinct-2 (generated / gold)", ("convai2_distinct_2", "convai2_distinct_2_gold"), "{:.4f}"),
+    (
+        "Replies repeating an own earlier 3-gram (generated / gold)",
+        ("convai2_repeat_self", "convai2_repeat_self_gold"),
+        "{:.4f}",
+    ),
     ("LM loss", "eval_lm_loss", "{:.4f}"),
     ("MC loss", "eval_mc_loss", "{:.4f}"),
 ]
+
+
+def card_metric_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) of each `CARD_METRICS` row the metrics hold (a pair of keys shows as 'a / b')."""
+    rows = []
+    for label, keys, fmt in CARD_METRICS:
+        keys = (keys,) if isinstance(keys, str) else keys
+        if all(key in metrics for key in keys):
+            rows.append((label, " / ".join(fmt.format(metrics[key]) for key in keys)))
+    return rows
 
 
 def persona_model_card(
@@ -66,7 +87,7 @@ def persona_model_card(
         ("LoRA", "yes (adapter; the MC head and persona-token embeddings are trained in full)" if is_adapter else None),
         ("seed", args.seed),
     ]
-    metric_rows = [(label, fmt.format(metrics[key])) for label, key, fmt in CARD_METRICS if key in metrics]
+    metric_rows = card_metric_rows(metrics)
     lines = [
         f"# {model_id.rstrip('/').split('/')[-1]}",
         "",

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""ConvAI2 evaluation without ParlAI: Hits@k over every candidate, token-level perplexity and F1 of generated replies.
+"""ConvAI2 evaluation without ParlAI: Hits@k, token- and word-level perplexity, F1, repetition and persona
+consistency (NLI C-score) of generated replies.
 
     persona-eval --model_name_or_path runs/my-run --dataset_path personachat_self_original.json
     persona-eval --model_name_or_path runs/my-run --dataset_path data.json --max_turns 200 --no_f1
+    persona-eval --model_name_or_path runs/my-run --dataset_path data.json --nli_model path/to/nli-checkpoint
     accelerate launch persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
     torchrun --nproc_per_node 8 persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
 
 Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
-multiple-choice head, a tie counting against the gold; perplexity is exp of the mean NLL over gold reply tokens
-(token-level, not ParlAI's word-level); F1 compares the greedy reply with the gold after ParlAI's normalisation. The
-history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step, so these
-numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1 and Hits@k ship as an `evaluate`
-metric: `evaluate.load("metrics/convai2")` (config "f1" or "hits").
+multiple-choice head, a tie counting against the gold; `ppl` is exp of the mean NLL over gold reply tokens
+(token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI `split_tokenize` word; F1 compares
+the greedy reply with the gold after ParlAI's normalisation. Repetition and diversity (`distinct_*`, `repeat_*`) and,
+with `--nli_model`, the C-score are reported for the generated replies and (`_gold`) the gold replies of the same
+turns. The history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step,
+so these numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1, Hits@k and C-score ship
+as an `evaluate` metric: `evaluate.load("metrics/convai2")` (config "f1", "hits" or "consistency").
 """
 
 from __future__ import annotations
@@ -46,7 +50,19 @@ from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_files import file_in_the_way
 from persona_generation import GenerationArguments, generate_replies
-from persona_metrics import HITS_KS, f1_score, mean_f1, ranking_metrics
+from persona_metrics import (
+    HITS_KS,
+    consistency_metrics,
+    f1_score,
+    mean_f1,
+    persona_copy_rate,
+    ranking_metrics,
+    repetition_metrics,
+    split_tokenize,
+    stat_columns,
+    word_perplexity,
+)
+from persona_nli import PAIR_ORDERS, NLIScorer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
 
 logger = logging.getLogger(__name__)
@@ -57,15 +73,17 @@ __all__ = ["evaluate_convai2", "f1_score", "main", "cli"]
 
 
 def flatten_turns(dialogs: datasets.Dataset, max_turns: int | None = None) -> tuple[datasets.Dataset, list[dict]]:
-    """The dialogs holding the first `max_turns` turns, and those turns as `{persona, history, gold}` in row order."""
+    """The dialogs holding the first `max_turns` turns, and those turns as `{persona, history, gold, dialog}` (the
+    dialog's index) in row order."""
     turns, num_dialogs = [], 0
     for dialog in dialogs:
         if max_turns is not None and len(turns) >= max_turns:
             break
         num_dialogs += 1
         for utterance in dialog["utterances"]:
+            gold = utterance["candidates"][-1]
             turns.append(
-                {"persona": dialog["personality"], "history": utterance["history"], "gold": utterance["candidates"][-1]}
+                {"persona": dialog["personality"], "history": utterance["history"], "gold": gold, "dialog": num_dialogs}
             )
     return dialogs.select(range(num_dialogs)), turns[:max_turns]
 
@@ -87,7 +105,7 @@ def ranking_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.ndarray:
-    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 5], in `features` order) from the Trainer's
+    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 6], in `features` order) from the Trainer's
     evaluation step.
 
     Turns are ordered by candidate count, longest first within a count, so each batch pads little and memory runs out
@@ -97,7 +115,7 @@ def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.n
     counts = np.array([len(ids) for ids in last_tokens])
     longest = np.array([max(ids) for ids in last_tokens])
     order = np.lexsort((-longest, counts))  # by count, then longest first (stable)
-    stats = trainer.predict(features.select(order)).predictions  # [N, 5]
+    stats = trainer.predict(features.select(order)).predictions  # [N, 6]
     out = np.empty_like(stats)
     out[order] = stats
     return out
@@ -132,6 +150,22 @@ def generate_for_turns(
     return [by_turn[i] for i in range(len(turns))]
 
 
+def reply_metrics(
+    turns: list[dict], replies: list[str], *, max_history: int, nli: NLIScorer | None, accelerator, suffix: str = ""
+) -> tuple[dict, list[list[int]] | None]:
+    """Repetition and diversity of one reply per turn (generated, or the gold with `suffix="_gold"`) and, with `nli`,
+    its persona consistency; returns the metrics and the per-turn NLI labels (one per persona sentence)."""
+    contexts = [t["history"][-(2 * max_history + 1) :] for t in turns]  # the turns the bot saw
+    metrics = repetition_metrics(replies, contexts, [t["dialog"] for t in turns], suffix=suffix)
+    if nli is None:
+        return metrics, None
+    personas = [t["persona"] for t in turns]
+    labels = nli.turn_labels(replies, personas, progress=accelerator.is_local_main_process, accelerator=accelerator)
+    metrics.update(consistency_metrics(labels, suffix))
+    metrics[f"persona_copy_rate{suffix}"] = persona_copy_rate(replies, personas)
+    return metrics, labels
+
+
 def evaluate_convai2(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -146,14 +180,18 @@ def evaluate_convai2(
     generation_options: dict | None = None,
     cache_dir: str | None = None,
     return_predictions: bool = False,
+    nli: NLIScorer | None = None,
 ) -> dict:
-    """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), lm_loss, f1, turns.
+    """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), ppl_word, lm_loss, f1,
+    repetition and diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
     `persona_generation.generate_replies` (default: persona-eval's, greedy). Candidates are ranked by `trainer` (a
     training run's own, with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with
     `batch_size`.
-    With `return_predictions`, the result also holds the generated replies under "predictions".
+    With `return_predictions`, the result also holds the generated replies under "predictions", in turn order: strings,
+    or with `nli` a dict per turn (`reply`, `gold`, `persona`, `nli_labels`, `nli_labels_gold`: +1/0/-1 per persona
+    sentence).
     """
     trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
     batch_size = trainer.args.per_device_eval_batch_size
@@ -175,17 +213,38 @@ def evaluate_convai2(
     stats = rank_candidates(trainer, features)
     ranking = ranking_metrics(stats, ks=HITS_KS)
     metrics = {key: value for key, value in ranking.items() if key.startswith("hits@")}
-    metrics.update(ppl=ranking["ppl"], lm_loss=ranking["lm_loss"])
-    predictions = None
+    columns = stat_columns(stats)
+    words = sum(len(split_tokenize(t["gold"])) for t in turns)
+    _, ppl_word = word_perplexity(columns["lm_nll"].sum() - columns["lm_end_nll"].sum(), words)
+    metrics.update(ppl=ranking["ppl"], ppl_word=ppl_word, lm_loss=ranking["lm_loss"])
+    golds, accelerator = [t["gold"] for t in turns], trainer.accelerator
+    if nli is not None:
+        nli.model.to(accelerator.device)
+    predictions = labels = None
     if f1:
         options = {**EvalGenerationArguments().generation_options(), **(generation_options or {})}
         predictions = generate_for_turns(
-            model, tokenizer, turns, trainer.accelerator, max_history=max_history, batch_size=batch_size, **options
+            model, tokenizer, turns, accelerator, max_history=max_history, batch_size=batch_size, **options
         )
-        metrics["f1"] = mean_f1(predictions, [t["gold"] for t in turns])
+        metrics["f1"] = mean_f1(predictions, golds)
+        generated, labels = reply_metrics(turns, predictions, max_history=max_history, nli=nli, accelerator=accelerator)
+        metrics.update(generated)
+    gold, gold_labels = reply_metrics(
+        turns, golds, max_history=max_history, nli=nli, accelerator=accelerator, suffix="_gold"
+    )
+    metrics.update(gold)
     metrics["turns"] = len(turns)
-    metrics["gold_reply_tokens"] = int(stats[:, 2].sum())
-    metrics["candidates_per_turn"] = sorted(int(c) for c in np.unique(stats[:, 4]))
+    if nli is not None:  # their C is 0: nothing to contradict
+        metrics["turns_without_persona"] = sum(not t["persona"] for t in turns)
+        if metrics["turns_without_persona"]:
+            logger.warning("%d turns have no persona sentence: C-score 0.", metrics["turns_without_persona"])
+    metrics["gold_reply_tokens"] = int(columns["lm_tokens"].sum())
+    metrics["gold_reply_words"] = words
+    metrics["candidates_per_turn"] = sorted(int(c) for c in np.unique(columns["num_candidates"]))
+    if return_predictions and labels is not None:
+        keys = ("reply", "gold", "persona", "nli_labels", "nli_labels_gold")
+        rows = zip(predictions, golds, [t["persona"] for t in turns], labels, gold_labels)
+        predictions = [dict(zip(keys, row)) for row in rows]
     if return_predictions:
         metrics["predictions"] = predictions
     return metrics
@@ -230,10 +289,25 @@ class EvalArguments:
         default=None,
         metadata={"help": "JSON results (default: convai2_eval_<split>.json in the checkpoint folder, or here)."},
     )
-    save_predictions: bool = field(default=False, metadata={"help": "Also store the generated replies in the JSON."})
+    save_predictions: bool = field(
+        default=False,
+        metadata={"help": "Also store the generated replies in the JSON (with --nli_model, their NLI labels too)."},
+    )
+    nli_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "NLI sequence classifier (local folder or Hub id) scoring persona consistency (C-score) of the "
+            "generated and gold replies; labels are read by name from its config."
+        },
+    )
+    nli_pair_order: str = field(
+        default="reply_first",
+        metadata={"help": "NLI input order: reply_first (PAML's) or persona_first.", "choices": list(PAIR_ORDERS)},
+    )
+    nli_batch_size: int = field(default=64, metadata={"help": "(reply, persona sentence) pairs per NLI batch."})
 
     def __post_init__(self):
-        check_positive(self, "max_turns", "batch_size")
+        check_positive(self, "max_turns", "batch_size", "nli_batch_size")
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
         check_positive(self, "max_history", minimum=0)
         check_model_path(self.model_name_or_path)
@@ -243,6 +317,10 @@ class EvalArguments:
             raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
         if self.save_predictions and not self.f1:
             raise UsageError("--save_predictions keeps the replies generated for F1; drop --no_f1 (or --f1 false).")
+        if self.nli_model is not None:
+            check_model_path(self.nli_model, "--nli_model")
+            if not self.f1:
+                raise UsageError("--nli_model scores the replies generated for F1; drop --no_f1 (or --f1 false).")
         if self.output_file is not None and os.path.isdir(self.output_file):
             raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
         blocking = None if self.output_file is None else file_in_the_way(self.output_file)
@@ -272,8 +350,12 @@ def default_output_file(args: EvalArguments, split: str | None = None) -> str:
 
 
 def format_table(metrics: dict) -> str:
-    """Terminal table of the metrics, perplexity marked token-level."""
-    labels = {"ppl": "perplexity (token-level)", "lm_loss": "mean NLL per gold token"}
+    """Terminal table of the metrics, the two perplexities named by their unit."""
+    labels = {
+        "ppl": "perplexity (token-level)",
+        "ppl_word": "perplexity (word-level, ParlAI words)",
+        "lm_loss": "mean NLL per gold token",
+    }
     rows = [(labels.get(k, k), f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
     width = max(len(name) for name, _ in rows)
     rule = "-" * (width + 14)
@@ -290,6 +372,10 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         level=logging.INFO if is_rank_zero() else logging.WARNING,
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    nli = None
+    if args.nli_model is not None:  # first: a checkpoint whose labels cannot be read fails before anything loads
+        options = {"pair_order": args.nli_pair_order, "batch_size": args.nli_batch_size}
+        nli = NLIScorer.from_pretrained(args.nli_model, device="cpu", **options)
     # Seeded before loading: a checkpoint without the persona tokens gets new embeddings, the same on every process.
     set_seed(generation.seed or 0)
     model, tokenizer = load_model_and_tokenizer(
@@ -313,6 +399,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         generation_options=generation.generation_options(),
         cache_dir=args.dataset_cache,
         return_predictions=args.save_predictions,
+        nli=nli,
     )
     predictions = metrics.pop("predictions", None)
     results = {
@@ -321,7 +408,8 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         "split": split,
         "turns": metrics["turns"],
         "metrics": metrics,
-        "perplexity": "token-level: exp of the mean NLL over gold reply tokens (eos included), not ParlAI's word-level",
+        "perplexity": "ppl: token-level, exp of the mean NLL over gold reply tokens (end token included); ppl_word: "
+        "the same NLL without the end token over ParlAI split_tokenize words",
         "num_processes": trainer.accelerator.num_processes,
         "options": {**asdict(args), **asdict(generation)},
     }

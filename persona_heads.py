@@ -29,6 +29,7 @@ class DoubleHeadsOutput(ModelOutput):
     lm_nll: torch.Tensor | None = None  # [B] summed NLL of each example's labelled tokens
     lm_tokens: torch.Tensor | None = None  # [B] labelled tokens per example
     mc_nll: torch.Tensor | None = None  # [B] multiple-choice cross-entropy per example
+    lm_end_nll: torch.Tensor | None = None  # [B] NLL of each labelled run's last token (the end of the reply)
 
 
 class PersonaMultipleChoiceHead(nn.Module):
@@ -47,7 +48,8 @@ class PersonaMultipleChoiceHead(nn.Module):
 
 
 def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Per-example summed NLL and token count, running the LM head only where a next token is labelled.
+    """Per-example summed NLL, token count and NLL of the end-of-reply token (the last of each labelled run; the
+    word-level perplexity leaves it out), running the LM head only where a next token is labelled.
 
     hidden: [N, T, H], labels: [N, T] (same positions; shifted here, like the library's causal LM loss).
     Only the gold candidate's reply carries labels, so this skips the vocabulary projection of every distractor
@@ -59,7 +61,9 @@ def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
     logits = lm_head(hidden[rows, cols])  # [K, V], K = labelled tokens in the batch
     nll = F.cross_entropy(logits.float(), shift_labels[rows, cols], reduction="none")  # [K]
     per_row = torch.zeros(labels.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-    return per_row, mask.sum(dim=1)
+    run_end = mask & ~F.pad(mask[:, 1:], (0, 1), value=False)  # [N, T-1]: labelled, the next position not
+    end_nll = torch.zeros_like(per_row).index_add(0, rows, nll * run_end[rows, cols])
+    return per_row, mask.sum(dim=1), end_nll
 
 
 def apply_heads(
@@ -85,8 +89,9 @@ def apply_heads(
             out.mc_nll = F.cross_entropy(out.mc_logits.float(), mc_labels, reduction="none")  # [B]
             out.mc_loss = out.mc_nll.mean()
     if labels is not None:
-        nll, tokens = labelled_lm_nll(hidden.flatten(0, 1), labels.flatten(0, 1), lm_head)
+        nll, tokens, end_nll = labelled_lm_nll(hidden.flatten(0, 1), labels.flatten(0, 1), lm_head)
         out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
+        out.lm_end_nll = end_nll.view(batch_size, num_candidates).sum(1)
         out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
         # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
         out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()

@@ -1,4 +1,5 @@
-"""ConvAI2 metrics with ParlAI's definitions: F1 and its normalisation, gold rank, Hits@k, corpus perplexity.
+"""ConvAI2 metrics with ParlAI's definitions: F1 and its normalisation, gold rank, Hits@k, perplexities, persona
+consistency (C-score), persona copying, repetition and diversity.
 
 The one home of these rules: the Trainer's `compute_metrics`, `persona-eval` and the `evaluate` module
 `metrics/convai2` all call these functions. Nothing here imports torch or the rest of the project; `gold_rank`
@@ -7,6 +8,7 @@ takes numpy arrays or torch tensors alike.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import string
@@ -18,7 +20,7 @@ import numpy as np
 HITS_KS = (1, 5, 10)
 
 # The per-example statistics of one ranked turn, as `PersonaTrainer.prediction_step` returns them (columns).
-STAT_COLUMNS = ("gold_rank", "lm_nll", "lm_tokens", "mc_nll", "num_candidates")
+STAT_COLUMNS = ("gold_rank", "lm_nll", "lm_tokens", "mc_nll", "num_candidates", "lm_end_nll")
 
 # ParlAI's `normalize_answer`: punctuation (string.punctuation, the apostrophe included) and articles become spaces.
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -108,12 +110,140 @@ def ranking_metrics(stats, ks: Sequence[int] | None = None) -> dict[str, float]:
 
     With `ks=None` only `hits@1`, as the Trainer logs it; else `hits_at_k(ks)`.
     """
-    columns = dict(zip(STAT_COLUMNS, np.asarray(stats, dtype=np.float64).reshape(-1, len(STAT_COLUMNS)).T))
+    columns = stat_columns(stats)
     hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], (1,) if ks is None else ks)
     lm_loss, ppl = corpus_perplexity(columns["lm_nll"].sum(), columns["lm_tokens"].sum())
     return {**hits, "lm_loss": lm_loss, "ppl": ppl, "mc_loss": float(columns["mc_nll"].mean())}
 
 
+def stat_columns(stats) -> dict[str, np.ndarray]:
+    """Per-turn statistics ([N, len(STAT_COLUMNS)]) as one array per `STAT_COLUMNS` name."""
+    return dict(zip(STAT_COLUMNS, np.asarray(stats, dtype=np.float64).reshape(-1, len(STAT_COLUMNS)).T))
+
+
 def compute_metrics(eval_pred) -> dict[str, float]:
     """The Trainer's `compute_metrics`: `ranking_metrics` of what `PersonaTrainer.prediction_step` returned."""
     return ranking_metrics(eval_pred.predictions)
+
+
+def split_tokenize(text: str) -> list[str]:
+    """ParlAI's `split_tokenize` words (the ConvAI2 word-level perplexity's unit): lower case, spaces around
+    . , ; : ! ?, split on whitespace.
+
+    >>> split_tokenize("Hi, I'm Bob... you?")
+    ['hi', ',', "i'm", 'bob', '.', '.', '.', 'you', '?']
+    """
+    for mark in ".,;:!?":
+        text = text.replace(mark, f" {mark} ")
+    return text.lower().split()
+
+
+def word_perplexity(nll_without_end: float, words: int) -> tuple[float, float]:
+    """`(lm_loss_word, ppl_word)`: the gold replies' NLL (end-of-reply token excluded) per `split_tokenize` word.
+
+    >>> word_perplexity(6.0, 2)
+    (3.0, 20.085536923187668)
+    """
+    return corpus_perplexity(nll_without_end, words)
+
+
+# Label scores of the C-score, in persona_nli.NLI_LABELS order (entailment, neutral, contradiction).
+NLI_SCORES = (1, 0, -1)
+
+
+def reply_c_score(labels: Sequence[int]) -> int:
+    """C of one reply: the sum over its persona's sentences of +1 entailment, 0 neutral, -1 contradiction (0 for an
+    empty persona).
+
+    >>> reply_c_score([1, 0, -1, 1])
+    1
+    """
+    return int(sum(labels))
+
+
+def consistency_metrics(labels: Sequence[Sequence[int]], suffix: str = "") -> dict[str, float]:
+    """`c_score` (mean C over replies), `contradiction_rate` / `entailment_rate` (share of replies with at least one
+    contradicted / entailed persona sentence) of per-reply NLI labels (+1/0/-1 per persona sentence), names + suffix.
+
+    >>> consistency_metrics([[1, 0, 0], [0, -1, 1], []])
+    {'c_score': 0.3333333333333333, 'contradiction_rate': 0.3333333333333333, 'entailment_rate': 0.6666666666666666}
+    """
+    if not labels:
+        return {}
+    return {
+        f"c_score{suffix}": float(np.mean([reply_c_score(row) for row in labels])),
+        f"contradiction_rate{suffix}": float(np.mean([-1 in row for row in labels])),
+        f"entailment_rate{suffix}": float(np.mean([1 in row for row in labels])),
+    }
+
+
+# A reply copies a persona sentence when this share of the sentence's normalised words appear in it, in order.
+PERSONA_COPY_THRESHOLD = 0.8
+
+
+def copies_persona(reply: str, persona: Sequence[str], threshold: float = PERSONA_COPY_THRESHOLD) -> bool:
+    """Whether `reply` repeats a persona sentence nearly verbatim: the longest in-order matching (difflib) of the
+    sentence's `normalize_answer` words within the reply's covers at least `threshold` of the sentence's words.
+
+    >>> copies_persona("yes! i have two dogs at home.", ["i have dogs at home.", "i like pizza."])
+    True
+    >>> copies_persona("dogs are great, i have some", ["i have dogs at home."])
+    False
+    """
+    reply_words = normalize_answer(reply).split()
+    for sentence in persona:
+        words = normalize_answer(sentence).split()
+        if not words:
+            continue
+        blocks = difflib.SequenceMatcher(None, words, reply_words, autojunk=False).get_matching_blocks()
+        if sum(block.size for block in blocks) >= threshold * len(words):
+            return True
+    return False
+
+
+def persona_copy_rate(replies: Sequence[str], personas: Sequence[Sequence[str]]) -> float:
+    """Share of replies that `copies_persona` of their own persona."""
+    return float(np.mean([copies_persona(r, p) for r, p in zip(replies, personas)])) if replies else 0.0
+
+
+def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repetition_metrics(
+    replies: Sequence[str],
+    contexts: Sequence[Sequence[str]],
+    dialog_ids: Sequence[int],
+    n: int = 3,
+    suffix: str = "",
+) -> dict[str, float]:
+    """Diversity and repetition of replies in turn order, words by `normalize_answer` (names + suffix):
+
+    - `distinct_1`, `distinct_2`: distinct uni-/bigrams over all replies / all uni-/bigrams;
+    - `repeat_within`: share of replies holding one of their own n-grams twice;
+    - `repeat_context`: share of all reply n-grams that occur in the turns the bot saw (`contexts`, per reply);
+    - `repeat_self`: share of replies sharing an n-gram with an earlier reply of the same series in the same dialog
+      (`dialog_ids`, per reply; replies of a dialog are consecutive and in order).
+    """
+    words = [normalize_answer(reply).split() for reply in replies]
+    out = {}
+    for k in (1, 2):
+        grams = [g for w in words for g in ngrams(w, k)]
+        out[f"distinct_{k}{suffix}"] = len(set(grams)) / len(grams) if grams else 0.0
+    within = context_hits = reply_grams = self_hits = 0
+    seen_in_dialog: set = set()
+    for i, (w, context) in enumerate(zip(words, contexts)):
+        grams = ngrams(w, n)
+        within += len(set(grams)) < len(grams)
+        context_grams = {g for turn in context for g in ngrams(normalize_answer(turn).split(), n)}
+        context_hits += sum(g in context_grams for g in grams)
+        reply_grams += len(grams)
+        if i == 0 or dialog_ids[i] != dialog_ids[i - 1]:
+            seen_in_dialog = set()
+        self_hits += bool(seen_in_dialog.intersection(grams))
+        seen_in_dialog.update(grams)
+    total = max(len(replies), 1)
+    out[f"repeat_within{suffix}"] = within / total
+    out[f"repeat_context{suffix}"] = context_hits / reply_grams if reply_grams else 0.0
+    out[f"repeat_self{suffix}"] = self_hits / total
+    return out

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 from collections.abc import Iterable
 
 ATTRIBUTES = {
@@ -141,6 +142,60 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
     )
     GPT2DoubleHeadsModel(config).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def make_tiny_nli_checkpoint(
+    output_dir: str,
+    texts: Iterable[str],
+    *,
+    labels: tuple[str, ...] = ("entailment", "neutral", "contradiction"),
+    tokenizer_from: str | None = None,
+    vocab_size: int = 300,
+    hidden_size: int = 32,
+    seed: int = 0,
+) -> str:
+    """A randomly initialised tiny BERT NLI classifier + WordPiece tokenizer trained on `texts`, saved loadable.
+
+    `labels` names the classifier rows, which are permuted to match: the same seed and vocabulary (`tokenizer_from`,
+    a folder whose vocab.txt to reuse; WordPiece training breaks ties differently from run to run) with any order of
+    the three NLI labels is the same classifier, giving the same C-scores.
+    """
+    import torch
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_file = os.path.join(output_dir, "vocab.txt")
+    if tokenizer_from is not None:
+        shutil.copyfile(os.path.join(tokenizer_from, "vocab.txt"), vocab_file)
+    else:
+        wordpiece = BertWordPieceTokenizer(lowercase=True)
+        wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1)
+        wordpiece.save_model(output_dir)
+    tokenizer = BertTokenizerFast(vocab_file, do_lower_case=True, model_max_length=128)
+    canonical = ("entailment", "neutral", "contradiction")
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=128,
+        num_labels=len(canonical),
+        initializer_range=0.5,  # large random weights: the [CLS] state, and so the label, varies with the pair
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.bias.normal_(0.0, 0.5)
+        rows = [canonical.index(label.lower()) if label.lower() in canonical else i for i, label in enumerate(labels)]
+        model.classifier.weight.copy_(model.classifier.weight[rows])
+        model.classifier.bias.copy_(model.classifier.bias[rows])
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
 

@@ -126,7 +126,7 @@ class PersonaTrainer(Trainer):
     The loss of an optimizer step is `lm_coef · (NLL of every gold-reply token / number of those tokens) +
     mc_coef · (mean multiple-choice cross-entropy)`, both normalised over the whole accumulated batch on every
     process (so GA=2 × batch 2 takes the same step as GA=1 × batch 4). `lm_loss` and `mc_loss` are logged apart.
-    Evaluation keeps five numbers per turn (`persona_metrics.STAT_COLUMNS`), never vocabulary logits.
+    Evaluation keeps six numbers per turn (`persona_metrics.STAT_COLUMNS`), never vocabulary logits.
     """
 
     # compute_loss already normalises over the accumulated batch: the Trainer must not divide by GA again.
@@ -219,7 +219,7 @@ class PersonaTrainer(Trainer):
             groups = [
                 (score_candidates(model(**batch), batch["mc_labels"]), batch["mc_labels"]) for batch in inputs["groups"]
             ]
-        stats = torch.cat([s for s, _ in groups])[inputs["row_order"]]  # [B, 5] in the batch's row order
+        stats = torch.cat([s for s, _ in groups])[inputs["row_order"]]  # [B, 6] in the batch's row order
         gold = torch.cat([g for _, g in groups])[inputs["row_order"]]
         lm_loss = stats[:, 1].sum() / stats[:, 2].sum()  # NaN when nothing is labelled, as the model's lm_loss
         loss = self.args.lm_coef * lm_loss + self.args.mc_coef * stats[:, 3].mean()
@@ -270,10 +270,12 @@ class PersonaTrainer(Trainer):
 
 
 def score_candidates(outputs, mc_labels: torch.Tensor) -> torch.Tensor:
-    """Per-turn `[gold rank, LM NLL sum, LM tokens, MC NLL, candidates]` ([B, 5]) of one double-heads forward."""
+    """Per-turn `persona_metrics.STAT_COLUMNS` ([B, 6]: gold rank, LM NLL sum, LM tokens, MC NLL, candidates, NLL of
+    the end-of-reply token) of one double-heads forward."""
     mc_logits = outputs.mc_logits.float()  # [B, C]
     count = torch.full_like(mc_labels, mc_logits.size(1))
     columns = (gold_rank(mc_logits, mc_labels), outputs.lm_nll, outputs.lm_tokens, outputs.mc_nll, count)
+    columns += (outputs.lm_end_nll,)
     return torch.stack([c.float() for c in columns], dim=1)
 
 

@@ -40,6 +40,7 @@ from persona_data import build_features, load_dialogs
 from persona_encoding import ENCODINGS, set_candidate_encoding
 from persona_lora import apply_lora, check_gradient_checkpointing
 from persona_model import load_model_and_tokenizer
+from persona_nli import NLIScorer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,10 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation rows."})
     do_convai2_eval: bool = field(
         default=False,
-        metadata={"help": "After training, score ConvAI2 Hits@k, perplexity and F1 (persona_eval) on the eval split."},
+        metadata={"help": "After training, score persona_eval's metrics (Hits@k, ppl, F1, ...) on the eval split."},
+    )
+    nli_model: str | None = field(
+        default=None, metadata={"help": "With --do_convai2_eval: an NLI checkpoint scoring persona consistency."}
     )
 
     def __post_init__(self):
@@ -199,6 +203,10 @@ class DataArguments:
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
         if os.path.isfile(self.dataset_cache):
             raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
+        if self.nli_model is not None:
+            check_model_path(self.nli_model, "--nli_model")
+            if not self.do_convai2_eval:
+                raise UsageError("--nli_model scores the replies of --do_convai2_eval; add --do_convai2_eval.")
 
 
 def make_parser() -> HfArgumentParser:
@@ -254,18 +262,12 @@ def _splits(
         try:
             eval_split = find_split(dialogs, data_args.eval_split, source)
         except UsageError as err:
-            users = [
-                flag
-                for flag, on in (
-                    ("--do_eval false", training_args.do_eval),
-                    (
-                        "--eval_strategy no",
-                        training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
-                    ),
-                    ("--do_convai2_eval false", data_args.do_convai2_eval),
-                )
-                if on
-            ]
+            flags = {
+                "--do_eval false": training_args.do_eval,
+                "--eval_strategy no": training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
+                "--do_convai2_eval false": data_args.do_convai2_eval,
+            }
+            users = [flag for flag, on in flags.items() if on]
             raise UsageError(
                 f"{err} Nothing to evaluate on: pass {' '.join(users)} to train without evaluating, or "
                 "--eval_split NAME."
@@ -308,6 +310,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         # DeepSpeed's own communicator, which accelerate leaves unset on CPU: hand it the process group now.
         deepspeed.init_distributed()
 
+    # Before training: an NLI checkpoint whose labels cannot be read fails now, not hours later.
+    nli = NLIScorer.from_pretrained(data_args.nli_model, device="cpu") if data_args.nli_model else None
     with training_args.main_process_first(desc="loading persona dialogs"):
         dialogs = load_dialogs(
             data_args.dataset_path,
@@ -429,6 +433,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             max_length=max_length,
             max_turns=data_args.max_eval_samples,
             cache_dir=data_args.dataset_cache,
+            nli=nli,
         )
         convai2 = {f"convai2_{key}": value for key, value in convai2.items() if key != "candidates_per_turn"}
         trainer.log(convai2)

@@ -17,7 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
-from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint  # noqa: E402
+from persona_synthetic import (  # noqa: E402
+    corpus_texts,
+    make_synthetic_personachat,
+    make_tiny_checkpoint,
+    make_tiny_nli_checkpoint,
+)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +64,23 @@ def shared_spc_csv() -> str:
     if not os.path.exists(path):
         pytest.skip(f"real persona data not present at {path}")
     return path
+
+
+# Label orders of popular NLI checkpoints: roberta-large-mnli; MoritzLaurer DeBERTa-v3 and ynie RoBERTa;
+# cross-encoder/nli-deberta-v3.
+NLI_LABEL_ORDERS = {
+    "mnli-style": ("CONTRADICTION", "NEUTRAL", "ENTAILMENT"),
+    "deberta-style": ("entailment", "neutral", "contradiction"),
+    "cross-encoder-style": ("contradiction", "entailment", "neutral"),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_nli_checkpoints(tmp_path_factory, synthetic_data) -> dict[str, str]:
+    """One tiny NLI classifier saved three times: same weights and vocabulary, classifier rows in three label orders."""
+    root = tmp_path_factory.mktemp("tiny-nli")
+    first = make_tiny_nli_checkpoint(str(root / "base"), corpus_texts(synthetic_data))
+    return {
+        name: make_tiny_nli_checkpoint(str(root / name), (), labels=labels, tokenizer_from=first)
+        for name, labels in NLI_LABEL_ORDERS.items()
+    }

@@ -458,7 +458,7 @@ def test_push_to_hub_uploads_weights_tokenizer_config_and_project_model_card(ass
     assert "| candidates per example | 2 |" in card and "| history turns kept | 5 |" in card
     assert "| batch | 2 per device × 1 accumulation × 1 processes = 2 |" in card
     assert f"| Hits@1 | {metrics['eval_hits@1']:.4f} |" in card
-    assert f"| Perplexity | {metrics['eval_ppl']:.2f} |" in card
+    assert f"| Perplexity (token-level) | {metrics['eval_ppl']:.2f} |" in card
     assert "| F1 |" not in card  # not computed by this run
 
 
@@ -476,14 +476,27 @@ def test_model_card_lists_f1_and_adapter_when_available():
         dataset="bavard/personachat_truecased",
         recipe={"num_candidates": 4, "max_history": 2, "personality_permutations": 2},
         args=args,
-        metrics={"eval_hits@1": 0.8125, "eval_ppl": 17.123, "convai2_f1": 0.1934},
+        metrics={
+            "eval_hits@1": 0.8125,
+            "eval_ppl": 17.123,
+            "convai2_f1": 0.1934,
+            "convai2_ppl_word": 27.456,
+            "convai2_c_score": 0.2345,
+            "convai2_distinct_2": 0.31,
+            "convai2_distinct_2_gold": 0.52,
+            "convai2_repeat_self": 0.125,
+        },
         is_adapter=True,
     )
     assert "library_name: peft" in card and "base_model: microsoft/DialoGPT-medium" in card
     assert "- bavard/personachat_truecased" in card and "- lora" in card
     assert (
         "| Hits@1 | 0.8125 |" in card
-        and "| Perplexity | 17.12 |" in card
+        and "| Perplexity (token-level) | 17.12 |" in card
+        and "| Perplexity (word-level: ParlAI words, end token excluded) | 27.46 |" in card
         and "| F1 (greedy, ConvAI2 normalisation) | 0.1934 |" in card
+        and "| C-score (NLI persona consistency, per reply) | 0.234 |" in card
+        and "| Distinct-2 (generated / gold) | 0.3100 / 0.5200 |" in card
     )
+    assert "C-score of the gold" not in card and "repeating an own" not in card  # not in the metrics
     assert "| personality permutations | 2 |" in card and "| LoRA | yes" in card

@@ -239,7 +239,7 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
 
 
 @pytest.mark.slow
-def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json):
+def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json, tiny_nli_checkpoints):
     from run_persona import main, parse_args
 
     out = tmp_path / "run"
@@ -247,9 +247,10 @@ def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json
     args += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
     args += ["--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
     args += ["--max_eval_samples", "6", "--per_device_eval_batch_size", "4", "--do_convai2_eval", "--use_cpu"]
-    args += ["--dataset_cache", str(tmp_path / "cache")]
+    args += ["--dataset_cache", str(tmp_path / "cache"), "--nli_model", tiny_nli_checkpoints["mnli-style"]]
     metrics = main(*parse_args(args))
     saved = json.loads((out / "convai2_results.json").read_text())
     assert saved == {key: value for key, value in metrics.items() if key.startswith("convai2_")}
     assert saved["convai2_turns"] == 6
     assert set(saved) >= {"convai2_hits@1", "convai2_hits@5", "convai2_hits@10", "convai2_ppl", "convai2_f1"}
+    assert set(saved) >= {"convai2_ppl_word", "convai2_c_score", "convai2_c_score_gold", "convai2_repeat_self"}

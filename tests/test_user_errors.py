@@ -67,6 +67,8 @@ def no_loading(monkeypatch):
         (["--model_name_or_path", "runs/nope"], "--model_name_or_path runs/nope: no such folder"),
         (["--model_name_or_path", "./x"], "--model_name_or_path ./x: no such folder"),
         (["--resume_from_checkpoint", "out/nope"], "--resume_from_checkpoint out/nope: no such checkpoint folder"),
+        (["--nli_model", "org/nli"], "--nli_model scores the replies of --do_convai2_eval"),
+        (["--nli_model", "./nli", "--do_convai2_eval"], "--nli_model ./nli: no such folder"),
     ],
 )
 def test_persona_train_bad_flags(flags, words, tmp_path, capsys, monkeypatch, personachat_json):
@@ -267,6 +269,10 @@ def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint,
         (["--no_sample", "false", "--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--no_f1", "--save_predictions"], "--save_predictions keeps the replies generated for F1"),
         (["--dataset_cache", os.path.abspath(__file__)], "is a file; pass a folder"),
+        (["--nli_model", "./no-such-nli"], "--nli_model ./no-such-nli: no such folder"),
+        (["--nli_model", "org/nli", "--no_f1"], "--nli_model scores the replies generated for F1"),
+        (["--nli_model", "org/nli", "--nli_pair_order", "backwards"], "invalid choice: 'backwards'"),
+        (["--nli_model", "org/nli", "--nli_batch_size", "0"], "--nli_batch_size must be >= 1"),
     ],
 )
 def test_persona_eval_bad_flags(flags, words, tiny_checkpoint, personachat_json, capsys, monkeypatch):
