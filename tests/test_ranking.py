@@ -6,6 +6,12 @@ trained head refuses to rank."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +29,7 @@ from persona_generation import generate_candidate_ids, generate_ranked, generati
 from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
 from persona_ranking import rank_replies
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSONA = ["i love cats.", "i am a nurse.", "my favorite color is purple."]
 HISTORY = ["hi , how are you ?", "good , i just got home from work .", "what do you do ?"]
 CONTEXTS = [(PERSONA, HISTORY), (PERSONA[:1], ["hello"])]
@@ -267,3 +274,61 @@ def test_eval_and_a_headless_checkpoint_are_one_line(plain_lm_checkpoint, person
     assert "this checkpoint has none (a plain causal LM" in line
     argv = ["--model_name_or_path", plain_lm_checkpoint, "--dataset_path", personachat_json, "--num_ranked", "4"]
     assert "--num_ranked 4 ranks sampled replies; greedy decoding" in error_line(persona_eval.cli, argv, capsys)
+
+
+def readme_section() -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return text.split("### Generate, then rank")[1].split("## Browser demo")[0]
+
+
+@pytest.mark.slow
+def test_readme_ranking_commands_run(tiny_checkpoint, personachat_json, tiny_nli_checkpoints, tmp_path):
+    (bash,) = re.findall(r"```bash\n(.*?)```", readme_section(), flags=re.S)
+    swaps = {
+        "demo_assets/run": tiny_checkpoint,
+        "demo_assets/personachat.json": personachat_json,
+        "MoritzLaurer/DeBERTa-v3-base-mnli-fever-anli": tiny_nli_checkpoints["deberta-style"],
+    }
+    scripts = {"persona-chat": "persona_chat.py", "persona-eval": "persona_eval.py"}
+    lines = bash.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        for old, new in swaps.items():
+            line = line.replace(old, new)
+        stdin = None
+        if line.startswith("echo "):
+            echo, line = line.split(" | ", 1)
+            stdin = shlex.split(echo)[1] + "\n"
+        argv = shlex.split(line)
+        extra = ["--output_file", str(tmp_path / "eval.json")] if argv[0] == "persona-eval" else []
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, scripts[argv[0]]), *argv[1:], *extra],
+            input=stdin, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        if argv[0] == "persona-chat":
+            assert len(result.stdout.splitlines()) == 1 and result.stdout.strip()
+        else:
+            assert json.load(open(tmp_path / "eval.json"))["options"]["num_ranked"] == 8
+
+
+def test_readme_ranking_snippet_runs(tiny_checkpoint, capsys):
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme_section(), flags=re.S)
+    exec(compile(snippet.replace('"demo_assets/run"', repr(tiny_checkpoint)), "README.md", "exec"), {})  # noqa: S102
+    # An untrained model's reply may hold a newline: read the score at the start of each printed candidate.
+    scores = [float(score) for score in re.findall(r"^([+-]\d+\.\d{3})  ", capsys.readouterr().out, flags=re.M)]
+    assert 1 <= len(scores) <= 8 and scores == sorted(scores, reverse=True)
+
+
+def test_the_real_nli_scorer_penalises_as_the_formula_says(model, tokenizer, tiny_nli_checkpoints):
+    from persona_ranking import NLIRankingArguments
+
+    scorer = NLIRankingArguments(nli_model=tiny_nli_checkpoints["mnli-style"], nli_penalty=1.5).load_scorer("cpu")
+    replies = ["i love cats too .", "i hate cats .", "hello there ."]
+    plain = dict(rank_replies(model, tokenizer, PERSONA, HISTORY, replies))
+    contradiction = scorer.probabilities(replies, PERSONA)[..., 2].amax(dim=1).tolist()
+    spread = max(plain.values()) - min(plain.values())
+    expected = {r: plain[r] - 1.5 * spread * c for r, c in zip(replies, contradiction)}
+    ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=scorer, nli_penalty=1.5)
+    assert dict(ranked) == pytest.approx(expected, abs=1e-5)
