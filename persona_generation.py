@@ -214,32 +214,11 @@ def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_ranked(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
-    *,
-    max_history: int = 2,
-    batch_size: int = 8,
-    own_turns: Sequence[Sequence[str]] | None = None,
-    nli_scorer=None,
-    nli_penalty: float = 0.0,
-    **generation_options,
-) -> list[list[tuple[str, float]]]:
-    """For each context, its `num_ranked` sampled replies (each distinct one once) with their multiple-choice scores,
-    best first (`persona_ranking.rank_replies`; `nli_scorer`/`nli_penalty` subtract Welleck et al.'s contradiction
-    penalty). With `num_ranked=1` the one reply, scored."""
+def _sample_and_rank(model, tokenizer, contexts, *, max_history, nli_scorer, nli_penalty, **options):
+    """The samples (token ids) of each context and its distinct decoded replies with their scores, best first."""
     check_can_rank(model)
-    samples = generate_candidate_ids(
-        model,
-        tokenizer,
-        contexts,
-        max_history=max_history,
-        batch_size=batch_size,
-        own_turns=own_turns,
-        **generation_options,
-    )
-    return [
+    samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **options)
+    ranked = [
         rank_replies(
             model,
             tokenizer,
@@ -252,6 +231,31 @@ def generate_ranked(
         )
         for (persona, history), replies in zip(contexts, samples)
     ]
+    return samples, ranked
+
+
+def generate_ranked(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
+    **generation_options,
+) -> list[list[tuple[str, float]]]:
+    """For each context, its `num_ranked` sampled replies (each distinct one once) with their multiple-choice scores,
+    best first (`persona_ranking.rank_replies`; `nli_scorer`/`nli_penalty` subtract Welleck et al.'s contradiction
+    penalty). With `num_ranked=1` the one reply, scored. Other options: those of `generate_candidate_ids`."""
+    return _sample_and_rank(
+        model,
+        tokenizer,
+        contexts,
+        max_history=max_history,
+        nli_scorer=nli_scorer,
+        nli_penalty=nli_penalty,
+        **generation_options,
+    )[1]
 
 
 def generate_reply_ids(
@@ -260,20 +264,28 @@ def generate_reply_ids(
     contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
     *,
     max_history: int = 2,
-    batch_size: int = 8,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
     **generation_options,
 ) -> list[list[int]]:
     """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
-    kwargs = {"max_history": max_history, "batch_size": batch_size, **generation_options}
     if generation_options.get("num_ranked", 1) == 1:
-        return [ids for (ids,) in generate_candidate_ids(model, tokenizer, contexts, **kwargs)]
-    check_can_rank(model)
-    ranked = []
-    for (persona, history), samples in zip(contexts, generate_candidate_ids(model, tokenizer, contexts, **kwargs)):
-        texts = [_decode(tokenizer, ids) for ids in samples]
-        best, _ = rank_replies(model, tokenizer, persona, history, texts, max_history=max_history)[0]
-        ranked.append(samples[texts.index(best)])
-    return ranked
+        samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **generation_options)
+        return [ids for (ids,) in samples]
+    samples, ranked = _sample_and_rank(
+        model,
+        tokenizer,
+        contexts,
+        max_history=max_history,
+        nli_scorer=nli_scorer,
+        nli_penalty=nli_penalty,
+        **generation_options,
+    )
+    # The first sample that decodes to the best reply.
+    return [
+        next(ids for ids in ids_list if _decode(tokenizer, ids) == best[0][0])
+        for ids_list, best in zip(samples, ranked)
+    ]
 
 
 def generate_replies(
@@ -296,7 +308,6 @@ def generate_replies(
     kwargs = {"max_history": max_history, "batch_size": batch_size, **generation_options}
     if generation_options.get("num_ranked", 1) > 1:
         return [ranked[0][0] for ranked in generate_ranked(model, tokenizer, contexts, **kwargs)]
-    kwargs = {key: value for key, value in kwargs.items() if key not in ("nli_scorer", "nli_penalty")}
     return [_decode(tokenizer, ids) for ids in generate_reply_ids(model, tokenizer, contexts, **kwargs)]
 
 
