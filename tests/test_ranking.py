@@ -274,6 +274,41 @@ def test_eval_and_a_headless_checkpoint_are_one_line(plain_lm_checkpoint, person
     assert "this checkpoint has none (a plain causal LM" in line
     argv = ["--model_name_or_path", plain_lm_checkpoint, "--dataset_path", personachat_json, "--num_ranked", "4"]
     assert "--num_ranked 4 ranks sampled replies; greedy decoding" in error_line(persona_eval.cli, argv, capsys)
+    argv[-2:] = ["--nli_penalty", "1"]
+    assert "--nli_penalty needs --nli_model" in error_line(persona_eval.cli, argv, capsys)
+
+
+@pytest.mark.slow
+def test_eval_reranks_with_the_nli_penalty(tiny_checkpoint, personachat_json, tiny_nli_checkpoints, monkeypatch):
+    from persona_nli import NLIScorer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_checkpoint)
+    dialogs = persona_eval.load_dialogs(personachat_json)["valid"]
+    nli = NLIScorer.from_pretrained(tiny_nli_checkpoints["deberta-style"], device="cpu")
+    seen = []
+
+    def spy(model, tokenizer, contexts, **kwargs):
+        ranked = generate_ranked(model, tokenizer, contexts, **kwargs)
+        seen.append((kwargs, ranked))
+        return [r[0][0] for r in ranked]
+
+    monkeypatch.setattr(persona_eval, "generate_replies", spy)
+    options = {"no_sample": False, "num_ranked": 4, "max_new_tokens": 6}
+    result = persona_eval.evaluate_convai2(
+        model.eval(), tokenizer, dialogs, max_turns=3, generation_options=options, return_predictions=True,
+        nli=nli, nli_penalty=50.0,
+    )  # fmt: skip
+    ((kwargs, ranked),) = seen
+    assert kwargs["nli_scorer"] is nli and kwargs["nli_penalty"] == 50.0 and kwargs["num_ranked"] == 4
+    assert [p["reply"] for p in result["predictions"]] == [r[0][0] for r in ranked]
+    # The penalty as the formula says, on the turn's own candidates.
+    _, turns = persona_eval.flatten_turns(dialogs, 3)
+    turn, candidates = turns[0], ranked[0]
+    plain = dict(rank_replies(model, tokenizer, turn["persona"], turn["history"], [r for r, _ in candidates]))
+    contradiction = nli.probabilities(list(plain), turn["persona"])[..., 2].amax(dim=1).tolist()
+    spread = max(plain.values()) - min(plain.values())
+    expected = {r: s - 50.0 * spread * c for (r, s), c in zip(plain.items(), contradiction)}
+    assert dict(candidates) == pytest.approx(expected, abs=1e-4)
 
 
 def readme_section() -> str:
