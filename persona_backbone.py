@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # The multiple-choice head's own weights file beside the causal LM's, and the prefix of its tensors in the model.
 MC_HEAD_FILE = "multiple_choice_head.safetensors"
 MC_HEAD_PREFIX = "multiple_choice_head."
+# Set on a loaded model: whether its multiple-choice head came from the checkpoint (False: a plain causal LM's
+# weights, the head randomly initialised, its scores meaningless); see `persona_model.multiple_choice_head_loaded`.
+MC_HEAD_LOADED_ATTR = "persona_multiple_choice_head_loaded"
 
 # Key under which the head settings are stored in the backbone's own config.json.
 DOUBLE_HEADS_CONFIG_KEY = "persona_double_heads"
@@ -142,8 +145,9 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
 
     The causal LM's modules are registered under their own names (e.g. `model`, `lm_head`), so the state dict is
     exactly the backbone's plus `multiple_choice_head.*`; `save_pretrained` writes the head to its own file
-    (`MC_HEAD_FILE`), so a saved folder is exactly a causal-LM checkpoint. `head_trained` says whether the head came
-    from a checkpoint (its own file, or a folder saved with the head inside the weights) or is freshly initialised.
+    (`MC_HEAD_FILE`), so a saved folder is exactly a causal-LM checkpoint. `from_pretrained` records whether the head
+    came from the checkpoint (its own file, or a folder saved with the head inside the weights) in
+    `MC_HEAD_LOADED_ATTR`.
     Speaker information: `token_type_ids` are looked up in the word embedding table and added to the input
     embeddings (GPT-2's convention), so the persona inputs work on backbones without token-type embeddings.
     With `labels`/`mc_labels` the forward returns a `DoubleHeadsOutput` (vocabulary logits only at labelled positions;
@@ -174,7 +178,6 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         self._tied_weights_keys = lm._tied_weights_keys
         hidden_size = output_embeddings.in_features  # OPT-350m-like projections: the LM head's input, not hidden_size
         self.multiple_choice_head = PersonaMultipleChoiceHead(hidden_size, config.summary_first_dropout)
-        self.head_trained = False
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
@@ -208,7 +211,7 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         if head_file is not None:
             model.load_multiple_choice_head(head_file)
         else:  # a folder saved with the head inside its weights, or a plain causal LM (the head is new)
-            model.head_trained = _weights_hold_head(pretrained_model_name_or_path, hub_kwargs)
+            setattr(model, MC_HEAD_LOADED_ATTR, _weights_hold_head(pretrained_model_name_or_path, hub_kwargs))
         return loaded
 
     def load_multiple_choice_head(self, path: str) -> None:
@@ -218,7 +221,7 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         tensors = load_file(path)
         head = self.multiple_choice_head
         head.load_state_dict({k: v.to(head.summary.weight.dtype) for k, v in tensors.items()})
-        self.head_trained = True
+        setattr(self, MC_HEAD_LOADED_ATTR, True)
 
     @property
     def decoder(self) -> PreTrainedModel:

@@ -35,12 +35,14 @@ from persona_generation import (  # noqa: F401 (the public generation API, impor
     build_context,
     check_device,
     check_reply_budget,
+    generate_ranked,
     generate_replies,
     generate_reply_ids,
     generation_config_from_options,
     load_for_chat,
     stop_token_ids,
 )
+from persona_ranking import NLIRankingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,9 @@ class ChatArguments(DialogArguments, InferenceArguments):
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ChatArguments, GenerationArguments), prog="persona-chat", description=__doc__)
+    return HfArgumentParser(
+        (ChatArguments, GenerationArguments, NLIRankingArguments), prog="persona-chat", description=__doc__
+    )
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
@@ -190,15 +194,25 @@ def _stdin_loop(bot: PersonaBot) -> None:
         print(" ".join(bot.reply(text).split()) if text else "", flush=True)
 
 
-def main(args: ChatArguments, generation: GenerationArguments) -> int:
+def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRankingArguments | None = None) -> int:
     setup_logging(logging.WARNING, stream=sys.stderr)  # stdout carries the replies
     check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
+    ranking = ranking or NLIRankingArguments()
+    ranking.check_with(generation.num_ranked)
     interactive = not args.stdin
     try:
         persona = _read_persona(args, generation.seed, interactive)
         model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
         check_reply_budget(model, generation.max_new_tokens)
-        bot = PersonaBot(model, tokenizer, persona, max_history=args.max_history, **generation.generation_options())
+        bot = PersonaBot(
+            model,
+            tokenizer,
+            persona,
+            max_history=args.max_history,
+            nli_scorer=ranking.load_scorer(args.device),
+            nli_penalty=ranking.nli_penalty,
+            **generation.generation_options(),
+        )
         # In --stdin mode stdout carries replies only, one per line.
         _show_persona(bot.persona, file=sys.stderr if args.stdin else sys.stdout)
         if args.stdin:

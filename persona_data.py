@@ -34,6 +34,7 @@ __all__ = [
     "SplitReport",
     "build_features",
     "build_inputs",
+    "candidate_rows",
     "dialogs_to_dataset_dict",
     "fit_to_length",
     "load_dialogs",
@@ -203,6 +204,39 @@ def _build_batch(
                 out["mc_labels"].append(len(candidates) - 1)
             persona = [persona[-1]] + persona[:-1] if persona else persona
     return out
+
+
+def candidate_rows(
+    tokenizer,
+    persona: list[str],
+    history: list[str],
+    candidates: list[str],
+    *,
+    max_history: int,
+    max_length: int | None = None,
+    chat_format: ChatFormat | None = None,
+) -> dict[str, list]:
+    """The model inputs of one turn's candidates (texts) exactly as `build_features` builds an evaluation row: columns
+    of per-candidate lists (`input_ids` [C][T], `mc_token_ids` [C], ...), the last candidate labelled, `mc_labels`.
+    What generation ranks its sampled replies with, so the multiple-choice head sees what it was trained on."""
+    batch = {
+        "personality": [list(persona)],
+        "utterances": [[{"history": list(history), "candidates": list(candidates)}]],
+    }
+    out = _build_batch(
+        batch,
+        [0],
+        tokenizer=tokenizer,
+        ids=SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None,
+        num_candidates=None,
+        max_history=max_history,
+        personality_permutations=1,
+        max_length=max_length,
+        source="",
+        chat_format=chat_format,
+    )
+    columns = MODEL_INPUT_COLUMNS if chat_format is None else CHAT_TEMPLATE_COLUMNS
+    return {key: out[key][0] for key in columns}
 
 
 def build_features(

@@ -31,7 +31,8 @@ from persona_cli import (  # noqa: E402
 )
 from persona_data import load_dialogs  # noqa: E402
 from persona_errors import PersonaError  # noqa: E402
-from persona_generation import GENERATION_DEFAULTS, PersonaBot, check_device, load_for_chat  # noqa: E402
+from persona_generation import GENERATION_DEFAULTS, MAX_RANKED, PersonaBot, check_device, load_for_chat  # noqa: E402
+from persona_ranking import NLIRankingArguments  # noqa: E402
 
 TITLE = "persona-chat"
 
@@ -62,12 +63,15 @@ def build_demo(
     max_message_chars: int = 2000,
     max_persona_sentences: int = 50,
     max_persona_chars: int = 5000,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
 ):
     """The Gradio Blocks app. API endpoints: `/send`, `/set_persona`, `/reset`, `/random_persona`.
 
     A message longer than `max_message_chars`, or a persona over `max_persona_sentences` sentences or
     `max_persona_chars` characters, is refused with a message in the page (generation runs one request at a time, so
-    a huge input would stall every session); the session goes on.
+    a huge input would stall every session); the session goes on. `nli_scorer`/`nli_penalty`: the contradiction
+    penalty on ranked replies (`persona_ranking`).
     """
     import gradio as gr
 
@@ -86,26 +90,48 @@ def build_demo(
                 f"{max_persona_sentences} sentences and {max_persona_chars} characters. Shorten it."
             )
 
-    def send(message, persona_text, turns, temperature, top_p, top_k, max_new_tokens, greedy):
+    def send(
+        message,
+        persona_text,
+        turns,
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        greedy,
+        num_ranked=GENERATION_DEFAULTS["num_ranked"],
+        no_repeat_ngram_size=GENERATION_DEFAULTS["no_repeat_ngram_size"],
+        repetition_penalty=GENERATION_DEFAULTS["repetition_penalty"],
+    ):
         """Answer `message`; `turns` is this session's history (user and bot turns alternating)."""
         message = (message or "").strip()
         if not message:
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
-        bot = PersonaBot(
-            model,
-            tokenizer,
-            _persona_lines(persona_text),
-            max_history=max_history,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            max_new_tokens=int(max_new_tokens),
-            min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
-            no_sample=bool(greedy),
-        )
-        # The bot keeps only the turns its context uses; the page shows them all.
+        try:
+            bot = PersonaBot(
+                model,
+                tokenizer,
+                _persona_lines(persona_text),
+                max_history=max_history,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                max_new_tokens=int(max_new_tokens),
+                min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
+                no_sample=bool(greedy),
+                # Greedy decoding gives one reply: nothing to rank.
+                num_ranked=1 if greedy else int(num_ranked),
+                no_repeat_ngram_size=int(no_repeat_ngram_size),
+                repetition_penalty=float(repetition_penalty),
+                nli_scorer=nli_scorer,
+                nli_penalty=nli_penalty,
+            )
+        except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
+            raise gr.Error(str(err)) from None
+        # The bot keeps only the turns its context uses; the page shows them all (the bot's own for repetition).
         bot.history = list(turns)
+        bot.own_replies = list(turns[1::2])
         try:
             answer = bot.reply(message)
         except ValueError as err:  # e.g. a reply budget the model's window cannot hold
@@ -133,7 +159,7 @@ def build_demo(
                     elem_id="persona",
                 )
                 random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
-                with gr.Accordion("Decoding", open=False):
+                with gr.Accordion("Decoding", open=False, elem_id="decoding"):
                     temperature = gr.Slider(0.05, 2.0, value=GENERATION_DEFAULTS["temperature"], label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
                     top_k = gr.Slider(0, 200, value=GENERATION_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
@@ -141,6 +167,19 @@ def build_demo(
                         1, 100, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max reply tokens"
                     )
                     greedy = gr.Checkbox(value=False, label="Greedy (no sampling)")
+                    num_ranked = gr.Slider(
+                        1, MAX_RANKED, value=GENERATION_DEFAULTS["num_ranked"], step=1,
+                        label="Candidates to rank (sample N, the multiple-choice head picks)", elem_id="num-ranked",
+                    )  # fmt: skip
+                    no_repeat_ngram_size = gr.Slider(
+                        0, 6, value=GENERATION_DEFAULTS["no_repeat_ngram_size"], step=1,
+                        label="Block repeated n-grams of its own turns (0 = off; the persona is exempt)",
+                        elem_id="no-repeat-ngram-size",
+                    )  # fmt: skip
+                    repetition_penalty = gr.Slider(
+                        0.5, 2.0, value=GENERATION_DEFAULTS["repetition_penalty"], step=0.05,
+                        label="Repetition penalty on its own turns (1 = off)", elem_id="repetition-penalty",
+                    )  # fmt: skip
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
                 message = gr.Textbox(placeholder="Say something and press Enter", show_label=False, elem_id="message")
@@ -149,6 +188,7 @@ def build_demo(
                     reset_btn = gr.Button("Reset", elem_id="reset")
 
         inputs = [message, persona_box, turns, temperature, top_p, top_k, max_new_tokens, greedy]
+        inputs += [num_ranked, no_repeat_ngram_size, repetition_penalty]
         outputs = [message, chatbot, turns]
         # One generation at a time: sessions share the model and torch's global random state.
         send_btn.click(send, inputs, outputs, api_name="send", concurrency_id="generate", concurrency_limit=1)
@@ -214,10 +254,11 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(DemoArguments, prog="persona-demo", description=__doc__)
+    return HfArgumentParser((DemoArguments, NLIRankingArguments), prog="persona-demo", description=__doc__)
 
 
-def main(args: DemoArguments) -> int:
+def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int:
+    ranking = ranking or NLIRankingArguments()
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -233,6 +274,7 @@ def main(args: DemoArguments) -> int:
             "(or a Hub id); for an offline demo checkpoint run: python persona_synthetic.py --output_dir demo_assets "
             "&& persona-train configs/demo.yaml"
         ) from err
+    nli_scorer = ranking.load_scorer(args.device)
     try:
         personas = (
             dataset_personas(args.dataset_path, args.dataset_format, **args.read_options()) if args.dataset_path else []
@@ -249,6 +291,8 @@ def main(args: DemoArguments) -> int:
         max_message_chars=args.max_message_chars,
         max_persona_sentences=args.max_persona_sentences,
         max_persona_chars=args.max_persona_chars,
+        nli_scorer=nli_scorer,
+        nli_penalty=ranking.nli_penalty,
     )
     try:
         demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)

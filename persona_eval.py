@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -183,6 +184,7 @@ def evaluate_convai2(
     cache_dir: str | None = None,
     return_predictions: bool = False,
     nli: NLIScorer | None = None,
+    nli_penalty: float = 0.0,
 ) -> dict:
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), ppl_word, lm_loss, f1,
     repetition and diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
@@ -193,7 +195,8 @@ def evaluate_convai2(
     `batch_size`.
     With `return_predictions`, the result also holds the generated replies under "predictions", in turn order: strings,
     or with `nli` a dict per turn (`reply`, `gold`, `persona`, `nli_labels`, `nli_labels_gold`: +1/0/-1 per persona
-    sentence).
+    sentence). With `nli_penalty` > 0 and `num_ranked` > 1 in `generation_options`, `nli` also re-ranks the sampled
+    replies (`persona_ranking.nli_penalised`).
     """
     trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
     batch_size = trainer.args.per_device_eval_batch_size
@@ -225,6 +228,8 @@ def evaluate_convai2(
     predictions = labels = None
     if f1:
         options = {**EvalGenerationArguments().generation_options(), **(generation_options or {})}
+        if nli is not None and nli_penalty > 0:
+            options.update(nli_scorer=nli, nli_penalty=nli_penalty)
         predictions = generate_for_turns(
             model, tokenizer, turns, accelerator, max_history=max_history, batch_size=batch_size, **options
         )
@@ -289,12 +294,19 @@ class EvalArguments(DialogArguments, ModelArguments):
         metadata={"help": "NLI input order: reply_first (PAML's) or persona_first.", "choices": list(PAIR_ORDERS)},
     )
     nli_batch_size: int = field(default=64, metadata={"help": "(reply, persona sentence) pairs per NLI batch."})
+    nli_penalty: float = field(default=0.0, metadata={"help": "Re-rank --num_ranked replies by --nli_model (README)."})
 
     def __post_init__(self):
         check_positive(self, "max_turns", "batch_size", "nli_batch_size")
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
         if self.save_predictions and not self.f1:
             raise UsageError("--save_predictions keeps the replies generated for F1; drop --no_f1 (or --f1 false).")
+        if not (math.isfinite(self.nli_penalty) and self.nli_penalty >= 0):
+            raise UsageError(f"--nli_penalty must be a finite number >= 0, got {self.nli_penalty}.")
+        if self.nli_penalty > 0 and self.nli_model is None:
+            raise UsageError(
+                "--nli_penalty needs --nli_model: the penalty is lambda times an NLI model's contradictions."
+            )
         if self.nli_model is not None:
             check_model_path(self.nli_model, "--nli_model")
             if not self.f1:
@@ -346,6 +358,8 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     from persona_model import load_model_and_tokenizer
 
     generation = generation or EvalGenerationArguments()
+    if args.nli_penalty > 0 and generation.num_ranked < 2:
+        raise UsageError(f"--nli_penalty re-ranks sampled replies; set --num_ranked > 1 (got {generation.num_ranked}).")
     setup_logging(logging.INFO if is_rank_zero() else logging.WARNING)
     nli = None
     if args.nli_model is not None:  # first: a checkpoint whose labels cannot be read fails before anything loads
@@ -372,6 +386,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         cache_dir=args.dataset_cache,
         return_predictions=args.save_predictions,
         nli=nli,
+        nli_penalty=args.nli_penalty,
     )
     predictions = metrics.pop("predictions", None)
     results = {

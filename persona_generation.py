@@ -1,4 +1,4 @@
-"""Persona-conditioned generation: decoding options, the generation context, batched replies and `PersonaBot`.
+"""Persona-conditioned generation: the generation context, batched (and ranked) replies and `PersonaBot`.
 
 The context is the training input builder's (`persona_inputs.build_inputs`) with an empty reply, so it ends with the
 bot's `<speaker1>` reply prefix; `model.generate` then extends it token by token with the library's cache and logits
@@ -6,94 +6,39 @@ processors. Every generated token carries the reply segment's token type because
 `token_type_ids` value, and the last context token is the reply prefix itself. A chat-template checkpoint's context is
 its template's rendering of the system message and the history with the assistant header.
 
-Decoding options are the reference's (interact.py) with their defaults, except that the reply budget is called
-`max_new_tokens` (the input budget is `max_length` in training and evaluation).
+The decoding options live in `persona_decoding`. With `num_ranked` N > 1 the context is encoded once, N replies are
+sampled behind it and the multiple-choice head picks one (`persona_ranking`); the repetition options are logits
+processors that never count the persona (`persona_repetition`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from persona_chat_template import chat_format_of
 from persona_cli import UsageError, max_positions
+from persona_decoding import (  # noqa: F401 (the decoding options stay importable from here)
+    AROUND_GENERATE,
+    GENERATION_DEFAULTS,
+    MAX_RANKED,
+    GenerationArguments,
+    check_generation_options,
+    generation_config_from_options,
+    split_options,
+    stop_token_ids,
+)
 from persona_inputs import build_inputs, fit_to_length
 from persona_model import load_model_and_tokenizer
+from persona_ranking import check_can_rank, rank_replies
+from persona_repetition import repetition_processors
 from persona_tokens import SpecialTokenIds
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationArguments:
-    """Decoding options: the reference's (interact.py) names and defaults, the reply budget named `max_new_tokens`."""
-
-    max_new_tokens: int = field(default=20, metadata={"help": "Most reply tokens."})
-    min_length: int = field(default=1, metadata={"help": "Fewest reply tokens (no special token before them)."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (1.0: off)."})
-    no_sample: bool = field(default=False, metadata={"help": "Greedy decoding (beam search with --num_beams)."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
-    seed: int | None = field(default=None, metadata={"help": "Random seed for sampling (and a random persona)."})
-
-    def __post_init__(self):
-        check_generation_options(**{name: getattr(self, name) for name in GENERATION_FIELDS}, flags=True)
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}.")
-
-    def generation_options(self) -> dict:
-        """The options as keyword arguments of `generate_replies` / `PersonaBot`."""
-        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
-
-
-GENERATION_FIELDS = ("max_new_tokens", "min_length", "temperature", "top_k", "top_p", "no_sample", "num_beams")
-
-
-def check_generation_options(
-    *, max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, flags: bool = False
-) -> None:
-    """A `UsageError` (a ValueError) for decoding options `generate` would reject or silently misuse; `flags` names
-    them as command-line flags."""
-    name = (lambda n: f"--{n}") if flags else (lambda n: n)  # noqa: E731
-    if max_new_tokens < 1:
-        raise UsageError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}.")
-    if not 0 <= min_length <= max_new_tokens:
-        raise UsageError(
-            f"{name('min_length')} must be between 0 and {name('max_new_tokens')} ({max_new_tokens}), got {min_length}."
-        )
-    if num_beams < 1:
-        raise UsageError(f"{name('num_beams')} must be >= 1, got {num_beams}.")
-    if not no_sample:
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise UsageError(
-                f"{name('temperature')} must be a number > 0 when sampling, got {temperature}; "
-                f"{name('no_sample')} decodes greedily."
-            )
-        if not 0 < top_p <= 1:
-            raise UsageError(f"{name('top_p')} must be in (0, 1] (1 turns it off), got {top_p}.")
-        if top_k < 0:
-            raise UsageError(f"{name('top_k')} must be >= 0 (0 turns it off), got {top_k}.")
-
-
-# The one table of decoding defaults: every caller (chat, evaluation, demo, the library) reads it.
-GENERATION_DEFAULTS = asdict(GenerationArguments())
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a reply. Speaker tokens: every special token (the reference stopped at its five persona
-    tokens). Chat template: the template's end-of-turn tokens and the eos, as the saved generation config says."""
-    chat_format = chat_format_of(tokenizer)
-    if chat_format is not None:
-        return chat_format.stop_ids
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
-    return sorted(set(persona_ids) | set(tokenizer.all_special_ids))
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -145,62 +90,6 @@ def build_context(
     }
 
 
-def generation_config_from_options(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"],
-    min_length: int = GENERATION_DEFAULTS["min_length"],
-    temperature: float = GENERATION_DEFAULTS["temperature"],
-    top_k: int = GENERATION_DEFAULTS["top_k"],
-    top_p: float = GENERATION_DEFAULTS["top_p"],
-    no_sample: bool = GENERATION_DEFAULTS["no_sample"],
-    num_beams: int = GENERATION_DEFAULTS["num_beams"],
-) -> GenerationConfig:
-    """Map the reference's decoding options to a `GenerationConfig`.
-
-    `max_new_tokens`/`min_length` count reply tokens. Every special token is an eos, so any of them ends the
-    reply, and `min_new_tokens` makes the library's `MinNewTokensLengthLogitsProcessor` forbid all of them before
-    `min_length`: the reference resampled until it drew a non-special token, which never ends when a special token
-    has probability 1.
-    """
-    check_generation_options(
-        max_new_tokens=max_new_tokens,
-        min_length=min_length,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        no_sample=no_sample,
-        num_beams=num_beams,
-    )
-    do_sample = not no_sample
-    if chat_format_of(tokenizer) is not None:
-        pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
-    else:
-        ids = SpecialTokenIds.from_tokenizer(tokenizer)
-        pad, bos = ids.pad, ids.bos
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_length,
-        do_sample=do_sample,
-        num_beams=num_beams,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=pad,
-        bos_token_id=bos,
-        use_cache=True,
-        **sampling,
-    )
-
-
-def _split_options(options: dict) -> tuple[dict, int | None]:
-    unknown = set(options) - set(GENERATION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"Unknown generation options {sorted(unknown)}; known: {sorted(GENERATION_DEFAULTS)}.")
-    merged = {**GENERATION_DEFAULTS, **options}
-    seed = merged.pop("seed")
-    return merged, seed
-
-
 def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Stack 1-row contexts into [B, T] with padding on the left, so every row's next token is at the end."""
     width = max(r["input_ids"].size(1) for r in rows)
@@ -218,36 +107,152 @@ def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, tor
     return batch
 
 
+def _bot_turns(history: Sequence[str]) -> list[str]:
+    """The bot's turns of a history that ends with the user's turn: every second turn back from the last but one."""
+    return list(history[-2::-2])
+
+
+def _generate_rows(model, batch: dict[str, torch.Tensor], config, processors, num_ranked: int) -> torch.Tensor:
+    """`model.generate` on a [B, T] batch, `num_ranked` sampled rows per context ([B * num_ranked, T + new])."""
+    if num_ranked == 1:
+        return model.generate(**batch, generation_config=config, logits_processor=processors)
+    # The context is encoded once and its key/value cache repeated for the samples (generate's num_return_sequences
+    # would encode it num_ranked times); generate() then runs the last context token and the replies only.
+    cache = DynamicCache(config=model.config)
+    prefix = {key: value[:, :-1] for key, value in batch.items()}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(**prefix, cache=cache, use_cache=True, **keep)
+    cache.batch_repeat_interleave(num_ranked)
+    rows = {key: value.repeat_interleave(num_ranked, dim=0) for key, value in batch.items()}
+    return model.generate(**rows, cache=cache, generation_config=config, logits_processor=processors)
+
+
 @torch.inference_mode()
-def generate_reply_ids(
+def generate_candidate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
     *,
     max_history: int = 2,
     batch_size: int = 8,
+    own_turns: Sequence[Sequence[str]] | None = None,
     **generation_options,
-) -> list[list[int]]:
-    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
-    options, seed = _split_options(generation_options)
+) -> list[list[list[int]]]:
+    """The `num_ranked` sampled replies (token ids without the stop token) of each `(persona, history)` context.
+
+    `own_turns[i]`: the bot's earlier turns in context i that `no_repeat_ngram_size` and `repetition_penalty` count
+    (default: the bot's turns in its history); the persona and the partner's turns are never counted.
+    """
+    options, seed = split_options(generation_options)
+    check_generation_options(**options)
     if seed is not None:
         set_seed(seed)
+    around = {name: options.pop(name) for name in AROUND_GENERATE}
     config = generation_config_from_options(tokenizer, **options)
     stops = set(config.eos_token_id)
     window = max_positions(model)
-    replies = []
+    own_turns = [_bot_turns(h) for _, h in contexts] if own_turns is None else own_turns
+    candidates = []
     for start in range(0, len(contexts), batch_size):
         rows = [
             build_context(tokenizer, p, h, max_history, max_length=window, reply_budget=config.max_new_tokens)
             for p, h in contexts[start : start + batch_size]
         ]
         batch = {k: v.to(model.device) for k, v in _left_pad(rows, config.pad_token_id).items()}
-        output = model.generate(**batch, generation_config=config)  # [B, T + new]
-        for new_tokens in output[:, batch["input_ids"].size(1) :].tolist():
+        width = batch["input_ids"].size(1)
+        processors = repetition_processors(
+            width,
+            [_encode(tokenizer, turns) for turns in own_turns[start : start + batch_size]],
+            no_repeat_ngram_size=around["no_repeat_ngram_size"],
+            repetition_penalty=around["repetition_penalty"],
+        )
+        output = _generate_rows(model, batch, config, processors, around["num_ranked"])  # [B * N, T + new]
+        replies = []
+        for new_tokens in output[:, width:].tolist():
             # Cut at the first stop token: finished rows are padded with <pad> while the others go on.
             end = next((i for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
             replies.append(new_tokens[:end])
-    return replies
+        n = around["num_ranked"]
+        candidates += [replies[i : i + n] for i in range(0, len(replies), n)]
+    return candidates
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _sample_and_rank(model, tokenizer, contexts, *, max_history, nli_scorer, nli_penalty, **options):
+    """The samples (token ids) of each context and its distinct decoded replies with their scores, best first."""
+    check_can_rank(model)
+    samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **options)
+    ranked = [
+        rank_replies(
+            model,
+            tokenizer,
+            persona,
+            history,
+            [_decode(tokenizer, ids) for ids in replies],
+            max_history=max_history,
+            nli_scorer=nli_scorer,
+            nli_penalty=nli_penalty,
+        )
+        for (persona, history), replies in zip(contexts, samples)
+    ]
+    return samples, ranked
+
+
+def generate_ranked(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
+    **generation_options,
+) -> list[list[tuple[str, float]]]:
+    """For each context, its `num_ranked` sampled replies (each distinct one once) with their multiple-choice scores,
+    best first (`persona_ranking.rank_replies`; `nli_scorer`/`nli_penalty` subtract Welleck et al.'s contradiction
+    penalty). With `num_ranked=1` the one reply, scored. Other options: those of `generate_candidate_ids`."""
+    return _sample_and_rank(
+        model,
+        tokenizer,
+        contexts,
+        max_history=max_history,
+        nli_scorer=nli_scorer,
+        nli_penalty=nli_penalty,
+        **generation_options,
+    )[1]
+
+
+def generate_reply_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
+    **generation_options,
+) -> list[list[int]]:
+    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
+    if generation_options.get("num_ranked", 1) == 1:
+        samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **generation_options)
+        return [ids for (ids,) in samples]
+    samples, ranked = _sample_and_rank(
+        model,
+        tokenizer,
+        contexts,
+        max_history=max_history,
+        nli_scorer=nli_scorer,
+        nli_penalty=nli_penalty,
+        **generation_options,
+    )
+    # The first sample that decodes to the best reply.
+    return [
+        next(ids for ids in ids_list if _decode(tokenizer, ids) == best[0][0])
+        for ids_list, best in zip(samples, ranked)
+    ]
 
 
 def generate_replies(
@@ -262,33 +267,42 @@ def generate_replies(
     """Replies to `(persona, history)` pairs, `batch_size` at a time with left padding and a KV cache.
 
     `history` holds the turns before the reply, the user's last (as in the dataset). `generation_options`:
-    max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, seed (`GENERATION_DEFAULTS`; see
-    `generation_config_from_options`). Greedy results do not depend on `batch_size`.
+    max_new_tokens, min_length, temperature, top_k, top_p, no_sample, num_beams, num_ranked, no_repeat_ngram_size,
+    repetition_penalty, seed (`GENERATION_DEFAULTS`; see `generation_config_from_options`), and `own_turns`,
+    `nli_scorer`, `nli_penalty` (see `generate_candidate_ids`, `generate_ranked`). With `num_ranked` N > 1 each
+    reply is the best of N samples by the multiple-choice head. Greedy results do not depend on `batch_size`.
     """
-    ids = generate_reply_ids(
-        model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, **generation_options
-    )
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
+    kwargs = {"max_history": max_history, "batch_size": batch_size, **generation_options}
+    if generation_options.get("num_ranked", 1) > 1:
+        return [ranked[0][0] for ranked in generate_ranked(model, tokenizer, contexts, **kwargs)]
+    return [_decode(tokenizer, ids) for ids in generate_reply_ids(model, tokenizer, contexts, **kwargs)]
 
 
 class PersonaBot:
     """A conversation with one persona: `bot.reply("hi!")` answers and remembers both turns.
 
     `generation_options` are those of `generate_replies` (max_new_tokens, min_length, temperature, top_k, top_p,
-    no_sample, num_beams, seed) plus `max_history`. Setting `persona` starts a new conversation.
+    no_sample, num_beams, num_ranked, no_repeat_ngram_size, repetition_penalty, seed, nli_scorer, nli_penalty) plus
+    `max_history`. Setting `persona` starts a new conversation. The repetition options count every reply of the
+    conversation (`own_replies`), not only those in the context.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, persona: Sequence[str] = (), **opts):
         self.model = model
         self.tokenizer = tokenizer
         self.max_history = opts.pop("max_history", 2)
+        self.ranking = {"nli_scorer": opts.pop("nli_scorer", None), "nli_penalty": opts.pop("nli_penalty", 0.0)}
         seed = opts.pop("seed", None)
         if seed is not None:
             set_seed(seed)  # once per conversation: a seed per reply would repeat the same random draws
-        _split_options(opts)  # fail early on a misspelt option
+        options, _ = split_options(opts)  # fail early on a misspelt option
+        check_generation_options(**options)
+        if options["num_ranked"] > 1:
+            check_can_rank(model)
         self.generation_options = opts
         self._persona = [s for s in persona]
         self.history: list[str] = []
+        self.own_replies: list[str] = []
 
     @property
     def persona(self) -> list[str]:
@@ -302,21 +316,26 @@ class PersonaBot:
     def reset(self) -> None:
         """Forget the conversation (the persona stays)."""
         self.history = []
+        self.own_replies = []
 
-    def reply(self, text: str) -> str:
-        """Answer `text` in character and add both turns to the history."""
+    def reply(self, text: str, return_ranked: bool = False) -> str | list[tuple[str, float]]:
+        """Answer `text` in character and add both turns to the history. With `return_ranked`, every distinct
+        sampled reply with its multiple-choice score, best first (`[(reply, score), ...]`; the first is the answer)."""
         self.history.append(text)
-        (answer,) = generate_replies(
-            self.model,
-            self.tokenizer,
-            [(self._persona, self.history)],
-            max_history=self.max_history,
-            **self.generation_options,
-        )
+        kwargs = {"max_history": self.max_history, "own_turns": [self.own_replies], **self.generation_options}
+        if return_ranked or self.generation_options.get("num_ranked", 1) > 1:
+            (ranked,) = generate_ranked(
+                self.model, self.tokenizer, [(self._persona, self.history)], **kwargs, **self.ranking
+            )
+            answer = ranked[0][0]
+        else:
+            ranked = None
+            (answer,) = generate_replies(self.model, self.tokenizer, [(self._persona, self.history)], **kwargs)
         self.history.append(answer)
+        self.own_replies.append(answer)
         # The context only ever uses the last 2*max_history+1 turns (the reference trimmed likewise).
         self.history = self.history[-(2 * self.max_history + 1) :]
-        return answer
+        return ranked if return_ranked else answer
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+from persona_backbone import MC_HEAD_LOADED_ATTR, PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
 from persona_encoding import encode_candidates
 from persona_errors import CheckpointError, PersonaError
@@ -209,7 +209,9 @@ def _load_model_and_tokenizer(
         model_kwargs["dtype"] = dtype
     try:
         with library_load_errors(name_or_path):
-            model = model_cls.from_pretrained(name_or_path, config=config, **hub_kwargs, **model_kwargs)
+            model, loading_info = model_cls.from_pretrained(
+                name_or_path, config=config, output_loading_info=True, **hub_kwargs, **model_kwargs
+            )
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
@@ -217,6 +219,9 @@ def _load_model_and_tokenizer(
             f"{name_or_path}: the weights do not match its config.json (model type {model_type!r}; tensor "
             "shapes differ); the config and weights come from different models, copy the checkpoint again."
         ) from err
+    # GPT / GPT-2 report a head missing from the weights; the generic model looks for its own head file itself.
+    head_missing = any(key.startswith("multiple_choice_head.") for key in loading_info["missing_keys"])
+    mark_multiple_choice_head(model, loaded=not head_missing and multiple_choice_head_loaded(model))
     if chat_format is not None:
         configure_chat_generation(model, tokenizer, chat_format)
         logger.info("Loaded %s (%s) with %s.", name_or_path, model_cls.__name__, chat_format.name)
@@ -224,6 +229,17 @@ def _load_model_and_tokenizer(
     num_added = add_special_tokens(model, tokenizer)
     logger.info("Loaded %s (%s); %d special tokens added.", name_or_path, model_cls.__name__, num_added)
     return model, tokenizer
+
+
+def mark_multiple_choice_head(model: PreTrainedModel, loaded: bool) -> None:
+    """Record whether `model`'s multiple-choice head was loaded (trained) or initialised at random."""
+    setattr(model, MC_HEAD_LOADED_ATTR, loaded)
+
+
+def multiple_choice_head_loaded(model: PreTrainedModel) -> bool:
+    """Whether the multiple-choice head holds trained weights: False for a checkpoint that had none (a plain causal
+    LM); True for a model built or trained in this process, which nothing marked."""
+    return bool(getattr(model, MC_HEAD_LOADED_ATTR, True))
 
 
 def configure_chat_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat):
@@ -272,8 +288,12 @@ def load_lora_adapter(
     )
     if chat_format_of(tokenizer) is None and model.get_input_embeddings().num_embeddings != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    head_loaded = multiple_choice_head_loaded(model)
     model = PeftModel.from_pretrained(model, adapter_path, revision=hub_kwargs["revision"], token=hub_kwargs["token"])
+    # The adapter saves the head in full when it trained it (`modules_to_save`, see persona_lora).
+    head_loaded = head_loaded or "multiple_choice_head" in (model.active_peft_config.modules_to_save or [])
     if merge_adapter:
         model = model.merge_and_unload()
+    mark_multiple_choice_head(model, head_loaded)
     logger.info("Loaded LoRA adapter %s on %s%s.", adapter_path, base_name, " (merged)" if merge_adapter else "")
     return model, tokenizer

@@ -15,7 +15,7 @@ from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs, load_dialogs
 from persona_heads import DoubleHeadsOutput
 from persona_lora import apply_lora, lora_settings
-from persona_model import DOUBLE_HEADS_CLASSES, SPECIAL_TOKENS, load_model_and_tokenizer
+from persona_model import DOUBLE_HEADS_CLASSES, SPECIAL_TOKENS, load_model_and_tokenizer, multiple_choice_head_loaded
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
 from persona_tokens import SpecialTokenIds
 
@@ -260,7 +260,7 @@ def test_saved_folder_is_exactly_a_causal_lm_checkpoint_with_the_head_beside_it(
     from persona_backbone import MC_HEAD_FILE
 
     model, tokenizer = load_model_and_tokenizer(backbone_checkpoints[family])
-    assert not model.head_trained  # a plain causal LM: the head is new
+    assert not multiple_choice_head_loaded(model)  # a plain causal LM: the head is new
     with torch.no_grad():  # a head unlike any fresh initialisation
         model.multiple_choice_head.summary.weight.uniform_(-1, 1)
         model.multiple_choice_head.summary.bias.fill_(0.5)
@@ -278,12 +278,12 @@ def test_saved_folder_is_exactly_a_causal_lm_checkpoint_with_the_head_beside_it(
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
     reloaded, _ = load_model_and_tokenizer(str(tmp_path / "run"))
-    assert reloaded.head_trained
+    assert multiple_choice_head_loaded(reloaded)
     torch.testing.assert_close(
         reloaded.multiple_choice_head.state_dict(), model.multiple_choice_head.state_dict(), rtol=0, atol=0
     )
     direct, info = PersonaDoubleHeadsModel.from_pretrained(tmp_path / "run", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and direct.head_trained
+    assert not info["missing_keys"] and not info["unexpected_keys"] and multiple_choice_head_loaded(direct)
 
     # A folder saved with the head inside model.safetensors (the earlier layout) still loads its head.
     old = tmp_path / "old"
@@ -297,7 +297,7 @@ def test_saved_folder_is_exactly_a_causal_lm_checkpoint_with_the_head_beside_it(
     }
     save_file(inside, old / "model.safetensors", metadata={"format": "pt"})
     from_old, _ = load_model_and_tokenizer(str(old))
-    assert from_old.head_trained
+    assert multiple_choice_head_loaded(from_old)
     torch.testing.assert_close(from_old.state_dict(), reloaded.state_dict(), rtol=0, atol=0)
 
 

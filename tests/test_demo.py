@@ -82,6 +82,22 @@ def test_api_persona_change_and_reset_clear_the_chat(demo_url):
     assert len(persona) >= 1 and all(s.endswith((".", "!", "?")) for s in persona)
 
 
+def test_api_sends_with_ranking_and_repetition_control(demo_url, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    client = gradio_client.Client(demo_url, verbose=False)
+    persona = "\n".join(PERSONA)
+    options = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.3}
+    _, chat = client.predict("hi , how are you ?", persona, **DECODING, **options, api_name="/send")
+    (expected,) = generate_replies(
+        model, tokenizer, [(PERSONA, ["hi , how are you ?"])], no_sample=True, max_new_tokens=8, **options
+    )
+    assert text(chat[1]) == expected
+    # Sampling 4 candidates for the multiple-choice head to rank: a reply comes, the session goes on.
+    sampled = {**DECODING, "greedy": False, "num_ranked": 4, **options}
+    _, chat = client.predict("what do you do ?", persona, **sampled, api_name="/send")
+    assert len(chat) == 4 and text(chat[3])
+
+
 @pytest.mark.slow
 def test_missing_checkpoint_gives_a_clear_error(tmp_path):
     result = subprocess.run(
@@ -133,6 +149,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def test_browser_end_to_end(demo_url, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e .[demo])")
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -158,6 +175,13 @@ def test_browser_end_to_end(demo_url, tmp_path):
         persona = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#persona textarea")))
         persona.clear()
         persona.send_keys("i love cats.\ni am a nurse.")
+        # The new decoding options, set in the page: 4 candidates to rank (sampling), trigram blocking, a penalty.
+        driver.find_element(By.CSS_SELECTOR, "#decoding .label-wrap, #decoding button").click()
+        for elem_id, value in (("num-ranked", "4"), ("no-repeat-ngram-size", "3"), ("repetition-penalty", "1.2")):
+            box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"#{elem_id} input[type=number]")))
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(value, Keys.TAB)
+            assert box.get_attribute("value") == value
         message = driver.find_element(By.CSS_SELECTOR, "#message textarea")
         message.send_keys("hi , do you have pets ?")
         driver.find_element(By.CSS_SELECTOR, "#send").click()

@@ -1,0 +1,144 @@
+"""Generate, then rank: the multiple-choice head scores sampled replies to one context, optionally less a contradiction
+penalty from an NLI model (Welleck et al., 2019).
+
+The candidates become model inputs through the training builder (`persona_data.candidate_rows`: speaker tokens or the
+chat template, the head reading the last token or the end-of-turn token), so the head scores what it was trained
+on; the model's double-heads forward encodes the context once with every candidate behind it
+(`persona_encoding.encode_candidates`: packed or cache-broadcast).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from persona_chat_template import chat_format_of
+from persona_cli import UsageError, input_budget
+from persona_collator import PersonaCollator
+from persona_data import candidate_rows
+from persona_model import multiple_choice_head_loaded
+
+logger = logging.getLogger(__name__)
+
+# Index of "contradiction" in an NLI scorer's (entailment, neutral, contradiction) probabilities.
+CONTRADICTION = 2
+
+
+def check_can_rank(model: PreTrainedModel) -> None:
+    """A `UsageError` when `model`'s multiple-choice head was not loaded from its checkpoint: its scores would be a
+    random ranking."""
+    if not multiple_choice_head_loaded(model):
+        raise UsageError(
+            "--num_ranked > 1 ranks replies with the multiple-choice head, and this checkpoint has none (a plain "
+            "causal LM: the head is untrained); use --num_ranked 1, or a checkpoint trained by persona-train."
+        )
+
+
+@torch.inference_mode()
+def score_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    persona: Sequence[str],
+    history: Sequence[str],
+    replies: Sequence[str],
+    *,
+    max_history: int = 2,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Multiple-choice scores [len(replies)] (float32, on CPU) of replies to one context, in one forward."""
+    rows = candidate_rows(
+        tokenizer,
+        list(persona),
+        list(history),
+        list(replies),
+        max_history=max_history,
+        max_length=input_budget(model, max_length),
+        chat_format=chat_format_of(tokenizer),
+    )
+    batch = PersonaCollator(tokenizer.pad_token_id)([rows])  # [1, C, T]
+    # No LM loss: the head alone. The rows' mc_labels route the forward through the candidate encodings.
+    del batch["labels"]
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    return model(**batch).mc_logits[0].float().cpu()
+
+
+def nli_penalised(scores: torch.Tensor, contradiction: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Welleck et al.'s re-scoring `s_i - penalty * (s_1 - s_N) * c_i`: s_1 and s_N the best and worst scores,
+    c_i the candidate's highest contradiction probability over the persona sentences.
+
+    >>> nli_penalised(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.5, 0.0, 0.1]), 1.0).tolist()
+    [2.0, 1.0, 1.7999999523162598]
+    """
+    return scores - penalty * (scores.max() - scores.min()) * contradiction
+
+
+def rank_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    persona: Sequence[str],
+    history: Sequence[str],
+    replies: Sequence[str],
+    *,
+    max_history: int = 2,
+    max_length: int | None = None,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
+) -> list[tuple[str, float]]:
+    """`(reply, score)` of each distinct reply, best first (a tie keeps the earlier sample first).
+
+    `nli_scorer`: any object with `probabilities(replies, persona) -> [R, P, 3]` (entailment, neutral,
+    contradiction), e.g. `persona_nli.NLIScorer`; with `nli_penalty` > 0 and a persona, the scores are
+    `nli_penalised`.
+    """
+    check_can_rank(model)
+    distinct = list(dict.fromkeys(replies))  # a duplicate sample is scored once
+    scores = score_replies(model, tokenizer, persona, history, distinct, max_history=max_history, max_length=max_length)
+    if nli_scorer is not None and nli_penalty > 0 and persona:
+        probabilities = torch.as_tensor(nli_scorer.probabilities(distinct, list(persona)), dtype=torch.float32)
+        contradiction = probabilities[..., CONTRADICTION].amax(dim=1).cpu()  # [R]
+        scores = nli_penalised(scores, contradiction, nli_penalty)
+    order = sorted(range(len(distinct)), key=lambda i: -float(scores[i]))
+    return [(distinct[i], float(scores[i])) for i in order]
+
+
+@dataclass
+class NLIRankingArguments:
+    """The NLI contradiction penalty on ranked replies (Welleck et al., 2019): `--nli_model`, `--nli_penalty`."""
+
+    nli_model: str | None = field(
+        default=None,
+        metadata={"help": "NLI sequence classifier (folder or Hub id) whose contradictions lower a candidate's score."},
+    )
+    nli_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda of s_i - lambda * (s_1 - s_N) * c_i, c_i the top contradiction probability (0: off)."
+        },
+    )
+
+    def __post_init__(self):
+        if not (math.isfinite(self.nli_penalty) and self.nli_penalty >= 0):
+            raise UsageError(f"--nli_penalty must be a finite number >= 0, got {self.nli_penalty}.")
+        if (self.nli_model is None) != (self.nli_penalty == 0):
+            given, missing = (
+                ("--nli_model", "--nli_penalty > 0") if self.nli_model else ("--nli_penalty", "--nli_model")
+            )
+            raise UsageError(f"{given} needs {missing}: the penalty is lambda times an NLI model's contradictions.")
+
+    def check_with(self, num_ranked: int) -> None:
+        """A `UsageError` when the penalty has nothing to re-rank."""
+        if self.nli_model is not None and num_ranked < 2:
+            raise UsageError(f"--nli_model re-ranks sampled replies; set --num_ranked > 1 (got {num_ranked}).")
+
+    def load_scorer(self, device: str | None = None):
+        """The NLI scorer (`persona_nli.NLIScorer`), or None without `--nli_model`."""
+        if self.nli_model is None:
+            return None
+        from persona_nli import NLIScorer  # only where a penalty asks for an NLI model
+
+        return NLIScorer.from_pretrained(self.nli_model, device=device)

@@ -1,0 +1,369 @@
+"""Generate, then rank: the chosen reply is the best of the samples by the multiple-choice head scored independently
+(training rows through the plain forward, one candidate at a time); the context is encoded once; N=1 is the plain
+reply; the NLI penalty follows Welleck et al.'s formula; chat-template and LoRA checkpoints; a checkpoint without a
+trained head refuses to rank."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
+from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from test_user_errors import error_line, no_loading
+from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
+
+import persona_chat
+import persona_eval
+from persona_chat import PersonaBot, build_context, generate_replies, generate_reply_ids
+from persona_cli import UsageError
+from persona_data import build_features, dialogs_to_dataset_dict
+from persona_generation import generate_candidate_ids, generate_ranked, generation_config_from_options
+from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
+from persona_ranking import rank_replies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERSONA = ["i love cats.", "i am a nurse.", "my favorite color is purple."]
+HISTORY = ["hi , how are you ?", "good , i just got home from work .", "what do you do ?"]
+CONTEXTS = [(PERSONA, HISTORY), (PERSONA[:1], ["hello"])]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_and_tokenizer):
+    return tiny_model_and_tokenizer[0].eval()
+
+
+def independent_scores(model, tokenizer, persona, history, replies, max_history=2, chat_format=None) -> list[float]:
+    """Each reply's multiple-choice score through `build_features` (the training rows) and the model's plain forward,
+    one candidate at a time (no padding, no shared context)."""
+    dialogs = dialogs_to_dataset_dict(
+        {"valid": [{"personality": persona, "utterances": [{"history": history, "candidates": list(replies)}]}]},
+        source="test",
+    )["valid"]
+    row = build_features(dialogs, tokenizer, num_candidates=None, max_history=max_history, chat_format=chat_format)[0]
+    scores = []
+    for i, input_ids in enumerate(row["input_ids"]):
+        inputs = {"input_ids": torch.tensor([[input_ids]]), "mc_token_ids": torch.tensor([[row["mc_token_ids"][i]]])}
+        if "token_type_ids" in row:
+            inputs["token_type_ids"] = torch.tensor([[row["token_type_ids"][i]]])
+        with torch.no_grad():
+            scores.append(float(model(**inputs).mc_logits[0, 0]))
+    return scores
+
+
+def test_ranked_reply_is_the_best_sample_by_independent_scores(model, tokenizer):
+    options = {"num_ranked": 6, "seed": 3, "temperature": 1.5, "max_new_tokens": 8}
+    ranked = generate_ranked(model, tokenizer, CONTEXTS, **options)
+    replies = generate_replies(model, tokenizer, CONTEXTS, **options)
+    for (persona, history), candidates, reply in zip(CONTEXTS, ranked, replies):
+        texts = [text for text, _ in candidates]
+        assert len(texts) == len(set(texts)) and 2 <= len(texts) <= 6  # distinct samples, each once
+        expected = independent_scores(model, tokenizer, persona, history, texts)
+        assert [score for _, score in candidates] == pytest.approx(expected, abs=1e-4)
+        assert reply == texts[max(range(len(texts)), key=expected.__getitem__)]
+        assert expected == sorted(expected, reverse=True)  # best first
+    # generate_reply_ids picks the same reply (its token ids).
+    ids = generate_reply_ids(model, tokenizer, CONTEXTS, **options)
+    assert [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids] == replies
+
+
+def test_samples_equal_generates_own_num_return_sequences(model, tokenizer):
+    """The context's cache computed once and repeated gives the library's own N samples, token for token."""
+    options = {"num_ranked": 5, "temperature": 1.2, "max_new_tokens": 10, "min_length": 10}
+    samples = generate_candidate_ids(model, tokenizer, CONTEXTS[:1], seed=7, **options)[0]
+    config = generation_config_from_options(tokenizer, temperature=1.2, max_new_tokens=10, min_length=10)
+    context = build_context(tokenizer, *CONTEXTS[0])
+    context["position_ids"] = torch.arange(context["input_ids"].size(1))[None]
+    set_seed(7)
+    with torch.no_grad():
+        out = model.generate(**context, generation_config=config, num_return_sequences=5)
+    assert samples == out[:, context["input_ids"].size(1) :].tolist()
+
+
+def test_the_context_is_encoded_once(model, tokenizer):
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        seen.append(tuple((ids if ids is not None else embeds).shape[:2]))
+
+    handle = model.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate_replies(model, tokenizer, CONTEXTS[:1], num_ranked=8, seed=0, max_new_tokens=6)
+    finally:
+        handle.remove()
+    context_len = build_context(tokenizer, *CONTEXTS[0])["input_ids"].size(1)
+    prefill, *steps, ranking = seen
+    assert prefill == (1, context_len - 1)  # the context once, for all 8 samples
+    assert steps[0] == (8, 1) and all(s == (8, 1) for s in steps)  # then one token per sample and step
+    assert ranking[0] == 1  # the candidates scored in one forward (packed: one row)
+
+
+def test_num_ranked_1_is_the_plain_reply(model, tokenizer):
+    for options in ({"seed": 5}, {"no_sample": True}, {"seed": 2, "top_k": 5, "top_p": 1.0}):
+        plain = generate_reply_ids(model, tokenizer, CONTEXTS, **options)
+        assert generate_reply_ids(model, tokenizer, CONTEXTS, num_ranked=1, **options) == plain
+        # Independent: the library's generate on the training builder's context with the same random stream.
+        config = generation_config_from_options(tokenizer, **{k: v for k, v in options.items() if k != "seed"})
+        context = build_context(tokenizer, *CONTEXTS[0])
+        context["position_ids"] = torch.arange(context["input_ids"].size(1))[None]
+        set_seed(options.get("seed", 0))
+        with torch.no_grad():
+            out = model.generate(**context, generation_config=config)[0, context["input_ids"].size(1) :].tolist()
+        first = generate_reply_ids(model, tokenizer, CONTEXTS[:1], **options)[0]
+        assert out[: len(first)] == first and (len(out) == len(first) or out[len(first)] in config.eos_token_id)
+
+
+class StubNLI:
+    """An NLI scorer that finds the replies in `contradicting` contradicting the persona's second sentence."""
+
+    def __init__(self, contradicting: dict[str, float]):
+        self.contradicting = contradicting
+        self.calls = []
+
+    def probabilities(self, replies, persona):
+        self.calls.append((list(replies), list(persona)))
+        out = torch.zeros(len(replies), len(persona), 3)
+        out[..., 1] = 1.0  # neutral
+        for i, reply in enumerate(replies):
+            c = self.contradicting.get(reply, 0.0)
+            out[i, 1] = torch.tensor([0.0, 1.0 - c, c])
+        return out
+
+
+def test_nli_penalty_follows_the_formula(model, tokenizer):
+    replies = ["i love cats too .", "i hate cats .", "hello there .", "i hate cats ."]
+    plain = dict(rank_replies(model, tokenizer, PERSONA, HISTORY, replies))
+    assert len(plain) == 3  # the duplicate scored once
+    best = max(plain, key=plain.get)
+    stub = StubNLI({best: 0.9, "hello there .": 0.2})
+    penalty = 2.0
+    ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=stub, nli_penalty=penalty)
+    spread = max(plain.values()) - min(plain.values())
+    contradiction = {best: 0.9, "hello there .": 0.2}
+    expected = {r: s - penalty * spread * contradiction.get(r, 0.0) for r, s in plain.items()}
+    assert dict(ranked) == pytest.approx(expected, abs=1e-5)
+    assert [r for r, _ in ranked] == sorted(expected, key=expected.get, reverse=True)
+    assert ranked[-1][0] == best  # 0.9 of the spread twice over: the former best drops to last
+    assert stub.calls == [(list(dict.fromkeys(replies)), PERSONA)]  # each distinct reply once, in sample order
+    # Through the bot: the stub's penalty is applied to the sampled candidates.
+    bot = PersonaBot(model, tokenizer, PERSONA, num_ranked=4, seed=0, nli_scorer=StubNLI({}), nli_penalty=1.0)
+    assert bot.reply("hi", return_ranked=True)[0][0] == bot.history[-1]
+
+
+def test_return_ranked_lists_every_candidate_best_first(model, tokenizer):
+    bot = PersonaBot(model, tokenizer, PERSONA, num_ranked=5, seed=1, temperature=1.5)
+    ranked = bot.reply("hi , how are you ?", return_ranked=True)
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True) and bot.history[-1] == ranked[0][0]
+    assert scores == pytest.approx(
+        independent_scores(model, tokenizer, PERSONA, ["hi , how are you ?"], [r for r, _ in ranked]), abs=1e-4
+    )
+    assert isinstance(bot.reply("and you ?"), str) and bot.own_replies[-1] == bot.history[-1]
+
+
+@pytest.fixture(scope="module")
+def plain_lm_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """The tiny GPT-2 saved as a plain causal LM (no multiple-choice head), as a Hub GPT-2 is."""
+    out = tmp_path_factory.mktemp("plain-lm")
+    GPT2LMHeadModel.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    return str(out)
+
+
+def test_a_checkpoint_without_a_trained_head_refuses_to_rank(plain_lm_checkpoint, tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(plain_lm_checkpoint)
+    assert not multiple_choice_head_loaded(model)
+    assert multiple_choice_head_loaded(load_model_and_tokenizer(tiny_checkpoint)[0])
+    with pytest.raises(UsageError, match="no trained multiple-choice head|has none"):
+        PersonaBot(model, tokenizer, PERSONA, num_ranked=4)
+    with pytest.raises(UsageError, match="has none"):
+        generate_replies(model, tokenizer, CONTEXTS, num_ranked=2)
+    assert generate_replies(model, tokenizer, CONTEXTS, no_sample=True)  # one reply needs no head
+    # LoRA trains the head in full (modules_to_save): the adapter folder ranks, merged or not.
+    from persona_lora import apply_lora
+
+    lora = apply_lora(model, tokenizer, r=2)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name or "multiple_choice_head" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    lora.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    for merge in (True, False):
+        loaded, tok = load_model_and_tokenizer(str(tmp_path / "adapter"), merge_adapter=merge)
+        loaded.eval()
+        assert multiple_choice_head_loaded(loaded)
+        ranked = generate_ranked(loaded, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
+        if merge:
+            expected = independent_scores(loaded, tok, *CONTEXTS[0], [r for r, _ in ranked])
+            assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
+
+
+def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp_path):  # noqa: F811
+    from test_backbones import backbone_config
+    from transformers import AutoModelForCausalLM
+
+    from persona_chat_template import chat_format_of
+
+    tokenizer = tokenizers["chatml"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(backbone_config("qwen2", len(tokenizer))).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    plain, _ = load_model_and_tokenizer(str(tmp_path / "plain"))
+    assert not multiple_choice_head_loaded(plain)  # an instruct model from the Hub: no head yet
+    plain.save_pretrained(tmp_path / "run")  # as persona-train saves it: the head beside the backbone
+    tokenizer.save_pretrained(tmp_path / "run")
+    model, tok = load_model_and_tokenizer(str(tmp_path / "run"))
+    model.eval()
+    chat_format = chat_format_of(tok)
+    assert chat_format is not None and multiple_choice_head_loaded(model)
+    ranked = generate_ranked(model, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
+    texts = [r for r, _ in ranked]
+    expected = independent_scores(model, tok, *CONTEXTS[0], texts, chat_format=chat_format)
+    assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
+    rows = build_features(
+        dialogs_to_dataset_dict(
+            {"valid": [{"personality": PERSONA, "utterances": [{"history": HISTORY, "candidates": texts}]}]}, source="t"
+        )["valid"],
+        tok,
+        num_candidates=None,
+        max_history=2,
+        chat_format=chat_format,
+    )[0]
+    # The head reads each candidate's end-of-turn token.
+    assert all(ids[m] in chat_format.stop_ids for ids, m in zip(rows["input_ids"], rows["mc_token_ids"]))
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--num_ranked", "0"], "--num_ranked must be between 1 and 64, got 0"),
+        (["--num_ranked", "-3"], "--num_ranked must be between 1 and 64, got -3"),
+        (["--num_ranked", "65"], "--num_ranked must be between 1 and 64, got 65"),
+        (["--num_ranked", "4", "--no_sample"], "--num_ranked 4 ranks sampled replies; greedy decoding"),
+        (["--num_ranked", "4", "--num_beams", "2"], "--num_ranked 4 ranks sampled replies"),
+        (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be >= 0"),
+        (["--repetition_penalty", "0"], "--repetition_penalty must be a number > 0"),
+        (["--repetition_penalty", "nan"], "--repetition_penalty must be a number > 0"),
+        (["--nli_penalty", "1"], "--nli_penalty needs --nli_model"),
+        (["--nli_model", "some/nli"], "--nli_model needs --nli_penalty > 0"),
+        (["--nli_model", "some/nli", "--nli_penalty", "-1"], "--nli_penalty must be a finite number >= 0"),
+        (["--nli_model", "some/nli", "--nli_penalty", "1"], "--nli_model re-ranks sampled replies; set --num_ranked"),
+    ],
+)
+def test_bad_ranking_and_repetition_flags_are_one_line(flags, words, tiny_checkpoint, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    line = error_line(persona_chat.cli, ["--model_name_or_path", tiny_checkpoint, "--stdin", *flags], capsys)
+    assert line.startswith("persona-chat: error: ") and words in line, line
+
+
+def test_eval_and_a_headless_checkpoint_are_one_line(plain_lm_checkpoint, personachat_json, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    line = error_line(
+        persona_chat.cli, ["--model_name_or_path", plain_lm_checkpoint, "--stdin", "--num_ranked", "4"], capsys
+    )
+    assert "this checkpoint has none (a plain causal LM" in line
+    argv = ["--model_name_or_path", plain_lm_checkpoint, "--dataset_path", personachat_json, "--num_ranked", "4"]
+    assert "--num_ranked 4 ranks sampled replies; greedy decoding" in error_line(persona_eval.cli, argv, capsys)
+    argv[-2:] = ["--nli_penalty", "1"]
+    assert "--nli_penalty needs --nli_model" in error_line(persona_eval.cli, argv, capsys)
+
+
+@pytest.mark.slow
+def test_eval_reranks_with_the_nli_penalty(tiny_checkpoint, personachat_json, tiny_nli_checkpoints, monkeypatch):
+    from persona_nli import NLIScorer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_checkpoint)
+    dialogs = persona_eval.load_dialogs(personachat_json)["valid"]
+    nli = NLIScorer.from_pretrained(tiny_nli_checkpoints["deberta-style"], device="cpu")
+    seen = []
+
+    def spy(model, tokenizer, contexts, **kwargs):
+        ranked = generate_ranked(model, tokenizer, contexts, **kwargs)
+        seen.append((kwargs, ranked))
+        return [r[0][0] for r in ranked]
+
+    monkeypatch.setattr(persona_eval, "generate_replies", spy)
+    options = {"no_sample": False, "num_ranked": 4, "max_new_tokens": 6}
+    result = persona_eval.evaluate_convai2(
+        model.eval(), tokenizer, dialogs, max_turns=3, generation_options=options, return_predictions=True,
+        nli=nli, nli_penalty=50.0,
+    )  # fmt: skip
+    ((kwargs, ranked),) = seen
+    assert kwargs["nli_scorer"] is nli and kwargs["nli_penalty"] == 50.0 and kwargs["num_ranked"] == 4
+    assert [p["reply"] for p in result["predictions"]] == [r[0][0] for r in ranked]
+    # The penalty as the formula says, on the turn's own candidates.
+    _, turns = persona_eval.flatten_turns(dialogs, 3)
+    turn, candidates = turns[0], ranked[0]
+    plain = dict(rank_replies(model, tokenizer, turn["persona"], turn["history"], [r for r, _ in candidates]))
+    contradiction = nli.probabilities(list(plain), turn["persona"])[..., 2].amax(dim=1).tolist()
+    spread = max(plain.values()) - min(plain.values())
+    expected = {r: s - 50.0 * spread * c for (r, s), c in zip(plain.items(), contradiction)}
+    assert dict(candidates) == pytest.approx(expected, abs=1e-4)
+
+
+def readme_section() -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return text.split("### Generate, then rank")[1].split("## Browser demo")[0]
+
+
+@pytest.mark.slow
+def test_readme_ranking_commands_run(tiny_checkpoint, personachat_json, tiny_nli_checkpoints, tmp_path):
+    (bash,) = re.findall(r"```bash\n(.*?)```", readme_section(), flags=re.S)
+    swaps = {
+        "demo_assets/run": tiny_checkpoint,
+        "demo_assets/personachat.json": personachat_json,
+        "MoritzLaurer/DeBERTa-v3-base-mnli-fever-anli": tiny_nli_checkpoints["deberta-style"],
+    }
+    scripts = {"persona-chat": "persona_chat.py", "persona-eval": "persona_eval.py"}
+    lines = bash.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        for old, new in swaps.items():
+            line = line.replace(old, new)
+        stdin = None
+        if line.startswith("echo "):
+            echo, line = line.split(" | ", 1)
+            stdin = shlex.split(echo)[1] + "\n"
+        argv = shlex.split(line)
+        extra = ["--output_file", str(tmp_path / "eval.json")] if argv[0] == "persona-eval" else []
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, scripts[argv[0]]), *argv[1:], *extra],
+            input=stdin, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        if argv[0] == "persona-chat":
+            assert len(result.stdout.splitlines()) == 1 and result.stdout.strip()
+        else:
+            assert json.load(open(tmp_path / "eval.json"))["options"]["num_ranked"] == 8
+
+
+def test_readme_ranking_snippet_runs(tiny_checkpoint, capsys):
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme_section(), flags=re.S)
+    exec(compile(snippet.replace('"demo_assets/run"', repr(tiny_checkpoint)), "README.md", "exec"), {})  # noqa: S102
+    # An untrained model's reply may hold a newline: read the score at the start of each printed candidate.
+    scores = [float(score) for score in re.findall(r"^([+-]\d+\.\d{3})  ", capsys.readouterr().out, flags=re.M)]
+    assert 1 <= len(scores) <= 8 and scores == sorted(scores, reverse=True)
+
+
+def test_the_real_nli_scorer_penalises_as_the_formula_says(model, tokenizer, tiny_nli_checkpoints):
+    from persona_ranking import NLIRankingArguments
+
+    scorer = NLIRankingArguments(nli_model=tiny_nli_checkpoints["mnli-style"], nli_penalty=1.5).load_scorer("cpu")
+    replies = ["i love cats too .", "i hate cats .", "hello there ."]
+    plain = dict(rank_replies(model, tokenizer, PERSONA, HISTORY, replies))
+    contradiction = scorer.probabilities(replies, PERSONA)[..., 2].amax(dim=1).tolist()
+    spread = max(plain.values()) - min(plain.values())
+    expected = {r: plain[r] - 1.5 * spread * c for r, c in zip(replies, contradiction)}
+    ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=scorer, nli_penalty=1.5)
+    assert dict(ranked) == pytest.approx(expected, abs=1e-5)
