@@ -3,8 +3,9 @@
     persona-chat --model_name_or_path runs/my-bot --persona "i love cats." --persona "i am a nurse."
     echo "hi, how are you?" | persona-chat --model_name_or_path runs/my-bot --dataset_path data.json --stdin
 
-Generation itself (decoding options, context, `PersonaBot`) lives in `persona_generation`; its public names are
-importable from here too, as the README shows.
+Generation itself (context, `PersonaBot`) lives in `persona_generation`, the decoding options in `persona_decoding`;
+the generation API is importable from here too, as the README shows. It is imported on first use: the flags are
+parsed (and `--help` printed) before torch and the model stack load.
 """
 
 from __future__ import annotations
@@ -27,30 +28,48 @@ from persona_cli import (
     sentence_list,
     setup_logging,
 )
-from persona_data import load_dialogs
-from persona_generation import (  # noqa: F401 (the public generation API, importable from persona_chat)
+from persona_decoding import (  # noqa: F401 (public: importable from persona_chat)
     GENERATION_DEFAULTS,
     GenerationArguments,
-    PersonaBot,
-    build_context,
-    check_device,
-    check_reply_budget,
-    generate_ranked,
-    generate_replies,
-    generate_reply_ids,
+    NLIRankingArguments,
     generation_config_from_options,
-    load_for_chat,
     stop_token_ids,
 )
-from persona_ranking import NLIRankingArguments
 
 logger = logging.getLogger(__name__)
+
+# The generation API (torch and the model stack), importable from here and loaded on first use (PEP 562).
+GENERATION_API = (
+    "PersonaBot",
+    "build_context",
+    "check_device",
+    "check_reply_budget",
+    "generate_ranked",
+    "generate_replies",
+    "generate_reply_ids",
+    "load_for_chat",
+)
+
+
+def __getattr__(name: str):
+    if name in GENERATION_API:
+        import persona_generation
+
+        return getattr(persona_generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _api():
+    """This module: its generation API names resolve through `__getattr__` (or what a test put in their place)."""
+    return sys.modules[__name__]
 
 
 def random_persona(
     dataset_path: str, dataset_format: str | None = None, seed: int | None = None, **read_options
 ) -> list[str]:
     """The persona of a random dialog of a dataset (its validation split when there is one)."""
+    from persona_data import load_dialogs
+
     dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
     split = persona_split(dialogs)
     if dialogs[split].num_rows == 0:
@@ -139,7 +158,7 @@ def _show_persona(persona: Sequence[str], file=sys.stdout) -> None:
 COMMANDS_HELP = "/reset clears the history, /persona shows it, /persona a. | b. replaces it, /quit (or Ctrl-D) quits"
 
 
-def _interactive_loop(bot: PersonaBot) -> None:
+def _interactive_loop(bot) -> None:
     print(f"Talk to the bot. {COMMANDS_HELP}.")
     while True:
         try:
@@ -186,7 +205,7 @@ def _stdin_lines():
         yield number, text
 
 
-def _stdin_loop(bot: PersonaBot) -> None:
+def _stdin_loop(bot) -> None:
     """One output line per input line: the reply, or an empty line for a blank input line (not a turn)."""
     for _, line in _stdin_lines():
         text = line.strip()
@@ -196,15 +215,16 @@ def _stdin_loop(bot: PersonaBot) -> None:
 
 def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRankingArguments | None = None) -> int:
     setup_logging(logging.WARNING, stream=sys.stderr)  # stdout carries the replies
-    check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
+    api = _api()
+    api.check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
     ranking = ranking or NLIRankingArguments()
     ranking.check_with(generation.num_ranked)
     interactive = not args.stdin
     try:
         persona = _read_persona(args, generation.seed, interactive)
-        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
-        check_reply_budget(model, generation.max_new_tokens)
-        bot = PersonaBot(
+        model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+        api.check_reply_budget(model, generation.max_new_tokens)
+        bot = api.PersonaBot(
             model,
             tokenizer,
             persona,

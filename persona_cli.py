@@ -384,9 +384,8 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
             print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # never imported: no process group to tear down
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -198,3 +198,49 @@ def split_options(options: dict) -> tuple[dict, int | None]:
 
 # Options applied around `generate` (sampling several replies, the repetition processors), not by its config.
 AROUND_GENERATE = ("num_ranked", "no_repeat_ngram_size", "repetition_penalty")
+
+
+@dataclass
+class NLIRankingArguments:
+    """The NLI contradiction penalty on ranked replies (Welleck et al., 2019): `--nli_model`, `--nli_penalty`."""
+
+    nli_model: str | None = field(
+        default=None,
+        metadata={"help": "NLI sequence classifier (folder or Hub id) whose contradictions lower a candidate's score."},
+    )
+    nli_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda of s_i - lambda * (s_1 - s_N) * c_i, c_i the top contradiction probability (0: off)."
+        },
+    )
+
+    def __post_init__(self):
+        if not (math.isfinite(self.nli_penalty) and self.nli_penalty >= 0):
+            raise UsageError(f"--nli_penalty must be a finite number >= 0, got {self.nli_penalty}.")
+        if (self.nli_model is None) != (self.nli_penalty == 0):
+            given, missing = (
+                ("--nli_model", "--nli_penalty > 0") if self.nli_model else ("--nli_penalty", "--nli_model")
+            )
+            raise UsageError(f"{given} needs {missing}: the penalty is lambda times an NLI model's contradictions.")
+
+    def check_with(self, num_ranked: int) -> None:
+        """A `UsageError` when the penalty has nothing to re-rank."""
+        if self.nli_model is not None and num_ranked < 2:
+            raise UsageError(f"--nli_model re-ranks sampled replies; set --num_ranked > 1 (got {num_ranked}).")
+
+    def load_scorer(self, device: str | None = None):
+        """The NLI scorer (`persona_nli.NLIScorer`), or None without `--nli_model`."""
+        if self.nli_model is None:
+            return None
+        from persona_nli import NLIScorer  # only where a penalty asks for an NLI model
+
+        return NLIScorer.from_pretrained(self.nli_model, device=device)
+
+
+@dataclass
+class EvalGenerationArguments(GenerationArguments):
+    """persona-eval's decoding options: persona-chat's, greedy and seeded by default for a reproducible F1."""
+
+    no_sample: bool = field(default=True, metadata={"help": "Greedy decoding; `--no_sample false` samples."})
+    seed: int | None = field(default=0, metadata={"help": "Random seed for sampling (each process adds its rank)."})

@@ -29,10 +29,25 @@ from persona_cli import (  # noqa: E402
     sentence_list,
     setup_logging,
 )
-from persona_data import load_dialogs  # noqa: E402
+from persona_decoding import GENERATION_DEFAULTS, MAX_RANKED, NLIRankingArguments  # noqa: E402
 from persona_errors import PersonaError  # noqa: E402
-from persona_generation import GENERATION_DEFAULTS, MAX_RANKED, PersonaBot, check_device, load_for_chat  # noqa: E402
-from persona_ranking import NLIRankingArguments  # noqa: E402
+
+# The generation API (torch and the model stack), loaded on first use (PEP 562): flags are parsed first.
+GENERATION_API = ("PersonaBot", "check_device", "load_for_chat")
+
+
+def __getattr__(name: str):
+    if name in GENERATION_API:
+        import persona_generation
+
+        return getattr(persona_generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _api():
+    """This module: its generation API names resolve through `__getattr__` (or what a test put in their place)."""
+    return sys.modules[__name__]
+
 
 TITLE = "persona-chat"
 
@@ -48,6 +63,8 @@ def _messages(turns: Sequence[str]) -> list[dict]:
 
 def dataset_personas(dataset_path: str, dataset_format: str | None = None, **read_options) -> list[list[str]]:
     """Every persona of a dataset's validation split (or its first split), for the "random persona" button."""
+    from persona_data import load_dialogs
+
     dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
     return [list(p) for p in dialogs[persona_split(dialogs)]["personality"] if p]
 
@@ -109,7 +126,7 @@ def build_demo(
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
         try:
-            bot = PersonaBot(
+            bot = _api().PersonaBot(
                 model,
                 tokenizer,
                 _persona_lines(persona_text),
@@ -263,11 +280,11 @@ def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
-    check_device(args.device)
+    _api().check_device(args.device)
     check_port_free(args.host, args.port)
     setup_logging(logging.WARNING, stream=sys.stderr)
     try:
-        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+        model, tokenizer = _api().load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
     except PersonaError as err:
         raise UsageError(
             f"cannot load the checkpoint {args.model_name_or_path!r}: {err} Pass a directory written by persona-train "

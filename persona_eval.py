@@ -25,236 +25,51 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 
-import datasets
-import numpy as np
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, ModelArguments
-from persona_chat_template import chat_format_of
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
     check_model_path,
     check_positive,
     find_split,
-    input_budget,
     is_rank_zero,
     parse_args_with_config,
     run_console_script,
     setup_logging,
 )
-from persona_collator import PersonaCollator
-from persona_data import build_features, load_dialogs
-from persona_files import file_in_the_way
-from persona_generation import GenerationArguments, generate_replies
-from persona_metrics import (
-    HITS_KS,
-    consistency_metrics,
-    f1_score,
-    mean_f1,
-    persona_copy_rate,
-    ranking_metrics,
-    repetition_metrics,
-    split_tokenize,
-    stat_columns,
-    word_perplexity,
-)
-from persona_nli import PAIR_ORDERS, NLIScorer
-from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
+from persona_decoding import EvalGenerationArguments
+from persona_metrics import PAIR_ORDERS, f1_score  # noqa: F401 (f1_score: public API, the ConvAI2 F1 of one pair)
 
 logger = logging.getLogger(__name__)
 
-# The `evaluate` module with the same F1 and Hits@k (valid in a source checkout).
+# The `evaluate` module with the same F1, Hits@k and C-score (valid in a source checkout).
 CONVAI2_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "convai2")
-__all__ = ["evaluate_convai2", "f1_score", "main", "cli"]
+# The evaluation library (torch, datasets, the Trainer), importable from here and loaded on first use (PEP 562), so
+# that the flags are checked (and --help printed) before the heavy stack loads.
+LIBRARY = (
+    "evaluate_convai2",
+    "flatten_turns",
+    "generate_for_turns",
+    "rank_candidates",
+    "ranking_trainer",
+    "reply_metrics",
+)
 
 
-def flatten_turns(dialogs: datasets.Dataset, max_turns: int | None = None) -> tuple[datasets.Dataset, list[dict]]:
-    """The dialogs holding the first `max_turns` turns, and those turns as `{persona, history, gold, dialog}` (the
-    dialog's index) in row order."""
-    turns, num_dialogs = [], 0
-    for dialog in dialogs:
-        if max_turns is not None and len(turns) >= max_turns:
-            break
-        num_dialogs += 1
-        for utterance in dialog["utterances"]:
-            gold = utterance["candidates"][-1]
-            turns.append(
-                {"persona": dialog["personality"], "history": utterance["history"], "gold": gold, "dialog": num_dialogs}
-            )
-    return dialogs.select(range(num_dialogs)), turns[:max_turns]
+def __getattr__(name: str):
+    if name in LIBRARY:
+        import persona_convai2
 
+        return getattr(persona_convai2, name)
+    if name == "load_dialogs":
+        from persona_data import load_dialogs
 
-def ranking_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> PersonaTrainer:
-    """A `PersonaTrainer` that only evaluates `model`, on this machine's accelerator (or all processes of a launch)."""
-    args = PersonaTrainingArguments(
-        # Nothing is saved; the Trainer only creates the folder.
-        output_dir=os.path.join(tempfile.gettempdir(), "persona-eval"),
-        per_device_eval_batch_size=batch_size,
-        report_to="none",
-        # Without it accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator (no gloo group).
-        use_cpu=not has_accelerator(),
-        do_train=False,
-        eval_strategy="no",
-        save_strategy="no",
-    )
-    return PersonaTrainer(model=model, args=args, data_collator=PersonaCollator(tokenizer.pad_token_id))
-
-
-def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.ndarray:
-    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 6], in `features` order) from the Trainer's
-    evaluation step.
-
-    Turns are ordered by candidate count, longest first within a count, so each batch pads little and memory runs out
-    (if it does) at once; the result is put back in `features` order.
-    """
-    last_tokens = features["mc_token_ids"]  # [N][C]: each candidate's length - 1
-    counts = np.array([len(ids) for ids in last_tokens])
-    longest = np.array([max(ids) for ids in last_tokens])
-    order = np.lexsort((-longest, counts))  # by count, then longest first (stable)
-    stats = trainer.predict(features.select(order)).predictions  # [N, 6]
-    out = np.empty_like(stats)
-    out[order] = stats
-    return out
-
-
-def generate_for_turns(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    turns: list[dict],
-    accelerator: Accelerator,
-    *,
-    max_history: int,
-    batch_size: int,
-    **generation_options,
-) -> list[str]:
-    """Replies of `persona_generation.generate_replies` to every turn's gold history, spread over the processes."""
-    seed = generation_options.pop("seed", None)
-    if seed is not None:
-        # Once for the whole run: generate_replies would restart the random stream at every batch.
-        set_seed(seed + accelerator.process_index)
-    loader = accelerator.prepare_data_loader(DataLoader(range(len(turns)), batch_size=batch_size))
-    replies = []
-    for indices in tqdm(loader, desc="Generating replies", disable=not accelerator.is_local_main_process):
-        contexts = [(turns[i]["persona"], turns[i]["history"]) for i in indices.tolist()]
-        texts = generate_replies(
-            model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, **generation_options
-        )
-        replies.extend(accelerator.gather_for_metrics(list(zip(indices.tolist(), texts)), use_gather_object=True))
-    by_turn = dict(replies)
-    if sorted(by_turn) != list(range(len(turns))):
-        raise RuntimeError(f"Generated {len(by_turn)} distinct replies for {len(turns)} turns.")
-    return [by_turn[i] for i in range(len(turns))]
-
-
-def reply_metrics(
-    turns: list[dict], replies: list[str], *, max_history: int, nli: NLIScorer | None, accelerator, suffix: str = ""
-) -> tuple[dict, list[list[int]] | None]:
-    """Repetition and diversity of one reply per turn (generated, or the gold with `suffix="_gold"`) and, with `nli`,
-    its persona consistency; returns the metrics and the per-turn NLI labels (one per persona sentence)."""
-    contexts = [t["history"][-(2 * max_history + 1) :] for t in turns]  # the turns the bot saw
-    metrics = repetition_metrics(replies, contexts, [t["dialog"] for t in turns], suffix=suffix)
-    if nli is None:
-        return metrics, None
-    personas = [t["persona"] for t in turns]
-    labels = nli.turn_labels(replies, personas, progress=accelerator.is_local_main_process, accelerator=accelerator)
-    metrics.update(consistency_metrics(labels, suffix))
-    metrics[f"persona_copy_rate{suffix}"] = persona_copy_rate(replies, personas)
-    return metrics, labels
-
-
-def evaluate_convai2(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dialogs: datasets.Dataset,
-    *,
-    trainer: PersonaTrainer | None = None,
-    max_history: int = 2,
-    max_length: int | None = None,
-    batch_size: int = 8,
-    max_turns: int | None = None,
-    f1: bool = True,
-    generation_options: dict | None = None,
-    cache_dir: str | None = None,
-    return_predictions: bool = False,
-    nli: NLIScorer | None = None,
-    nli_penalty: float = 0.0,
-) -> dict:
-    """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), ppl_word, lm_loss, f1,
-    repetition and diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
-
-    `max_length` caps input lengths (default: the model's positions); `generation_options` go to
-    `persona_generation.generate_replies` (default: persona-eval's, greedy). Candidates are ranked by `trainer` (a
-    training run's own, with its batch size and processes) or by a fresh evaluation-only `PersonaTrainer` with
-    `batch_size`.
-    With `return_predictions`, the result also holds the generated replies under "predictions", in turn order: strings,
-    or with `nli` a dict per turn (`reply`, `gold`, `persona`, `nli_labels`, `nli_labels_gold`: +1/0/-1 per persona
-    sentence). With `nli_penalty` > 0 and `num_ranked` > 1 in `generation_options`, `nli` also re-ranks the sampled
-    replies (`persona_ranking.nli_penalised`).
-    """
-    trainer = trainer or ranking_trainer(model, tokenizer, batch_size)
-    batch_size = trainer.args.per_device_eval_batch_size
-    dialogs, turns = flatten_turns(dialogs, max_turns)
-    if not turns:
-        raise UsageError("The evaluation split has no turns (no dialog with an utterance).")
-    with trainer.args.main_process_first(desc="building evaluation features"):
-        features = build_features(
-            dialogs,
-            tokenizer,
-            num_candidates=None,
-            max_history=max_history,
-            max_length=input_budget(model, max_length),
-            cache_dir=cache_dir,
-            chat_format=chat_format_of(tokenizer),  # the checkpoint's own input format
-        )
-    features = features.select(range(len(turns)))
-
-    stats = rank_candidates(trainer, features)
-    ranking = ranking_metrics(stats, ks=HITS_KS)
-    metrics = {key: value for key, value in ranking.items() if key.startswith("hits@")}
-    columns = stat_columns(stats)
-    words = sum(len(split_tokenize(t["gold"])) for t in turns)
-    _, ppl_word = word_perplexity(columns["lm_nll"].sum() - columns["lm_end_nll"].sum(), words)
-    metrics.update(ppl=ranking["ppl"], ppl_word=ppl_word, lm_loss=ranking["lm_loss"])
-    golds, accelerator = [t["gold"] for t in turns], trainer.accelerator
-    if nli is not None:
-        nli.model.to(accelerator.device)
-    predictions = labels = None
-    if f1:
-        options = {**EvalGenerationArguments().generation_options(), **(generation_options or {})}
-        if nli is not None and nli_penalty > 0:
-            options.update(nli_scorer=nli, nli_penalty=nli_penalty)
-        predictions = generate_for_turns(
-            model, tokenizer, turns, accelerator, max_history=max_history, batch_size=batch_size, **options
-        )
-        metrics["f1"] = mean_f1(predictions, golds)
-        generated, labels = reply_metrics(turns, predictions, max_history=max_history, nli=nli, accelerator=accelerator)
-        metrics.update(generated)
-    gold, gold_labels = reply_metrics(
-        turns, golds, max_history=max_history, nli=nli, accelerator=accelerator, suffix="_gold"
-    )
-    metrics.update(gold)
-    metrics["turns"] = len(turns)
-    if nli is not None:  # their C is 0: nothing to contradict
-        metrics["turns_without_persona"] = sum(not t["persona"] for t in turns)
-        if metrics["turns_without_persona"]:
-            logger.warning("%d turns have no persona sentence: C-score 0.", metrics["turns_without_persona"])
-    metrics["gold_reply_tokens"] = int(columns["lm_tokens"].sum())
-    metrics["gold_reply_words"] = words
-    metrics["candidates_per_turn"] = sorted(int(c) for c in np.unique(columns["num_candidates"]))
-    if return_predictions and labels is not None:
-        keys = ("reply", "gold", "persona", "nli_labels", "nli_labels_gold")
-        rows = zip(predictions, golds, [t["persona"] for t in turns], labels, gold_labels)
-        predictions = [dict(zip(keys, row)) for row in rows]
-    if return_predictions:
-        metrics["predictions"] = predictions
-    return metrics
+        return load_dialogs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(kw_only=True)
@@ -313,20 +128,14 @@ class EvalArguments(DialogArguments, ModelArguments):
                 raise UsageError("--nli_model scores the replies generated for F1; drop --no_f1 (or --f1 false).")
         if self.output_file is not None and os.path.isdir(self.output_file):
             raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
+        from persona_files import file_in_the_way
+
         blocking = None if self.output_file is None else file_in_the_way(self.output_file)
         if blocking:
             raise UsageError(
                 f"--output_file {self.output_file}: {blocking} is a file, not a folder; pass another path."
             )
         super().__post_init__()
-
-
-@dataclass
-class EvalGenerationArguments(GenerationArguments):
-    """persona-chat's decoding options, greedy and seeded by default for a reproducible F1."""
-
-    no_sample: bool = field(default=True, metadata={"help": "Greedy decoding; `--no_sample false` samples."})
-    seed: int | None = field(default=0, metadata={"help": "Random seed for sampling (each process adds its rank)."})
 
 
 def make_parser() -> HfArgumentParser:
@@ -355,7 +164,12 @@ def format_table(metrics: dict) -> str:
 
 def main(args: EvalArguments, generation: EvalGenerationArguments | None = None) -> dict:
     """Evaluate a checkpoint; the main process prints the table and writes the JSON. Returns the results."""
+    from transformers import set_seed
+
+    from persona_convai2 import evaluate_convai2, ranking_trainer
+    from persona_data import load_dialogs
     from persona_model import load_model_and_tokenizer
+    from persona_nli import NLIScorer
 
     generation = generation or EvalGenerationArguments()
     if args.nli_penalty > 0 and generation.num_ranked < 2:

@@ -148,6 +148,8 @@ def word_perplexity(nll_without_end: float, words: int) -> tuple[float, float]:
 
 
 # Label scores of the C-score, in persona_nli.NLI_LABELS order (entailment, neutral, contradiction).
+# The two orders of an NLI pair: PAML's `[CLS] reply [SEP] persona [SEP]`, or the persona first.
+PAIR_ORDERS = ("reply_first", "persona_first")
 NLI_SCORES = (1, 0, -1)
 
 

@@ -23,12 +23,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Pipeline
 
 from persona_errors import CheckpointError, PersonaError, UsageError
-from persona_metrics import NLI_SCORES, reply_c_score
+from persona_metrics import NLI_SCORES, PAIR_ORDERS, reply_c_score
 
 logger = logging.getLogger(__name__)
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-PAIR_ORDERS = ("reply_first", "persona_first")
 
 # The spellings NLI checkpoints use for their labels (after lower-casing and dropping '-', '_' and spaces).
 _LABEL_SPELLINGS = {

@@ -17,9 +17,9 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import datasets
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments
 from persona_arguments import ModelArguments as SharedModelArguments
@@ -37,16 +37,17 @@ from persona_cli import (
     run_console_script,
     say,
     setup_logging,
+    source_fields,
 )
-from persona_collator import PersonaCollator
-from persona_data import build_features, load_dialogs
-from persona_encoding import ENCODINGS, set_candidate_encoding
-from persona_lora import apply_lora, check_gradient_checkpointing
-from persona_model import load_model_and_tokenizer
-from persona_nli import NLIScorer
-from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+
+if TYPE_CHECKING:  # the Trainer's stack loads after the flags are parsed (see cli)
+    from persona_trainer import PersonaTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+# `persona_encoding.ENCODINGS`, written out so that the flags parse (and --help prints) before torch loads; a test
+# keeps the two equal.
+CANDIDATE_ENCODINGS = ("auto", "packed", "shared_prefix", "plain")
 
 PERSONACHAT_URL = "https://s3.amazonaws.com/datasets.huggingface.co/personachat/personachat_self_original.json"
 
@@ -67,7 +68,7 @@ class ModelArguments(SharedModelArguments):
             "candidates behind it in one row under a tree mask), 'shared_prefix' (the context once, its KV cache "
             "broadcast to the candidates), 'plain' (every candidate in full, the reference computation) or 'auto' "
             "(the fastest that applies to the backbone: see docs/architecture.md). Saved in the model config.",
-            "choices": list(ENCODINGS),
+            "choices": list(CANDIDATE_ENCODINGS),
         },
     )
     input_format: str | None = field(
@@ -178,6 +179,10 @@ class DataArguments(DialogArguments):
 
 
 def make_parser() -> HfArgumentParser:
+    from transformers import TrainingArguments
+
+    from persona_trainer import PersonaTrainingArguments
+
     parser = HfArgumentParser((ModelArguments, DataArguments, PersonaTrainingArguments), prog="persona-train")
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
@@ -189,6 +194,33 @@ def make_parser() -> HfArgumentParser:
     parser._actions[:] = first + [a for a in parser._actions if a.dest in trainer_fields]
     for group in parser._action_groups:
         group._group_actions.sort(key=lambda a: a.dest in trainer_fields)  # stable: each part keeps its order
+    return parser
+
+
+def help_parser() -> HfArgumentParser:
+    """The parser `persona-train --help` prints, built without importing the Trainer's stack (seconds of torch): the
+    persona options from their dataclasses, then the fields `PersonaTrainingArguments` adds and the Trainer's own,
+    read from their sources (`persona_cli.source_fields`) with persona-train's defaults. A test keeps its flags equal
+    to `make_parser()`'s."""
+    import importlib.util
+
+    parser = HfArgumentParser((ModelArguments, DataArguments), prog="persona-train", description=__doc__)
+    transformers_dir = os.path.dirname(importlib.util.find_spec("transformers").origin)
+    trainer = source_fields(os.path.join(transformers_dir, "training_args.py"), "TrainingArguments")
+    persona = source_fields(importlib.util.find_spec("persona_trainer").origin, "PersonaTrainingArguments")
+    persona["eval_strategy"] = {**persona["eval_strategy"], "default": "'auto'"}  # make_parser's default
+    groups = [
+        ("persona training (PersonaTrainingArguments)", {k: v for k, v in persona.items() if k not in trainer}),
+        (
+            "Trainer (TrainingArguments, with persona-train's defaults)",
+            {k: persona.get(k, v) for k, v in trainer.items()},
+        ),
+    ]
+    for title, fields in groups:
+        group = parser.add_argument_group(title)
+        for name, spec in fields.items():
+            options = {"nargs": "?", "metavar": name.upper()} if spec["flag"] else {"metavar": name.upper()}
+            group.add_argument(f"--{name}", default=spec["default"], help=spec["help"] or " ", **options)
     return parser
 
 
@@ -252,6 +284,17 @@ def _splits(
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
     """Train and/or evaluate; returns the final metrics."""
+    import datasets
+    from transformers import set_seed
+
+    from persona_collator import PersonaCollator
+    from persona_data import build_features, load_dialogs
+    from persona_encoding import set_candidate_encoding
+    from persona_lora import apply_lora, check_gradient_checkpointing
+    from persona_model import load_model_and_tokenizer
+    from persona_nli import NLIScorer
+    from persona_trainer import PersonaTrainer
+
     setup_logging(training_args.get_process_log_level())
     if training_args.auto_output_dir:
         from accelerate.utils import broadcast_object_list
@@ -382,7 +425,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     if data_args.do_convai2_eval:
-        from persona_eval import evaluate_convai2
+        from persona_convai2 import evaluate_convai2
 
         convai2 = evaluate_convai2(
             trainer.model,
@@ -409,6 +452,9 @@ def cli(argv: list[str] | None = None) -> int:
     """Console script `persona-train`."""
 
     def train(args: list[str]) -> None:
+        if "-h" in args or "--help" in args:
+            help_parser().print_help()
+            return
         main(*parse_args(args))
 
     return run_console_script("persona-train", train, argv)

@@ -132,3 +132,38 @@ def test_persona_train_help_lists_the_persona_options_first():
     persona = [help_text.index(f"  --{name} ") for name in ("model_name_or_path", "num_candidates", "lm_coef")]
     trainer = [help_text.index(f"  --{name} ") for name in ("output_dir", "learning_rate", "seed")]
     assert max(persona) < min(trainer)
+
+
+def test_help_and_flag_mistakes_come_before_the_heavy_stack():
+    """--help and a flag mistake are answered before torch, datasets or gradio is imported (start-up in well under a
+    second on an idle machine instead of seconds); the persona-train help parser has the real parser's flags."""
+    code = """
+import sys
+import persona_chat, persona_demo, persona_eval, run_persona
+from persona_cli import UsageError, parse_args_with_config
+for module, argv in ((persona_chat, ["--model_name_or_path", "org/m", "--top_k", "-3"]),
+                     (persona_eval, ["--model_name_or_path", "org/m", "--dataset_path", "d", "--batch_size", "0"]),
+                     (persona_demo, ["--model_name_or_path", "org/m", "--port", "99999"])):
+    try:
+        parse_args_with_config(module.make_parser(), argv)
+        raise SystemExit(f"{module.__name__}: no error")
+    except UsageError:
+        pass
+run_persona.help_parser().format_help()
+heavy = [m for m in ("torch", "datasets", "gradio", "deepspeed", "peft") if m in sys.modules]
+print(heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_persona_train_help_parser_has_the_real_flags():
+    import run_persona
+    from persona_encoding import ENCODINGS
+
+    flags = lambda parser: {a.dest for a in parser._actions}  # noqa: E731
+    assert flags(run_persona.help_parser()) == flags(run_persona.make_parser())
+    help_text = run_persona.help_parser().format_help()
+    assert "--per_device_train_batch_size" in help_text and "(default: 4)" in help_text  # persona-train's default
+    assert help_text.index("--lm_coef") < help_text.index("--learning_rate")
+    assert tuple(run_persona.CANDIDATE_ENCODINGS) == ENCODINGS

@@ -21,6 +21,7 @@ from test_user_errors import error_line, no_loading
 from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
 
 import persona_chat
+import persona_convai2
 import persona_eval
 from persona_chat import PersonaBot, build_context, generate_replies, generate_reply_ids
 from persona_cli import UsageError
@@ -292,7 +293,7 @@ def test_eval_reranks_with_the_nli_penalty(tiny_checkpoint, personachat_json, ti
         seen.append((kwargs, ranked))
         return [r[0][0] for r in ranked]
 
-    monkeypatch.setattr(persona_eval, "generate_replies", spy)
+    monkeypatch.setattr(persona_convai2, "generate_replies", spy)
     options = {"no_sample": False, "num_ranked": 4, "max_new_tokens": 6}
     result = persona_eval.evaluate_convai2(
         model.eval(), tokenizer, dialogs, max_turns=3, generation_options=options, return_predictions=True,
@@ -357,7 +358,7 @@ def test_readme_ranking_snippet_runs(tiny_checkpoint, capsys):
 
 
 def test_the_real_nli_scorer_penalises_as_the_formula_says(model, tokenizer, tiny_nli_checkpoints):
-    from persona_ranking import NLIRankingArguments
+    from persona_decoding import NLIRankingArguments
 
     scorer = NLIRankingArguments(nli_model=tiny_nli_checkpoints["mnli-style"], nli_penalty=1.5).load_scorer("cpu")
     replies = ["i love cats too .", "i hate cats .", "hello there ."]
