@@ -251,7 +251,7 @@ def test_persona_demo_persona_over_the_character_limit(tiny_checkpoint, capsys, 
 def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint, tmp_path):
     config = tmp_path / "chat.yaml"
     config.write_text(f"model_name_or_path: {tiny_checkpoint}\npersona: i like tea.\n")
-    args, _ = persona_chat.parse_args_with_config(persona_chat.make_parser(), [str(config)])
+    args, *_ = persona_chat.parse_args_with_config(persona_chat.make_parser(), [str(config)])
     assert args.persona == ["i like tea."]
     with pytest.raises(ValueError, match="--persona: 42 is not a sentence"):
         persona_chat.ChatArguments(model_name_or_path=tiny_checkpoint, persona=["i like tea.", 42])
