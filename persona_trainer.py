@@ -26,9 +26,38 @@ from persona_metrics import compute_metrics, gold_rank
 class PersonaTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the double-heads loss weights; defaults are the reference recipe's (train.py)."""
 
-    # --- double-heads objective
-    lm_coef: float = field(default=1.0, metadata={"help": "Weight of the language-modelling loss."})
-    mc_coef: float = field(default=1.0, metadata={"help": "Weight of the multiple-choice (next-utterance) loss."})
+    # --- objective: double heads (LM + multiple choice) or preference (DPO, persona_dpo)
+    objective: str = field(
+        default="double_heads",
+        metadata={
+            "help": "'double_heads': lm_coef * LM loss + mc_coef * multiple-choice loss (the reference recipe). "
+            "'dpo': preference training, the gold reply preferred to each distractor (or to the record's curated "
+            "rejected replies), plus lm_coef * the gold's NLL and mc_coef * the multiple-choice loss.",
+            "choices": ["double_heads", "dpo"],
+        },
+    )
+    lm_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the language-modelling loss on the gold reply (default 1; 0 with --objective dpo)."
+        },
+    )
+    mc_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the multiple-choice (next-utterance) loss (default 1; 0 with --objective dpo)."},
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "dpo: how far from the reference model the policy may move (DPO's beta)."}
+    )
+    dpo_loss: str = field(
+        default="pairwise",
+        metadata={
+            "help": "dpo: 'pairwise' (the DPO sigmoid loss of the gold against each rejected reply, averaged over "
+            "the turn's rejected replies; TRL's 'sigmoid') or 'listwise' (cross-entropy of the softmax over "
+            "beta * (log pi - log pi_ref) of all candidates, the gold as the target).",
+            "choices": ["pairwise", "listwise"],
+        },
+    )
     # --- reference defaults for fields TrainingArguments already has
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Batch size per device for evaluation."})
@@ -67,10 +96,7 @@ class PersonaTrainingArguments(TrainingArguments):
         self.auto_eval_strategy = self.eval_strategy == "auto"
         if self.auto_eval_strategy:  # persona-train's default: evaluate each epoch when evaluating at all
             self.eval_strategy = "epoch" if self.do_eval else "no"
-        if not (self.lm_coef >= 0 and self.mc_coef >= 0 and self.lm_coef + self.mc_coef > 0):
-            raise ValueError(
-                f"--lm_coef and --mc_coef must be >= 0 and not both 0, got {self.lm_coef}, {self.mc_coef}."
-            )
+        check_objective(self)
         check_training_values(self)
         # The old name warns in transformers 5; it means activation checkpointing.
         for old, new in (
@@ -90,6 +116,24 @@ class PersonaTrainingArguments(TrainingArguments):
 def has_accelerator() -> bool:
     """Whether torch sees a GPU (or another accelerator) on this machine."""
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
+def check_objective(args: PersonaTrainingArguments) -> None:
+    """Resolve the loss weights' defaults for the objective (1 and 1; 0 and 0 under dpo) and check the objective's
+    flags (a `ValueError` naming the flag)."""
+    if args.objective not in ("double_heads", "dpo"):
+        raise ValueError(f"--objective must be 'double_heads' or 'dpo', got {args.objective!r}.")
+    default = 0.0 if args.objective == "dpo" else 1.0
+    args.lm_coef = default if args.lm_coef is None else args.lm_coef
+    args.mc_coef = default if args.mc_coef is None else args.mc_coef
+    if not (args.lm_coef >= 0 and args.mc_coef >= 0):
+        raise ValueError(f"--lm_coef and --mc_coef must be >= 0, got {args.lm_coef}, {args.mc_coef}.")
+    if args.objective == "double_heads" and args.lm_coef + args.mc_coef <= 0:
+        raise ValueError(f"--lm_coef and --mc_coef must not both be 0, got {args.lm_coef}, {args.mc_coef}.")
+    if not (math.isfinite(args.beta) and args.beta > 0):
+        raise ValueError(f"--beta must be a finite number > 0, got {args.beta}.")
+    if args.dpo_loss not in ("pairwise", "listwise"):
+        raise ValueError(f"--dpo_loss must be 'pairwise' or 'listwise', got {args.dpo_loss!r}.")
 
 
 def check_training_values(args: TrainingArguments) -> None:
@@ -191,7 +235,7 @@ class PersonaTrainer(Trainer):
         DataLoader). Any other collator gets the rows as `datasets` gives them."""
         dataset = super()._remove_unused_columns(dataset, description)
         collator = self.data_collator
-        if isinstance(collator, CandidateCountBatches):
+        while not isinstance(collator, PersonaCollator) and hasattr(collator, "collator"):  # wrappers of one
             collator = collator.collator
         return ArrowBatches(dataset) if isinstance(collator, PersonaCollator) else dataset
 
