@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 from torch import nn
-from tqdm.auto import tqdm
 
 from persona_records import DIALOG_FEATURES, PersonaDataError
 from persona_trainer import PersonaTrainer
@@ -292,9 +291,8 @@ class PersonaDPOTrainer(PersonaTrainer):
         """The reference pass before training, on the model not yet wrapped by DDP / DeepSpeed. The main process
         computes and caches, the others read the cache; under ZeRO-3 (weights sharded) every process gathers the
         weights and computes in step with the others, in memory."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
         from accelerate.utils import broadcast_object_list
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         columns = [c for c in dataset.column_names if c in (*MODEL_INPUTS, "labels")]
         dataset = dataset.select_columns(columns)

@@ -14,7 +14,6 @@ from persona_data import build_features, build_inputs, load_dialogs
 from persona_dpo import (
     REF_COLUMN,
     PersonaDPOTrainer,
-    PreferenceCollator,
     add_reference_logps,
     candidate_labels,
     candidate_logps,
@@ -66,12 +65,13 @@ def _trl_triples(batch, num_rejected: int):
     """TRL's tokenized triples of a [B, C, T] batch: (prompt, chosen, rejected) per (turn, rejected candidate)."""
     labels = candidate_labels(batch["input_ids"], batch["labels"], batch["mc_token_ids"])
     triples = []
-    for b in range(batch["input_ids"].size(0)):
+    ids, ends = batch["input_ids"], batch["mc_token_ids"]
+    for b in range(ids.size(0)):
         start = int(labels[b, -1].ne(-100).nonzero()[0])
-        span = lambda c: batch["input_ids"][b, c, start : int(batch["mc_token_ids"][b, c]) + 1].tolist()  # noqa: E731
-        prompt = batch["input_ids"][b, -1, :start].tolist()
+        chosen = ids[b, -1, start : int(ends[b, -1]) + 1].tolist()
         for c in range(num_rejected):
-            triples.append({"prompt_ids": prompt, "chosen_ids": span(-1), "rejected_ids": span(c)})
+            rejected = ids[b, c, start : int(ends[b, c]) + 1].tolist()
+            triples.append({"prompt_ids": ids[b, -1, :start].tolist(), "chosen_ids": chosen, "rejected_ids": rejected})
     return triples
 
 
