@@ -14,6 +14,7 @@ from persona_data import build_features, build_inputs, load_dialogs
 from persona_dpo import (
     REF_COLUMN,
     PersonaDPOTrainer,
+    PreferenceCollator,
     add_reference_logps,
     candidate_labels,
     candidate_logps,
@@ -172,3 +173,134 @@ def test_precomputed_reference_logps_equal_the_frozen_models(tiny_model_and_toke
         expected = candidate_logps(frozen, PersonaCollator(tokenizer.pad_token_id)(list(rows)))[0]
     torch.testing.assert_close(torch.tensor(with_ref[REF_COLUMN]), expected, atol=1e-5, rtol=1e-5)
     assert model.training == tiny_model_and_tokenizer[0].training
+
+
+def _dpo_args(tmp_path, name: str, **overrides) -> PersonaTrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path / name),
+        objective="dpo",
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        lm_coef=0.5,
+        mc_coef=0.25,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    return PersonaTrainingArguments(**{**options, **overrides})
+
+
+@pytest.mark.parametrize("dpo_loss", ["pairwise", "listwise"])
+def test_gradient_accumulation_takes_the_step_of_one_large_batch(
+    tiny_model_and_tokenizer, personachat_json, tmp_path, dpo_loss
+):
+    """GA=2 x batch 2 and GA=1 x batch 4 both equal one SGD step (lr 1) computed by hand on the four rows:
+    mean DPO loss over turns + 0.5 * token-mean gold NLL + 0.25 * mean MC NLL."""
+    model, tokenizer = tiny_model_and_tokenizer
+    base = _frozen_copy(model)
+    collator = PersonaCollator(tokenizer.pad_token_id)
+    rows = build_features(load_dialogs(personachat_json)["train"], tokenizer, num_candidates=3, max_history=2).select(
+        [0, 5, 9, 20]
+    )  # uneven reply lengths: the token mean over the step is not a mean of batch means
+    rows = add_reference_logps(_nudge(_frozen_copy(model), seed=3), rows, collator)
+
+    def step(batch_size, accumulation):
+        policy = copy.deepcopy(base)
+        args = _dpo_args(
+            tmp_path,
+            f"b{batch_size}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            dpo_loss=dpo_loss,
+        )
+        PersonaDPOTrainer(model=policy, args=args, train_dataset=rows, data_collator=collator).train()
+        return policy
+
+    one, two = step(4, 1), step(2, 2)
+    manual = copy.deepcopy(base).train()
+    batch = collator(list(rows))
+    logps, out = candidate_logps(manual, batch)
+    gold = batch["mc_labels"]
+    dpo = preference_loss(logps, batch[REF_COLUMN], gold, 0.1, dpo_loss).losses.mean()
+    gold_nll = (
+        out.lm_candidate_nll.gather(1, gold[:, None]).sum() / out.lm_candidate_tokens.gather(1, gold[:, None]).sum()
+    )
+    (dpo + 0.5 * gold_nll + 0.25 * F.cross_entropy(out.mc_logits, gold)).backward()
+    with torch.no_grad():
+        for p in manual.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    for name, expected in manual.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(two.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(one.transformer.wte.weight, base.transformer.wte.weight)
+
+
+def test_a_few_steps_raise_the_margin_on_the_training_batch(tiny_model_and_tokenizer, personachat_json, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer
+    policy = _frozen_copy(model)
+    rows = _features(tokenizer, personachat_json, num_candidates=4, rows=8)
+    collator = PersonaCollator(tokenizer.pad_token_id)
+    args = _dpo_args(
+        tmp_path, "margin", max_steps=6, learning_rate=1e-3, optim="adamw_torch", per_device_train_batch_size=8,
+        lm_coef=0.0, mc_coef=0.0, logging_steps=1,
+    )  # fmt: skip
+    trainer = PersonaDPOTrainer(model=policy, args=args, train_dataset=rows, data_collator=collator)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "rewards/margins" in log]
+    assert len(logs) == 6 and logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
+    # Independently of the logs: the margin of every (gold, rejected) pair after training, from the two models.
+    batch = collator(list(rows))
+    with torch.no_grad():
+        after = candidate_logps(policy.eval(), batch)[0] - candidate_logps(_frozen_copy(model), batch)[0]
+    margins = after[:, -1:] - after[:, :-1]
+    assert margins.mean() > 0.5 and logs[-1]["rewards/margins"] > 0.05
+    assert logs[-1]["rewards/accuracies"] > 0.5
+
+
+def test_lora_reference_is_the_model_with_its_adapter_disabled(tiny_model_and_tokenizer, personachat_json, tmp_path):
+    """No reference column, no second model: after a LoRA step the reference log-probs are the starting model's."""
+    from persona_lora import apply_lora
+
+    model, tokenizer = tiny_model_and_tokenizer
+    start = _frozen_copy(model)
+    policy = apply_lora(_frozen_copy(model), tokenizer, r=4)
+    rows = _features(tokenizer, personachat_json, num_candidates=3)
+    collator = PersonaCollator(tokenizer.pad_token_id)
+    args = _dpo_args(tmp_path, "lora", max_steps=2, learning_rate=0.05, per_device_train_batch_size=4)
+    trainer = PersonaDPOTrainer(model=policy, args=args, train_dataset=rows, data_collator=collator)
+    trainer.train()
+    assert REF_COLUMN not in trainer.train_dataset.column_names
+    batch = collator(list(rows))
+    with torch.no_grad():
+        moved = candidate_logps(policy, batch)[0]
+        reference = trainer._reference_logps(policy, batch)
+        expected = candidate_logps(start, batch)[0]
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
+    assert (moved - expected).abs().max() > 1e-3  # the adapter did train
+
+
+def test_preference_collator_pads_curated_lists_of_different_lengths(tiny_model_and_tokenizer, personachat_json):
+    """Rows of 2 and 4 candidates in one batch: the short row's log-probs and loss are those it has alone."""
+    model, tokenizer = tiny_model_and_tokenizer
+    frozen = _frozen_copy(model)
+    dialogs = load_dialogs(personachat_json)["train"]
+    two = build_features(dialogs, tokenizer, num_candidates=2, max_history=2).select([0])
+    four = build_features(dialogs, tokenizer, num_candidates=4, max_history=2).select([1])
+    collator = PreferenceCollator(PersonaCollator(tokenizer.pad_token_id))
+    mixed = collator([two[0], four[0]])
+    assert mixed["candidate_mask"].tolist() == [[False, False, True, True], [True] * 4]
+    alone = collator([two[0]])
+    with torch.no_grad():
+        logps_mixed, logps_alone = candidate_logps(frozen, mixed)[0], candidate_logps(frozen, alone)[0]
+    torch.testing.assert_close(logps_mixed[0, 2:], logps_alone[0], atol=1e-5, rtol=1e-5)
+    ref = logps_mixed - torch.tensor([[0.0, 0.0, 0.3, -0.2], [0.1, 0.2, 0.3, 0.4]])  # the padding must not count
+    for kind in ("pairwise", "listwise"):
+        mixed_loss = preference_loss(logps_mixed, ref, mixed["mc_labels"], 0.1, kind, mixed["candidate_mask"]).losses
+        alone_loss = preference_loss(logps_alone, ref[:1, 2:], alone["mc_labels"], 0.1, kind).losses
+        torch.testing.assert_close(mixed_loss[0], alone_loss[0])
