@@ -152,7 +152,7 @@ def preference_dialogs(
     Turns left with the gold alone (no curated replies and `num_candidates` 1) are dropped and counted; none left
     with a rejected reply is a `PersonaDataError`.
     """
-    curated = "rejected" in dialogs.features["utterances"][0] if dialogs.num_rows else False
+    curated = "rejected" in dialogs.features["utterances"].feature
     if not curated and num_candidates < 2:
         raise PersonaDataError(
             f"{source}: --objective dpo with --num_candidates {num_candidates} and no curated 'rejected' replies "

@@ -4,10 +4,15 @@ candidate's labels and log-probabilities, the encodings, the reference pass, gra
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
+import shlex
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs, load_dialogs
@@ -23,6 +28,8 @@ from persona_dpo import (
 from persona_encoding import set_candidate_encoding
 from persona_tokens import SpecialTokenIds
 from persona_trainer import PersonaTrainingArguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _frozen_copy(model):
@@ -304,3 +311,67 @@ def test_preference_collator_pads_curated_lists_of_different_lengths(tiny_model_
         mixed_loss = preference_loss(logps_mixed, ref, mixed["mc_labels"], 0.1, kind, mixed["candidate_mask"]).losses
         alone_loss = preference_loss(logps_alone, ref[:1, 2:], alone["mc_labels"], 0.1, kind).losses
         torch.testing.assert_close(mixed_loss[0], alone_loss[0])
+
+
+def readme_dpo_commands() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Preference training (DPO)") :]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line for line in block.splitlines() if line.startswith("python run_persona.py")]
+
+
+def test_readme_dpo_stage_runs_as_written_and_the_folder_loads(
+    tiny_checkpoint, personachat_json, tmp_path, monkeypatch
+):
+    """The README's two commands (tiny model and data swapped in, a few steps): the DPO run logs TRL's reward
+    metrics, and its folder loads in persona-chat and as a causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    from persona_chat import load_for_chat
+    from run_persona import cli
+
+    monkeypatch.chdir(tmp_path)
+    first, second = readme_dpo_commands()
+    assert "configs/dpo.yaml" in second and "runs/gpt2-persona" in second
+    tiny = ["--dataset_path", personachat_json, "--dataset_cache", str(tmp_path / "cache"), "--use_cpu", "true",
+            "--report_to", "none", "--max_train_samples", "8", "--max_eval_samples", "4", "--disable_tqdm", "true",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]  # fmt: skip
+    argv = shlex.split(first.replace("configs/", f"{ROOT}/configs/"))[2:]
+    assert cli([*argv, "--model_name_or_path", tiny_checkpoint, "--max_steps", "2", *tiny]) == 0
+    argv = shlex.split(second.replace("configs/", f"{ROOT}/configs/"))[2:]
+    assert cli([*argv, "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3", *tiny]) == 0
+
+    out = tmp_path / "runs" / "gpt2-persona-dpo"
+    state = json.loads((out / "trainer_state.json").read_text())
+    logs = [log for log in state["log_history"] if "rewards/margins" in log]
+    assert len(logs) == 3
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen"} <= logs[0].keys()
+    assert "eval_hits@1" in json.loads((out / "eval_results.json").read_text())
+    written = yaml.safe_load(open(out / "training_config.yaml"))
+    assert (written["objective"], written.get("beta", 0.1), written["lm_coef"]) == ("dpo", 0.1, 0.0)
+    model, tokenizer = load_for_chat(str(out))
+    assert "<speaker1>" in tokenizer.get_vocab()
+    causal = AutoModelForCausalLM.from_pretrained(out)
+    dpo_weights = dict(model.named_parameters())["transformer.h.0.attn.c_attn.weight"]
+    torch.testing.assert_close(causal.transformer.h[0].attn.c_attn.weight, dpo_weights)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beta", "0"], "--beta must be a finite number > 0, got 0.0."),
+        (["--beta", "-1"], "--beta must be a finite number > 0"),
+        (["--num_candidates", "1"], "--objective dpo with --num_candidates 1 and no curated 'rejected' replies"),
+    ],
+)
+def test_bad_dpo_flags_are_one_line(tiny_checkpoint, personachat_json, tmp_path, capsys, flags, message):
+    from run_persona import cli
+
+    argv = ["--objective", "dpo", "--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json,
+            "--dataset_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
+            "--report_to", "none", *flags]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
