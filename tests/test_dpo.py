@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -375,3 +376,88 @@ def test_bad_dpo_flags_are_one_line(tiny_checkpoint, personachat_json, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def _curated_dialog(rejected_lists):
+    utterances = [
+        {"history": ["hi there"], "candidates": ["i like dogs .", "i have a cat named tom ."]},
+        {"history": ["hi there", "i have a cat named tom .", "nice , what else ?"], "candidates": ["i love tea ."]},
+    ]
+    for utterance, rejected in zip(utterances, rejected_lists):
+        if rejected is not None:
+            utterance["rejected"] = rejected
+    return {"personality": ["i have a cat .", "i love tea ."], "utterances": utterances}
+
+
+def test_curated_rejected_replies_from_jsonl_and_chat_jsonl(tmp_path):
+    """The curated lists come through both readers; a turn without one keeps its distractors."""
+    from persona_dpo import preference_dialogs
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(
+        json.dumps(_curated_dialog([None, ["i hate tea .", "i have no pets ."]]))
+        + "\n"
+        + json.dumps(_curated_dialog([None, None]))
+        + "\n"
+    )
+    chat = tmp_path / "chat_train.jsonl"
+    turns = ["hi there", "i have a cat named tom .", "nice , what else ?", "i love tea ."]
+    record = {
+        "persona": ["i have a cat .", "i love tea ."],
+        "turns": turns,
+        "rejected": [None, ["i hate tea .", "i have no pets ."]],
+    }
+    other = {"persona": ["i swim ."], "turns": ["hello", "i like dogs .", "cool", "i swim every day ."]}
+    chat.write_text(json.dumps(record) + "\n" + json.dumps(other) + "\n")  # the other dialog: distractors to sample
+    for path, fmt in ((jsonl, "jsonl"), (chat, "chat_jsonl")):
+        dialogs = load_dialogs(str(path), fmt, num_distractors=1)["train"]
+        assert [u["rejected"] for u in dialogs[0]["utterances"]] == [[], ["i hate tea .", "i have no pets ."]]
+        assert all(u["rejected"] == [] for d in dialogs.select(range(1, dialogs.num_rows)) for u in d["utterances"])
+        pairs = preference_dialogs(dialogs, num_candidates=2)
+        first, second = pairs[0]["utterances"]
+        assert second["candidates"] == ["i hate tea .", "i have no pets .", "i love tea ."]
+        assert len(first["candidates"]) == 2 and first["candidates"][-1] == "i have a cat named tom ."
+        # --num_candidates 1: the turn without a curated list has nothing to prefer against; dropped and counted
+        assert [len(u["candidates"]) for u in preference_dialogs(dialogs, num_candidates=1)[0]["utterances"]] == [3]
+
+
+@pytest.mark.parametrize(
+    "rejected, message",
+    [
+        (
+            ["i love tea ."],
+            "line 1, utterance 1: field 'rejected' holds the gold reply (the last candidate) at item 0",
+        ),
+        ([], "line 1, utterance 1: field 'rejected' is empty."),
+    ],
+)
+def test_bad_rejected_lists_name_the_record_or_are_skipped_and_counted(tmp_path, rejected, message):
+    from persona_data import load_dialogs_with_report
+    from persona_records import PersonaDataError
+
+    path = tmp_path / "train.jsonl"
+    good = _curated_dialog([None, ["i hate tea ."]])
+    path.write_text(json.dumps(_curated_dialog([None, rejected])) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(PersonaDataError, match=re.escape(message)) as err:
+        load_dialogs(str(path), "jsonl")
+    assert str(err.value).startswith(f"{path}: line 1") and "\n" not in str(err.value)
+    dialogs, reports = load_dialogs_with_report(str(path), "jsonl", on_bad_record="skip")
+    assert dialogs["train"].num_rows == 1 and reports["train"].skipped == 1
+
+
+def test_dpo_run_on_curated_replies_with_one_candidate(tmp_path, tiny_checkpoint):
+    """--num_candidates 1 with curated lists of 1 and 2 replies: turns of different widths share batches."""
+    from run_persona import main, parse_args
+
+    path = tmp_path / "train.jsonl"
+    lines = [_curated_dialog([["i like dogs ."], ["i hate tea .", "i have no pets ."]]) for _ in range(4)]
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    argv = ["--objective", "dpo", "--num_candidates", "1", "--model_name_or_path", tiny_checkpoint,
+            "--dataset_path", str(path), "--dataset_cache", str(tmp_path / "cache"), "--output_dir",
+            str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none", "--do_eval", "false",
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+            "--disable_tqdm", "true"]  # fmt: skip
+    metrics = main(*parse_args(argv))
+    assert metrics["train_samples"] == 8
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert all(math.isfinite(log["loss"]) for log in state["log_history"] if "rewards/margins" in log)
