@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
+from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs, load_dialogs
@@ -461,3 +463,42 @@ def test_dpo_run_on_curated_replies_with_one_candidate(tmp_path, tiny_checkpoint
     assert metrics["train_samples"] == 8
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert all(math.isfinite(log["loss"]) for log in state["log_history"] if "rewards/margins" in log)
+
+
+@pytest.mark.parametrize("family, template", [("qwen2", "chatml"), ("llama", "llama3")])
+def test_chat_template_rows_every_candidates_logp_is_the_causal_lms(tokenizers, family, template):  # noqa: F811
+    """Chat-template rows on a generic backbone: each candidate's log-prob from the shared context (packed and cache
+    broadcast) equals a plain causal LM's summed log-probs over that candidate's labels when it is the gold of a row
+    of its own (its reply tokens and the end-of-turn token)."""
+    from test_backbones import backbone_config
+    from transformers import AutoModelForCausalLM
+
+    from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+    from persona_chat_template import ChatFormat
+    from persona_synthetic import make_synthetic_personachat
+
+    tok = tokenizers[template]
+    chat = ChatFormat.from_tokenizer(tok)
+    dialog = make_synthetic_personachat(num_train=6, num_valid=1, num_candidates=4, seed=2)["train"][0]
+    persona, utterance = dialog["personality"], dialog["utterances"][1]
+    candidates = utterance["candidates"][-4:]
+    rows, _ = chat.build_rows(persona, utterance["history"], candidates)
+    batch = PersonaCollator(tok.eos_token_id)([{k: v for k, v in rows.items()}])
+    torch.manual_seed(0)
+    model = PersonaDoubleHeadsModel(PersonaDoubleHeadsConfig.from_backbone(backbone_config(family, len(tok)))).eval()
+    got = {}
+    for encoding in ("plain", "shared_prefix", "packed"):
+        set_candidate_encoding(model, encoding)
+        with torch.no_grad():
+            got[encoding] = candidate_logps(model, batch)[0][0]
+    torch.testing.assert_close(got["packed"], got["plain"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["shared_prefix"], got["plain"], atol=1e-5, rtol=1e-5)
+    lm = AutoModelForCausalLM.from_config(backbone_config(family, len(tok))).eval()
+    lm.load_state_dict(model.state_dict(), strict=False)
+    for c, candidate in enumerate(candidates):
+        alone, _ = chat.build_rows(persona, utterance["history"], [candidate])
+        ids, labels = torch.tensor(alone["input_ids"][0]), torch.tensor(alone["labels"][0])
+        with torch.no_grad():
+            logits = lm(input_ids=ids[None]).logits[0, :-1]
+        expected = -F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
+        assert got["plain"][c].item() == pytest.approx(expected.item(), abs=1e-4), c
