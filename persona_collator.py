@@ -112,6 +112,13 @@ def _arrow_columns(table: pa.Table) -> tuple[list[int], torch.Tensor, dict, dict
     return counts, lengths, values, rest
 
 
+def candidate_counts(features: list[dict] | pa.Table) -> list[int]:
+    """The number of candidates of each row of a batch (a list of rows or an Arrow table)."""
+    if isinstance(features, pa.Table):
+        return pc.list_value_length(features.column("input_ids")).to_pylist()
+    return [len(feature["input_ids"]) for feature in features]
+
+
 def _tensor(values: list) -> torch.Tensor:
     """A column that is not padded: integers as int64, floats (e.g. precomputed reference log-probabilities,
     `persona_dpo`) as float32."""

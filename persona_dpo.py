@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import datasets
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 from torch import nn
 
+from persona_collator import candidate_counts
 from persona_records import DIALOG_FEATURES, PersonaDataError
 from persona_trainer import PersonaTrainer
 
@@ -130,10 +130,7 @@ class PreferenceCollator:
     collator: Callable
 
     def __call__(self, features: list[dict] | pa.Table) -> dict:
-        if isinstance(features, pa.Table):
-            counts = pc.list_value_length(features.column("input_ids")).to_pylist()
-        else:
-            counts = [len(feature["input_ids"]) for feature in features]
+        counts = candidate_counts(features)
         width = max(counts)
         if min(counts) < width:
             rows = features.to_pylist() if isinstance(features, pa.Table) else features

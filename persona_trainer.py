@@ -11,13 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_card import persona_model_card
-from persona_collator import ArrowBatches, PersonaCollator
+from persona_collator import ArrowBatches, PersonaCollator, candidate_counts
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
 
@@ -333,10 +332,7 @@ class CandidateCountBatches:
     collator: Callable
 
     def __call__(self, features: list[dict] | pa.Table) -> dict:
-        if isinstance(features, pa.Table):
-            counts = pc.list_value_length(features.column("input_ids")).to_pylist()
-        else:
-            counts = [len(feature["input_ids"]) for feature in features]
+        counts = candidate_counts(features)
         by_count = defaultdict(list)
         for i, count in enumerate(counts):
             by_count[count].append(i)

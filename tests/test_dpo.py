@@ -14,8 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from sgd_step import one_sgd_step
 from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
 from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from test_distributed import STEP_ARGS, assert_same_weights, launch, load_weights, run_args
+from test_distributed import assets as assets  # noqa: F401 (fixture)
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, build_inputs, load_dialogs
@@ -187,22 +190,15 @@ def test_precomputed_reference_logps_equal_the_frozen_models(tiny_model_and_toke
 
 def _dpo_args(tmp_path, name: str, **overrides) -> PersonaTrainingArguments:
     options = dict(
-        output_dir=str(tmp_path / name),
         objective="dpo",
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        lm_coef=0.5,
-        mc_coef=0.25,
+        gradient_accumulation_steps=1,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         seed=0,
     )
-    return PersonaTrainingArguments(**{**options, **overrides})
+    return PersonaTrainingArguments(output_dir=str(tmp_path / name), **{**options, **overrides})
 
 
 @pytest.mark.parametrize("dpo_loss", ["pairwise", "listwise"])
@@ -210,7 +206,7 @@ def test_gradient_accumulation_takes_the_step_of_one_large_batch(
     tiny_model_and_tokenizer, personachat_json, tmp_path, dpo_loss
 ):
     """GA=2 x batch 2 and GA=1 x batch 4 both equal one SGD step (lr 1) computed by hand on the four rows:
-    mean DPO loss over turns + 0.5 * token-mean gold NLL + 0.25 * mean MC NLL."""
+    mean DPO loss over turns + 2 * token-mean gold NLL + mean MC NLL (one_sgd_step's weights)."""
     model, tokenizer = tiny_model_and_tokenizer
     base = _frozen_copy(model)
     collator = PersonaCollator(tokenizer.pad_token_id)
@@ -220,16 +216,10 @@ def test_gradient_accumulation_takes_the_step_of_one_large_batch(
     rows = add_reference_logps(_nudge(_frozen_copy(model), seed=3), rows, collator)
 
     def step(batch_size, accumulation):
-        policy = copy.deepcopy(base)
-        args = _dpo_args(
-            tmp_path,
-            f"b{batch_size}",
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            dpo_loss=dpo_loss,
-        )
-        PersonaDPOTrainer(model=policy, args=args, train_dataset=rows, data_collator=collator).train()
-        return policy
+        policy, dpo = copy.deepcopy(base), {"objective": "dpo", "dpo_loss": dpo_loss}
+        return one_sgd_step(
+            policy, rows, tmp_path, batch_size, accumulation, trainer_class=PersonaDPOTrainer, **dpo
+        ).model
 
     one, two = step(4, 1), step(2, 2)
     manual = copy.deepcopy(base).train()
@@ -240,7 +230,7 @@ def test_gradient_accumulation_takes_the_step_of_one_large_batch(
     gold_nll = (
         out.lm_candidate_nll.gather(1, gold[:, None]).sum() / out.lm_candidate_tokens.gather(1, gold[:, None]).sum()
     )
-    (dpo + 0.5 * gold_nll + 0.25 * F.cross_entropy(out.mc_logits, gold)).backward()
+    (dpo + 2.0 * gold_nll + F.cross_entropy(out.mc_logits, gold)).backward()
     with torch.no_grad():
         for p in manual.parameters():
             if p.grad is not None:
@@ -282,7 +272,7 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(tiny_model_and_to
     policy = apply_lora(_frozen_copy(model), tokenizer, r=4)
     rows = _features(tokenizer, personachat_json, num_candidates=3)
     collator = PersonaCollator(tokenizer.pad_token_id)
-    args = _dpo_args(tmp_path, "lora", max_steps=2, learning_rate=0.05, per_device_train_batch_size=4)
+    args = _dpo_args(tmp_path, "lora", max_steps=2, learning_rate=0.05, optim="sgd", per_device_train_batch_size=4)
     trainer = PersonaDPOTrainer(model=policy, args=args, train_dataset=rows, data_collator=collator)
     trainer.train()
     assert REF_COLUMN not in trainer.train_dataset.column_names
@@ -502,3 +492,22 @@ def test_chat_template_rows_every_candidates_logp_is_the_causal_lms(tokenizers, 
             logits = lm(input_ids=ids[None]).logits[0, :-1]
         expected = -F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
         assert got["plain"][c].item() == pytest.approx(expected.item(), abs=1e-4), c
+
+
+@pytest.mark.slow
+def test_dpo_step_same_in_1_process_2_processes_and_deepspeed_zero3(assets, tmp_path):  # noqa: F811
+    """One SGD step of --objective dpo over the same 8 rows: 1 process x GA 4, DDP 2 x GA 2 and ZeRO-3 2 x GA 2 (the
+    reference pass with the weights gathered on every process) give the same weights, and the step moved them."""
+    pytest.importorskip("deepspeed")
+    args = [*STEP_ARGS, "--objective", "dpo", "--beta", "0.5"]
+    launch(run_args(assets, tmp_path / "single", *args, "--gradient_accumulation_steps", "4"))
+    launch(run_args(assets, tmp_path / "ddp", *args, "--gradient_accumulation_steps", "2"), nproc=2)
+    zero3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
+    launch(run_args(assets, tmp_path / "zero3", *args, "--gradient_accumulation_steps", "2", "--deepspeed", zero3), 2)
+    single = load_weights(tmp_path / "single")
+    assert_same_weights(load_weights(tmp_path / "ddp"), single)
+    assert_same_weights(load_weights(tmp_path / "zero3"), single)
+    init = torch.load(tmp_path / "single" / "weights_init_rank0.pt")
+    assert max(float((single[k] - init[k]).abs().max()) for k in init) > 1e-4
+    logs = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())["log_history"]
+    assert any("rewards/margins" in log for log in logs)
