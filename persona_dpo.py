@@ -273,10 +273,18 @@ class PersonaDPOTrainer(PersonaTrainer):
         if REF_COLUMN not in self._signature_columns:
             self._signature_columns.append(REF_COLUMN)
 
-    def get_train_dataloader(self):
+    def train(self, *args, **kwargs):
+        # Before `Trainer.train` loads the weights of a checkpoint to resume from: the reference is the start.
         dataset = self.train_dataset
-        if REF_COLUMN not in dataset.column_names and not hasattr(self.model, "disable_adapter"):
+        if (
+            dataset is not None
+            and REF_COLUMN not in dataset.column_names
+            and not hasattr(self.model, "disable_adapter")
+        ):
             self.train_dataset = self._with_reference_logps(dataset)
+        return super().train(*args, **kwargs)
+
+    def get_train_dataloader(self):
         collator = self.data_collator
         self.data_collator = PreferenceCollator(collator)
         try:
@@ -285,9 +293,9 @@ class PersonaDPOTrainer(PersonaTrainer):
             self.data_collator = collator
 
     def _with_reference_logps(self, dataset: datasets.Dataset) -> datasets.Dataset:
-        """The reference pass before training, on the model not yet wrapped by DDP / DeepSpeed. The main process
-        computes and caches, the others read the cache; under ZeRO-3 (weights sharded) every process gathers the
-        weights and computes in step with the others, in memory."""
+        """The reference pass before training, on the starting weights, not yet wrapped by DDP / DeepSpeed. The main
+        process computes and caches, the others read the cache; under ZeRO-3 (weights sharded) every process gathers
+        the weights and computes in step with the others, in memory."""
         from accelerate.utils import broadcast_object_list
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

@@ -511,3 +511,30 @@ def test_dpo_step_same_in_1_process_2_processes_and_deepspeed_zero3(assets, tmp_
     assert max(float((single[k] - init[k]).abs().max()) for k in init) > 1e-4
     logs = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())["log_history"]
     assert any("rewards/margins" in log for log in logs)
+
+
+def test_resumed_dpo_run_keeps_the_starting_reference(tiny_checkpoint, personachat_json, tmp_path):
+    """Resuming from checkpoint-2 ends on the uninterrupted run's weights: the reference log-probs come from the
+    starting weights, not from the checkpoint's (which `Trainer.train` loads before the first batch)."""
+    from safetensors.torch import load_file
+
+    from run_persona import cli
+
+    def run(out, *extra):
+        argv = ["--objective", "dpo", "--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json,
+                "--dataset_cache", str(tmp_path / "cache"), "--output_dir", str(out), "--num_candidates", "3",
+                "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2",
+                "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--do_eval", "false",
+                "--use_cpu", "true", "--report_to", "none", "--seed", "1", "--disable_tqdm", "1", *extra]  # fmt: skip
+        assert cli(argv) == 0
+
+    run(tmp_path / "whole")
+    run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))
+    whole, resumed = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    start = load_file(tmp_path / "whole" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(start[name], whole[name]) for name in whole)
