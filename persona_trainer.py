@@ -23,7 +23,8 @@ from persona_metrics import compute_metrics, gold_rank
 
 @dataclass
 class PersonaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the double-heads loss weights; defaults are the reference recipe's (train.py)."""
+    """`TrainingArguments` with the objective (double heads or DPO) and its loss weights; defaults are the reference
+    recipe's (train.py)."""
 
     # --- objective: double heads (LM + multiple choice) or preference (DPO, persona_dpo)
     objective: str = field(

@@ -93,6 +93,7 @@ def _trl_triples(batch, num_rejected: int):
 def test_loss_and_gradients_equal_trl_dpo_trainer(tiny_model_and_tokenizer, personachat_json, tmp_path, num_rejected):
     """TRL's DPOTrainer on the same token triples (the 3 pairs of a turn fed separately), TRL's own reference model:
     the same loss, the same gradients, the same reward metrics (1e-5)."""
+    pytest.importorskip("trl")  # the test extras install it
     from datasets import Dataset
     from transformers import GPT2LMHeadModel
     from trl import DPOConfig, DPOTrainer
