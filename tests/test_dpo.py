@@ -539,3 +539,23 @@ def test_resumed_dpo_run_keeps_the_starting_reference(tiny_checkpoint, personach
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
     start = load_file(tmp_path / "whole" / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(start[name], whole[name]) for name in whole)
+
+
+def test_checkpoint_without_the_input_formats_tokens_is_the_training_line(
+    tiny_checkpoint, personachat_json, tmp_path, capsys
+):
+    """A tokenizer without a chat template asked for chat-template rows: --objective dpo says what training says."""
+    from run_persona import cli
+
+    lines = []
+    for objective in ("double_heads", "dpo"):
+        argv = ["--objective", objective, "--input_format", "chat_template", "--model_name_or_path", tiny_checkpoint,
+                "--dataset_path", personachat_json, "--dataset_cache", str(tmp_path / "cache"), "--output_dir",
+                str(tmp_path / objective), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli(argv)
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not progress bars
+        assert len(errors) == 1
+        lines.append(errors[0])
+    assert "has no chat template: use --input_format speaker_tokens" in lines[0] and lines[1] == lines[0]
