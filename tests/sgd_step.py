@@ -42,3 +42,17 @@ def one_sgd_step(
     trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.train()
     return trainer
+
+
+def assert_hand_step(loss, manual, *trained) -> None:
+    """Take one SGD step (lr 1) on `manual` from `loss` by hand; every model of `trained` must hold its weights."""
+    import torch
+
+    loss.backward()
+    with torch.no_grad():
+        for p in manual.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    for name, expected in manual.state_dict().items():
+        for model in trained:
+            torch.testing.assert_close(model.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from sgd_step import one_sgd_step
+from sgd_step import assert_hand_step, one_sgd_step
 from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
 from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
 from test_distributed import STEP_ARGS, assert_same_weights, launch, load_weights, run_args
@@ -231,14 +231,7 @@ def test_gradient_accumulation_takes_the_step_of_one_large_batch(
     gold_nll = (
         out.lm_candidate_nll.gather(1, gold[:, None]).sum() / out.lm_candidate_tokens.gather(1, gold[:, None]).sum()
     )
-    (dpo + 2.0 * gold_nll + F.cross_entropy(out.mc_logits, gold)).backward()
-    with torch.no_grad():
-        for p in manual.parameters():
-            if p.grad is not None:
-                p -= p.grad
-    for name, expected in manual.state_dict().items():
-        torch.testing.assert_close(one.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(two.state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_hand_step(dpo + 2.0 * gold_nll + F.cross_entropy(out.mc_logits, gold), manual, one, two)
     assert not torch.equal(one.transformer.wte.weight, base.transformer.wte.weight)
 
 
