@@ -62,7 +62,7 @@ def persona_model_card(
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     recipe_rows = [
-        ("loss", f"{args.lm_coef} × LM loss + {args.mc_coef} × multiple-choice loss"),
+        ("loss", _loss_description(args)),
         ("candidates per example", recipe.get("num_candidates")),
         ("history turns kept", None if "max_history" not in recipe else 2 * recipe["max_history"] + 1),
         ("personality permutations", recipe.get("personality_permutations")),
@@ -133,3 +133,11 @@ def persona_model_card(
     else:
         lines.append("No evaluation was run.")
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _loss_description(args) -> str:
+    """The objective of the run, as the model card's recipe table says it."""
+    heads = f"{args.lm_coef} × LM loss + {args.mc_coef} × multiple-choice loss"
+    if getattr(args, "objective", "double_heads") != "dpo":
+        return heads
+    return f"DPO ({args.dpo_loss}, β = {args.beta}, the gold reply over each rejected one) + {heads}"

@@ -90,7 +90,7 @@ def _python_columns(features: list[dict]) -> tuple[list[int], torch.Tensor, dict
         for key in PADDED
         if key in features[0]
     }
-    rest = {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in features[0] if key not in BUILT}
+    rest = {key: _tensor([f[key] for f in features]) for key in features[0] if key not in BUILT}
     return counts, lengths, values, rest
 
 
@@ -110,12 +110,22 @@ def _arrow_columns(table: pa.Table) -> tuple[list[int], torch.Tensor, dict, dict
         if key in table.column_names:
             flat = table.column(key).combine_chunks().flatten().flatten()
             values[key] = torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype("int64"))
-    rest = {
-        key: torch.tensor(table.column(key).to_pylist(), dtype=torch.long)
-        for key in table.column_names
-        if key not in BUILT
-    }
+    rest = {key: _tensor(table.column(key).to_pylist()) for key in table.column_names if key not in BUILT}
     return counts, lengths, values, rest
+
+
+def candidate_counts(features: list[dict] | pa.Table) -> list[int]:
+    """The number of candidates of each row of a batch (a list of rows or an Arrow table)."""
+    if isinstance(features, pa.Table):
+        return pc.list_value_length(features.column("input_ids")).to_pylist()
+    return [len(feature["input_ids"]) for feature in features]
+
+
+def _tensor(values: list) -> torch.Tensor:
+    """A column that is not padded: integers as int64, floats (e.g. precomputed reference log-probabilities,
+    `persona_dpo`) as float32."""
+    tensor = torch.tensor(values)
+    return tensor.float() if tensor.is_floating_point() else tensor.long()
 
 
 class ArrowBatches(torch.utils.data.Dataset):

@@ -30,6 +30,10 @@ class DoubleHeadsOutput(ModelOutput):
     lm_tokens: torch.Tensor | None = None  # [B] labelled tokens per example
     mc_nll: torch.Tensor | None = None  # [B] multiple-choice cross-entropy per example
     lm_end_nll: torch.Tensor | None = None  # [B] NLL of each labelled run's last token (the end of the reply)
+    # [B, C] the same NLL sums and token counts per candidate: sequence log-probabilities when every candidate's
+    # reply is labelled (preference training, persona_dpo)
+    lm_candidate_nll: torch.Tensor | None = None
+    lm_candidate_tokens: torch.Tensor | None = None
 
 
 class PersonaMultipleChoiceHead(nn.Module):
@@ -90,9 +94,11 @@ def apply_heads(
             out.mc_loss = out.mc_nll.mean()
     if labels is not None:
         nll, tokens, end_nll = labelled_lm_nll(hidden.flatten(0, 1), labels.flatten(0, 1), lm_head)
-        out.lm_nll = nll.view(batch_size, num_candidates).sum(1)
+        out.lm_candidate_nll = nll.view(batch_size, num_candidates)
+        out.lm_candidate_tokens = tokens.view(batch_size, num_candidates)
+        out.lm_nll = out.lm_candidate_nll.sum(1)
         out.lm_end_nll = end_nll.view(batch_size, num_candidates).sum(1)
-        out.lm_tokens = tokens.view(batch_size, num_candidates).sum(1)
+        out.lm_tokens = out.lm_candidate_tokens.sum(1)
         # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
         out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()
     out.loss = out.lm_loss

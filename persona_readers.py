@@ -5,7 +5,8 @@ Formats (``dataset_format``; `detect_format` guesses it from the file name and f
 - ``personachat_json``: ``{"train": [dialog...], "valid": [dialog...]}`` (a bare list is one split).
 - ``jsonl``: one canonical dialog per line.
 - ``chat_jsonl``: one ``{"persona": [str], "turns": [str]}`` per line; turns alternate, the partner first, so the
-  bot (who has the persona) speaks turns 2, 4, ... (set ``"bot_first": true`` when the bot opens).
+  bot (who has the persona) speaks turns 2, 4, ... (set ``"bot_first": true`` when the bot opens); an optional
+  ``"rejected"`` holds one entry per bot turn, a list of curated rejected replies or null.
 - ``convai2_txt``: ParlAI/ConvAI2 text (``1 your persona: ...``, ``n text\\tlabel\\t\\tcand|cand|...``; a dialog
   restarts at line number 1; ``*_no_cands.txt`` and ``*_both_*`` too).
 - ``spc_csv``: Synthetic-Persona-Chat CSV (``user 1 personas``, ``user 2 personas``, ``Best Generated
@@ -38,7 +39,7 @@ from persona_records import (
 )
 
 SPC_COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
-CHAT_FIELDS = ("persona", "turns", "bot_first")
+CHAT_FIELDS = ("persona", "turns", "bot_first", "rejected")
 
 
 def _fail(message: str) -> list[dict]:
@@ -144,7 +145,18 @@ def chat_dialog(obj, where: str, strict: bool = False) -> list[dict]:
         raise PersonaDataError(f"{where}: field 'bot_first' must be true or false, got {bot_first!r}.")
     if bot_first:
         turns = [SILENCE, *turns]
-    return [_dialog_from_turns(persona, turns, where)]
+    dialog = _dialog_from_turns(persona, turns, where)
+    rejected = obj.get("rejected")
+    if rejected is not None:  # one entry per bot turn: its curated rejected replies, or null
+        if not isinstance(rejected, list) or len(rejected) != len(dialog["utterances"]):
+            raise PersonaDataError(
+                f"{where}: field 'rejected' must be a list with one entry per bot turn ({len(dialog['utterances'])}): "
+                "a list of rejected replies, or null for none."
+            )
+        for utterance, replies in zip(dialog["utterances"], rejected):
+            if replies is not None:
+                utterance["rejected"] = replies
+    return [dialog]
 
 
 def read_chat_jsonl(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:

@@ -1,10 +1,12 @@
 """The canonical dialog record: its schema, its errors, validation, sampled distractors and assembling the splits.
 
 One dialog = ``{"personality": [str], "utterances": [{"history": [str], "candidates": [str]}]}``, the gold reply
-being the LAST candidate (docs/architecture.md, the data contract). Readers (`persona_readers`, `persona_sources`)
-turn each source record into a `Record`; `assemble_splits` validates every record, samples distractors for the
-formats that have none, and builds one `datasets.Dataset` per split. Bad records raise a `PersonaDataError` naming
-file, line/record and field, or with ``on_bad_record="skip"`` are counted in a `SplitReport` and logged at the end.
+being the LAST candidate (docs/architecture.md, the data contract). An utterance may carry curated ``"rejected":
+[str]`` replies for preference training (`persona_dpo`): non-empty where given, never holding the gold. Readers
+(`persona_readers`, `persona_sources`) turn each source record into a `Record`; `assemble_splits` validates every
+record, samples distractors for the formats that have none, and builds one `datasets.Dataset` per split. Bad records
+raise a `PersonaDataError` naming file, line/record and field, or with ``on_bad_record="skip"`` are counted in a
+`SplitReport` and logged at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ DIALOG_FEATURES = datasets.Features(
         ),
     }
 )
+# Splits where some utterance carries curated rejected replies: the others get an empty list (never a given one).
+PREFERENCE_FEATURES = datasets.Features(
+    {
+        "personality": DIALOG_FEATURES["personality"],
+        "utterances": datasets.List(
+            {**DIALOG_FEATURES["utterances"].feature, "rejected": datasets.List(datasets.Value("string"))}
+        ),
+    }
+)
+UTTERANCE_FIELDS = ("history", "candidates", "rejected")
 # ParlAI's placeholder first turn when the bot opens a dialog: it keeps the history length odd, so the token types
 # follow the reference's segment parity (docs/architecture.md, the model inputs).
 SILENCE = "__SILENCE__"
@@ -144,7 +156,7 @@ def check_canonical_fields(dialog, where: str) -> list[dict]:
         if isinstance(dialog.get("utterances"), list):
             for u, utterance in enumerate(dialog["utterances"]):
                 if isinstance(utterance, dict):
-                    check_fields(utterance, ("history", "candidates"), f"{where}, utterance {u}")
+                    check_fields(utterance, UTTERANCE_FIELDS, f"{where}, utterance {u}")
     return [dialog]
 
 
@@ -174,15 +186,34 @@ def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> di
         candidates = check_str_list(utterance["candidates"], at, "candidates", allow_empty=False)
         if not candidates[-1].strip():
             raise PersonaDataError(f"{at}: field 'candidates': the gold reply (the last candidate) is empty.")
+        texts_of = [("personality", personality), ("history", history), ("candidates", candidates)]
+        if utterance.get("rejected") is not None:
+            texts_of.append(("rejected", check_rejected(utterance["rejected"], candidates[-1], at)))
         if max_turn_chars is not None:
-            for name, texts in (("personality", personality), ("history", history), ("candidates", candidates)):
+            for name, texts in texts_of:
                 longest = max(map(len, texts), default=0)
                 if longest > max_turn_chars:
                     raise PersonaDataError(
                         f"{at}: field {name!r} has a text of {longest} characters (max_turn_chars={max_turn_chars})."
                     )
         clean.append({"history": history, "candidates": candidates})
+        if len(texts_of) > 3:
+            clean[-1]["rejected"] = texts_of[3][1]
     return {"personality": personality, "utterances": clean}
+
+
+def check_rejected(rejected, gold: str, at: str) -> list[str]:
+    """The curated rejected replies of an utterance: a non-empty list of non-blank strings without the gold reply."""
+    rejected = check_str_list(rejected, at, "rejected", allow_empty=False)
+    blank = next((i for i, text in enumerate(rejected) if not text.strip()), None)
+    if blank is not None:
+        raise PersonaDataError(f"{at}: field 'rejected': item {blank} is empty.")
+    if gold in rejected:
+        raise PersonaDataError(
+            f"{at}: field 'rejected' holds the gold reply (the last candidate) at item {rejected.index(gold)}; a "
+            "reply cannot be both preferred and rejected."
+        )
+    return rejected
 
 
 def sample_distractors(
@@ -256,8 +287,13 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
     report.gold_in_distractors = sum(
         u["candidates"][-1] in u["candidates"][:-1] for d in dialogs for u in d["utterances"]
     )
-    columns = {key: [d[key] for d in dialogs] for key in DIALOG_FEATURES}  # from_list cannot type an empty list
-    return datasets.Dataset.from_dict(columns, features=DIALOG_FEATURES)
+    features = DIALOG_FEATURES
+    if any("rejected" in u for d in dialogs for u in d["utterances"]):
+        features = PREFERENCE_FEATURES
+        for u in chain.from_iterable(d["utterances"] for d in dialogs):
+            u.setdefault("rejected", [])
+    columns = {key: [d[key] for d in dialogs] for key in features}  # from_list cannot type an empty list
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def canonical_records(splits: dict, source: str, strict: bool = False) -> dict[str, list[Record]]:

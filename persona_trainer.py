@@ -11,14 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_backbone import MC_HEAD_FILE, PersonaDoubleHeadsModel
 from persona_card import persona_model_card
-from persona_collator import ArrowBatches, PersonaCollator
+from persona_collator import ArrowBatches, PersonaCollator, candidate_counts
 from persona_errors import UsageError
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
@@ -26,11 +25,41 @@ from persona_metrics import compute_metrics, gold_rank
 
 @dataclass
 class PersonaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the double-heads loss weights; defaults are the reference recipe's (train.py)."""
+    """`TrainingArguments` with the objective (double heads or DPO) and its loss weights; defaults are the reference
+    recipe's (train.py)."""
 
-    # --- double-heads objective
-    lm_coef: float = field(default=1.0, metadata={"help": "Weight of the language-modelling loss."})
-    mc_coef: float = field(default=1.0, metadata={"help": "Weight of the multiple-choice (next-utterance) loss."})
+    # --- objective: double heads (LM + multiple choice) or preference (DPO, persona_dpo)
+    objective: str = field(
+        default="double_heads",
+        metadata={
+            "help": "'double_heads': lm_coef * LM loss + mc_coef * multiple-choice loss (the reference recipe). "
+            "'dpo': preference training, the gold reply preferred to each distractor (or to the record's curated "
+            "rejected replies), plus lm_coef * the gold's NLL and mc_coef * the multiple-choice loss.",
+            "choices": ["double_heads", "dpo"],
+        },
+    )
+    lm_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the language-modelling loss on the gold reply (default 1; 0 with --objective dpo)."
+        },
+    )
+    mc_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the multiple-choice (next-utterance) loss (default 1; 0 with --objective dpo)."},
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "dpo: how far from the reference model the policy may move (DPO's beta)."}
+    )
+    dpo_loss: str = field(
+        default="pairwise",
+        metadata={
+            "help": "dpo: 'pairwise' (the DPO sigmoid loss of the gold against each rejected reply, averaged over "
+            "the turn's rejected replies; TRL's 'sigmoid') or 'listwise' (cross-entropy of the softmax over "
+            "beta * (log pi - log pi_ref) of all candidates, the gold as the target).",
+            "choices": ["pairwise", "listwise"],
+        },
+    )
     # --- reference defaults for fields TrainingArguments already has
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Batch size per device for evaluation."})
@@ -69,10 +98,7 @@ class PersonaTrainingArguments(TrainingArguments):
         self.auto_eval_strategy = self.eval_strategy == "auto"
         if self.auto_eval_strategy:  # persona-train's default: evaluate each epoch when evaluating at all
             self.eval_strategy = "epoch" if self.do_eval else "no"
-        if not (self.lm_coef >= 0 and self.mc_coef >= 0 and self.lm_coef + self.mc_coef > 0):
-            raise UsageError(
-                f"--lm_coef and --mc_coef must be >= 0 and not both 0, got {self.lm_coef}, {self.mc_coef}."
-            )
+        check_objective(self)
         check_training_values(self)
         # The old name warns in transformers 5; it means activation checkpointing.
         for old, new in (
@@ -94,8 +120,26 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
+def check_objective(args: PersonaTrainingArguments) -> None:
+    """Resolve the loss weights' defaults for the objective (1 and 1; 0 and 0 under dpo) and check the objective's
+    flags (a `UsageError` naming the flag)."""
+    if args.objective not in ("double_heads", "dpo"):
+        raise UsageError(f"--objective must be 'double_heads' or 'dpo', got {args.objective!r}.")
+    default = 0.0 if args.objective == "dpo" else 1.0
+    args.lm_coef = default if args.lm_coef is None else args.lm_coef
+    args.mc_coef = default if args.mc_coef is None else args.mc_coef
+    if not (args.lm_coef >= 0 and args.mc_coef >= 0):
+        raise UsageError(f"--lm_coef and --mc_coef must be >= 0, got {args.lm_coef}, {args.mc_coef}.")
+    if args.objective == "double_heads" and args.lm_coef + args.mc_coef <= 0:
+        raise UsageError(f"--lm_coef and --mc_coef must not both be 0, got {args.lm_coef}, {args.mc_coef}.")
+    if not (math.isfinite(args.beta) and args.beta > 0):
+        raise UsageError(f"--beta must be a finite number > 0, got {args.beta}.")
+    if args.dpo_loss not in ("pairwise", "listwise"):
+        raise UsageError(f"--dpo_loss must be 'pairwise' or 'listwise', got {args.dpo_loss!r}.")
+
+
 def check_training_values(args: TrainingArguments) -> None:
-    """A `ValueError` naming the flag for values the Trainer would accept and then fail on (or train wrongly with)."""
+    """A `UsageError` naming the flag for values the Trainer would accept and then fail on (or train wrongly with)."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if not getattr(args, name) >= 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -193,7 +237,7 @@ class PersonaTrainer(Trainer):
         DataLoader). Any other collator gets the rows as `datasets` gives them."""
         dataset = super()._remove_unused_columns(dataset, description)
         collator = self.data_collator
-        if isinstance(collator, CandidateCountBatches):
+        while not isinstance(collator, PersonaCollator) and hasattr(collator, "collator"):  # wrappers of one
             collator = collator.collator
         return ArrowBatches(dataset) if isinstance(collator, PersonaCollator) else dataset
 
@@ -311,10 +355,7 @@ class CandidateCountBatches:
     collator: Callable
 
     def __call__(self, features: list[dict] | pa.Table) -> dict:
-        if isinstance(features, pa.Table):
-            counts = pc.list_value_length(features.column("input_ids")).to_pylist()
-        else:
-            counts = [len(feature["input_ids"]) for feature in features]
+        counts = candidate_counts(features)
         by_count = defaultdict(list)
         for i, count in enumerate(counts):
             by_count[count].append(i)

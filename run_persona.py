@@ -289,6 +289,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
     from persona_collator import PersonaCollator
     from persona_data import build_features, load_dialogs
+    from persona_dpo import PersonaDPOTrainer, preference_dialogs
     from persona_encoding import set_candidate_encoding
     from persona_lora import apply_lora, check_gradient_checkpointing
     from persona_model import load_model_and_tokenizer
@@ -331,6 +332,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             distractor_seed=training_args.seed,
         )
     train_split, eval_split = _splits(dialogs, data_args, training_args)
+    dpo = training_args.objective == "dpo"
+    if dpo and train_split is not None:  # each turn's candidates become its preference set (before the model loads)
+        with training_args.main_process_first(desc="choosing preference pairs"):
+            source = f"{data_args.dataset_path}: split {train_split!r}"
+            dialogs[train_split] = preference_dialogs(dialogs[train_split], data_args.num_candidates, source=source)
 
     set_seed(training_args.seed)
     chat_template = load_chat_template(model_args.chat_template) if model_args.chat_template else None
@@ -382,13 +388,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
     train_dataset = eval_dataset = None
     if train_split is not None:
-        train_dataset = features(train_split, data_args.num_candidates, data_args.max_train_samples)
+        train_dataset = features(train_split, None if dpo else data_args.num_candidates, data_args.max_train_samples)
     if eval_split is not None:
         # Evaluation ranks every candidate (20 in PERSONA-CHAT), as ConvAI2's Hits@1.
         eval_dataset = features(eval_split, None, data_args.max_eval_samples)
 
     mixed = training_args.fp16 or training_args.bf16
-    trainer = PersonaTrainer(
+    trainer = (PersonaDPOTrainer if dpo else PersonaTrainer)(
         model=model,
         args=training_args,
         data_collator=PersonaCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if mixed else None),
