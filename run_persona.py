@@ -437,6 +437,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(eval_metrics=metrics)
+    if trainer.is_deepspeed_enabled:  # engine.destroy(): its hooks would keep its process groups alive (persona_cli)
+        trainer.accelerator.free_memory()
     return metrics
 
 
