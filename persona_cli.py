@@ -260,6 +260,16 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
+    """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
+    bf16, whose autocast CPUs run."""
+    if fp16 and on_cpu:
+        raise UsageError(
+            "--fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 true "
+            "(bfloat16 autocast runs on CPUs) or leave --fp16 out."
+        )
+
+
 def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
     """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
     for name in names:

@@ -26,6 +26,7 @@ from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspec
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
+    check_mixed_precision,
     check_model_path,
     check_positive,
     feature_cache_hint,
@@ -40,7 +41,7 @@ from persona_data import build_features, load_dialogs
 from persona_encoding import ENCODINGS, set_candidate_encoding
 from persona_lora import apply_lora, check_gradient_checkpointing
 from persona_model import load_model_and_tokenizer
-from persona_trainer import PersonaTrainer, PersonaTrainingArguments
+from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,16 @@ def make_parser() -> HfArgumentParser:
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
     parser.set_defaults(eval_strategy="auto")
+    # On a machine without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) through
+    # the Trainer's "bf16/gpu" check, which a recipe's `bf16: true` would otherwise hit.
+    parser.set_defaults(use_cpu=not has_accelerator())
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
     model_args, data_args, training_args = parse_args_with_config(make_parser(), argv)
+    check_mixed_precision(training_args.fp16, on_cpu=training_args.use_cpu or not has_accelerator())
     if training_args.deepspeed and not any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK")):
         # Without a launcher DeepSpeed looks for MPI and fails deep inside its communicator.
         raise UsageError(
