@@ -297,6 +297,16 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
+    """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
+    bf16, whose autocast CPUs run."""
+    if fp16 and on_cpu:
+        raise UsageError(
+            "--fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 true "
+            "(bfloat16 autocast runs on CPUs) or leave --fp16 out."
+        )
+
+
 def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
     """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
     for name in names:
@@ -363,8 +373,11 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PERSONA_DEBUG", "") not in ("", "0")
+    finished = False
     try:
-        return main(argv) or 0
+        status = main(argv) or 0
+        finished = True
+        return status
     except KeyboardInterrupt:
         if debug:
             raise
@@ -384,9 +397,38 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
             print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
-        dist = sys.modules.get("torch.distributed")  # never imported: no process group to tear down
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_groups(synchronize=finished)
+
+
+def end_process_groups(synchronize: bool = True) -> None:
+    """Tear down the process groups of a distributed run so that no communication thread outlives the interpreter.
+
+    gloo joins a group's threads only when the last reference to the group goes, and `destroy_process_group` drops
+    only torch's own: DeepSpeed's module-level groups and every object still holding a group (an engine whose hooks
+    were not removed, ZeRO-3's parameters) keep the threads running into the interpreter's exit, where a peer closing
+    its sockets can abort the process ("terminate called without an active exception"). With `synchronize`, the ranks
+    first wait for each other, so that none closes its connections while another still uses them. (A real ZeRO-3
+    run still leaves its groups' threads alive after this: some holder of its engine is not found yet; the barrier is
+    what keeps the ranks' exits together there.)
+    """
+    import gc
+
+    dist = sys.modules.get("torch.distributed")  # never imported: no process group to tear down
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    zero3 = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if isinstance(getattr(zero3, "FWD_MODULE_STACK", None), list):
+        # ZeRO-3 pushes each engine's model on this module-level stack and never pops it: the model keeps its engine
+        # (through the hooks), the optimizer and the partitioned parameters alive, each holding a process group.
+        zero3.FWD_MODULE_STACK.clear()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # torch's, plus the references DeepSpeed keeps in deepspeed.utils.groups
+    else:
+        dist.destroy_process_group()
+    gc.collect()  # the groups referenced only from reference cycles go now, and their threads with them
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspec
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
+    check_mixed_precision,
     check_model_path,
     check_positive,
     feature_cache_hint,
@@ -181,12 +182,15 @@ class DataArguments(DialogArguments):
 def make_parser() -> HfArgumentParser:
     from transformers import TrainingArguments
 
-    from persona_trainer import PersonaTrainingArguments
+    from persona_trainer import PersonaTrainingArguments, has_accelerator
 
     parser = HfArgumentParser((ModelArguments, DataArguments, PersonaTrainingArguments), prog="persona-train")
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
     parser.set_defaults(eval_strategy="auto")
+    # On a machine without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) through
+    # the Trainer's "bf16/gpu" check, which a recipe's `bf16: true` would otherwise hit.
+    parser.set_defaults(use_cpu=not has_accelerator())
     # --help: the persona options (model, data, and the objective fields PersonaTrainingArguments adds) first, then
     # the Trainer's own; HfArgumentParser lists a subclass's new fields after all of its base class's.
     trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -208,7 +212,8 @@ def help_parser() -> HfArgumentParser:
     transformers_dir = os.path.dirname(importlib.util.find_spec("transformers").origin)
     trainer = source_fields(os.path.join(transformers_dir, "training_args.py"), "TrainingArguments")
     persona = source_fields(importlib.util.find_spec("persona_trainer").origin, "PersonaTrainingArguments")
-    persona["eval_strategy"] = {**persona["eval_strategy"], "default": "'auto'"}  # make_parser's default
+    persona["eval_strategy"] = {**persona["eval_strategy"], "default": "'auto'"}  # make_parser's defaults
+    trainer["use_cpu"] = {**trainer["use_cpu"], "default": "true on a machine without an accelerator"}
     groups = [
         ("persona training (PersonaTrainingArguments)", {k: v for k, v in persona.items() if k not in trainer}),
         (
@@ -227,6 +232,7 @@ def help_parser() -> HfArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
     model_args, data_args, training_args = parse_args_with_config(make_parser(), argv)
+    check_mixed_precision(training_args.fp16, on_cpu=training_args.use_cpu or not has_accelerator())
     if training_args.deepspeed and not any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK")):
         # Without a launcher DeepSpeed looks for MPI and fails deep inside its communicator.
         raise UsageError(
@@ -451,6 +457,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(eval_metrics=metrics)
+    if trainer.is_deepspeed_enabled:  # engine.destroy(): its hooks would keep its process groups alive (persona_cli)
+        trainer.accelerator.free_memory()
     return metrics
 
 

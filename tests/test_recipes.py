@@ -84,3 +84,83 @@ def test_every_module_is_packaged():
     packaged = set(config["options"]["py_modules"].split())
     on_disk = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "*.py"))}
     assert on_disk == packaged
+
+
+@pytest.mark.slow
+def test_recipe_resumes_by_rerunning_its_command(tiny_checkpoint, personachat_json, tmp_path):
+    """`run_persona.py configs/gpt2.yaml` as the README writes it, killed (SIGKILL) right after its checkpoint of step
+    2: the same command again resumes in the recipe's own run folder from that checkpoint and ends at step 4."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from test_distributed import PROBE
+
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "configs", "gpt2.yaml")))
+    assert recipe["output_dir"] == "runs/gpt2"
+    (tmp_path / "configs").mkdir()
+    shutil.copy(os.path.join(ROOT, "configs", "gpt2.yaml"), tmp_path / "configs" / "gpt2.yaml")
+    # The command as written, the tiny model and data swapped in, few steps; no --output_dir.
+    command = [sys.executable, PROBE, "configs/gpt2.yaml", "--model_name_or_path", tiny_checkpoint,
+               "--dataset_path", personachat_json, "--dataset_cache", str(tmp_path / "cache"), "--max_steps", "4",
+               "--save_steps", "2", "--logging_steps", "1", "--max_train_samples", "16", "--do_eval", "false",
+               "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    killed = subprocess.run(
+        command, cwd=tmp_path, env={**env, "PROBE_KILL_AT_STEP": "2"}, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "runs" / "gpt2"
+    assert sorted(os.listdir(run / "checkpoint-2"))  # the checkpoint it was killed after, in the recipe's folder
+    # The rerun keeps the kill at step 2: a run that started again from step 0 would be killed there again.
+    rerun = subprocess.run(
+        command, cwd=tmp_path, env={**env, "PROBE_KILL_AT_STEP": "2"}, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "persona-train: resuming from runs/gpt2/checkpoint-2" in rerun.stderr
+    assert os.listdir(tmp_path / "runs") == ["gpt2"]  # no second, timestamped folder
+    state = json.load(open(run / "trainer_state.json"))
+    assert state["global_step"] == 4
+    killed_losses = [e["loss"] for e in json.load(open(run / "checkpoint-2" / "trainer_state.json"))["log_history"]]
+    assert [e["loss"] for e in state["log_history"] if "loss" in e][: len(killed_losses)] == killed_losses
+
+
+@pytest.mark.slow
+def test_bf16_recipe_runs_on_a_cpu_machine_without_use_cpu(tiny_checkpoint, personachat_json, tmp_path):
+    """`accelerate launch run_persona.py configs/dialogpt-medium.yaml` (its `bf16: true`) on a machine without a GPU,
+    no --use_cpu: the script runs on the CPU by itself (bf16 autocast) instead of failing the Trainer's bf16 check."""
+    import subprocess
+    import sys
+
+    from persona_trainer import has_accelerator
+
+    if has_accelerator():
+        pytest.skip("the machine has an accelerator: --use_cpu is not implied")
+    assert yaml.safe_load(open(os.path.join(ROOT, "configs", "dialogpt-medium.yaml")))["bf16"] is True
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [accelerate, "launch", "run_persona.py", "configs/dialogpt-medium.yaml",
+               "--model_name_or_path", tiny_checkpoint, "--dataset_path", personachat_json,
+               "--dataset_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+               "--max_train_samples", "4", "--do_eval", "false", "--report_to", "none"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = yaml.safe_load(open(tmp_path / "out" / persona_checkpoints.TRAINING_CONFIG_NAME))
+    assert written["bf16"] is True and json.load(open(tmp_path / "out" / "trainer_state.json"))["global_step"] == 1
+
+
+def test_fp16_on_the_cpu_is_one_line(capsys, tmp_path):
+    from persona_trainer import has_accelerator
+
+    if has_accelerator():
+        pytest.skip("fp16 runs on the machine's accelerator")
+    argv = ["--model_name_or_path", "openai-community/gpt2", "--output_dir", str(tmp_path / "out"), "--fp16", "true"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_persona.cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "persona-train: error: --fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 "
+        "true (bfloat16 autocast runs on CPUs) or leave --fp16 out."
+    )
