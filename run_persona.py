@@ -231,6 +231,8 @@ def help_parser() -> HfArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PersonaTrainingArguments]:
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
+    from persona_trainer import has_accelerator
+
     model_args, data_args, training_args = parse_args_with_config(make_parser(), argv)
     check_mixed_precision(training_args.fp16, on_cpu=training_args.use_cpu or not has_accelerator())
     if training_args.deepspeed and not any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK")):
