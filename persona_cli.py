@@ -333,10 +333,10 @@ def sentence_list(values, flag: str) -> list[str]:
     return sentences
 
 
-def setup_logging(level: int, stream=None) -> None:
+def setup_logging(level: int, stream=None, library_level: int | None = None) -> None:
     """The one logging set-up of the console scripts: one line per record on `stream` (stdout by default;
-    persona-chat's stdout carries replies, so it passes stderr), and the project's modules, `datasets` and
-    `transformers` at `level`."""
+    persona-chat's stdout carries replies, so it passes stderr), the project's modules at `level`, and `datasets` and
+    `transformers` at `library_level` when given (persona-train's `--log_level`; else their own default)."""
     import logging
 
     logging.basicConfig(
@@ -348,8 +348,8 @@ def setup_logging(level: int, stream=None) -> None:
         if name.startswith("persona_") or name == "run_persona" or name == "__main__":
             logging.getLogger(name).setLevel(level)
     for library in ("datasets", "transformers"):
-        if library in sys.modules:  # set where loaded; a script that never imports one does not pay for it
-            sys.modules[library].utils.logging.set_verbosity(level)
+        if library_level is not None and library in sys.modules:  # a script that never imports one does not pay
+            sys.modules[library].utils.logging.set_verbosity(library_level)
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -304,7 +304,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     from persona_nli import NLIScorer
     from persona_trainer import PersonaTrainer
 
-    setup_logging(training_args.get_process_log_level())
+    log_level = training_args.get_process_log_level()
+    setup_logging(log_level, library_level=log_level)
     if training_args.auto_output_dir:
         from accelerate.utils import broadcast_object_list
 

@@ -214,8 +214,11 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
     class FakeModel:
         config = FakeConfig()
 
-    monkeypatch.setattr(run_persona, "load_dialogs", fake_load_dialogs)
-    monkeypatch.setattr(run_persona, "load_model_and_tokenizer", lambda *a, **k: (FakeModel(), None))
+    import persona_data
+    import persona_model
+
+    monkeypatch.setattr(persona_data, "load_dialogs", fake_load_dialogs)  # main imports both when it runs
+    monkeypatch.setattr(persona_model, "load_model_and_tokenizer", lambda *a, **k: (FakeModel(), None))
     args = run_persona.parse_args(
         [
             "--dataset_path", "spc.csv", "--dataset_format", "spc_csv", "--on_bad_record", "skip",
