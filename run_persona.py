@@ -442,6 +442,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(eval_metrics=metrics)
+    if training_args.do_train:
+        boards = [getattr(cb, "logging_dir", None) for cb in trainer.callback_handler.callbacks]
+        logs = "".join(f"; TensorBoard logs: tensorboard --logdir {d}" for d in boards if isinstance(d, str))[:300]
+        say(f"persona-train: saved the model, tokenizer and metrics to {training_args.output_dir}{logs}")
     if trainer.is_deepspeed_enabled:  # engine.destroy(): its hooks would keep its process groups alive (persona_cli)
         trainer.accelerator.free_memory()
     return metrics
