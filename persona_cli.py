@@ -260,6 +260,14 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def say_where_saved(prog: str, output_dir: str, callbacks) -> None:
+    """Where a training run saved, and its TensorBoard logs when a callback wrote some (the callback names the
+    folder)."""
+    boards = [cb.logging_dir for cb in callbacks if isinstance(getattr(cb, "logging_dir", None), str)]
+    logs = "".join(f"; TensorBoard logs: tensorboard --logdir {folder}" for folder in boards)
+    say(f"{prog}: saved the model, tokenizer and metrics to {output_dir}{logs}")
+
+
 def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
     """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
     bf16, whose autocast CPUs run."""
@@ -339,6 +347,13 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         end_process_groups(synchronize=finished)
+
+
+def release_deepspeed(trainer) -> None:
+    """`engine.destroy()` at the end of a DeepSpeed run: the engine's hooks would otherwise keep it, and the process
+    groups it holds, alive past the run (see `end_process_groups`)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.accelerator.free_memory()
 
 
 def end_process_groups(synchronize: bool = True) -> None:

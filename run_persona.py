@@ -33,8 +33,10 @@ from persona_cli import (
     find_split,
     input_budget,
     parse_args_with_config,
+    release_deepspeed,
     run_console_script,
     say,
+    say_where_saved,
 )
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -207,9 +209,7 @@ def make_parser() -> HfArgumentParser:
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
     parser.set_defaults(eval_strategy="auto")
-    # On a machine without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) through
-    # the Trainer's "bf16/gpu" check, which a recipe's `bf16: true` would otherwise hit.
-    parser.set_defaults(use_cpu=not has_accelerator())
+    parser.set_defaults(use_cpu=not has_accelerator())  # on the CPU anyway: saying so lets bf16 (CPU autocast) through
     return parser
 
 
@@ -417,6 +417,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
+        say_where_saved("persona-train", training_args.output_dir, trainer.callback_handler.callbacks)
     if training_args.do_eval:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
         trainer.log_metrics("eval", eval_metrics)
@@ -442,12 +443,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(eval_metrics=metrics)
-    if training_args.do_train:
-        boards = [getattr(cb, "logging_dir", None) for cb in trainer.callback_handler.callbacks]
-        logs = "".join(f"; TensorBoard logs: tensorboard --logdir {d}" for d in boards if isinstance(d, str))[:300]
-        say(f"persona-train: saved the model, tokenizer and metrics to {training_args.output_dir}{logs}")
-    if trainer.is_deepspeed_enabled:  # engine.destroy(): its hooks would keep its process groups alive (persona_cli)
-        trainer.accelerator.free_memory()
+    release_deepspeed(trainer)
     return metrics
 
 
