@@ -12,7 +12,7 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python persona_synthetic.py --output_dir demo_assets
-python run_persona.py configs/demo.yaml --disable_tqdm true "$@"
+python run_persona.py configs/demo.yaml "$@"
 echo
 echo "Metrics: demo_assets/run/all_results.json"
 cat demo_assets/run/all_results.json

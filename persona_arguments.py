@@ -119,3 +119,62 @@ class DialogArguments:
         if self.dataset_cache is not None:
             options["cache_dir"] = self.dataset_cache
         return options
+
+
+def source_fields(path: str, class_name: str) -> dict[str, dict]:
+    """The init fields a dataclass declares in a source file, read without importing it (importing
+    `TrainingArguments` costs seconds of torch): name -> {"default": source text, "help": text, "flag": True for a
+    bool}, in declaration order. `persona-train --help` is printed from these."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    (klass,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name]
+    fields = {}
+    for node in klass.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        annotation = ast.unparse(node.annotation)
+        if node.target.id.startswith("_") or annotation.startswith("ClassVar"):
+            continue
+        default, help_text = node.value, ""
+        if isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith("field"):
+            keywords = {k.arg: k.value for k in node.value.keywords}
+            if "init" in keywords and ast.unparse(keywords["init"]) == "False":
+                continue
+            default = keywords.get("default", keywords.get("default_factory"))
+            metadata = keywords.get("metadata")
+            if isinstance(metadata, ast.Dict):
+                for key, value in zip(metadata.keys, metadata.values):
+                    if isinstance(key, ast.Constant) and key.value == "help" and isinstance(value, ast.Constant):
+                        help_text = value.value
+        fields[node.target.id] = {
+            "default": "None" if default is None else ast.unparse(default),
+            "help": help_text,
+            "flag": annotation.split("|")[0].strip() == "bool",
+        }
+    return fields
+
+
+def add_training_help(parser, defaults: dict[str, str]) -> None:
+    """Add to `parser` the fields `PersonaTrainingArguments` adds, then the Trainer's own, read from their sources
+    (`source_fields`), with `defaults` (source text) where the script sets its own: `persona-train --help` without
+    importing the Trainer's stack (seconds of torch). Help only: the real parser is built from the classes."""
+    import importlib.util
+
+    transformers_dir = os.path.dirname(importlib.util.find_spec("transformers").origin)
+    trainer = source_fields(os.path.join(transformers_dir, "training_args.py"), "TrainingArguments")
+    persona = source_fields(importlib.util.find_spec("persona_trainer").origin, "PersonaTrainingArguments")
+    merged = {
+        name: {**spec, "default": defaults.get(name, spec["default"])} for name, spec in {**trainer, **persona}.items()
+    }
+    groups = [
+        ("persona training (PersonaTrainingArguments)", [name for name in persona if name not in trainer]),
+        ("Trainer (TrainingArguments, with persona-train's defaults)", list(trainer)),
+    ]
+    for title, names in groups:
+        group = parser.add_argument_group(title)
+        for name in names:
+            spec = merged[name]
+            options = {"nargs": "?", "metavar": name.upper()} if spec["flag"] else {"metavar": name.upper()}
+            group.add_argument(f"--{name}", default=spec["default"], help=spec["help"] or " ", **options)

@@ -118,41 +118,6 @@ def _check_config_value(path: str, key: str, value, action, takes_list: bool = F
     return value
 
 
-def source_fields(path: str, class_name: str) -> dict[str, dict]:
-    """The init fields a dataclass declares in a source file, read without importing it (importing
-    `TrainingArguments` costs seconds of torch): name -> {"default": source text, "help": text, "flag": True for a
-    bool}, in declaration order. `persona-train --help` is printed from these."""
-    import ast
-
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=path)
-    (klass,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name]
-    fields = {}
-    for node in klass.body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        annotation = ast.unparse(node.annotation)
-        if node.target.id.startswith("_") or annotation.startswith("ClassVar"):
-            continue
-        default, help_text = node.value, ""
-        if isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith("field"):
-            keywords = {k.arg: k.value for k in node.value.keywords}
-            if "init" in keywords and ast.unparse(keywords["init"]) == "False":
-                continue
-            default = keywords.get("default", keywords.get("default_factory"))
-            metadata = keywords.get("metadata")
-            if isinstance(metadata, ast.Dict):
-                for key, value in zip(metadata.keys, metadata.values):
-                    if isinstance(key, ast.Constant) and key.value == "help" and isinstance(value, ast.Constant):
-                        help_text = value.value
-        fields[node.target.id] = {
-            "default": "None" if default is None else ast.unparse(default),
-            "help": help_text,
-            "flag": annotation.split("|")[0].strip() == "bool",
-        }
-    return fields
-
-
 def _closest(name: str, known) -> str | None:
     import difflib
 
@@ -297,6 +262,14 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def say_where_saved(prog: str, output_dir: str, callbacks) -> None:
+    """Where a training run saved, and its TensorBoard logs when a callback wrote some (the callback names the
+    folder)."""
+    boards = [cb.logging_dir for cb in callbacks if isinstance(getattr(cb, "logging_dir", None), str)]
+    logs = "".join(f"; TensorBoard logs: tensorboard --logdir {folder}" for folder in boards)
+    say(f"{prog}: saved the model, tokenizer and metrics to {output_dir}{logs}")
+
+
 def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
     """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
     bf16, whose autocast CPUs run."""
@@ -398,6 +371,13 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         end_process_groups(synchronize=finished)
+
+
+def release_deepspeed(trainer) -> None:
+    """`engine.destroy()` at the end of a DeepSpeed run: the engine's hooks would otherwise keep it, and the process
+    groups it holds, alive past the run (see `end_process_groups`)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.accelerator.free_memory()
 
 
 def end_process_groups(synchronize: bool = True) -> None:

@@ -219,11 +219,12 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     if trainer.accelerator.is_main_process:
         output_file = args.output_file or default_output_file(args, split)
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        replaced = os.path.exists(output_file)
         with open(output_file, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         print(f"ConvAI2 metrics of {args.model_name_or_path} on {split} ({metrics['turns']} turns):")
         print(format_table({k: v for k, v in metrics.items() if k != "candidates_per_turn"}))
-        print(f"Saved {output_file}")
+        print(f"Saved {output_file}" + (" (it replaces the earlier results that file held)" if replaced else ""))
     return results
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from transformers import HfArgumentParser
 
-from persona_arguments import DialogArguments
+from persona_arguments import DialogArguments, add_training_help
 from persona_arguments import ModelArguments as SharedModelArguments
 from persona_chat_template import chat_format_of, load_chat_template
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspect_run_folder, write_training_config
@@ -35,10 +35,11 @@ from persona_cli import (
     find_split,
     input_budget,
     parse_args_with_config,
+    release_deepspeed,
     run_console_script,
     say,
+    say_where_saved,
     setup_logging,
-    source_fields,
 )
 
 if TYPE_CHECKING:  # the Trainer's stack loads after the flags are parsed (see cli)
@@ -188,9 +189,7 @@ def make_parser() -> HfArgumentParser:
     # The command line evaluates each epoch (the reference's schedule) when it evaluates; the dataclass default is
     # 'no' so that a Trainer built in Python without an eval_dataset works.
     parser.set_defaults(eval_strategy="auto")
-    # On a machine without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) through
-    # the Trainer's "bf16/gpu" check, which a recipe's `bf16: true` would otherwise hit.
-    parser.set_defaults(use_cpu=not has_accelerator())
+    parser.set_defaults(use_cpu=not has_accelerator())  # on the CPU anyway: saying so lets bf16 (CPU autocast) through
     # --help: the persona options (model, data, and the objective fields PersonaTrainingArguments adds) first, then
     # the Trainer's own; HfArgumentParser lists a subclass's new fields after all of its base class's.
     trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -202,30 +201,10 @@ def make_parser() -> HfArgumentParser:
 
 
 def help_parser() -> HfArgumentParser:
-    """The parser `persona-train --help` prints, built without importing the Trainer's stack (seconds of torch): the
-    persona options from their dataclasses, then the fields `PersonaTrainingArguments` adds and the Trainer's own,
-    read from their sources (`persona_cli.source_fields`) with persona-train's defaults. A test keeps its flags equal
-    to `make_parser()`'s."""
-    import importlib.util
-
+    """The parser `persona-train --help` prints, built without importing the Trainer's stack (`add_training_help`);
+    a test keeps its flags equal to `make_parser()`'s."""
     parser = HfArgumentParser((ModelArguments, DataArguments), prog="persona-train", description=__doc__)
-    transformers_dir = os.path.dirname(importlib.util.find_spec("transformers").origin)
-    trainer = source_fields(os.path.join(transformers_dir, "training_args.py"), "TrainingArguments")
-    persona = source_fields(importlib.util.find_spec("persona_trainer").origin, "PersonaTrainingArguments")
-    persona["eval_strategy"] = {**persona["eval_strategy"], "default": "'auto'"}  # make_parser's defaults
-    trainer["use_cpu"] = {**trainer["use_cpu"], "default": "true on a machine without an accelerator"}
-    groups = [
-        ("persona training (PersonaTrainingArguments)", {k: v for k, v in persona.items() if k not in trainer}),
-        (
-            "Trainer (TrainingArguments, with persona-train's defaults)",
-            {k: persona.get(k, v) for k, v in trainer.items()},
-        ),
-    ]
-    for title, fields in groups:
-        group = parser.add_argument_group(title)
-        for name, spec in fields.items():
-            options = {"nargs": "?", "metavar": name.upper()} if spec["flag"] else {"metavar": name.upper()}
-            group.add_argument(f"--{name}", default=spec["default"], help=spec["help"] or " ", **options)
+    add_training_help(parser, {"eval_strategy": "'auto'", "use_cpu": "true on a machine without an accelerator"})
     return parser
 
 
@@ -434,6 +413,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
+        say_where_saved("persona-train", training_args.output_dir, trainer.callback_handler.callbacks)
     if training_args.do_eval:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
         trainer.log_metrics("eval", eval_metrics)
@@ -460,8 +440,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         metrics.update(convai2)
     if training_args.push_to_hub:
         trainer.push_to_hub(eval_metrics=metrics)
-    if trainer.is_deepspeed_enabled:  # engine.destroy(): its hooks would keep its process groups alive (persona_cli)
-        trainer.accelerator.free_memory()
+    release_deepspeed(trainer)
     return metrics
 
 

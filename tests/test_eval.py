@@ -244,3 +244,14 @@ def test_run_persona_do_convai2_eval(tmp_path, tiny_checkpoint, personachat_json
     assert saved["convai2_turns"] == 6
     assert set(saved) >= {"convai2_hits@1", "convai2_hits@5", "convai2_hits@10", "convai2_ppl", "convai2_f1"}
     assert set(saved) >= {"convai2_ppl_word", "convai2_c_score", "convai2_c_score_gold", "convai2_repeat_self"}
+
+
+def test_a_second_evaluation_says_it_replaces_the_first_results(tmp_path, persona_checkpoint, personachat_json, capsys):
+    argv = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--max_turns", "2",
+            "--output_file", str(tmp_path / "results.json")]  # fmt: skip
+    assert persona_eval.cli(argv) == 0
+    first = capsys.readouterr().out
+    assert persona_eval.cli(argv) == 0
+    second = capsys.readouterr().out
+    assert f"Saved {tmp_path / 'results.json'}\n" in first and "replaces" not in first
+    assert f"Saved {tmp_path / 'results.json'} (it replaces the earlier results that file held)" in second

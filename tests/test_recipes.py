@@ -105,7 +105,7 @@ def test_recipe_resumes_by_rerunning_its_command(tiny_checkpoint, personachat_js
     command = [sys.executable, PROBE, "configs/gpt2.yaml", "--model_name_or_path", tiny_checkpoint,
                "--dataset_path", personachat_json, "--dataset_cache", str(tmp_path / "cache"), "--max_steps", "4",
                "--save_steps", "2", "--logging_steps", "1", "--max_train_samples", "16", "--do_eval", "false",
-               "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+               "--use_cpu", "true", "--report_to", "tensorboard", "--disable_tqdm", "true"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     killed = subprocess.run(
         command, cwd=tmp_path, env={**env, "PROBE_KILL_AT_STEP": "2"}, capture_output=True, text=True
@@ -120,6 +120,11 @@ def test_recipe_resumes_by_rerunning_its_command(tiny_checkpoint, personachat_js
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "persona-train: resuming from runs/gpt2/checkpoint-2" in rerun.stderr
     assert os.listdir(tmp_path / "runs") == ["gpt2"]  # no second, timestamped folder
+    # The end says where the run went and where its TensorBoard logs are (an events file there).
+    said = re.search(r"persona-train: saved the model, tokenizer and metrics to (\S+); TensorBoard logs: tensorboard "
+                     r"--logdir (\S+)\n", rerun.stderr)  # fmt: skip
+    assert said and said.group(1) == "runs/gpt2" and said.group(2).startswith("runs/gpt2/runs/"), rerun.stderr[-2000:]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / said.group(2)))
     state = json.load(open(run / "trainer_state.json"))
     assert state["global_step"] == 4
     killed_losses = [e["loss"] for e in json.load(open(run / "checkpoint-2" / "trainer_state.json"))["log_history"]]
@@ -164,3 +169,10 @@ def test_fp16_on_the_cpu_is_one_line(capsys, tmp_path):
         "persona-train: error: --fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 "
         "true (bfloat16 autocast runs on CPUs) or leave --fp16 out."
     )
+
+
+def test_demo_script_keeps_its_progress_bars():
+    """demo.sh trains for minutes on a busy machine: it must not turn the Trainer's progress bars off."""
+    commands = [line for line in open(os.path.join(ROOT, "demo.sh")) if line.startswith("python run_persona.py")]
+    assert len(commands) == 1 and "disable_tqdm" not in commands[0]
+    assert "disable_tqdm" not in open(os.path.join(ROOT, "configs", "demo.yaml")).read()

@@ -17,6 +17,10 @@ SCRIPT = textwrap.dedent(
     import torch, torch.distributed as dist
     from persona_cli import run_console_script
 
+    def report(line):  # a file per rank: the two processes' stdout interleave
+        with open(os.path.join(os.environ["TEARDOWN_OUT"], os.environ["RANK"]), "a") as f:
+            f.write(line + "\\n")
+
     def gloo_threads():
         names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
         return sum(name.startswith(("gloo", "pt_gloo")) for name in names)
@@ -33,10 +37,10 @@ SCRIPT = textwrap.dedent(
         zero3.FWD_MODULE_STACK.append(model)
         t = torch.ones(2)
         dist.all_reduce(t, group=model.group)
-        print("during", gloo_threads(), flush=True)
+        report(f"during {gloo_threads()}")
 
     run_console_script("probe", main, [])
-    print("after", gloo_threads(), "stack", len(zero3.FWD_MODULE_STACK), flush=True)
+    report(f"after {gloo_threads()} stack {len(zero3.FWD_MODULE_STACK)}")
     """
 )
 
@@ -44,10 +48,10 @@ SCRIPT = textwrap.dedent(
 def test_no_gloo_thread_outlives_the_run(tmp_path):
     script = tmp_path / "teardown.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TEARDOWN_OUT": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("during", "after"))]
     # Two groups in each of 2 processes, each with its gloo threads while the run lasts; none after it.
-    assert sorted(lines) == ["after 0 stack 0"] * 2 + ["during 6"] * 2, proc.stdout
+    for rank in "01":
+        assert (tmp_path / rank).read_text().splitlines() == ["during 6", "after 0 stack 0"], rank
