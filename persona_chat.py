@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 from persona_arguments import DialogArguments, InferenceArguments
 from persona_cli import (
     UsageError,
+    lazy_exports,
     parse_args_with_config,
     persona_split,
     run_console_script,
@@ -51,17 +52,7 @@ GENERATION_API = (
 )
 
 
-def __getattr__(name: str):
-    if name in GENERATION_API:
-        import persona_generation
-
-        return getattr(persona_generation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _api():
-    """This module: its generation API names resolve through `__getattr__` (or what a test put in their place)."""
-    return sys.modules[__name__]
+__getattr__ = lazy_exports(__name__, {"persona_generation": GENERATION_API})
 
 
 def random_persona(
@@ -215,7 +206,7 @@ def _stdin_loop(bot) -> None:
 
 def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRankingArguments | None = None) -> int:
     setup_logging(logging.WARNING, stream=sys.stderr)  # stdout carries the replies
-    api = _api()
+    api = sys.modules[__name__]  # the generation API: loaded here, after the flags (or a test's stand-in)
     api.check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
     ranking = ranking or NLIRankingArguments()
     ranking.check_with(generation.num_ranked)

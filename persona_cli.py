@@ -325,6 +325,20 @@ def setup_logging(level: int, stream=None, library_level: int | None = None) -> 
             sys.modules[library].utils.logging.set_verbosity(library_level)
 
 
+def lazy_exports(module: str, exports: dict[str, Sequence[str]]) -> Callable[[str], object]:
+    """A module `__getattr__` (PEP 562) re-exporting `exports` ({source module: names}) on first use: a console
+    script's module parses its flags (and prints --help) before torch and the model stack load."""
+    import importlib
+
+    def __getattr__(name: str):
+        for source, names in exports.items():
+            if name in names:
+                return getattr(importlib.import_module(source), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def is_user_error(err: BaseException) -> bool:
     """What the boundary reports as one line: the project's own error types (argument and config checks become
     `UsageError`s while parsing) and file errors that name their file. Anything else is a bug."""

@@ -23,6 +23,7 @@ from persona_arguments import DialogArguments, InferenceArguments  # noqa: E402
 from persona_cli import (  # noqa: E402
     UsageError,
     check_positive,
+    lazy_exports,
     parse_args_with_config,
     persona_split,
     run_console_script,
@@ -36,17 +37,7 @@ from persona_errors import PersonaError  # noqa: E402
 GENERATION_API = ("PersonaBot", "check_device", "load_for_chat")
 
 
-def __getattr__(name: str):
-    if name in GENERATION_API:
-        import persona_generation
-
-        return getattr(persona_generation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _api():
-    """This module: its generation API names resolve through `__getattr__` (or what a test put in their place)."""
-    return sys.modules[__name__]
+__getattr__ = lazy_exports(__name__, {"persona_generation": GENERATION_API})
 
 
 TITLE = "persona-chat"
@@ -126,7 +117,7 @@ def build_demo(
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
         try:
-            bot = _api().PersonaBot(
+            bot = sys.modules[__name__].PersonaBot(
                 model,
                 tokenizer,
                 _persona_lines(persona_text),
@@ -280,11 +271,12 @@ def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
-    _api().check_device(args.device)
+    api = sys.modules[__name__]  # the generation API: loaded here, after the flags (or a test's stand-in)
+    api.check_device(args.device)
     check_port_free(args.host, args.port)
     setup_logging(logging.WARNING, stream=sys.stderr)
     try:
-        model, tokenizer = _api().load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+        model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
     except PersonaError as err:
         raise UsageError(
             f"cannot load the checkpoint {args.model_name_or_path!r}: {err} Pass a directory written by persona-train "

@@ -37,6 +37,7 @@ from persona_cli import (
     check_positive,
     find_split,
     is_rank_zero,
+    lazy_exports,
     parse_args_with_config,
     run_console_script,
     setup_logging,
@@ -60,16 +61,7 @@ LIBRARY = (
 )
 
 
-def __getattr__(name: str):
-    if name in LIBRARY:
-        import persona_convai2
-
-        return getattr(persona_convai2, name)
-    if name == "load_dialogs":
-        from persona_data import load_dialogs
-
-        return load_dialogs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"persona_convai2": LIBRARY, "persona_data": ("load_dialogs",)})
 
 
 @dataclass(kw_only=True)
