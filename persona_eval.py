@@ -131,7 +131,11 @@ class EvalArguments(DialogArguments, ModelArguments):
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((EvalArguments, EvalGenerationArguments), prog="persona-eval", description=__doc__)
+    parser = HfArgumentParser((EvalArguments, EvalGenerationArguments), prog="persona-eval", description=__doc__)
+    # HfArgumentParser gives every bool that defaults to true a `--no_X` complement: `--no_no_sample` would only
+    # repeat `--no_sample false`.
+    parser._handle_conflict_resolve(None, [("--no_no_sample", parser._option_string_actions["--no_no_sample"])])
+    return parser
 
 
 def default_output_file(args: EvalArguments, split: str | None = None) -> str:

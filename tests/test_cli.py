@@ -167,3 +167,13 @@ def test_persona_train_help_parser_has_the_real_flags():
     assert "--per_device_train_batch_size" in help_text and "(default: 4)" in help_text  # persona-train's default
     assert help_text.index("--lm_coef") < help_text.index("--learning_rate")
     assert tuple(run_persona.CANDIDATE_ENCODINGS) == ENCODINGS
+
+
+def test_persona_eval_help_has_no_double_negative():
+    import persona_eval
+
+    parser = persona_eval.make_parser()
+    help_text = parser.format_help()
+    assert "--no_no_sample" not in help_text and "--no_f1" in help_text
+    assert parser.parse_args_into_dataclasses(["--model_name_or_path", "org/m", "--dataset_path", "d",
+                                               "--no_sample", "false"])[1].no_sample is False  # fmt: skip
