@@ -130,16 +130,16 @@ def generate_for_turns(
 def reply_metrics(
     turns: list[dict], replies: list[str], *, max_history: int, nli: NLIScorer | None, accelerator, suffix: str = ""
 ) -> tuple[dict, list[list[int]] | None]:
-    """Repetition and diversity of one reply per turn (generated, or the gold with `suffix="_gold"`) and, with `nli`,
-    its persona consistency; returns the metrics and the per-turn NLI labels (one per persona sentence)."""
+    """Repetition, diversity and persona copying of one reply per turn (generated, or the gold with `suffix="_gold"`)
+    and, with `nli`, its persona consistency; returns the metrics and the per-turn NLI labels (one per sentence)."""
     contexts = [t["history"][-(2 * max_history + 1) :] for t in turns]  # the turns the bot saw
+    personas = [t["persona"] for t in turns]
     metrics = repetition_metrics(replies, contexts, [t["dialog"] for t in turns], suffix=suffix)
+    metrics[f"persona_copy_rate{suffix}"] = persona_copy_rate(replies, personas)
     if nli is None:
         return metrics, None
-    personas = [t["persona"] for t in turns]
     labels = nli.turn_labels(replies, personas, progress=accelerator.is_local_main_process, accelerator=accelerator)
     metrics.update(consistency_metrics(labels, suffix))
-    metrics[f"persona_copy_rate{suffix}"] = persona_copy_rate(replies, personas)
     return metrics, labels
 
 

@@ -257,6 +257,8 @@ def test_persona_eval_uses_the_template(trained, data_path, tmp_path):
     )
     metrics = results["metrics"]
     assert metrics["turns"] == 6 and 0 <= metrics["hits@1"] <= 1 and metrics["ppl"] > 1 and "f1" in metrics
+    # Word-level perplexity on chat rows: the reply's NLL without the end-of-turn token, per ParlAI word.
+    assert metrics["ppl_word"] > 1 and metrics["gold_reply_words"] > 0 and "repeat_self_gold" in metrics
     assert metrics["candidates_per_turn"] == [20]
 
     # The first turn's reply, independently: the plain causal LM on the tokenizer's own template, greedy, 20 tokens.
