@@ -339,7 +339,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     )
     chat_format = chat_format_of(tokenizer)
     set_candidate_encoding(model, model_args.candidate_encoding)
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:  # --gradient_checkpointing, its old name, was folded into it
         check_gradient_checkpointing(model)
     if model_args.use_peft:
         model = apply_lora(
