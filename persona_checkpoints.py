@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from persona_errors import UsageError
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 # Written by the Trainer at the end of a training run (`save_metrics("train")`, `save_state()`).
@@ -160,11 +162,50 @@ class RunFolder:
     finished_step: int | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    continued_from: int | None = None  # the step a finished run ended at, when this run asks for more
+
+    def messages(self) -> list[str]:
+        """What a new run into this folder does, in lines for the user."""
+        lines = []
+        if self.removed:
+            lines.append(f"--overwrite_output_dir: removed {len(self.removed)} checkpoint(s) of {self.path}.")
+        if self.finished_step is not None:
+            lines.append(
+                f"{self.path} already holds a finished run (step {self.finished_step}); nothing to do. To train "
+                "afresh pass --overwrite_output_dir true or another --output_dir; to train longer, a larger "
+                "--max_steps or --num_train_epochs."
+            )
+            return lines
+        lines += [f"skipping the incomplete checkpoint {path} ({reason})." for path, reason in self.skipped]
+        if self.continued_from is not None:
+            lines.append(f"{self.path} holds a run finished at step {self.continued_from}; training on.")
+        if self.resume_from is not None:
+            lines.append(f"resuming from {self.resume_from} (pass --overwrite_output_dir true to start afresh).")
+        return lines
 
 
-def inspect_run_folder(output_dir: str, *, overwrite: bool = False, clear: bool = True) -> RunFolder:
+def asks_for_more(output_dir: str, finished_step: int, max_steps: int, num_train_epochs: float | None) -> bool:
+    """Whether a new run's length (`max_steps` when > 0, else `num_train_epochs`) goes past the finished run's."""
+    if max_steps > 0:
+        return max_steps > finished_step
+    if num_train_epochs is None:
+        return False
+    with open(os.path.join(output_dir, TRAINER_STATE), encoding="utf-8") as f:
+        done = json.load(f).get("num_train_epochs")
+    return isinstance(done, (int, float)) and num_train_epochs > done
+
+
+def inspect_run_folder(
+    output_dir: str,
+    *,
+    overwrite: bool = False,
+    clear: bool = True,
+    max_steps: int = -1,
+    num_train_epochs: float | None = None,
+) -> RunFolder:
     """Where a run into `output_dir` starts: afresh (no folder, or `overwrite`, whose checkpoints are removed when
-    `clear`), nowhere (a finished run), or from the newest complete checkpoint."""
+    `clear`), nowhere (a finished run as long as the one asked for: `max_steps` when > 0, else `num_train_epochs`),
+    or from the newest complete checkpoint (also of a finished run asked to train longer)."""
     folder = RunFolder(output_dir)
     if not os.path.isdir(output_dir):
         return folder
@@ -172,6 +213,15 @@ def inspect_run_folder(output_dir: str, *, overwrite: bool = False, clear: bool 
         folder.removed = remove_checkpoints(output_dir) if clear else []
         return folder
     folder.finished_step = finished_run(output_dir)
+    if folder.finished_step is not None and asks_for_more(
+        output_dir, folder.finished_step, max_steps, num_train_epochs
+    ):
+        folder.continued_from, folder.finished_step = folder.finished_step, None
     if folder.finished_step is None:
         folder.resume_from, folder.skipped = last_complete_checkpoint(output_dir)
+    if folder.continued_from is not None and folder.resume_from is None:
+        raise UsageError(
+            f"{output_dir} holds a run that finished at step {folder.continued_from} and no checkpoint to train on "
+            "from (the run saved none); pass --overwrite_output_dir true to train afresh, or another --output_dir."
+        )
     return folder

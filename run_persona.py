@@ -226,21 +226,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 def _previous_run(training_args: PersonaTrainingArguments) -> tuple[str | None, bool]:
     """What `output_dir` already holds, said on stderr: (the checkpoint to resume from, whether the run finished)."""
     folder = inspect_run_folder(
-        training_args.output_dir, overwrite=training_args.overwrite_output_dir, clear=training_args.process_index == 0
+        training_args.output_dir,
+        overwrite=training_args.overwrite_output_dir,
+        clear=training_args.process_index == 0,
+        max_steps=training_args.max_steps,
+        num_train_epochs=training_args.num_train_epochs,
     )
-    if folder.removed:
-        say(f"persona-train: --overwrite_output_dir: removed {len(folder.removed)} checkpoint(s) of {folder.path}.")
-    if folder.finished_step is not None:
-        say(
-            f"persona-train: {folder.path} already holds a finished run (step {folder.finished_step}); nothing to do. "
-            "To train afresh pass --overwrite_output_dir true or another --output_dir."
-        )
-        return None, True
-    for path, reason in folder.skipped:
-        say(f"persona-train: skipping the incomplete checkpoint {path} ({reason}).")
-    if folder.resume_from is not None:
-        say(f"persona-train: resuming from {folder.resume_from} (pass --overwrite_output_dir true to start afresh).")
-    return folder.resume_from, False
+    for line in folder.messages():
+        say(f"persona-train: {line}")
+    return folder.resume_from, folder.finished_step is not None
 
 
 def _splits(

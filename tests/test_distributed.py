@@ -195,6 +195,47 @@ def test_rerun_after_a_kill_mid_save_resumes_from_the_last_complete_checkpoint(a
     proc = launch(run_args(assets, killed, *args))
     assert "already holds a finished run (step 6)" in proc.stderr and "--overwrite_output_dir true" in proc.stderr
     assert (killed / "all_results.json").read_text() == results
+    # Asked for more steps, the finished run trains on from its last checkpoint.
+    longer = [value if value != "6" else "8" for value in args]
+    proc = launch(run_args(assets, killed, *longer))
+    assert f"persona-train: {killed} holds a run finished at step 6; training on." in proc.stderr, proc.stderr[-3000:]
+    assert f"resuming from {killed / 'checkpoint-6'}" in proc.stderr
+    assert json.load(open(killed / "trainer_state.json"))["global_step"] == 8
+
+
+def finished_folder(path, step: int, epochs: float, checkpoint: bool):
+    """A run folder as the Trainer leaves it when training ended at `step` (`checkpoint-<step>` if `checkpoint`)."""
+    path.mkdir()
+    (path / "train_results.json").write_text("{}")
+    state = json.dumps({"global_step": step, "max_steps": step, "num_train_epochs": epochs})
+    (path / "trainer_state.json").write_text(state)
+    if checkpoint:
+        (path / f"checkpoint-{step}").mkdir()
+        (path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+        (path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "max_steps, epochs, finished",
+    [(-1, 3.0, True), (-1, 2.0, True), (-1, 4.0, False), (6, 3.0, True), (4, 3.0, True), (7, 3.0, False)],
+)
+def test_a_finished_run_trains_on_only_when_asked_for_more(tmp_path, max_steps, epochs, finished):
+    from persona_checkpoints import inspect_run_folder
+
+    path = finished_folder(tmp_path / "run", step=6, epochs=3.0, checkpoint=True)
+    folder = inspect_run_folder(path, max_steps=max_steps, num_train_epochs=epochs)
+    assert (folder.finished_step, folder.continued_from) == ((6, None) if finished else (None, 6))
+    assert folder.resume_from == (None if finished else os.path.join(path, "checkpoint-6"))
+
+
+def test_a_finished_run_without_checkpoints_asked_for_more_is_one_line(tmp_path):
+    from persona_checkpoints import inspect_run_folder
+    from persona_errors import UsageError
+
+    path = finished_folder(tmp_path / "run", step=6, epochs=3.0, checkpoint=False)
+    with pytest.raises(UsageError, match=r"finished at step 6 and no checkpoint .* --overwrite_output_dir true"):
+        inspect_run_folder(path, max_steps=10)
 
 
 VALIDATE_DEEPSPEED_CONFIGS = """
