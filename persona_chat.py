@@ -10,6 +10,7 @@ parsed (and `--help` printed) before torch and the model stack load.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import random
@@ -104,17 +105,23 @@ def make_parser() -> HfArgumentParser:
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped; a `UsageError` naming the file for binary or non-UTF-8
-    content."""
+    """The non-blank lines of a text file, stripped: UTF-8 (with or without a byte-order mark), or UTF-16/UTF-32 with
+    one (Windows editors' "Unicode"); a `UsageError` naming the file for binary or undecodable content."""
     with open(path, "rb") as f:
         raw = f.read()
-    if b"\0" in raw:
-        raise UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    binary = UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    # UTF-32 first: its little-endian mark begins with UTF-16's.
+    marks = ((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, "UTF-16"))
+    encoding = next((name for *boms, name in marks if raw.startswith(tuple(boms))), None)
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode(encoding or "utf-8-sig")  # UTF-16/32 decoding reads and drops the mark
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UsageError(f"{what} {path}: line {line} is not UTF-8 text; save the file as UTF-8.") from None
+        if encoding is None and b"\0" in raw:
+            raise binary from None
+        line = raw[: err.start].decode(encoding or "utf-8", errors="replace").count("\n") + 1
+        raise UsageError(f"{what} {path}: line {line} is not {encoding or 'UTF-8'} text; save it as UTF-8.") from None
+    if "\0" in text:
+        raise binary
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 from persona_errors import PersonaError, UsageError
 
@@ -423,17 +422,3 @@ def end_process_groups(synchronize: bool = True) -> None:
     else:
         dist.destroy_process_group()
     gc.collect()  # the groups referenced only from reference cycles go now, and their threads with them
-
-
-@contextmanager
-def feature_cache_hint(dataset_cache: str):
-    """Errors reading cached features (a cache file cut short or damaged) name the cache and the way out."""
-    import pyarrow
-
-    try:
-        yield
-    except (pyarrow.ArrowException, EOFError) as err:
-        raise UsageError(
-            f"{dataset_cache}: the cached features cannot be read ({' '.join(str(err).split())}); "
-            "rebuild them with --overwrite_cache true."
-        ) from err
