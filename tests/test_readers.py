@@ -21,8 +21,8 @@ from format_samples import (
 )
 
 from persona_data import build_features, load_dialogs, load_dialogs_with_report
-from persona_readers import detect_format
-from persona_records import SILENCE
+from persona_readers import SPC_COLUMNS, detect_format
+from persona_records import SILENCE, PersonaDataError
 
 # ConvAI2 / ParlAI text
 
@@ -236,5 +236,67 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
         "column_mapping": "a=b",
     }
     assert seen["distractor_seed"] == 5
+    assert "max_turn_chars" not in seen  # the readers' default
+    argv = ["--max_turn_chars", "0", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    args = run_persona.parse_args(argv)
+    with pytest.raises(Stop):
+        run_persona.main(*args)
+    assert seen["max_turn_chars"] == 0
+    with pytest.raises(ValueError, match=r"--max_turn_chars must be >= 0, got -1"):
+        run_persona.parse_args(["--max_turn_chars", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="invalid choice: 'bot'"):  # the CLI layer's one-line UsageError
         run_persona.parse_args(["--spc_bot_role", "bot", "--output_dir", str(tmp_path)])
+
+
+# Own files that are valid or nearly so
+
+
+def test_spc_csv_extra_columns_are_read_and_named_once(tmp_path, caplog):
+    """Users keep ids and notes beside the three Synthetic-Persona-Chat columns: read past them, and say so once."""
+    path = tmp_path / "mine.csv"
+    rows_ = [
+        ["id", "user 1 personas", "Best Generated Conversation", "user 2 personas", "notes"],
+        ["1", "I bake.", "User 1: Hi!\nUser 2: Hello!", "I run.", "ok"],
+        ["2", "I swim.", "User 1: Hey\nUser 2: Hi, I sing.", "I sing.", ""],
+    ]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows_)
+    with caplog.at_level("WARNING", logger="persona_readers"):
+        dialogs = load_dialogs(str(path), num_distractors=0)
+    assert [d["personality"] for d in dialogs["train"]] == [["I run."], ["I sing."]]
+    assert [d["utterances"] for d in dialogs["train"]] == [
+        [{"history": ["Hi!"], "candidates": ["Hello!"]}],
+        [{"history": ["Hey"], "candidates": ["Hi, I sing."]}],
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "ignoring the column" in r.getMessage()]
+    expected = f"{path}: ignoring the column(s) ['id', 'notes']; the dialogs are read from {list(SPC_COLUMNS)}."
+    assert warnings == [expected]
+
+
+def test_long_turns_are_read_and_cut_like_any_long_context(tmp_path, tokenizer, caplog):
+    """A turn of 15,000 characters is data (a pasted text), not a mis-parsed file: read, then cut to the window and
+    counted. `max_turn_chars` (a flag of every script) is the guard against a whole file in one field."""
+    long_turn = "tell me more about cats . " * 577  # 15,002 characters
+    path = write(tmp_path, "long.jsonl", json.dumps({"persona": ["i like cats ."], "turns": [long_turn, "sure !"]}))
+    dialogs = load_dialogs(path, num_distractors=0)
+    assert dialogs["train"][0]["utterances"][0]["history"] == [long_turn]
+    with caplog.at_level("WARNING", logger="persona_data"):
+        rows_ = build_features(dialogs["train"], tokenizer, num_candidates=1, max_history=2, max_length=64)
+    assert max(len(seq) for seq in rows_[0]["input_ids"]) == 64
+    assert "--max_length 64: 1 of 1 rows lost their oldest history turns or persona sentences" in caplog.text
+    with pytest.raises(PersonaDataError, match=r"line 1, utterance 0: field 'history' has a text of 15002 characters"):
+        load_dialogs(path, max_turn_chars=15_000)
+    assert load_dialogs(path, max_turn_chars=0)["train"].num_rows == 1  # 0: no limit
+    with pytest.raises(ValueError, match="max_turn_chars must be an integer >= 0"):
+        load_dialogs(path, max_turn_chars=-5)
+
+
+@pytest.mark.parametrize("script", ["persona_chat", "persona_eval", "persona_demo"])
+def test_max_turn_chars_reaches_the_readers_of_every_script(script):
+    import importlib
+
+    module = importlib.import_module(script)
+    args = module.make_parser().parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--dataset_path", "d.json", "--max_turn_chars", "20000"]
+    )[0]
+    assert args.read_options()["max_turn_chars"] == 20_000
