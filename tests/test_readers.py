@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 from format_samples import (
@@ -23,6 +27,8 @@ from format_samples import (
 from persona_data import build_features, load_dialogs, load_dialogs_with_report
 from persona_readers import SPC_COLUMNS, detect_format
 from persona_records import SILENCE, PersonaDataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ConvAI2 / ParlAI text
 
@@ -300,3 +306,48 @@ def test_max_turn_chars_reaches_the_readers_of_every_script(script):
         ["--model_name_or_path", "m", "--dataset_path", "d.json", "--max_turn_chars", "20000"]
     )[0]
     assert args.read_options()["max_turn_chars"] == 20_000
+
+
+# The README's own-data section, as written
+
+
+def _readme_own_data_blocks() -> tuple[str, str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("### Your own data") :]
+    section = section[: section.index("\n## ")]
+    (bash,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    (table,) = re.findall(r"```csv\n(.*?)```", section, flags=re.S)
+    return bash, table
+
+
+def test_readme_own_data_folder_trains_as_written(tiny_checkpoint, tmp_path):
+    """The folder of train.jsonl + valid.jsonl, made and trained on by the README's commands (tiny model, one step)."""
+    bash, _ = _readme_own_data_blocks()
+    assert bash.count("persona-train ") == 1 and "openai-community/gpt2" in bash
+    script = bash.replace("persona-train ", f"{shlex.quote(sys.executable)} {shlex.quote(ROOT)}/run_persona.py ")
+    script = script.replace("openai-community/gpt2", shlex.quote(tiny_checkpoint)).rstrip("\n")
+    script += " --max_steps 1 --use_cpu true --report_to none --dataset_cache cache --disable_tqdm true\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "my-bot" / "all_results.json").read_text())
+    assert results["train_samples"] == 3 and results["eval_samples"] == 2  # bot turns: 2 + 1 train, 1 + 1 valid
+    dialogs = load_dialogs(str(tmp_path / "my_data"), cache_dir=str(tmp_path / "cache2"))
+    assert sorted(dialogs) == ["train", "validation"]
+    assert dialogs["validation"][1]["utterances"][0]["history"] == ["good morning!"]
+
+
+def test_readme_spc_csv_example_reads(tmp_path, caplog):
+    _, table = _readme_own_data_blocks()
+    (tmp_path / "my_data.csv").write_text(table)
+    with caplog.at_level("WARNING", logger="persona_readers"):
+        dialogs = load_dialogs(str(tmp_path / "my_data.csv"), num_distractors=1)["train"]
+    assert [d["personality"] for d in dialogs] == [["I run every morning.", "I work at a bakery."], ["I love the sea."]]
+    assert [u["history"] for u in dialogs[0]["utterances"]] == [
+        ["Hi! Do you like tea?"],
+        ["Hi! Do you like tea?", "Sometimes, after my morning run.", "I drink it with my cat."],
+    ]
+    assert dialogs[1]["utterances"][0]["candidates"][-1] == "No, I sail on the sea every weekend."
+    assert "ignoring the column(s) ['id']" in caplog.text
