@@ -10,7 +10,6 @@ parsed (and `--help` printed) before torch and the model stack load.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import random
@@ -110,9 +109,9 @@ def read_text_lines(path: str, what: str) -> list[str]:
     with open(path, "rb") as f:
         raw = f.read()
     binary = UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
-    # UTF-32 first: its little-endian mark begins with UTF-16's.
-    marks = ((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, "UTF-16"))
-    encoding = next((name for *boms, name in marks if raw.startswith(tuple(boms))), None)
+    from persona_files import bom_encoding  # the data readers' rule: one list of byte-order marks
+
+    encoding = bom_encoding(raw)
     try:
         text = raw.decode(encoding or "utf-8-sig")  # UTF-16/32 decoding reads and drops the mark
     except UnicodeDecodeError as err:

@@ -212,7 +212,8 @@ def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> di
                 longest = max(map(len, texts), default=0)
                 if longest > max_turn_chars:
                     raise PersonaDataError(
-                        f"{at}: field {name!r} has a text of {longest} characters (max_turn_chars={max_turn_chars})."
+                        f"{at}: field {name!r} has a text of {longest} characters, over --max_turn_chars "
+                        f"{max_turn_chars} (a mis-parsed file?); raise it, or 0 for no limit."
                     )
         clean.append({"history": history, "candidates": candidates})
         if len(texts_of) > 3:
