@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
 import tempfile
@@ -26,6 +27,8 @@ from datasets.utils.file_utils import cached_path
 from persona_files import check_file
 from persona_readers import SPC_COLUMNS, chat_dialog, spc_records
 from persona_records import PersonaDataError, ReadOptions, Record
+
+logger = logging.getLogger(__name__)
 
 
 def is_url(source: str) -> bool:
@@ -233,6 +236,11 @@ def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[s
                 raise PersonaDataError(f"{source}: split {split!r}: --column_mapping: {err}") from None
         where = f"{source}: split {split!r}"
         if set(SPC_COLUMNS) <= set(ds.column_names):
+            extra = [c for c in ds.column_names if c not in SPC_COLUMNS]
+            if extra:  # as the CSV reader: a user's own columns (ids, notes) are not dialog data
+                logger.warning(
+                    "%s: ignoring the column(s) %s; the dialogs are read from %s.", where, extra, list(SPC_COLUMNS)
+                )
             rows = [(f"{where}, record {i}", row, None) for i, row in enumerate(ds)]
             splits[split] = spc_records(rows, options)
         else:

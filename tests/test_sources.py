@@ -79,6 +79,20 @@ def test_data_files_folder(tmp_path):
     assert [d["personality"] for d in spc_dialogs["train"]] == SPC_PERSONAS["2"]
 
 
+def test_spc_folder_with_columns_of_ones_own(tmp_path, caplog):
+    """A folder of Synthetic-Persona-Chat CSVs with an id column reads as the CSV file does, naming the column once."""
+    header, body = SPC_CSV.split("\n", 1)
+    assert header == "user 1 personas,user 2 personas,Best Generated Conversation"
+    spc = tmp_path / "spc"
+    spc.mkdir()
+    # The id goes last: a record of the sample spans several lines, so only a new header column is simple to add.
+    (spc / "train.csv").write_text(header + ",id\n" + body.replace('"\n"', '",1\n"').rstrip("\n") + ",2\n")
+    with caplog.at_level("WARNING", logger="persona_sources"):
+        dialogs = load_dialogs(str(spc), cache_dir=str(tmp_path / "cache"), num_distractors=1)
+    assert [d["personality"] for d in dialogs["train"]] == SPC_PERSONAS["2"]
+    assert caplog.text.count("ignoring the column(s) ['id']") == 1
+
+
 def test_hub_errors_are_one_clear_line(tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()
