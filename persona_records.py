@@ -140,15 +140,20 @@ Record = tuple[str, Callable[[], list[dict]]]
 def check_str_list(value, where: str, field: str, allow_empty: bool = True) -> list[str]:
     """`value` if it is a list of strings (non-empty unless `allow_empty`), else a `PersonaDataError`."""
     if not isinstance(value, list):
-        raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {type(value).__name__}.")
+        raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {_json_type(value)}.")
     bad = next((i for i, s in enumerate(value) if not isinstance(s, str)), None)
     if bad is not None:
         raise PersonaDataError(
-            f"{where}: field {field!r} must be a list of strings; item {bad} is {type(value[bad]).__name__}."
+            f"{where}: field {field!r} must be a list of strings; item {bad} is {_json_type(value[bad])}."
         )
     if not allow_empty and not value:
         raise PersonaDataError(f"{where}: field {field!r} is empty.")
     return value
+
+
+def _json_type(value) -> str:
+    """What a file holds, in the file's words: null rather than NoneType (the files are JSON)."""
+    return "null" if value is None else type(value).__name__
 
 
 def check_fields(obj: dict, known: tuple[str, ...], where: str) -> None:

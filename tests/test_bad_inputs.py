@@ -83,6 +83,7 @@ CORPUS = {
     "chat_unknown_field.jsonl": ("line 1", "unknown field 'bot_frist'", 1, 1),
     # In a file null is a wrong type like any other, not "absent" (leaving the field out is).
     "chat_bot_first_null.jsonl": ("line 1", "field 'bot_first' must be true or false, got null", 1, 1),
+    "chat_persona_null.jsonl": ("line 1", "field 'persona' must be a list of strings, got null", 1, 2),
     "chat_rejected_null.jsonl": ("line 2", "field 'rejected' must be a list with one entry per bot turn", 1, 1),
     "jsonl_rejected_null.jsonl": ("line 1, utterance 0", "field 'rejected' must be a list of rejected replies", 1, 1),
     # A ParlAI line has at most 4 tab-separated fields: a fifth would be lost without a word.
