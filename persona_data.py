@@ -11,6 +11,7 @@ The record, the formats and the input rules are described in docs/architecture.m
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from contextlib import contextmanager
@@ -334,7 +335,8 @@ def _damaged_cache_hint(cache_file: str | None):
     out; pyarrow's own errors (a plain OSError "Expected to be able to read ... bytes") name neither."""
     import pyarrow
 
-    cached = cache_file is not None and os.path.lexists(cache_file)  # not a failure to write a new one
+    # Only a file there before is "damaged", not a failure to write a new one; num_proc > 1 adds a shard suffix.
+    cached = cache_file is not None and bool(glob.glob(glob.escape(os.path.splitext(cache_file)[0]) + "*.arrow"))
     try:
         yield
     except (pyarrow.ArrowException, OSError, EOFError) as err:
