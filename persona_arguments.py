@@ -104,9 +104,17 @@ class DialogArguments:
         },
     )
     max_history: int = field(default=2, metadata={"help": "Previous exchanges kept: the last 2*max_history+1 turns."})
+    max_turn_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest text (turn, candidate, persona sentence) a record may hold, in characters; a longer one "
+            "is a bad record. A guard against a mis-parsed file that lands whole in one field; shorter long texts are "
+            "cut to the model's window like any long context. 0: no limit; none: 100000."
+        },
+    )
 
     def __post_init__(self):
-        check_positive(self, "max_history", minimum=0)
+        check_positive(self, "max_history", "max_turn_chars", minimum=0)
         if self.dataset_cache is not None and os.path.isfile(self.dataset_cache):
             raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
         if self.on_bad_record not in ("error", "skip"):
@@ -116,6 +124,8 @@ class DialogArguments:
     def read_options(self) -> dict:
         """Keyword arguments of `persona_data.load_dialogs` besides the source and format."""
         options = {"on_bad_record": self.on_bad_record}
+        if self.max_turn_chars is not None:
+            options["max_turn_chars"] = self.max_turn_chars
         if self.dataset_cache is not None:
             options["cache_dir"] = self.dataset_cache
         return options

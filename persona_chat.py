@@ -104,17 +104,23 @@ def make_parser() -> HfArgumentParser:
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped; a `UsageError` naming the file for binary or non-UTF-8
-    content."""
+    """The non-blank lines of a text file, stripped: UTF-8 (with or without a byte-order mark), or UTF-16/UTF-32 with
+    one (Windows editors' "Unicode"); a `UsageError` naming the file for binary or undecodable content."""
     with open(path, "rb") as f:
         raw = f.read()
-    if b"\0" in raw:
-        raise UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    binary = UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
+    from persona_files import bom_encoding  # the data readers' rule: one list of byte-order marks
+
+    encoding = bom_encoding(raw)
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode(encoding or "utf-8-sig")  # UTF-16/32 decoding reads and drops the mark
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UsageError(f"{what} {path}: line {line} is not UTF-8 text; save the file as UTF-8.") from None
+        if encoding is None and b"\0" in raw:
+            raise binary from None
+        line = raw[: err.start].decode(encoding or "utf-8", errors="replace").count("\n") + 1
+        raise UsageError(f"{what} {path}: line {line} is not {encoding or 'UTF-8'} text; save it as UTF-8.") from None
+    if "\0" in text:
+        raise binary
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 from persona_errors import PersonaError, UsageError
 
@@ -29,6 +28,17 @@ MIN_INPUT_LENGTH = 8
 EXIT_BUG = 1
 
 
+def _check_utf8_arguments(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates (``\\udcff``), which every tokenizer
+    and file API refuses later with a traceback: one line naming the flag instead."""
+    bad = next((i for i, arg in enumerate(argv) if any("\ud800" <= c <= "\udfff" for c in arg)), None)
+    if bad is None:
+        return
+    arg = argv[bad]
+    flag = arg if arg.startswith("-") else next((a for a in reversed(argv[:bad]) if a.startswith("-")), "an argument")
+    raise UsageError(f"{flag.split('=')[0]}: {arg!r} is not UTF-8 text (a byte the system did not decode); pass UTF-8.")
+
+
 def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
     """`parser.parse_args_into_dataclasses(argv)`, where a first argument ending in .yaml/.yml/.json is a config file
     whose values the following flags override.
@@ -38,6 +48,7 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
     dataclasses check their values in `__post_init__`, so all of this happens before any model or data is loaded.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_utf8_arguments(argv)
     flags = [a for action in parser._actions for a in action.option_strings if a.startswith("--")]
 
     def error(message: str):
@@ -425,17 +436,3 @@ def end_process_groups(synchronize: bool = True) -> None:
     else:
         dist.destroy_process_group()
     gc.collect()  # the groups referenced only from reference cycles go now, and their threads with them
-
-
-@contextmanager
-def feature_cache_hint(dataset_cache: str):
-    """Errors reading cached features (a cache file cut short or damaged) name the cache and the way out."""
-    import pyarrow
-
-    try:
-        yield
-    except (pyarrow.ArrowException, EOFError) as err:
-        raise UsageError(
-            f"{dataset_cache}: the cached features cannot be read ({' '.join(str(err).split())}); "
-            "rebuild them with --overwrite_cache true."
-        ) from err

@@ -11,8 +11,10 @@ The record, the formats and the input rules are described in docs/architecture.m
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import fields
 from itertools import chain
 
@@ -48,7 +50,7 @@ MIN_LENGTH = 5
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
 CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
-FEATURES_VERSION = "2"
+FEATURES_VERSION = "3"
 # Per-row notes of what fitting max_length cut, counted for the warning and then dropped: context (history turns or
 # persona sentences), the gold reply, a distractor; and the reply budget.
 CUT_COLUMNS = ["cut_context", "cut_gold", "cut_distractor", "reply_budget"]
@@ -189,7 +191,7 @@ def _build_batch(
     out = {key: [] for key in columns + CUT_COLUMNS}
     for personality, utterances, dialog_idx in zip(batch["personality"], batch["utterances"], indices):
         persona = to_persona(personality)
-        for _ in range(personality_permutations):
+        for _ in range(distinct_rotations(persona, personality_permutations)):
             for u_idx, u in enumerate(utterances):
                 candidates = u["candidates"]
                 if num_candidates is not None and len(candidates) < num_candidates:
@@ -204,6 +206,12 @@ def _build_batch(
                 out["mc_labels"].append(len(candidates) - 1)
             persona = [persona[-1]] + persona[:-1] if persona else persona
     return out
+
+
+def distinct_rotations(persona: list, personality_permutations: int) -> int:
+    """How many times a dialog is used: `personality_permutations`, capped at its number of persona sentences (more
+    rotations would repeat earlier ones, over-weighting dialogs with short personas), at least once."""
+    return min(personality_permutations, max(1, len(persona)))
 
 
 def candidate_rows(
@@ -290,27 +298,73 @@ def build_features(
     if chat_format is not None:
         key += (chat_format.template, chat_format.system_prompt, chat_format.system_role)
     fingerprint = Hasher.hash(key)
+    where = f"{source}: " if source else ""
+    _warn_capped_permutations(dialogs, personality_permutations, where)
     cache_file_name = None
     if not dialogs.cache_files and cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
         cache_file_name = os.path.join(cache_dir, f"persona-features-{fingerprint}.arrow")
-    features = dialogs.map(
-        _build_batch,
-        batched=True,
-        batch_size=100,
-        with_indices=True,
-        remove_columns=dialogs.column_names,
-        fn_kwargs=dict(
-            tokenizer=tokenizer, ids=ids, source=f"{source}: " if source else "", chat_format=chat_format, **options
-        ),
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        cache_file_name=cache_file_name,
-        load_from_cache_file=load_from_cache_file,
-        desc="Building persona model inputs",
+    with _damaged_cache_hint(cache_file_name or _datasets_cache_file(dialogs, fingerprint)):
+        features = dialogs.map(
+            _build_batch,
+            batched=True,
+            batch_size=100,
+            with_indices=True,
+            remove_columns=dialogs.column_names,
+            fn_kwargs=dict(tokenizer=tokenizer, ids=ids, source=where, chat_format=chat_format, **options),
+            num_proc=num_proc,
+            new_fingerprint=fingerprint,
+            cache_file_name=cache_file_name,
+            load_from_cache_file=load_from_cache_file,
+            desc="Building persona model inputs",
+        )
+        _warn_cuts(features, max_length, source)
+        return features.remove_columns(CUT_COLUMNS)
+
+
+def _datasets_cache_file(dialogs: datasets.Dataset, fingerprint: str) -> str | None:
+    """Where `datasets` caches the features of dialogs that have a cache file of their own (a Hub dataset)."""
+    if not dialogs.cache_files:
+        return None
+    return os.path.join(os.path.dirname(dialogs.cache_files[0]["filename"]), f"cache-{fingerprint}.arrow")
+
+
+@contextmanager
+def _damaged_cache_hint(cache_file: str | None):
+    """A cached features file that cannot be read (cut short by a killed run, damaged on disk) is named, with the way
+    out; pyarrow's own errors (a plain OSError "Expected to be able to read ... bytes") name neither."""
+    import pyarrow
+
+    # Only a file there before is "damaged", not a failure to write a new one; num_proc > 1 adds a shard suffix.
+    cached = cache_file is not None and bool(glob.glob(glob.escape(os.path.splitext(cache_file)[0]) + "*.arrow"))
+    try:
+        yield
+    except (pyarrow.ArrowException, OSError, EOFError) as err:
+        if not cached:
+            raise
+        folder = os.path.dirname(cache_file)
+        raise PersonaDataError(
+            f"{cache_file}: the cached features cannot be read ({' '.join(str(err).split())[:200]}): the cache is "
+            f"damaged. Delete the folder {folder} (or pass a fresh --dataset_cache) and rerun; persona-train can also "
+            "rebuild it with --overwrite_cache true."
+        ) from err
+
+
+def _warn_capped_permutations(dialogs: datasets.Dataset, personality_permutations: int, where: str) -> None:
+    if personality_permutations < 2:
+        return
+    capped = sum(
+        distinct_rotations(p, personality_permutations) < personality_permutations for p in dialogs["personality"]
     )
-    _warn_cuts(features, max_length, source)
-    return features.remove_columns(CUT_COLUMNS)
+    if capped:
+        logger.warning(
+            "%s--personality_permutations %d: %d of %d dialogs have fewer persona sentences, so fewer distinct "
+            "rotations; each of them is used once per rotation (as many times as it has sentences, at least once).",
+            where,
+            personality_permutations,
+            capped,
+            dialogs.num_rows,
+        )
 
 
 def _warn_cuts(features: datasets.Dataset, max_length: int | None, source: str | None) -> None:

@@ -1,8 +1,9 @@
 """Local data files as text: checks before reading, gzip, encodings, and JSON that refuses duplicate keys.
 
-Every problem is a `PersonaDataError` naming the file (and the line or byte) and what to do: a missing file, a
-folder, a link loop, an unreadable or empty file, a binary file, UTF-16/UTF-32 text, invalid UTF-8, a broken gzip
-stream, a JSON object with a key twice (``json`` would silently keep the last value).
+Text is UTF-8 (a byte-order mark tolerated) or UTF-16/UTF-32 with a byte-order mark. Every problem is a
+`PersonaDataError` naming the file (and the line or byte) and what to do: a missing file, a folder, a link loop, an
+unreadable or empty file, a binary file (or UTF-16/UTF-32 without a mark), invalid UTF-8, a broken gzip stream, a JSON
+object with a key twice (``json`` would silently keep the last value).
 
 >>> loads_strict('{"a": 1, "b": {"c": 2}}')
 {'a': 1, 'b': {'c': 2}}
@@ -28,7 +29,7 @@ from typing import BinaryIO
 from persona_records import PersonaDataError
 
 GZIP_MAGIC = b"\x1f\x8b"
-# UTF-32 first: its little-endian mark begins with UTF-16's.
+# UTF-32 first: its little-endian mark begins with UTF-16's. The codecs named read the mark and drop it.
 _BOMS = (
     (b"\xff\xfe\x00\x00", "UTF-32"),
     (b"\x00\x00\xfe\xff", "UTF-32"),
@@ -118,31 +119,50 @@ def open_binary(path: str, source: str) -> Iterator[BinaryIO]:
         raise PersonaDataError(f"{source}: broken gzip file ({err}); download or compress it again.") from None
 
 
-def check_text_start(head: bytes, source: str) -> None:
-    """Refuse UTF-16/UTF-32 (a byte-order mark) by name: every line would otherwise fail on its own."""
-    for bom, name in _BOMS:
-        if head.startswith(bom):
-            raise PersonaDataError(f"{source}: line 1: {name} text (byte-order mark); re-encode the file as UTF-8.")
+def bom_encoding(head: bytes) -> str | None:
+    """The encoding a byte-order mark at the start of `head` announces (UTF-32 or UTF-16), or None (UTF-8 then)."""
+    return next((name for bom, name in _BOMS if head.startswith(bom)), None)
 
 
-def _nul_error(source: str, line_no: int, offset: int) -> PersonaDataError:
+def _decode_wide(raw: bytes, encoding: str, source: str) -> str:
+    """UTF-16/UTF-32 text (Windows editors' "Unicode"): the codec reads the byte-order mark and drops it."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].decode(encoding, errors="replace").count("\n") + 1
+        raise PersonaDataError(
+            f"{source}: line {line}: not valid {encoding} text (byte {err.start} of the file: a lone surrogate or a "
+            f"cut-off character); re-encode the file as UTF-8."
+        ) from None
+
+
+def _nul_error(source: str, line_no: int, offset: int | None) -> PersonaDataError:
+    where = "a NUL byte" if offset is None else f"a NUL byte (byte {offset} of the file)"
     return PersonaDataError(
-        f"{source}: line {line_no}: a NUL byte (byte {offset} of the file): a binary file, or UTF-16/UTF-32 text "
-        f"without a byte-order mark; pass a UTF-8 text file."
+        f"{source}: line {line_no}: {where}: a binary file, or UTF-16/UTF-32 text without a byte-order mark; pass a "
+        f"UTF-8 text file."
     )
 
 
 def text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
     """(line number, text without line end, encoding problem or None) per line of a UTF-8 (or gzipped) file.
 
-    A UTF-8 BOM and CRLF are tolerated. Decoding line by line lets a bad byte spoil only its own record, and names
-    its line; a NUL byte means binary or UTF-16/32 data and fails the whole file.
+    A UTF-8 BOM and CRLF are tolerated, UTF-16/UTF-32 with a byte-order mark read. Decoding UTF-8 line by line lets a
+    bad byte spoil only its own record, and names its line; a NUL byte means binary data (or UTF-16/32 without a
+    mark) and fails the whole file.
     """
     offset = 0
     with open_binary(path, source) as f:
+        encoding = bom_encoding(f.read(4))
+        f.seek(0)
+        if encoding is not None:  # rare, and not splittable into lines as bytes: decoded whole
+            for line_no, text in enumerate(_decode_wide(f.read(), encoding, source).split("\n"), start=1):
+                if "\0" in text:
+                    raise _nul_error(source, line_no, None)
+                yield line_no, text.rstrip("\r"), None
+            return
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
-                check_text_start(raw, source)
                 if raw.startswith(UTF8_BOM):
                     raw, offset = raw[len(UTF8_BOM) :], len(UTF8_BOM)
             if b"\0" in raw:
@@ -160,10 +180,16 @@ def text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
 
 
 def read_text(path: str, source: str) -> str:
-    """The whole checked file as text (UTF-8, BOM tolerated, gzip decompressed)."""
+    """The whole checked file as text (UTF-8, BOM tolerated, or UTF-16/UTF-32 with a byte-order mark; gzip
+    decompressed)."""
     with open_binary(path, source) as f:
         raw = f.read()
-    check_text_start(raw, source)
+    encoding = bom_encoding(raw)
+    if encoding is not None:
+        text = _decode_wide(raw, encoding, source)
+        if "\0" in text:
+            raise _nul_error(source, text.count("\n", 0, text.index("\0")) + 1, None)
+        return text
     if b"\0" in raw:
         raise _nul_error(source, raw.count(b"\n", 0, raw.index(b"\0")) + 1, raw.index(b"\0"))
     try:

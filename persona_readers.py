@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,8 @@ from persona_records import (
     check_fields,
     check_str_list,
 )
+
+logger = logging.getLogger(__name__)
 
 SPC_COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
 CHAT_FIELDS = ("persona", "turns", "bot_first", "rejected")
@@ -133,6 +136,11 @@ def chat_dialog(obj, where: str, strict: bool = False) -> list[dict]:
         raise PersonaDataError(f"{where}: a chat record must be an object, got {type(obj).__name__}.")
     if strict:
         check_fields(obj, CHAT_FIELDS, where)
+        if "rejected" in obj and obj["rejected"] is None:  # null is not "absent": a file says what it means
+            raise PersonaDataError(
+                f"{where}: field 'rejected' must be a list with one entry per bot turn, got null; leave the field out "
+                "for none."
+            )
     for name in ("persona", "turns"):
         if name not in obj:
             raise PersonaDataError(
@@ -141,8 +149,10 @@ def chat_dialog(obj, where: str, strict: bool = False) -> list[dict]:
     persona = check_str_list(obj["persona"], where, "persona")
     turns = check_str_list(obj["turns"], where, "turns")
     bot_first = obj.get("bot_first")
-    if bot_first is not None and not isinstance(bot_first, bool):  # "false" is truthy: never guess
-        raise PersonaDataError(f"{where}: field 'bot_first' must be true or false, got {bot_first!r}.")
+    # "false" is truthy: never guess. A file's null is refused too; `datasets` rows give None where a row lacks it.
+    if (bot_first is not None or (strict and "bot_first" in obj)) and not isinstance(bot_first, bool):
+        got = "null" if bot_first is None else repr(bot_first)
+        raise PersonaDataError(f"{where}: field 'bot_first' must be true or false, got {got} (leave it out for false).")
     if bot_first:
         turns = [SILENCE, *turns]
     dialog = _dialog_from_turns(persona, turns, where)
@@ -185,6 +195,12 @@ def _convai2_dialog(lines: list[tuple[int, str]], problems: list[str], where: st
         fields_ = text.split("\t")
         if len(fields_) < 2:
             raise PersonaDataError(f"{at}: field 'label' (the gold reply after a tab) is missing.")
+        extra = next((i for i, value in enumerate(fields_[4:], start=5) if value.strip()), None)
+        if extra is not None:  # ParlAI's fields: text, label, reward, candidates; a fifth would be silently lost
+            raise PersonaDataError(
+                f"{at}: {len(fields_)} tab-separated fields, at most 4 expected (text, label, reward, candidates); "
+                f"field {extra} {fields_[extra - 1][:60]!r} would be lost (a tab inside a text?)."
+            )
         message, label = fields_[0], fields_[1]
         if not label.strip():
             raise PersonaDataError(f"{at}: field 'label' (the gold reply) is empty.")
@@ -335,10 +351,9 @@ def read_spc_csv(path: str, source: str, options: ReadOptions) -> dict[str, Iter
         if twice is not None:
             raise PersonaDataError(f"{source}: line 1: the header names the column {twice!r} twice; remove one.")
         unknown = [h for h in header if h not in SPC_COLUMNS]
-        if unknown:
-            raise PersonaDataError(
-                f"{source}: line 1: unknown column(s) {unknown}; a Synthetic-Persona-Chat file has only "
-                f"{list(SPC_COLUMNS)}."
+        if unknown:  # ids, notes, scores: a user's own columns are not dialog data
+            logger.warning(
+                "%s: ignoring the column(s) %s; the dialogs are read from %s.", source, unknown, list(SPC_COLUMNS)
             )
         start = reader.line_num + 1
         for i, values in enumerate(reader):

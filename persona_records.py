@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +47,9 @@ PREFERENCE_FEATURES = datasets.Features(
     }
 )
 UTTERANCE_FIELDS = ("history", "candidates", "rejected")
+# A lone UTF-16 surrogate (a JSON escape \ud800 without its pair) is not text: Arrow and every tokenizer refuse it
+# later, without naming the record.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # ParlAI's placeholder first turn when the bot opens a dialog: it keeps the history length odd, so the token types
 # follow the reference's segment parity (docs/architecture.md, the model inputs).
 SILENCE = "__SILENCE__"
@@ -65,7 +69,9 @@ class ReadOptions:
     spc_bot_role: str = "user2"  # Synthetic-Persona-Chat: the user the bot plays: user1, user2 or both
     column_mapping: dict[str, str] | str | None = None  # hub: {dataset column: record field}, or "a=b,c=d"
     split: str | None = None  # split name of one-split files (default: train/valid/test found in the file name)
-    max_turn_chars: int | None = 10_000  # a longer turn is a bad record (None: no limit)
+    # A longer text is a bad record (0 or None: no limit): a guard against a mis-parsed file that puts a whole file
+    # into one field. Long texts below it are read, and cut like any long context when the rows are built.
+    max_turn_chars: int | None = 100_000
 
     def __post_init__(self):
         if self.on_bad_record not in ("error", "skip"):
@@ -74,8 +80,11 @@ class ReadOptions:
             raise UsageError(f"spc_bot_role must be 'user1', 'user2' or 'both', got {self.spc_bot_role!r}.")
         if not isinstance(self.num_distractors, int) or self.num_distractors < 0:
             raise UsageError(f"num_distractors must be an integer >= 0, got {self.num_distractors!r}.")
-        if self.max_turn_chars is not None and self.max_turn_chars < 1:
-            raise UsageError(f"max_turn_chars must be >= 1 or None, got {self.max_turn_chars!r}.")
+        if self.max_turn_chars is not None and (not isinstance(self.max_turn_chars, int) or self.max_turn_chars < 0):
+            raise UsageError(
+                f"max_turn_chars must be an integer >= 0 (0: no limit) or None, got {self.max_turn_chars!r}."
+            )
+        self.max_turn_chars = self.max_turn_chars or None
         self.column_mapping = parse_column_mapping(self.column_mapping)
 
 
@@ -131,15 +140,20 @@ Record = tuple[str, Callable[[], list[dict]]]
 def check_str_list(value, where: str, field: str, allow_empty: bool = True) -> list[str]:
     """`value` if it is a list of strings (non-empty unless `allow_empty`), else a `PersonaDataError`."""
     if not isinstance(value, list):
-        raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {type(value).__name__}.")
+        raise PersonaDataError(f"{where}: field {field!r} must be a list of strings, got {_json_type(value)}.")
     bad = next((i for i, s in enumerate(value) if not isinstance(s, str)), None)
     if bad is not None:
         raise PersonaDataError(
-            f"{where}: field {field!r} must be a list of strings; item {bad} is {type(value[bad]).__name__}."
+            f"{where}: field {field!r} must be a list of strings; item {bad} is {_json_type(value[bad])}."
         )
     if not allow_empty and not value:
         raise PersonaDataError(f"{where}: field {field!r} is empty.")
     return value
+
+
+def _json_type(value) -> str:
+    """What a file holds, in the file's words: null rather than NoneType (the files are JSON)."""
+    return "null" if value is None else type(value).__name__
 
 
 def check_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
@@ -157,6 +171,11 @@ def check_canonical_fields(dialog, where: str) -> list[dict]:
             for u, utterance in enumerate(dialog["utterances"]):
                 if isinstance(utterance, dict):
                     check_fields(utterance, UTTERANCE_FIELDS, f"{where}, utterance {u}")
+                    if "rejected" in utterance and utterance["rejected"] is None:
+                        raise PersonaDataError(
+                            f"{where}, utterance {u}: field 'rejected' must be a list of rejected replies, got null; "
+                            "leave the field out for none."
+                        )
     return [dialog]
 
 
@@ -186,20 +205,38 @@ def validate_dialog(dialog, where: str, max_turn_chars: int | None = None) -> di
         candidates = check_str_list(utterance["candidates"], at, "candidates", allow_empty=False)
         if not candidates[-1].strip():
             raise PersonaDataError(f"{at}: field 'candidates': the gold reply (the last candidate) is empty.")
+        blank = next((i for i, text in enumerate(candidates[:-1]) if not text.strip()), None)
+        if blank is not None:  # an empty distractor is no choice: the multiple-choice head learns nothing from it
+            raise PersonaDataError(f"{at}: field 'candidates': item {blank} (a distractor) is empty; remove it.")
         texts_of = [("personality", personality), ("history", history), ("candidates", candidates)]
         if utterance.get("rejected") is not None:
             texts_of.append(("rejected", check_rejected(utterance["rejected"], candidates[-1], at)))
-        if max_turn_chars is not None:
+        check_surrogates(texts_of, at)
+        if max_turn_chars:
             for name, texts in texts_of:
                 longest = max(map(len, texts), default=0)
                 if longest > max_turn_chars:
                     raise PersonaDataError(
-                        f"{at}: field {name!r} has a text of {longest} characters (max_turn_chars={max_turn_chars})."
+                        f"{at}: field {name!r} has a text of {longest} characters, over --max_turn_chars "
+                        f"{max_turn_chars} (a mis-parsed file?); raise it, or 0 for no limit."
                     )
         clean.append({"history": history, "candidates": candidates})
         if len(texts_of) > 3:
             clean[-1]["rejected"] = texts_of[3][1]
     return {"personality": personality, "utterances": clean}
+
+
+def check_surrogates(texts_of: list[tuple[str, list[str]]], at: str) -> None:
+    """A `PersonaDataError` naming the field and item of the first text holding a lone UTF-16 surrogate."""
+    for name, texts in texts_of:
+        for i, text in enumerate(texts):
+            found = _SURROGATE.search(text)
+            if found:
+                raise PersonaDataError(
+                    f"{at}: field {name!r}: item {i} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X} at "
+                    f"character {found.start()}), which is not text; in JSON a \\ud800-\\udfff escape needs its pair. "
+                    "Fix or remove it."
+                )
 
 
 def check_rejected(rejected, gold: str, at: str) -> list[str]:

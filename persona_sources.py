@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
 import tempfile
@@ -26,6 +27,8 @@ from datasets.utils.file_utils import cached_path
 from persona_files import check_file
 from persona_readers import SPC_COLUMNS, chat_dialog, spc_records
 from persona_records import PersonaDataError, ReadOptions, Record
+
+logger = logging.getLogger(__name__)
 
 
 def is_url(source: str) -> bool:
@@ -196,19 +199,24 @@ def _canonical_row(row: dict) -> list[dict]:
 
 def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[str, Iterable[Record]]:
     """A Hub dataset, a local `datasets` folder (``save_to_disk`` or data files) in a known layout."""
+    saved = os.path.isdir(source) and any(
+        os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")
+    )
     try:
-        if os.path.isdir(source) and any(
-            os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")
-        ):
-            loaded = datasets.load_from_disk(source)
-        else:
-            loaded = datasets.load_dataset(source, **load_kwargs)
+        loaded = datasets.load_from_disk(source) if saved else datasets.load_dataset(source, **load_kwargs)
     except PersonaDataError:
         raise
     except Exception as err:  # pyarrow, network and builder errors: one clear line instead of their traceback
+        import pyarrow
+
         kind = "a folder" if os.path.isdir(source) else "a Hub id (no such local file or folder)"
+        hint = ""
+        # pyarrow reading a cache file cut short raises a plain OSError (network errors are subclasses of it).
+        if not saved and (type(err) is OSError or isinstance(err, (pyarrow.ArrowException, EOFError))):
+            cache = load_kwargs.get("cache_dir") or datasets.config.HF_DATASETS_CACHE
+            hint = f"; if it loaded before, its cache may be damaged: delete {cache} (or pass a fresh --dataset_cache)."
         raise PersonaDataError(
-            f"{source}: could not load it as a datasets dataset ({kind}): {type(err).__name__}: {err}"
+            f"{source}: could not load it as a datasets dataset ({kind}): {type(err).__name__}: {err}{hint}"
         ) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({options.split or "train": loaded})
@@ -233,6 +241,11 @@ def read_hub_dataset(source: str, options: ReadOptions, **load_kwargs) -> dict[s
                 raise PersonaDataError(f"{source}: split {split!r}: --column_mapping: {err}") from None
         where = f"{source}: split {split!r}"
         if set(SPC_COLUMNS) <= set(ds.column_names):
+            extra = [c for c in ds.column_names if c not in SPC_COLUMNS]
+            if extra:  # as the CSV reader: a user's own columns (ids, notes) are not dialog data
+                logger.warning(
+                    "%s: ignoring the column(s) %s; the dialogs are read from %s.", where, extra, list(SPC_COLUMNS)
+                )
             rows = [(f"{where}, record {i}", row, None) for i, row in enumerate(ds)]
             splits[split] = spc_records(rows, options)
         else:

@@ -31,7 +31,6 @@ from persona_cli import (
     check_mixed_precision,
     check_model_path,
     check_positive,
-    feature_cache_hint,
     find_split,
     input_budget,
     parse_args_with_config,
@@ -308,8 +307,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         dialogs = load_dialogs(
             data_args.dataset_path,
             data_args.dataset_format,
-            cache_dir=data_args.dataset_cache,
-            on_bad_record=data_args.on_bad_record,
+            **data_args.read_options(),
             num_distractors=data_args.num_distractors,
             spc_bot_role=data_args.spc_bot_role,
             column_mapping=data_args.column_mapping,
@@ -349,10 +347,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     max_length = input_budget(model, data_args.max_length)
 
     def features(split: str, num_candidates: int | None, max_samples: int | None) -> datasets.Dataset:
-        with (
-            training_args.main_process_first(desc=f"building {split} features"),
-            feature_cache_hint(data_args.dataset_cache),
-        ):
+        with training_args.main_process_first(desc=f"building {split} features"):
             rows = build_features(
                 dialogs[split],
                 tokenizer,

@@ -31,11 +31,15 @@ CORPUS = {
     "json_top_level_string.json": ("", "object of splits", None, None),
     "json_split_not_list.json": ("split 'train'", "list of dialogs", None, None),
     "json_history_numbers.json": ("split 'train', dialog 0, utterance 0", "'history'", 0, 1),
-    "json_long_turn.json": ("split 'train', dialog 1, utterance 0", "max_turn_chars", 1, 1),
+    "json_long_turn.json": ("split 'train', dialog 1, utterance 0", "over --max_turn_chars 10000", 1, 1),
     "json_no_candidates.json": ("split 'train', dialog 0, utterance 0", "'candidates'", 1, 1),
-    "json_utf16.json": ("line 1", "UTF-16", None, None),
-    "jsonl_utf16.jsonl": ("line 1", "UTF-16", None, None),
-    "convai2_utf16.txt": ("line 1", "UTF-16", None, None),
+    # UTF-16 and UTF-32 with a byte-order mark are text ("Unicode" in Windows editors); broken ones name the line.
+    "json_utf16.json": (None, None, 1, 0),
+    "jsonl_utf16.jsonl": (None, None, 2, 0),
+    "convai2_utf16.txt": (None, None, 1, 0),
+    "spc_utf16_be_bom.csv": (None, None, 2, 0),
+    # byte 416: the mark (2) + 2 lines of 103 characters (412) + "{" (2)
+    "jsonl_utf16_broken.jsonl": ("line 3", "not valid UTF-16 text (byte 416 of the file", None, None),
     "jsonl_broken_line.jsonl": ("line 2", "not valid JSON", 2, 1),
     "jsonl_latin1_line.jsonl": ("line 2", "UTF-8", 2, 1),
     "jsonl_missing_personality.jsonl": ("line 1", "'personality'", 1, 1),
@@ -77,15 +81,32 @@ CORPUS = {
     "chat_bot_first_string.jsonl": ("line 1", "field 'bot_first' must be true or false, got 'false'", 1, 1),
     "chat_bot_first_number.jsonl": ("line 2", "field 'bot_first' must be true or false, got 1", 1, 1),
     "chat_unknown_field.jsonl": ("line 1", "unknown field 'bot_frist'", 1, 1),
+    # In a file null is a wrong type like any other, not "absent" (leaving the field out is).
+    "chat_bot_first_null.jsonl": ("line 1", "field 'bot_first' must be true or false, got null", 1, 1),
+    "chat_persona_null.jsonl": ("line 1", "field 'persona' must be a list of strings, got null", 1, 2),
+    "chat_rejected_null.jsonl": ("line 2", "field 'rejected' must be a list with one entry per bot turn", 1, 1),
+    "jsonl_rejected_null.jsonl": ("line 1, utterance 0", "field 'rejected' must be a list of rejected replies", 1, 1),
+    # A ParlAI line has at most 4 tab-separated fields: a fifth would be lost without a word.
+    "convai2_fifth_field.txt": ("line 4", "5 tab-separated fields, at most 4 expected", 1, 1),
+    # An empty distractor is no choice to learn from, in every format that carries candidates.
+    "convai2_empty_distractor.txt": ("dialog starting at line 3, utterance 0", "item 1 (a distractor) is empty", 1, 1),
+    "json_empty_distractor.json": ("split 'train', dialog 1, utterance 0", "item 1 (a distractor) is empty", 1, 1),
+    "jsonl_blank_distractor.jsonl": ("line 1, utterance 0", "item 0 (a distractor) is empty", 1, 1),
+    # A lone UTF-16 surrogate (a JSON escape without its pair) is named by record and field, not by Arrow.
+    "json_lone_surrogate.json": ("split 'train', dialog 1", "field 'personality': item 0 holds a lone UTF-16", 1, 1),
+    "jsonl_lone_surrogate.jsonl": ("line 1, utterance 0", "field 'candidates': item 1 holds a lone UTF-16", 1, 1),
+    "chat_lone_surrogate.jsonl": ("line 2, utterance 0", "field 'history': item 0 holds a lone UTF-16 surrogate", 1, 1),
     "json_unknown_field.json": ("split 'train', dialog 1", "unknown field 'persona'", 1, 1),
     "jsonl_unknown_utterance_field.jsonl": ("line 1, utterance 0", "unknown field 'candidate'", 1, 1),
     # CSV columns and speaker tags.
     "spc_duplicate_column.csv": ("line 1", "'user 2 personas' twice", None, None),
-    "spc_unknown_column.csv": ("line 1", "unknown column(s) ['notes']", None, None),
+    # Columns of the user's own (ids, notes) are read past, and named once (test_spc_extra_columns_are_named_once).
+    "spc_unknown_column.csv": (None, None, 1, 0),
+    "spc_extra_columns.csv": (None, None, 2, 0),
     "spc_user3.csv": ("record 1 (line 4)", "unknown speaker 'User 3'", 1, 1),
     # Encodings, binary data and gzip.
-    "json_utf32.json": ("line 1", "UTF-32", None, None),
-    "jsonl_utf32_be.jsonl": ("line 1", "UTF-32", None, None),
+    "json_utf32.json": (None, None, 1, 0),
+    "jsonl_utf32_be.jsonl": (None, None, 1, 0),
     "spc_utf16_no_bom.csv": ("line 1", "NUL byte (byte 1 of the file)", None, None),
     "convai2_binary.txt": ("line 5", "NUL byte (byte 48 of the file)", None, None),
     "jsonl_gzip.jsonl.gz": (None, None, 2, 0),
@@ -105,6 +126,10 @@ CORPUS = {
 }
 
 
+# Options the corpus is read with, besides the format (a limit lowered to keep the file small).
+OPTIONS = {"json_long_turn.json": {"max_turn_chars": 10_000}}
+
+
 def _format(name: str) -> str | None:
     return "chat_jsonl" if name.startswith("chat_") else None  # a broken first line defeats detection
 
@@ -118,26 +143,27 @@ def test_corpus_is_complete():
 def test_bad_input(name):
     where, words, kept, skipped = CORPUS[name]
     path = os.path.join(BAD_DIR, name)
+    options = OPTIONS.get(name, {})
     if where is None:
-        dialogs = load_dialogs(path, _format(name))
+        dialogs = load_dialogs(path, _format(name), **options)
         assert sum(ds.num_rows for ds in dialogs.values()) == kept
         return
     with pytest.raises(PersonaDataError) as info:
-        load_dialogs(path, _format(name))
+        load_dialogs(path, _format(name), **options)
     message = str(info.value)
     assert message.startswith(f"{path}: {where}"), message
     assert words in message
     assert "\n" not in message  # one line
     if kept is None:  # the whole file is unreadable: skipping cannot help
         with pytest.raises(PersonaDataError, match="^" + re.escape(path)):
-            load_dialogs(path, _format(name), on_bad_record="skip")
+            load_dialogs(path, _format(name), on_bad_record="skip", **options)
         return
     if kept == 0:  # every record is bad: skipping them all leaves nothing to train on, which is an error too
         all_bad = rf"^{re.escape(path)}: split 'train': all {skipped} records are bad"
         with pytest.raises(PersonaDataError, match=all_bad):
-            load_dialogs(path, _format(name), on_bad_record="skip")
+            load_dialogs(path, _format(name), on_bad_record="skip", **options)
         return
-    dialogs, reports = load_dialogs_with_report(path, _format(name), on_bad_record="skip")
+    dialogs, reports = load_dialogs_with_report(path, _format(name), on_bad_record="skip", **options)
     assert sum(ds.num_rows for ds in dialogs.values()) == kept
     assert sum(r.skipped for r in reports.values()) == skipped
     # count in == count out + skipped (one dialog per record in these formats)

@@ -177,3 +177,21 @@ def test_persona_eval_help_has_no_double_negative():
     assert "--no_no_sample" not in help_text and "--no_f1" in help_text
     assert parser.parse_args_into_dataclasses(["--model_name_or_path", "org/m", "--dataset_path", "d",
                                                "--no_sample", "false"])[1].no_sample is False  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["persona_chat", "persona_demo", "persona_eval", "run_persona"])
+def test_bytes_that_are_not_utf8_on_the_command_line_name_the_flag(script):
+    """A shell passes `--persona $'caf\\xe9'` (Latin-1) as bytes; Python hands them over as lone surrogates, which a
+    tokenizer later refuses with a TypeError traceback."""
+    import importlib
+
+    from persona_cli import parse_args_with_config
+
+    module = importlib.import_module(script)
+    latin1 = os.fsdecode(b"caf\xe9")  # what sys.argv holds for those bytes
+    flag = "--persona" if script in ("persona_chat", "persona_demo") else "--dataset_path"
+    argv = ["--model_name_or_path", "m", *(["--output_dir", "o"] if script == "run_persona" else [])]
+    with pytest.raises(UsageError, match=rf"^{flag}: 'caf\\udce9' is not UTF-8 text"):
+        parse_args_with_config(module.make_parser(), [*argv, flag, latin1])
+    with pytest.raises(UsageError, match=rf"^{flag}: '{flag}=caf\\udce9' is not UTF-8 text"):
+        parse_args_with_config(module.make_parser(), [*argv, f"{flag}={latin1}"])

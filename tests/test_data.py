@@ -3,6 +3,9 @@ persona permutations, truncation, errors)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import datasets
 import pytest
 
@@ -126,3 +129,52 @@ def test_max_length_too_small_names_the_flag(tokenizer):
             build_features(_dialogs(), tokenizer, num_candidates=2, max_history=2, max_length=max_length)
     feats = build_features(_dialogs(), tokenizer, num_candidates=2, max_history=2, max_length=5)
     assert all(len(seq) == 5 for row in feats["input_ids"] for seq in row)
+
+
+def test_permutations_are_capped_at_the_persona_sentences(tokenizer, caplog):
+    """k rotations of a persona of n < k sentences would repeat rotations: each dialog is used min(k, max(n, 1))
+    times, and one warning counts the dialogs capped."""
+    one_turn = [{"history": ["hello"], "candidates": ["no way", "hi there"]}]
+    dialogs = datasets.Dataset.from_list(
+        [
+            {"personality": ["i like cats .", "i am a nurse .", "i live in paris ."], "utterances": one_turn},
+            {"personality": ["i like dogs .", "i swim ."], "utterances": one_turn * 2},
+            {"personality": [], "utterances": one_turn},
+        ]
+    )
+    with caplog.at_level("WARNING", logger="persona_data"):
+        rows = build_features(dialogs, tokenizer, num_candidates=2, max_history=1, personality_permutations=3)
+    assert rows.num_rows == 3 * 1 + 2 * 2 + 1 * 1  # 3 rotations, 2 rotations x 2 utterances, the empty persona once
+    assert "--personality_permutations 3: 2 of 3 dialogs have fewer persona sentences" in caplog.text
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    gold = enc("hi there")
+    # The two-sentence dialog: its persona, then rotated once, for each utterance; never a third (repeated) rotation.
+    dogs, swim = enc("i like dogs ."), enc("i swim .")
+    expected = [[dogs, swim], [dogs, swim], [swim, dogs], [swim, dogs]]
+    got = [row[1] for row in rows["input_ids"][3:7]]
+    assert got == [build_inputs(p, [enc("hello")], gold, ids, lm_labels=True)["input_ids"] for p in expected]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="persona_data"):
+        build_features(dialogs.select([0]), tokenizer, num_candidates=2, max_history=1, personality_permutations=3)
+    assert "personality_permutations" not in caplog.text
+
+
+def test_a_damaged_feature_cache_is_named_with_the_way_out(tokenizer, tmp_path):
+    """A cache file cut short (a killed run, a full disk) fails in pyarrow with a plain OSError naming nothing."""
+    kw = dict(num_candidates=2, max_history=2, cache_dir=str(tmp_path / "cache"))
+    build_features(_dialogs(), tokenizer, **kw)
+    (arrow,) = (tmp_path / "cache").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(PersonaDataError) as info:
+        build_features(_dialogs(), tokenizer, **kw)
+    message = str(info.value)
+    assert message.startswith(f"{arrow}: the cached features cannot be read (")
+    assert f"Delete the folder {tmp_path / 'cache'} (or pass a fresh --dataset_cache)" in message
+    assert isinstance(info.value.__cause__, OSError)
+    arrow.unlink()
+    arrow.mkdir()  # a folder where the file was: IsADirectoryError inside pyarrow
+    with pytest.raises(PersonaDataError, match=re.escape(f"{arrow}: the cached features cannot be read")):
+        build_features(_dialogs(), tokenizer, **kw)
+    shutil.rmtree(tmp_path / "cache")  # the way out the message gives works
+    assert build_features(_dialogs(), tokenizer, **kw).num_rows == 2

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 from format_samples import (
@@ -21,8 +25,10 @@ from format_samples import (
 )
 
 from persona_data import build_features, load_dialogs, load_dialogs_with_report
-from persona_readers import detect_format
-from persona_records import SILENCE
+from persona_readers import SPC_COLUMNS, detect_format
+from persona_records import SILENCE, PersonaDataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ConvAI2 / ParlAI text
 
@@ -236,5 +242,112 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
         "column_mapping": "a=b",
     }
     assert seen["distractor_seed"] == 5
+    assert "max_turn_chars" not in seen  # the readers' default
+    argv = ["--max_turn_chars", "0", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    args = run_persona.parse_args(argv)
+    with pytest.raises(Stop):
+        run_persona.main(*args)
+    assert seen["max_turn_chars"] == 0
+    with pytest.raises(ValueError, match=r"--max_turn_chars must be >= 0, got -1"):
+        run_persona.parse_args(["--max_turn_chars", "-1", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="invalid choice: 'bot'"):  # the CLI layer's one-line UsageError
         run_persona.parse_args(["--spc_bot_role", "bot", "--output_dir", str(tmp_path)])
+
+
+# Own files that are valid or nearly so
+
+
+def test_spc_csv_extra_columns_are_read_and_named_once(tmp_path, caplog):
+    """Users keep ids and notes beside the three Synthetic-Persona-Chat columns: read past them, and say so once."""
+    path = tmp_path / "mine.csv"
+    rows_ = [
+        ["id", "user 1 personas", "Best Generated Conversation", "user 2 personas", "notes"],
+        ["1", "I bake.", "User 1: Hi!\nUser 2: Hello!", "I run.", "ok"],
+        ["2", "I swim.", "User 1: Hey\nUser 2: Hi, I sing.", "I sing.", ""],
+    ]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows_)
+    with caplog.at_level("WARNING", logger="persona_readers"):
+        dialogs = load_dialogs(str(path), num_distractors=0)
+    assert [d["personality"] for d in dialogs["train"]] == [["I run."], ["I sing."]]
+    assert [d["utterances"] for d in dialogs["train"]] == [
+        [{"history": ["Hi!"], "candidates": ["Hello!"]}],
+        [{"history": ["Hey"], "candidates": ["Hi, I sing."]}],
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "ignoring the column" in r.getMessage()]
+    expected = f"{path}: ignoring the column(s) ['id', 'notes']; the dialogs are read from {list(SPC_COLUMNS)}."
+    assert warnings == [expected]
+
+
+def test_long_turns_are_read_and_cut_like_any_long_context(tmp_path, tokenizer, caplog):
+    """A turn of 15,000 characters is data (a pasted text), not a mis-parsed file: read, then cut to the window and
+    counted. `max_turn_chars` (a flag of every script) is the guard against a whole file in one field."""
+    long_turn = "tell me more about cats . " * 577  # 15,002 characters
+    path = write(tmp_path, "long.jsonl", json.dumps({"persona": ["i like cats ."], "turns": [long_turn, "sure !"]}))
+    dialogs = load_dialogs(path, num_distractors=0)
+    assert dialogs["train"][0]["utterances"][0]["history"] == [long_turn]
+    with caplog.at_level("WARNING", logger="persona_data"):
+        rows_ = build_features(dialogs["train"], tokenizer, num_candidates=1, max_history=2, max_length=64)
+    assert max(len(seq) for seq in rows_[0]["input_ids"]) == 64
+    assert "--max_length 64: 1 of 1 rows lost their oldest history turns or persona sentences" in caplog.text
+    with pytest.raises(PersonaDataError, match=r"line 1, utterance 0: field 'history' has a text of 15002 characters"):
+        load_dialogs(path, max_turn_chars=15_000)
+    assert load_dialogs(path, max_turn_chars=0)["train"].num_rows == 1  # 0: no limit
+    with pytest.raises(ValueError, match="max_turn_chars must be an integer >= 0"):
+        load_dialogs(path, max_turn_chars=-5)
+
+
+@pytest.mark.parametrize("script", ["persona_chat", "persona_eval", "persona_demo"])
+def test_max_turn_chars_reaches_the_readers_of_every_script(script):
+    import importlib
+
+    module = importlib.import_module(script)
+    args = module.make_parser().parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--dataset_path", "d.json", "--max_turn_chars", "20000"]
+    )[0]
+    assert args.read_options()["max_turn_chars"] == 20_000
+
+
+# The README's own-data section, as written
+
+
+def _readme_own_data_blocks() -> tuple[str, str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("### Your own data") :]
+    section = section[: section.index("\n## ")]
+    (bash,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    (table,) = re.findall(r"```csv\n(.*?)```", section, flags=re.S)
+    return bash, table
+
+
+def test_readme_own_data_folder_trains_as_written(tiny_checkpoint, tmp_path):
+    """The folder of train.jsonl + valid.jsonl, made and trained on by the README's commands (tiny model, one step)."""
+    bash, _ = _readme_own_data_blocks()
+    assert bash.count("persona-train ") == 1 and "openai-community/gpt2" in bash
+    script = bash.replace("persona-train ", f"{shlex.quote(sys.executable)} {shlex.quote(ROOT)}/run_persona.py ")
+    script = script.replace("openai-community/gpt2", shlex.quote(tiny_checkpoint)).rstrip("\n")
+    script += " --max_steps 1 --use_cpu true --report_to none --dataset_cache cache --disable_tqdm true\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "my-bot" / "all_results.json").read_text())
+    assert results["train_samples"] == 3 and results["eval_samples"] == 2  # bot turns: 2 + 1 train, 1 + 1 valid
+    dialogs = load_dialogs(str(tmp_path / "my_data"), cache_dir=str(tmp_path / "cache2"))
+    assert sorted(dialogs) == ["train", "validation"]
+    assert dialogs["validation"][1]["utterances"][0]["history"] == ["good morning!"]
+
+
+def test_readme_spc_csv_example_reads(tmp_path, caplog):
+    _, table = _readme_own_data_blocks()
+    (tmp_path / "my_data.csv").write_text(table)
+    with caplog.at_level("WARNING", logger="persona_readers"):
+        dialogs = load_dialogs(str(tmp_path / "my_data.csv"), num_distractors=1)["train"]
+    assert [d["personality"] for d in dialogs] == [["I run every morning.", "I work at a bakery."], ["I love the sea."]]
+    assert [u["history"] for u in dialogs[0]["utterances"]] == [
+        ["Hi! Do you like tea?"],
+        ["Hi! Do you like tea?", "Sometimes, after my morning run.", "I drink it with my cat."],
+    ]
+    assert dialogs[1]["utterances"][0]["candidates"][-1] == "No, I sail on the sea every weekend."
+    assert "ignoring the column(s) ['id']" in caplog.text

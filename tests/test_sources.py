@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -77,6 +78,40 @@ def test_data_files_folder(tmp_path):
     (spc / "train.csv").write_text(SPC_CSV)
     spc_dialogs = load_dialogs(str(spc), "hub", cache_dir=str(tmp_path / "cache"), num_distractors=1)
     assert [d["personality"] for d in spc_dialogs["train"]] == SPC_PERSONAS["2"]
+
+
+def test_spc_folder_with_columns_of_ones_own(tmp_path, caplog):
+    """A folder of Synthetic-Persona-Chat CSVs with an id column reads as the CSV file does, naming the column once."""
+    header, body = SPC_CSV.split("\n", 1)
+    assert header == "user 1 personas,user 2 personas,Best Generated Conversation"
+    spc = tmp_path / "spc"
+    spc.mkdir()
+    # The id goes last: a record of the sample spans several lines, so only a new header column is simple to add.
+    (spc / "train.csv").write_text(header + ",id\n" + body.replace('"\n"', '",1\n"').rstrip("\n") + ",2\n")
+    with caplog.at_level("WARNING", logger="persona_sources"):
+        dialogs = load_dialogs(str(spc), cache_dir=str(tmp_path / "cache"), num_distractors=1)
+    assert [d["personality"] for d in dialogs["train"]] == SPC_PERSONAS["2"]
+    assert caplog.text.count("ignoring the column(s) ['id']") == 1
+
+
+def test_a_damaged_datasets_cache_names_the_way_out(tmp_path):
+    """`datasets` caches a data-files folder as Arrow files; one cut short fails in pyarrow naming no file."""
+    folder = tmp_path / "canonical"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(d) for d in SMALL["train"]))
+    cache = tmp_path / "cache"
+    assert load_dialogs(str(folder), cache_dir=str(cache))["train"].num_rows == 2
+    arrows = list(cache.rglob("*.arrow"))
+    assert arrows
+    for arrow in arrows:
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(PersonaDataError) as info:
+        load_dialogs(str(folder), cache_dir=str(cache))
+    assert str(info.value).startswith(f"{folder}: could not load it as a datasets dataset (a folder): ")
+    way_out = f"; if it loaded before, its cache may be damaged: delete {cache} (or pass a fresh --dataset_cache)."
+    assert str(info.value).endswith(way_out)
+    shutil.rmtree(cache)
+    assert load_dialogs(str(folder), cache_dir=str(cache))["train"].num_rows == 2
 
 
 def test_hub_errors_are_one_clear_line(tmp_path):

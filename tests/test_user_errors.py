@@ -16,6 +16,7 @@ import persona_chat
 import persona_demo
 import persona_eval
 import run_persona
+from persona_errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,6 +364,31 @@ def test_persona_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     ]:
         line = error_line(persona_chat.cli, [*base, str(tmp_path / name)], capsys)
         assert f"--persona_file {tmp_path / name}" in line and words in line, line
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-32"]
+)  # "utf-16"/"utf-32": Python's, with the machine's byte-order mark
+def test_persona_file_in_any_unicode_text_encoding(encoding, tmp_path):
+    """Windows editors save "Unicode" text as UTF-16 with a byte-order mark: it is text, read like UTF-8."""
+    import codecs
+
+    text = "i like café.\r\n\r\nmy dog is named ß.\r\n"
+    marks = {"utf-16-le-bom": codecs.BOM_UTF16_LE, "utf-16-be-bom": codecs.BOM_UTF16_BE}
+    data = marks[encoding] + text.encode(encoding[:9]) if encoding in marks else text.encode(encoding)
+    (tmp_path / "persona.txt").write_bytes(data)
+    args = persona_chat.make_parser().parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--persona", "i sing.", "--persona_file", str(tmp_path / "persona.txt")]
+    )[0]
+    assert persona_chat._read_persona(args, seed=0, interactive=False) == [
+        "i sing.",
+        "i like café.",
+        "my dog is named ß.",
+    ]
+    # A UTF-16 file broken after its mark (a lone surrogate) names the file and the line.
+    (tmp_path / "broken.txt").write_bytes(codecs.BOM_UTF16_LE + "hi\n".encode("utf-16-le") + b"\x00\xd8a\x00")
+    with pytest.raises(UsageError, match=r"--persona_file .*broken.txt: line 2 is not UTF-16 text"):
+        persona_chat.read_text_lines(str(tmp_path / "broken.txt"), "--persona_file")
 
 
 @pytest.mark.parametrize(
