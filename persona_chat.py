@@ -26,6 +26,7 @@ from persona_cli import (
     parse_args_with_config,
     persona_split,
     run_console_script,
+    say,
     sentence_list,
     setup_logging,
 )
@@ -213,6 +214,11 @@ def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRanki
     interactive = not args.stdin
     try:
         persona = _read_persona(args, generation.seed, interactive)
+        if not persona:
+            say(
+                "persona-chat: warning: no persona (give --persona, --persona_file or --dataset_path): the bot "
+                "replies without one."
+            )
         model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
         api.check_reply_budget(model, generation.max_new_tokens)
         bot = api.PersonaBot(

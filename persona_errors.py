@@ -18,3 +18,16 @@ class UsageError(PersonaError, ValueError):
 
 class CheckpointError(PersonaError, OSError):
     """A checkpoint that cannot be loaded (missing, damaged or incomplete files, a model type that cannot serve)."""
+
+
+def quote(value, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters, for messages that quote what a user gave: a config value can be
+    millions of characters long (a YAML alias bomb), and one error line must stay readable.
+
+    >>> quote("x" * 1000, limit=12)
+    "'xxxxxxxxxxx... (1002 characters)"
+    >>> quote([1, 2])
+    '[1, 2]'
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}... ({len(text)} characters)"
