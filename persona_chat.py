@@ -37,6 +37,7 @@ from persona_decoding import (  # noqa: F401 (public: importable from persona_ch
     generation_config_from_options,
     stop_token_ids,
 )
+from persona_options import warn_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class ChatArguments(DialogArguments, InferenceArguments):
                 else "no such file"
             )
             raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
+        if self.dataset_path is not None and (any(s.strip() for s in self.persona) or self.persona_file):
+            reason = "it draws a random persona, and --persona / --persona_file give one"
+            warn_ignored("persona-chat", ["dataset_path"], reason)
         super().__post_init__()
 
 

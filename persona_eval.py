@@ -44,7 +44,7 @@ from persona_cli import (
 )
 from persona_decoding import EvalGenerationArguments
 from persona_metrics import PAIR_ORDERS, f1_score  # noqa: F401 (f1_score: public API, the ConvAI2 F1 of one pair)
-from persona_options import check_writable
+from persona_options import check_writable, set_by_user, warn_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ class EvalArguments(DialogArguments, ModelArguments):
             raise UsageError(
                 "--nli_penalty needs --nli_model: the penalty is lambda times an NLI model's contradictions."
             )
-        if self.nli_model is not None:
+        if self.nli_model is None:
+            unused = set_by_user(self, ("nli_pair_order", "nli_batch_size"))
+            warn_ignored("persona-eval", unused, "NLI options apply with --nli_model")
+        else:
             check_model_path(self.nli_model, "--nli_model")
             if not self.f1:
                 raise UsageError("--nli_model scores the replies generated for F1; drop --no_f1 (or --f1 false).")

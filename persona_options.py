@@ -78,8 +78,7 @@ def warn_ignored(prog: str, names, reason: str) -> None:
     """One line saying that the flags `names` have no effect, and why."""
     if names:
         flags = ", ".join(f"--{name}" for name in names)
-        verb = "is" if len(names) == 1 else "are"
-        say(f"{prog}: warning: {flags} {verb} ignored: {reason}.")
+        say(f"{prog}: warning: {flags} {'is' if len(names) == 1 else 'are'} ignored: {reason}.")
 
 
 def warn_ignored_training_options(model_args, data_args, training_args) -> None:
@@ -88,15 +87,11 @@ def warn_ignored_training_options(model_args, data_args, training_args) -> None:
     prog = "persona-train"
     lora = set_by_user(model_args, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"))
     if not model_args.use_peft:
-        warn_ignored(prog, lora, "they configure the LoRA adapter of --use_peft true")
+        warn_ignored(prog, lora, "LoRA options apply with --use_peft true")
     if training_args.objective != "dpo":
         dpo = set_by_user(training_args, ("beta", "dpo_loss"))
-        warn_ignored(
-            prog, dpo, f"they configure --objective dpo, and this run's objective is {training_args.objective}"
-        )
-    evaluates = training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval
-    ranks = (training_args.do_train and data_args.num_candidates > 1) or evaluates
-    if not ranks:
+        warn_ignored(prog, dpo, f"DPO options apply with --objective dpo (this run: {training_args.objective})")
+    if not ranks_candidates(data_args, training_args):
         warn_ignored(
             prog,
             set_by_user(data_args, ("num_distractors",)),
@@ -115,10 +110,20 @@ def warn_ignored_training_options(model_args, data_args, training_args) -> None:
         )
 
 
-def warn_unused_distractors(num_distractors: int, default: int, reports: dict, source: str) -> None:
+def ranks_candidates(data_args, training_args) -> bool:
+    """Whether a run ranks candidates: it trains on more than one, or it evaluates (every candidate)."""
+    evaluates = training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval
+    return (training_args.do_train and data_args.num_candidates > 1) or evaluates
+
+
+def warn_unused_distractors(data_args, training_args, reports: dict) -> None:
     """--num_distractors set, yet no reply of the data needed sampled distractors (the format has its own
-    candidates)."""
-    if num_distractors != default and not any(getattr(r, "sampled", 0) for r in reports.values()):
+    candidates); said only when `warn_ignored_training_options` has not said it already."""
+    default = next(f.default for f in fields(data_args) if f.name == "num_distractors")
+    if not ranks_candidates(data_args, training_args):
+        return
+    source = data_args.dataset_path
+    if data_args.num_distractors != default and not any(getattr(r, "sampled", 0) for r in reports.values()):
         warn_ignored(
             "persona-train",
             ["num_distractors"],

@@ -288,7 +288,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             column_mapping=data_args.column_mapping,
             distractor_seed=training_args.seed,
         )
-    warn_unused_distractors(data_args.num_distractors, DataArguments.num_distractors, reports, data_args.dataset_path)
+    warn_unused_distractors(data_args, training_args, reports)
     train_split, eval_split = needed_splits(dialogs, data_args, training_args)
     dpo = training_args.objective == "dpo"
     if dpo and train_split is not None:  # each turn's candidates become its preference set (before the model loads)
