@@ -177,3 +177,29 @@ def test_persona_eval_help_has_no_double_negative():
     assert "--no_no_sample" not in help_text and "--no_f1" in help_text
     assert parser.parse_args_into_dataclasses(["--model_name_or_path", "org/m", "--dataset_path", "d",
                                                "--no_sample", "false"])[1].no_sample is False  # fmt: skip
+
+
+def test_training_config_holds_what_the_user_set_and_reads_back(tmp_path):
+    """training_config.yaml: the options of the config file and the flags, plus the model and data, never every
+    default (`debug: []`, ...); persona-train reads it back to the same options."""
+    import yaml
+
+    import run_persona
+    from persona_checkpoints import write_training_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("num_candidates: 3\nlearning_rate: 0.001\nreport_to: none\n")
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out"), "--max_steps", "5", "--lm_coef=2.0"]
+    args = run_persona.parse_args(argv)
+    path = tmp_path / "training_config.yaml"
+    written = write_training_config(path, run_persona.make_parser(), *args, given=args[2].given_options)
+    assert set(written) == {"model_name_or_path", "dataset_path", "num_candidates", "learning_rate", "report_to",
+                            "max_steps", "lm_coef"}  # fmt: skip
+    assert written["model_name_or_path"] == "openai-community/openai-gpt"  # the default, kept: it reproduces the run
+    assert (written["num_candidates"], written["learning_rate"], written["lm_coef"]) == (3, 0.001, 2.0)
+    assert yaml.safe_load(path.read_text()) == written
+    again = run_persona.parse_args([str(path), "--output_dir", str(tmp_path / "again")])
+    for first, second in zip(args, again):
+        for name in written:
+            if hasattr(first, name):
+                assert getattr(second, name) == getattr(first, name), name
