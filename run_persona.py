@@ -233,7 +233,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         )
     # Every folder the run writes, before anything loads: a run must not fail at its end for want of a place to save.
     check_writable("runs" if training_args.auto_output_dir else training_args.output_dir, "--output_dir", folder=True)
-    check_writable(data_args.dataset_cache, "--dataset_cache", folder=True)
     warn_ignored_training_options(model_args, data_args, training_args)
     return model_args, data_args, training_args
 

@@ -527,7 +527,12 @@ def test_quote_cuts_long_values():
 
     assert quote("abc") == "'abc'" and quote([1, 2]) == "[1, 2]"
     long = quote("x" * 5000, limit=50)
-    assert len(long) < 80 and long.startswith("'xxx") and long.endswith("... (5002 characters)")
+    assert len(long) < 80 and long.startswith("'xxx") and long.endswith("... (5000 characters)")
+    # A YAML alias bomb: 9**9 leaves, shared; its full repr would never finish.
+    bomb = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9
+    assert len(quote(bomb)) < 260 and quote(bomb).endswith("(9 items)")
 
 
 @pytest.mark.parametrize(
@@ -544,7 +549,7 @@ def test_errors_quote_huge_config_values_cut(cli, text, key, tmp_path, capsys, m
     config = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
     config.write_text(text)
     line = error_line(cli, [str(config), "--model_name_or_path", "gpt2"], capsys)
-    assert key in line and "characters)" in line and len(line) < 600, line[:1000]
+    assert key in line and ("characters)" in line or "items)" in line or "..." in line) and len(line) < 600, line[:1000]
 
 
 def test_the_boundary_cuts_any_huge_message(capsys):
@@ -699,3 +704,11 @@ def test_demo_serves_port_0_on_the_port_it_picked(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(persona_demo, "build_demo", lambda *a, **k: FakeDemo())
     assert persona_demo.cli(["--model_name_or_path", tiny_checkpoint, "--port", "0"]) == 0
     assert launched["host"] == "127.0.0.1" and 0 < launched["port"] < 65536
+
+
+@pytest.mark.parametrize("cli", [persona_chat.cli, persona_eval.cli, run_persona.cli])
+def test_dataset_cache_checked_before_loading(cli, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", "d.json", "--dataset_cache", "/proc/cache"]
+    line = error_line(cli, argv + (["--output_dir", str(tmp_path / "o")] if cli is run_persona.cli else []), capsys)
+    assert "--dataset_cache /proc/cache: cannot write in /proc" in line, line
