@@ -203,3 +203,20 @@ def test_training_config_holds_what_the_user_set_and_reads_back(tmp_path):
         for name in written:
             if hasattr(first, name):
                 assert getattr(second, name) == getattr(first, name), name
+
+
+def test_readme_says_where_the_benchmark_data_comes_from():
+    """The benchmark commands name Synthetic-Persona-Chat_valid.csv: the README says where that file comes from
+    before the first of them (the Hub dataset and its file), and every bench script that takes it says so too."""
+    import glob
+    import re
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    first_command = text.index("--dataset_path Synthetic-Persona-Chat_valid.csv")
+    note = text.index("google/Synthetic-Persona-Chat")
+    assert note < first_command
+    url = re.search(r"https://huggingface\.co/datasets/google/Synthetic-Persona-Chat/resolve/main/(\S+?\.csv)", text)
+    assert url and url.group(1) == "data/Synthetic-Persona-Chat_valid.csv"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in re.findall(r"python (bench/\w+\.py) --dataset_path Synthetic-Persona-Chat_valid\.csv", text):
+        assert script in [os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "bench", "*.py"))], script
