@@ -170,7 +170,7 @@ def build_demo(
                 random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
                 with gr.Accordion("Decoding", open=False, elem_id="decoding"):
                     temperature = gr.Slider(0.05, 2.0, value=GENERATION_DEFAULTS["temperature"], label="Temperature")
-                    top_p = gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
+                    top_p = gr.Slider(0.01, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
                     top_k = gr.Slider(0, 200, value=GENERATION_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
                     max_new_tokens = gr.Slider(
                         1, 100, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max reply tokens"

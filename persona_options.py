@@ -58,10 +58,15 @@ def given_options(parser, argv) -> set[str]:
     given = set()
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         given.update(read_config_file(argv.pop(0)))
+    options = parser._option_string_actions
     for arg in argv:
-        action = parser._option_string_actions.get(arg.split("=", 1)[0]) if arg.startswith("--") else None
-        if action is not None:
-            given.add(action.dest)
+        if not arg.startswith("--"):
+            continue
+        name = arg.split("=", 1)[0]
+        # argparse takes a unique prefix of a flag (`--learning_r`) as the flag itself.
+        dests = {options[name].dest} if name in options else {a.dest for o, a in options.items() if o.startswith(name)}
+        if len(dests) == 1:
+            given.update(dests)
     return given
 
 

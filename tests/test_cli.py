@@ -189,7 +189,7 @@ def test_training_config_holds_what_the_user_set_and_reads_back(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("num_candidates: 3\nlearning_rate: 0.001\nreport_to: none\n")
-    argv = [str(recipe), "--output_dir", str(tmp_path / "out"), "--max_steps", "5", "--lm_coef=2.0"]
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out"), "--max_ste", "5", "--lm_coef=2.0"]  # a prefix too
     args = run_persona.parse_args(argv)
     path = tmp_path / "training_config.yaml"
     written = write_training_config(path, run_persona.make_parser(), *args, given=args[2].given_options)
