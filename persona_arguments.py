@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from persona_cli import check_model_path, check_positive
 from persona_errors import UsageError
+from persona_options import check_writable
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 # Device types torch.device knows, and those a model runs on here; whether one is present is checked at load time.
@@ -117,6 +118,8 @@ class DialogArguments:
         check_positive(self, "max_history", "max_turn_chars", minimum=0)
         if self.dataset_cache is not None and os.path.isfile(self.dataset_cache):
             raise UsageError(f"--dataset_cache {self.dataset_cache}: is a file; pass a folder.")
+        if self.dataset_cache is not None:  # downloads and features are written there: checked before loading
+            check_writable(self.dataset_cache, "--dataset_cache", folder=True)
         if self.on_bad_record not in ("error", "skip"):
             raise UsageError(f"--on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
         _post_init_next(self, DialogArguments)

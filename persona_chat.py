@@ -26,6 +26,7 @@ from persona_cli import (
     parse_args_with_config,
     persona_split,
     run_console_script,
+    say,
     sentence_list,
     setup_logging,
 )
@@ -36,6 +37,7 @@ from persona_decoding import (  # noqa: F401 (public: importable from persona_ch
     generation_config_from_options,
     stop_token_ids,
 )
+from persona_options import warn_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ class ChatArguments(DialogArguments, InferenceArguments):
                 else "no such file"
             )
             raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
+        if self.dataset_path is not None and (any(s.strip() for s in self.persona) or self.persona_file):
+            reason = "it draws a random persona, and --persona / --persona_file give one"
+            warn_ignored("persona-chat", ["dataset_path"], reason)
         super().__post_init__()
 
 
@@ -219,6 +224,11 @@ def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRanki
     interactive = not args.stdin
     try:
         persona = _read_persona(args, generation.seed, interactive)
+        if not persona:
+            say(
+                "persona-chat: warning: no persona (give --persona, --persona_file or --dataset_path): the bot "
+                "replies without one."
+            )
         model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
         api.check_reply_budget(model, generation.max_new_tokens)
         bot = api.PersonaBot(

@@ -124,8 +124,10 @@ def remove_checkpoints(output_dir: str) -> list[str]:
 TRAINING_CONFIG_NAME = "training_config.yaml"
 
 
-def write_training_config(path: str, parser, *args_dataclasses) -> dict:
-    """Write the options that differ from the defaults as a config file `run_persona.py` accepts back; return them.
+def write_training_config(path: str, parser, *args_dataclasses, given=None) -> dict:
+    """Write the options of a run as a config file `run_persona.py` accepts back; return them. With `given` (the
+    option names the user set, in a config file or as flags, and what else reproduces the run), those options with
+    their parsed values; without, every option that differs from its default.
 
     Tokens and machine-local paths of the run (output/logging dirs) are left out: the file is pushed to the Hub.
     """
@@ -139,7 +141,8 @@ def write_training_config(path: str, parser, *args_dataclasses) -> dict:
         for key, value in values.items():
             value = getattr(value, "value", value)  # enums (eval_strategy, ...) as their strings
             default = getattr(defaults.get(key), "value", defaults.get(key))
-            if key in defaults and key not in skip and value != default:
+            wanted = value != default if given is None else key in given
+            if key in defaults and key not in skip and wanted:
                 config[key] = value
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, sort_keys=False)

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from persona_errors import PersonaError, UsageError
+from persona_errors import PersonaError, UsageError, quote
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -23,6 +23,11 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 EVAL_SPLIT_FALLBACKS = ("valid", "validation", "test")
 # The shortest `--max_length` that holds bos, a speaker token per segment, a token of reply and eos.
 MIN_INPUT_LENGTH = 8
+# Text options that also take a mapping in a config file (`persona_records.parse_column_mapping` reads both); the
+# Trainer's own (`deepspeed`, `fsdp_config`, ...) say so in their annotations.
+MAPPING_OPTIONS = {"column_mapping"}
+# The longest error line the boundary prints: a message quoting a huge user value is cut in its middle.
+MAX_ERROR_CHARS = 2000
 
 
 EXIT_BUG = 1
@@ -64,7 +69,9 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
             close = (f"{key[3:]}: false" if key.startswith("no_") and key[3:] in known else _closest(key, known)
                      for key in unknown)  # fmt: skip
             hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
-            raise UsageError(f"{config_path}: unknown option(s) {unknown}{hints}; the options are the script's flags.")
+            raise UsageError(
+                f"{config_path}: unknown option(s) {quote(unknown)}{hints}; the options are the script's flags."
+            )
         actions = {action.dest: action for action in parser._actions}
         # Options whose dataclass field takes a list (`report_to: [tensorboard]`) besides the repeatable flags, from
         # the classes' own annotations (HfArgumentParser rewrites the fields' types).
@@ -75,8 +82,17 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
             for name, annotation in vars(klass).get("__annotations__", {}).items()
             if "list" in str(annotation).lower()
         }
+        takes_dict = MAPPING_OPTIONS | {
+            name
+            for dataclass_type in getattr(parser, "dataclass_types", ())
+            for klass in dataclass_type.__mro__
+            for name, annotation in vars(klass).get("__annotations__", {}).items()
+            if "dict" in str(annotation).lower()
+        }
         for key, value in config.items():
-            config[key] = _check_config_value(config_path, key, value, actions[key], key in takes_list)
+            config[key] = _check_config_value(
+                config_path, key, value, actions[key], key in takes_list, key in takes_dict
+            )
             actions[key].required = False  # the config file gives it (argparse only counts flags)
         parser.set_defaults(**config)
     try:
@@ -89,11 +105,11 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         unknown = next((a for a in rest if a.startswith("-")), rest[0])
         close = _closest(unknown.split("=")[0], flags) if unknown.startswith("--") else None
         hint = f"; did you mean {close}?" if close else "; see --help for the flags"
-        raise UsageError(f"unrecognized argument {unknown!r}{hint}")
+        raise UsageError(f"unrecognized argument {quote(unknown)}{hint}")
     return tuple(parsed)
 
 
-def _check_config_value(path: str, key: str, value, action, takes_list: bool = False):
+def _check_config_value(path: str, key: str, value, action, takes_list: bool = False, takes_dict: bool = False):
     """Type-check one config value as its flag would be, and return it: `parser.set_defaults` takes values as they
     are, so a `learning_rate: [1]` or `num_candidates: null` would otherwise reach the run unchecked. A number where
     text belongs (`output_dir: 2024`) becomes that text."""
@@ -105,12 +121,14 @@ def _check_config_value(path: str, key: str, value, action, takes_list: bool = F
 
     if action.type is str:
         if isinstance(value, dict):
-            return value  # a mapping option (a DeepSpeed config, --column_mapping): its dataclass checks it
+            if takes_dict:
+                return value  # a mapping option (a DeepSpeed config, --column_mapping): its dataclass checks it
+            raise UsageError(f"{path}: option {key!r} takes text (a path, a name), not a mapping {quote(value)}.")
         if isinstance(value, list) and not (takes_list or action.nargs in ("+", "*")):
-            raise UsageError(f"{path}: option {key!r} takes one value, got a list {value!r}.")
+            raise UsageError(f"{path}: option {key!r} takes one value, got a list {quote(value)}.")
         items = value if isinstance(value, list) else [value]
         if any(isinstance(item, (bool, list, dict)) or item is None for item in items):
-            raise UsageError(f"{path}: option {key!r} must be text, got {value!r}.")
+            raise UsageError(f"{path}: option {key!r} must be text, got {quote(value)}.")
         items = [str(item) for item in items]
         return items if isinstance(value, list) or action.nargs in ("+", "*") else items[0]
     if action.type not in (int, float, string_to_bool):
@@ -125,7 +143,7 @@ def _check_config_value(path: str, key: str, value, action, takes_list: bool = F
             wrong = True
         if wrong:
             kind = {int: "a whole number", float: "a number", string_to_bool: "true or false"}[action.type]
-            raise UsageError(f"{path}: option {key!r} must be {kind}, got {item!r}.")
+            raise UsageError(f"{path}: option {key!r} must be {kind}, got {quote(item)}.")
     return value
 
 
@@ -159,7 +177,7 @@ def read_config_file(path: str) -> dict:
         )
     bad = [key for key in config if not isinstance(key, str)]
     if bad:
-        raise UsageError(f"{path}: option names must be text, got {bad}.")
+        raise UsageError(f"{path}: option names must be text, got {quote(bad)}.")
     return config
 
 
@@ -273,24 +291,6 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def say_where_saved(prog: str, output_dir: str, callbacks) -> None:
-    """Where a training run saved, and its TensorBoard logs when a callback wrote some (the callback names the
-    folder)."""
-    boards = [cb.logging_dir for cb in callbacks if isinstance(getattr(cb, "logging_dir", None), str)]
-    logs = "".join(f"; TensorBoard logs: tensorboard --logdir {folder}" for folder in boards)
-    say(f"{prog}: saved the model, tokenizer and metrics to {output_dir}{logs}")
-
-
-def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
-    """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
-    bf16, whose autocast CPUs run."""
-    if fp16 and on_cpu:
-        raise UsageError(
-            "--fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 true "
-            "(bfloat16 autocast runs on CPUs) or leave --fp16 out."
-        )
-
-
 def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
     """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
     for name in names:
@@ -312,7 +312,7 @@ def sentence_list(values, flag: str) -> list[str]:
     for item in values if isinstance(values, list) else [values]:
         for sentence in item if isinstance(item, list) else [item]:
             if not isinstance(sentence, str):
-                raise UsageError(f"{flag}: {sentence!r} is not a sentence; give text (quote it in a config file).")
+                raise UsageError(f"{flag}: {quote(sentence)} is not a sentence; give text (quote it in a config file).")
             sentences.append(sentence)
     return sentences
 
@@ -360,8 +360,13 @@ def is_user_error(err: BaseException) -> bool:
 
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    return " ".join(str(err).split()) or type(err).__name__
+        line = f"{err.filename}: {err.strerror}"
+    else:
+        line = " ".join(str(err).split()) or type(err).__name__
+    if len(line) > MAX_ERROR_CHARS:  # a value quoted whole somewhere below (`persona_errors.quote` cuts at the source)
+        half = MAX_ERROR_CHARS // 2
+        line = f"{line[:half]} ... ({len(line) - 2 * half} characters cut) ... {line[-half:]}"
+    return line
 
 
 def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:

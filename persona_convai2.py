@@ -35,6 +35,7 @@ from persona_generation import generate_replies
 from persona_metrics import (
     HITS_KS,
     consistency_metrics,
+    hits_at_k,
     mean_f1,
     persona_copy_rate,
     ranking_metrics,
@@ -191,8 +192,19 @@ def evaluate_convai2(
 
     stats = rank_candidates(trainer, features)
     ranking = ranking_metrics(stats, ks=HITS_KS)
-    metrics = {key: value for key, value in ranking.items() if key.startswith("hits@")}
     columns = stat_columns(stats)
+    # A turn whose only candidate is the gold "hits" by construction: Hits@k counts the turns with a choice to make.
+    ranked = columns["num_candidates"] > 1
+    metrics = hits_at_k(columns["gold_rank"][ranked], columns["num_candidates"][ranked], HITS_KS)
+    metrics["hits_turns"] = int(ranked.sum())
+    if not ranked.all():
+        metrics["turns_one_candidate"] = int((~ranked).sum())
+        logger.warning(
+            "%d of %d turns have one candidate (the gold alone): left out of Hits@k, which counts %d turns.",
+            metrics["turns_one_candidate"],
+            len(ranked),
+            metrics["hits_turns"],
+        )
     words = sum(len(split_tokenize(t["gold"])) for t in turns)
     _, ppl_word = word_perplexity(columns["lm_nll"].sum() - columns["lm_end_nll"].sum(), words)
     metrics.update(ppl=ranking["ppl"], ppl_word=ppl_word, lm_loss=ranking["lm_loss"])

@@ -9,16 +9,21 @@ The reference's options (interact.py) keep their defaults, except that the reply
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from persona_chat_template import chat_format_of
-from persona_cli import UsageError
+from persona_cli import UsageError, say
 from persona_tokens import SpecialTokenIds
 
 # The most replies `num_ranked` samples for one context.
 MAX_RANKED = 64
+# The widest beam: each beam is a sequence decoded per context (memory and time grow with it), and widths past a few
+# dozen bring nothing to a short reply; 100000 would run for minutes before failing.
+MAX_BEAMS = 32
+# Options only sampling reads: under `no_sample` they are checked all the same, and a value set is said to be ignored.
+SAMPLING_ONLY = ("temperature", "top_k", "top_p")
 
 
 @dataclass
@@ -52,6 +57,14 @@ class GenerationArguments:
 
     def __post_init__(self):
         check_generation_options(**{name: getattr(self, name) for name in GENERATION_FIELDS}, flags=True)
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = [f"--{n}" for n in SAMPLING_ONLY if self.no_sample and getattr(self, n) != defaults[n]]
+        if ignored:
+            one = len(ignored) == 1
+            say(
+                f"warning: {', '.join(ignored)} only shape{'s' if one else ''} sampling; --no_sample decodes greedily "
+                f"and ignores {'it' if one else 'them'}."
+            )
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}.")
 
@@ -97,8 +110,8 @@ def check_generation_options(
         raise UsageError(
             f"{name('min_length')} must be between 0 and {name('max_new_tokens')} ({max_new_tokens}), got {min_length}."
         )
-    if num_beams < 1:
-        raise UsageError(f"{name('num_beams')} must be >= 1, got {num_beams}.")
+    if not 1 <= num_beams <= MAX_BEAMS:
+        raise UsageError(f"{name('num_beams')} must be between 1 and {MAX_BEAMS}, got {num_beams}.")
     if not 1 <= num_ranked <= MAX_RANKED:
         raise UsageError(f"{name('num_ranked')} must be between 1 and {MAX_RANKED}, got {num_ranked}.")
     if num_ranked > 1 and (no_sample or num_beams > 1):
@@ -112,16 +125,15 @@ def check_generation_options(
         raise UsageError(
             f"{name('repetition_penalty')} must be a number > 0 (1.0 turns it off), got {repetition_penalty}."
         )
-    if not no_sample:
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise UsageError(
-                f"{name('temperature')} must be a number > 0 when sampling, got {temperature}; "
-                f"{name('no_sample')} decodes greedily."
-            )
-        if not 0 < top_p <= 1:
-            raise UsageError(f"{name('top_p')} must be in (0, 1] (1 turns it off), got {top_p}.")
-        if top_k < 0:
-            raise UsageError(f"{name('top_k')} must be >= 0 (0 turns it off), got {top_k}.")
+    # Checked whatever the mode: a value that is wrong under --no_sample is wrong the day sampling is turned on.
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(
+            f"{name('temperature')} must be a number > 0, got {temperature}; {name('no_sample')} decodes greedily."
+        )
+    if not 0 < top_p <= 1:
+        raise UsageError(f"{name('top_p')} must be in (0, 1] (1 turns it off), got {top_p}.")
+    if top_k < 0:
+        raise UsageError(f"{name('top_k')} must be >= 0 (0 turns it off), got {top_k}.")
 
 
 # The one table of decoding defaults: every caller (chat, evaluation, demo, the library) reads it.

@@ -27,6 +27,7 @@ from persona_cli import (  # noqa: E402
     parse_args_with_config,
     persona_split,
     run_console_script,
+    say,
     sentence_list,
     setup_logging,
 )
@@ -169,7 +170,7 @@ def build_demo(
                 random_btn = gr.Button("Random persona", visible=bool(personas), elem_id="random-persona")
                 with gr.Accordion("Decoding", open=False, elem_id="decoding"):
                     temperature = gr.Slider(0.05, 2.0, value=GENERATION_DEFAULTS["temperature"], label="Temperature")
-                    top_p = gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
+                    top_p = gr.Slider(0.01, 1.0, value=GENERATION_DEFAULTS["top_p"], label="Top-p (1 = off)")
                     top_k = gr.Slider(0, 200, value=GENERATION_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
                     max_new_tokens = gr.Slider(
                         1, 100, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max reply tokens"
@@ -233,6 +234,11 @@ class DemoArguments(DialogArguments, InferenceArguments):
             raise UsageError(f"--host {self.host}: Gradio serves IPv4 addresses and host names; pass e.g. 127.0.0.1.")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}.")
+        if not is_loopback(self.host):
+            say(
+                f"persona-demo: warning: --host {self.host} exposes the demo to the network: anyone who can reach "
+                "this machine can chat with the model. Pass --host 127.0.0.1 to keep it on this machine."
+            )
         if len(self.persona) > self.max_persona_sentences:
             raise UsageError(f"--persona: {len(self.persona)} sentences, over --max_persona_sentences.")
         chars = len("\n".join(self.persona))  # as the persona box holds it
@@ -241,16 +247,21 @@ class DemoArguments(DialogArguments, InferenceArguments):
         super().__post_init__()
 
 
-def check_port_free(host: str, port: int) -> None:
-    """A `UsageError` when another program listens on `host:port` (checked before the model loads)."""
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, localhost)."""
+    return host == "localhost" or host.startswith("127.")
+
+
+def check_port_free(host: str, port: int) -> int:
+    """The port to serve on: `port`, or with 0 a free port the system picks (Gradio itself would print a URL with
+    port 0 and fail). A `UsageError` when another program listens on `host:port` (checked before the model loads)."""
     import errno
     import socket
 
-    if port == 0:
-        return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
             sock.bind((host, port))
+            return sock.getsockname()[1]
         except OSError as err:
             if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
                 raise UsageError(
@@ -273,7 +284,7 @@ def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
     api = sys.modules[__name__]  # the generation API: loaded here, after the flags (or a test's stand-in)
     api.check_device(args.device)
-    check_port_free(args.host, args.port)
+    port = check_port_free(args.host, args.port)
     setup_logging(logging.WARNING, stream=sys.stderr)
     try:
         model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
@@ -304,9 +315,9 @@ def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int
         nli_penalty=ranking.nli_penalty,
     )
     try:
-        demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+        demo.queue().launch(server_name=args.host, server_port=port, share=args.share)
     except OSError as err:  # the port was taken between the check and the launch
-        raise UsageError(f"--port {args.port}: {err}; pass another --port.") from None
+        raise UsageError(f"--port {port}: {err}; pass another --port.") from None
     return 0
 
 

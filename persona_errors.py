@@ -18,3 +18,31 @@ class UsageError(PersonaError, ValueError):
 
 class CheckpointError(PersonaError, OSError):
     """A checkpoint that cannot be loaded (missing, damaged or incomplete files, a model type that cannot serve)."""
+
+
+def quote(value, limit: int = 200) -> str:
+    """`value` as Python writes it, cut to about `limit` characters, for messages that quote what a user gave: a
+    config value can be millions of characters long, and a YAML alias bomb a structure whose full `repr` would never
+    finish. Containers go through `reprlib`, which never walks past the first items of each level.
+
+    >>> quote("x" * 1000, limit=12)
+    "'xxxxxxxxxxx'... (1000 characters)"
+    >>> quote([1, 2])
+    '[1, 2]'
+    >>> quote([[i] * 100 for i in range(100)], limit=40)
+    '[[0, 0, 0, 0, 0, 0, ...], [1, 1, 1, 1, ... (100 items)'
+    """
+    import reprlib
+
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[: limit - 1]!r}... ({len(value)} characters)"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit // 4, limit // 4
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    text = short.repr(value)
+    size = (
+        f" ({len(value)} item{'s' if len(value) != 1 else ''})" if isinstance(value, (list, tuple, dict, set)) else ""
+    )
+    if len(text) > limit:
+        return f"{text[: limit - 1]}...{size}"
+    return text if "..." not in text else f"{text}{size}"

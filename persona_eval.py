@@ -44,6 +44,7 @@ from persona_cli import (
 )
 from persona_decoding import EvalGenerationArguments
 from persona_metrics import PAIR_ORDERS, f1_score  # noqa: F401 (f1_score: public API, the ConvAI2 F1 of one pair)
+from persona_options import check_writable, set_by_user, warn_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ class EvalArguments(DialogArguments, ModelArguments):
     )
     save_predictions: bool = field(
         default=False,
-        metadata={"help": "Also store the generated replies in the JSON (with --nli_model, their NLI labels too)."},
+        metadata={
+            "help": "Also store each turn's generated reply in the JSON, with its gold reply, persona and context "
+            "(with --nli_model, their NLI labels too)."
+        },
     )
     nli_model: str | None = field(
         default=None,
@@ -114,20 +118,20 @@ class EvalArguments(DialogArguments, ModelArguments):
             raise UsageError(
                 "--nli_penalty needs --nli_model: the penalty is lambda times an NLI model's contradictions."
             )
-        if self.nli_model is not None:
+        if self.nli_model is None:
+            unused = set_by_user(self, ("nli_pair_order", "nli_batch_size"))
+            warn_ignored("persona-eval", unused, "NLI options apply with --nli_model")
+        else:
             check_model_path(self.nli_model, "--nli_model")
             if not self.f1:
                 raise UsageError("--nli_model scores the replies generated for F1; drop --no_f1 (or --f1 false).")
-        if self.output_file is not None and os.path.isdir(self.output_file):
-            raise UsageError(f"--output_file {self.output_file}: is a directory; pass a file name (results.json).")
-        from persona_files import file_in_the_way
-
-        blocking = None if self.output_file is None else file_in_the_way(self.output_file)
-        if blocking:
-            raise UsageError(
-                f"--output_file {self.output_file}: {blocking} is a file, not a folder; pass another path."
-            )
         super().__post_init__()
+        # Where the results go, checked before anything loads: an evaluation must not end with nowhere to save.
+        if self.output_file is not None:
+            check_writable(self.output_file, "--output_file")
+        else:
+            folder = self.model_name_or_path if os.path.isdir(self.model_name_or_path) else "."
+            check_writable(folder, "--output_file (none: the checkpoint folder, or here)", folder=True)
 
 
 def make_parser() -> HfArgumentParser:
@@ -158,11 +162,22 @@ def format_table(metrics: dict) -> str:
     return "\n".join([rule, *(f"{name:<{width}}  {value:>12}" for name, value in rows), rule])
 
 
+def prediction_rows(predictions: list, turns: list[dict], args: EvalArguments) -> list[dict]:
+    """The saved predictions, readable without the data file: each turn's reply with its gold reply, persona and the
+    context the bot saw (the last 2*max_history+1 turns), and the NLI labels when there are some."""
+    rows = []
+    for prediction, turn in zip(predictions, turns, strict=True):
+        row = prediction if isinstance(prediction, dict) else {"reply": prediction}
+        context = turn["history"][-(2 * args.max_history + 1) :]
+        rows.append({**row, "gold": turn["gold"], "persona": list(turn["persona"]), "context": list(context)})
+    return rows
+
+
 def main(args: EvalArguments, generation: EvalGenerationArguments | None = None) -> dict:
     """Evaluate a checkpoint; the main process prints the table and writes the JSON. Returns the results."""
     from transformers import set_seed
 
-    from persona_convai2 import evaluate_convai2, ranking_trainer
+    from persona_convai2 import evaluate_convai2, flatten_turns, ranking_trainer
     from persona_data import load_dialogs
     from persona_model import load_model_and_tokenizer
     from persona_nli import NLIScorer
@@ -211,7 +226,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         "options": {**asdict(args), **asdict(generation)},
     }
     if predictions is not None:
-        results["predictions"] = predictions
+        results["predictions"] = prediction_rows(predictions, flatten_turns(dialogs[split], args.max_turns)[1], args)
     if trainer.accelerator.is_main_process:
         output_file = args.output_file or default_output_file(args, split)
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)

@@ -126,6 +126,7 @@ class SplitReport:
     skipped: int = 0
     dialogs: int = 0
     short_candidates: int = 0  # replies that got fewer distractors than num_distractors (pool too small)
+    sampled: int = 0  # replies without candidates of their own, given sampled distractors
     replies: int = 0  # utterances (gold replies) kept
     gold_in_distractors: int = 0  # replies with a distractor identical to the gold (the choice cannot be learnt)
     reasons: list[str] = field(default_factory=list)
@@ -315,7 +316,8 @@ def _assemble_split(records: Iterable[Record], options: ReadOptions, report: Spl
             groups.append(group)
             needs.append([bool(u.get("_sample")) for u in raw["utterances"]])
             own_texts.append(raw.get("_own_texts", []))
-    if any(chain.from_iterable(needs)):
+    report.sampled = sum(chain.from_iterable(needs))
+    if report.sampled:
         report.short_candidates = sample_distractors(
             dialogs, groups, needs, options.num_distractors, options.distractor_seed, own_texts
         )

@@ -24,21 +24,28 @@ from transformers import HfArgumentParser
 from persona_arguments import DialogArguments, add_training_help
 from persona_arguments import ModelArguments as SharedModelArguments
 from persona_chat_template import chat_format_of, load_chat_template
-from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, inspect_run_folder, write_training_config
+from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, write_training_config
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
-    check_mixed_precision,
     check_model_path,
     check_positive,
-    find_split,
     input_budget,
     parse_args_with_config,
     release_deepspeed,
     run_console_script,
     say,
-    say_where_saved,
     setup_logging,
+)
+from persona_options import (
+    check_mixed_precision,
+    check_writable,
+    given_options,
+    needed_splits,
+    previous_run,
+    say_where_saved,
+    warn_ignored_training_options,
+    warn_unused_distractors,
 )
 
 if TYPE_CHECKING:  # the Trainer's stack loads after the flags are parsed (see cli)
@@ -211,7 +218,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """Parse flags; a first argument ending in .yaml/.yml/.json is a config file whose values the flags override."""
     from persona_trainer import has_accelerator
 
-    model_args, data_args, training_args = parse_args_with_config(make_parser(), argv)
+    parser = make_parser()
+    model_args, data_args, training_args = parse_args_with_config(parser, argv)
+    # What training_config.yaml keeps: the options the user set, and the model and data the run cannot do without.
+    argv = sys.argv[1:] if argv is None else argv
+    training_args.given_options = given_options(parser, argv) | {"model_name_or_path", "dataset_path"}
     check_mixed_precision(training_args.fp16, on_cpu=training_args.use_cpu or not has_accelerator())
     if training_args.deepspeed and not any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK")):
         # Without a launcher DeepSpeed looks for MPI and fails deep inside its communicator.
@@ -219,47 +230,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             "--deepspeed needs a launcher: run under deepspeed, torchrun or accelerate launch "
             "(one GPU: torchrun --nproc_per_node 1 run_persona.py ...)."
         )
+    # Every folder the run writes, before anything loads: a run must not fail at its end for want of a place to save.
+    check_writable("runs" if training_args.auto_output_dir else training_args.output_dir, "--output_dir", folder=True)
+    warn_ignored_training_options(model_args, data_args, training_args)
     return model_args, data_args, training_args
-
-
-def _previous_run(training_args: PersonaTrainingArguments) -> tuple[str | None, bool]:
-    """What `output_dir` already holds, said on stderr: (the checkpoint to resume from, whether the run finished)."""
-    folder = inspect_run_folder(
-        training_args.output_dir,
-        overwrite=training_args.overwrite_output_dir,
-        clear=training_args.process_index == 0,
-        max_steps=training_args.max_steps,
-        num_train_epochs=training_args.num_train_epochs,
-    )
-    for line in folder.messages():
-        say(f"persona-train: {line}")
-    return folder.resume_from, folder.finished_step is not None
-
-
-def _splits(
-    dialogs, data_args: DataArguments, training_args: PersonaTrainingArguments
-) -> tuple[str | None, str | None]:
-    """The train and evaluation splits the run needs (None when it needs none); a `UsageError` saying how to fix a
-    missing one."""
-    train_split = eval_split = None
-    source = data_args.dataset_path
-    if training_args.do_train:
-        train_split = find_split(dialogs, data_args.train_split, source)
-    if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
-        try:
-            eval_split = find_split(dialogs, data_args.eval_split, source)
-        except UsageError as err:
-            flags = {
-                "--do_eval false": training_args.do_eval,
-                "--eval_strategy no": training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
-                "--do_convai2_eval false": data_args.do_convai2_eval,
-            }
-            users = [flag for flag, on in flags.items() if on]
-            raise UsageError(
-                f"{err} Nothing to evaluate on: pass {' '.join(users)} to train without evaluating, or "
-                "--eval_split NAME."
-            ) from None
-    return train_split, eval_split
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: PersonaTrainingArguments) -> dict:
@@ -268,7 +242,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     from transformers import set_seed
 
     from persona_collator import PersonaCollator
-    from persona_data import build_features, load_dialogs
+    from persona_data import build_features, load_dialogs_with_report
     from persona_dpo import PersonaDPOTrainer, preference_dialogs
     from persona_encoding import set_candidate_encoding
     from persona_lora import apply_lora, check_gradient_checkpointing
@@ -290,7 +264,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
 
     last_checkpoint = None
     if training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint, done = _previous_run(training_args)
+        last_checkpoint, done = previous_run(training_args)
         if done:
             return {}
 
@@ -304,7 +278,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     # Before training: an NLI checkpoint whose labels cannot be read fails now, not hours later.
     nli = NLIScorer.from_pretrained(data_args.nli_model, device="cpu") if data_args.nli_model else None
     with training_args.main_process_first(desc="loading persona dialogs"):
-        dialogs = load_dialogs(
+        dialogs, reports = load_dialogs_with_report(
             data_args.dataset_path,
             data_args.dataset_format,
             **data_args.read_options(),
@@ -313,7 +287,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
             column_mapping=data_args.column_mapping,
             distractor_seed=training_args.seed,
         )
-    train_split, eval_split = _splits(dialogs, data_args, training_args)
+    warn_unused_distractors(data_args, training_args, reports)
+    train_split, eval_split = needed_splits(dialogs, data_args, training_args)
     dpo = training_args.objective == "dpo"
     if dpo and train_split is not None:  # each turn's candidates become its preference set (before the model loads)
         with training_args.main_process_first(desc="choosing preference pairs"):
@@ -393,7 +368,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         # Saved with the model (and pushed with it): the options that reproduce the run.
         os.makedirs(training_args.output_dir, exist_ok=True)
         config_path = os.path.join(training_args.output_dir, TRAINING_CONFIG_NAME)
-        write_training_config(config_path, make_parser(), model_args, data_args, training_args)
+        given = getattr(training_args, "given_options", None)
+        write_training_config(config_path, make_parser(), model_args, data_args, training_args, given=given)
 
     metrics = {}
     if training_args.do_train:

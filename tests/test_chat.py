@@ -307,3 +307,13 @@ def test_generation_fits_the_window_whatever_the_turn(model, tokenizer):
     assert "the end ." in kept and "start" not in kept and "i love cats." in kept
     with pytest.raises(ValueError, match="lower --max_new_tokens"):
         generate_reply_ids(model, tokenizer, [(PERSONA, ["hi"])], no_sample=True, max_new_tokens=window)
+
+
+@pytest.mark.slow
+def test_stdin_without_a_persona_is_said_once(saved_checkpoint):
+    args = ["--model_name_or_path", saved_checkpoint, "--stdin", "--max_new_tokens", "2", "--device", "cpu"]
+    result = run_cli(args, "hi\nhow are you ?\n")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "no persona" in warnings[0] and "--persona" in warnings[0], result.stderr
+    assert len(result.stdout.splitlines()) == 2  # the replies still come, one per line

@@ -195,3 +195,46 @@ def test_bytes_that_are_not_utf8_on_the_command_line_name_the_flag(script):
         parse_args_with_config(module.make_parser(), [*argv, flag, latin1])
     with pytest.raises(UsageError, match=rf"^{flag}: '{flag}=caf\\udce9' is not UTF-8 text"):
         parse_args_with_config(module.make_parser(), [*argv, f"{flag}={latin1}"])
+
+
+def test_training_config_holds_what_the_user_set_and_reads_back(tmp_path):
+    """training_config.yaml: the options of the config file and the flags, plus the model and data, never every
+    default (`debug: []`, ...); persona-train reads it back to the same options."""
+    import yaml
+
+    import run_persona
+    from persona_checkpoints import write_training_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("num_candidates: 3\nlearning_rate: 0.001\nreport_to: none\n")
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out"), "--max_ste", "5", "--lm_coef=2.0"]  # a prefix too
+    args = run_persona.parse_args(argv)
+    path = tmp_path / "training_config.yaml"
+    written = write_training_config(path, run_persona.make_parser(), *args, given=args[2].given_options)
+    assert set(written) == {"model_name_or_path", "dataset_path", "num_candidates", "learning_rate", "report_to",
+                            "max_steps", "lm_coef"}  # fmt: skip
+    assert written["model_name_or_path"] == "openai-community/openai-gpt"  # the default, kept: it reproduces the run
+    assert (written["num_candidates"], written["learning_rate"], written["lm_coef"]) == (3, 0.001, 2.0)
+    assert yaml.safe_load(path.read_text()) == written
+    again = run_persona.parse_args([str(path), "--output_dir", str(tmp_path / "again")])
+    for first, second in zip(args, again):
+        for name in written:
+            if hasattr(first, name):
+                assert getattr(second, name) == getattr(first, name), name
+
+
+def test_readme_says_where_the_benchmark_data_comes_from():
+    """The benchmark commands name Synthetic-Persona-Chat_valid.csv: the README says where that file comes from
+    before the first of them (the Hub dataset and its file), and every bench script that takes it says so too."""
+    import glob
+    import re
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    first_command = text.index("--dataset_path Synthetic-Persona-Chat_valid.csv")
+    note = text.index("google/Synthetic-Persona-Chat")
+    assert note < first_command
+    url = re.search(r"https://huggingface\.co/datasets/google/Synthetic-Persona-Chat/resolve/main/(\S+?\.csv)", text)
+    assert url and url.group(1) == "data/Synthetic-Persona-Chat_valid.csv"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in re.findall(r"python (bench/\w+\.py) --dataset_path Synthetic-Persona-Chat_valid\.csv", text):
+        assert script in [os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "bench", "*.py"))], script

@@ -266,7 +266,7 @@ def test_console_script_with_nli_one_and_two_processes(
         assert results_two["metrics"][key] == results["metrics"][key], key
     assert results_two["predictions"] == results["predictions"] and len(results["predictions"]) == 7
     first = results["predictions"][0]
-    assert set(first) == {"reply", "gold", "persona", "nli_labels", "nli_labels_gold"}
+    assert set(first) == {"reply", "gold", "persona", "context", "nli_labels", "nli_labels_gold"}
     assert len(first["nli_labels"]) == len(first["persona"]) and set(first["nli_labels"]) <= {-1, 0, 1}
 
 

@@ -194,3 +194,29 @@ def test_browser_end_to_end(demo_url, tmp_path):
         assert driver.save_screenshot(path) and os.path.getsize(path) > 10_000
     finally:
         driver.quit()
+
+
+def test_port_0_serves_on_a_port_it_names_and_an_exposed_host_is_said(tiny_checkpoint):
+    """--port 0: a free port is picked before Gradio starts, and the URL printed is the one that answers."""
+    import re
+    import urllib.request
+
+    command = [sys.executable, os.path.join(ROOT, "persona_demo.py"), "--model_name_or_path", tiny_checkpoint,
+               "--port", "0", "--host", "0.0.0.0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"Running on local URL:\s+http://0\.0\.0\.0:(\d+)", line)
+            if match:
+                break
+        assert match and int(match.group(1)) > 0, "".join(lines)
+        warnings = [line for line in lines if "warning:" in line]
+        assert len(warnings) == 1 and "--host 0.0.0.0" in warnings[0] and "network" in warnings[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/", timeout=30) as page:
+            assert page.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -255,3 +255,46 @@ def test_a_second_evaluation_says_it_replaces_the_first_results(tmp_path, person
     second = capsys.readouterr().out
     assert f"Saved {tmp_path / 'results.json'}\n" in first and "replaces" not in first
     assert f"Saved {tmp_path / 'results.json'} (it replaces the earlier results that file held)" in second
+
+
+def test_one_candidate_turns_are_left_out_of_hits(persona_checkpoint, synthetic_data):
+    """A turn whose only candidate is the gold "hits" by construction: Hits@k counts the other turns, and says how many
+    it left out. Independent expectation: the same dialogs with those turns removed (each turn carries its own
+    history, so the other turns are unchanged)."""
+    from persona_model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(persona_checkpoint)
+    mixed, removed = copy.deepcopy(synthetic_data["valid"][:3]), copy.deepcopy(synthetic_data["valid"][:3])
+    for dialog in mixed:
+        for u in dialog["utterances"][1::2]:
+            u["candidates"] = u["candidates"][-1:]
+    for dialog in removed:
+        dialog["utterances"] = dialog["utterances"][0::2]
+    singles = sum(len(d["utterances"][1::2]) for d in mixed)
+    turns = sum(len(d["utterances"]) for d in mixed)
+    metrics = evaluate_convai2(model, tok, datasets.Dataset.from_list(mixed), f1=False)
+    expected = evaluate_convai2(model, tok, datasets.Dataset.from_list(removed), f1=False)
+    assert (metrics["turns"], metrics["hits_turns"], metrics["turns_one_candidate"]) == (
+        turns,
+        turns - singles,
+        singles,
+    )
+    assert metrics["hits@1"] == expected["hits@1"] and expected["hits_turns"] == turns - singles
+    assert "turns_one_candidate" not in expected
+
+
+def test_saved_predictions_carry_gold_persona_and_context(
+    persona_checkpoint, personachat_json, synthetic_data, tmp_path
+):
+    from persona_cli import parse_args_with_config
+
+    output = tmp_path / "results.json"
+    argv = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--max_turns", "3",
+            "--max_new_tokens", "3", "--save_predictions", "--max_history", "1"]  # fmt: skip
+    argv += ["--output_file", str(output)]
+    persona_eval.main(*parse_args_with_config(persona_eval.make_parser(), argv))
+    rows = json.loads(output.read_text())["predictions"]
+    dialog = synthetic_data["valid"][0]
+    expected = [(u["candidates"][-1], dialog["personality"], u["history"][-3:]) for u in dialog["utterances"]][:3]
+    assert [(r["gold"], r["persona"], r["context"]) for r in rows] == expected
+    assert all(isinstance(r["reply"], str) for r in rows) and len(rows) == 3

@@ -272,7 +272,7 @@ def test_persona_eval_uses_the_template(trained, data_path, tmp_path):
     with torch.no_grad():
         output = plain.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, len(prompt) :]
     expected = plain_tok.decode(output, skip_special_tokens=True)
-    assert expected.strip() and " ".join(results["predictions"][0].split()) == " ".join(expected.split())
+    assert expected.strip() and " ".join(results["predictions"][0]["reply"].split()) == " ".join(expected.split())
 
 
 @pytest.mark.slow

@@ -223,7 +223,7 @@ def test_run_persona_passes_reader_options(tmp_path, monkeypatch):
     import persona_data
     import persona_model
 
-    monkeypatch.setattr(persona_data, "load_dialogs", fake_load_dialogs)  # main imports both when it runs
+    monkeypatch.setattr(persona_data, "load_dialogs_with_report", fake_load_dialogs)  # main imports both when it runs
     monkeypatch.setattr(persona_model, "load_model_and_tokenizer", lambda *a, **k: (FakeModel(), None))
     args = run_persona.parse_args(
         [

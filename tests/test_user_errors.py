@@ -194,8 +194,8 @@ def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "flags, words",
     [
-        (["--num_beams", "0"], "--num_beams must be >= 1"),
-        (["--temperature", "0"], "--temperature must be a number > 0 when sampling"),
+        (["--num_beams", "0"], "--num_beams must be between 1 and 32"),
+        (["--temperature", "0"], "--temperature must be a number > 0"),
         (["--temperature", "nan"], "--temperature must be a number > 0"),
         (["--min_length", "30", "--max_new_tokens", "5"], "--min_length must be between 0 and --max_new_tokens (5)"),
         (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
@@ -266,7 +266,7 @@ def test_a_single_persona_text_in_a_config_file_is_one_sentence(tiny_checkpoint,
         (["--max_turns", "-4"], "--max_turns must be >= 1"),
         (["--max_length", "3"], "--max_length must be >= 8"),
         (["--max_history", "-1"], "--max_history must be >= 0"),
-        (["--num_beams", "0"], "--num_beams must be >= 1"),
+        (["--num_beams", "0"], "--num_beams must be between 1 and 32"),
         (["--no_sample", "false", "--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--no_f1", "--save_predictions"], "--save_predictions keeps the replies generated for F1"),
         (["--dataset_cache", os.path.abspath(__file__)], "is a file; pass a folder"),
@@ -475,3 +475,266 @@ def test_an_internal_value_error_during_training_is_a_bug_with_its_traceback(
     assert "Traceback" in err and "ValueError: not enough values to unpack" in err and "broken_loss" in err
     assert err.strip().splitlines()[-1].startswith("persona-train: internal error: this is a bug")
     assert ": error: " not in err
+
+
+# --- issue 20: flags, outputs and messages -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cli, flags, words",
+    [
+        (persona_chat.cli, ["--stdin", "--no_sample", "--num_beams", "100000"], "--num_beams must be between 1 and 32"),
+        (persona_chat.cli, ["--stdin", "--num_beams", "33"], "--num_beams must be between 1 and 32, got 33"),
+        (persona_chat.cli, ["--stdin", "--no_sample", "--top_k", "-3"], "--top_k must be >= 0"),
+        (persona_chat.cli, ["--stdin", "--no_sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (persona_chat.cli, ["--stdin", "--no_sample", "--temperature", "-1"], "--temperature must be a number > 0"),
+        (persona_eval.cli, ["--dataset_path", "d.json", "--top_k", "-3"], "--top_k must be >= 0"),  # greedy default
+        (persona_eval.cli, ["--dataset_path", "d.json", "--num_beams", "5000"], "--num_beams must be between 1 and 32"),
+    ],
+)
+def test_decoding_options_are_bounded_and_checked_in_every_mode(
+    cli, flags, words, tiny_checkpoint, capsys, monkeypatch
+):
+    no_loading(monkeypatch)
+    line = error_line(cli, ["--model_name_or_path", tiny_checkpoint, *flags], capsys)
+    assert words in line, line
+
+
+def test_sampling_options_under_no_sample_are_said_ignored_once(capsys):
+    from persona_decoding import EvalGenerationArguments, GenerationArguments
+
+    GenerationArguments(no_sample=True, top_p=0.5, top_k=3)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and "--top_k, --top_p" in warnings[0] and "--no_sample" in warnings[0], warnings
+    GenerationArguments(top_p=0.5, top_k=3)  # sampling: they apply
+    EvalGenerationArguments()  # greedy with the sampling defaults: nothing set, nothing to say
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "place, flag_of",
+    [
+        ("/proc/persona-run", "--output_dir"),  # nothing can be created in /proc
+        ("{file}/run", "--output_dir"),  # a file among the folders above
+        ("{file}", "--output_dir"),  # a file where the folder goes
+    ],
+)
+def test_persona_train_output_dir_checked_before_loading(place, flag_of, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    (tmp_path / "f").write_text("x")
+    output_dir = place.format(file=tmp_path / "f")
+    line = error_line(run_persona.cli, ["--model_name_or_path", "gpt2", "--output_dir", output_dir], capsys)
+    assert f"{flag_of} {output_dir}" in line, line
+
+
+@pytest.mark.parametrize("output_file", ["/proc/r.json", "/proc/version", "/sys/r/x.json", "{file}/r.json", "{dir}"])
+def test_persona_eval_output_file_checked_before_loading(output_file, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    (tmp_path / "f").write_text("x")
+    output_file = output_file.format(file=tmp_path / "f", dir=tmp_path)
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", "d.json", "--output_file", output_file]
+    line = error_line(persona_eval.cli, argv, capsys)
+    assert f"--output_file {output_file}" in line, line
+
+
+def test_check_writable_tries_the_place_and_leaves_nothing(tmp_path):
+    from persona_options import check_writable
+
+    check_writable(str(tmp_path / "new" / "deeper"), "--output_dir", folder=True)
+    check_writable(str(tmp_path / "results.json"), "--output_file")
+    existing = tmp_path / "old.json"
+    existing.write_text("kept")
+    check_writable(str(existing), "--output_file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"] and existing.read_text() == "kept"
+
+
+def test_quote_cuts_long_values():
+    from persona_errors import quote
+
+    assert quote("abc") == "'abc'" and quote([1, 2]) == "[1, 2]"
+    long = quote("x" * 5000, limit=50)
+    assert len(long) < 80 and long.startswith("'xxx") and long.endswith("... (5000 characters)")
+    # A YAML alias bomb: 9**9 leaves, shared; its full repr would never finish.
+    bomb = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9
+    assert len(quote(bomb)) < 260 and quote(bomb).endswith("(9 items)")
+
+
+@pytest.mark.parametrize(
+    "cli, text, key",
+    [
+        (run_persona.cli, "num_candidates: " + "x" * 20_000, "num_candidates"),
+        (run_persona.cli, "output_dir: [" + ", ".join(["ab"] * 5_000) + "]", "output_dir"),
+        (persona_chat.cli, "top_k: {" + ", ".join(f"k{i}: {i}" for i in range(2_000)) + "}", "top_k"),
+        (run_persona.cli, '{"' + "x" * 20_000 + '": 1}', "unknown option"),  # JSON: YAML keys stop at 1024
+    ],
+)
+def test_errors_quote_huge_config_values_cut(cli, text, key, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    config = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
+    config.write_text(text)
+    line = error_line(cli, [str(config), "--model_name_or_path", "gpt2"], capsys)
+    assert key in line and ("characters)" in line or "items)" in line or "..." in line) and len(line) < 600, line[:1000]
+
+
+def test_the_boundary_cuts_any_huge_message(capsys):
+    from persona_cli import UsageError, run_console_script
+
+    def main(argv):
+        raise UsageError("bad value " + "y" * 100_000 + " end")
+
+    with pytest.raises(SystemExit):
+        run_console_script("prog", main, [])
+    err = capsys.readouterr().err
+    assert err.startswith("prog: error: bad value yyy") and err.rstrip().endswith("y end") and len(err) < 2200
+
+
+@pytest.mark.parametrize(
+    "cli, text, words",
+    [
+        (run_persona.cli, "output_dir: {a: 1}\n", "option 'output_dir' takes text (a path, a name), not a mapping"),
+        (persona_eval.cli, "dataset_path:\n  train: a.json\n", "option 'dataset_path' takes text"),
+        (persona_chat.cli, "persona_file: {x: y}\n", "option 'persona_file' takes text"),
+        (run_persona.cli, "lora_target_modules: {q: 1}\n", "option 'lora_target_modules' takes text"),
+        (run_persona.cli, "model_name_or_path: [a, b]\n", "option 'model_name_or_path' takes one value"),
+    ],
+)
+def test_a_mapping_where_text_goes_is_one_line(cli, text, words, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    argv = [str(config)] + ([] if "model_name_or_path" in text else ["--model_name_or_path", tiny_checkpoint])
+    line = error_line(cli, argv, capsys)
+    assert words in line, line
+
+
+def test_mapping_options_still_take_mappings(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("column_mapping: {persona: personality}\nlr_scheduler_kwargs: {power: 2.0}\n")
+    _, data_args, training_args = run_persona.parse_args([str(config), "--output_dir", str(tmp_path / "out")])
+    assert data_args.column_mapping == {"persona": "personality"} and training_args.lr_scheduler_kwargs == {
+        "power": 2.0
+    }
+
+
+def warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "warning:" in line]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lora_r", "4", "--lora_alpha", "8"], ["--lora_r, --lora_alpha are ignored", "--use_peft true"]),
+        (["--use_peft", "true", "--lora_r", "4"], None),
+        (["--beta", "0.5"], ["--beta is ignored", "--objective dpo"]),
+        (["--objective", "dpo", "--beta", "0.5"], None),
+        (
+            ["--num_candidates", "1", "--do_eval", "false", "--num_distractors", "5", "--mc_coef", "0"],
+            ["--num_distractors is ignored", "ranks no candidates"],
+        ),  # fmt: skip
+        (["--num_candidates", "1", "--do_eval", "false"], ["--num_candidates 1", "--mc_coef 0"]),
+        (["--num_candidates", "1", "--mc_coef", "0"], None),
+        (["--num_candidates", "2", "--num_distractors", "5"], None),  # said after reading, if the data has candidates
+    ],
+)
+def test_training_options_that_do_not_apply_are_said_once(flags, expected, tmp_path, capsys):
+    run_persona.parse_args(["--model_name_or_path", "gpt2", "--output_dir", str(tmp_path / "out"), *flags])
+    warnings = warning_lines(capsys.readouterr().err)
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and all(words in warnings[0] for words in expected), warnings
+
+
+def test_num_distractors_on_data_with_candidates_is_said_once(capsys):
+    from types import SimpleNamespace
+
+    from persona_options import warn_unused_distractors
+    from persona_records import SplitReport
+
+    data_args = run_persona.DataArguments(dataset_path="d.json", num_distractors=5)
+    training_args = SimpleNamespace(do_train=True, do_eval=True, eval_strategy="epoch")
+    warn_unused_distractors(data_args, training_args, {"train": SplitReport(sampled=0), "valid": SplitReport()})
+    warnings = warning_lines(capsys.readouterr().err)
+    assert len(warnings) == 1 and "--num_distractors is ignored" in warnings[0] and "d.json" in warnings[0]
+    warn_unused_distractors(data_args, training_args, {"train": SplitReport(sampled=3)})  # CSV: they were sampled
+    data_args.num_distractors = 19  # the default: the user set nothing
+    warn_unused_distractors(data_args, training_args, {"train": SplitReport(sampled=0)})
+    assert capsys.readouterr().err == ""
+
+
+def test_split_report_counts_replies_given_sampled_distractors(tmp_path):
+    from persona_data import load_dialogs_with_report
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"persona": ["i like tea."], "turns": ["hi", f"hello {i}", "how", f"fine {i}"]}) + "\n"
+            for i in range(4)
+        )
+    )
+    _, reports = load_dialogs_with_report(str(path), "chat_jsonl", num_distractors=2)
+    assert reports["train"].sampled == 8  # 4 dialogs x 2 bot turns, none with candidates of its own
+
+
+def test_persona_eval_nli_options_without_a_model_are_said(tiny_checkpoint, capsys):
+    from persona_cli import parse_args_with_config
+
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", "d.json", "--nli_batch_size", "8"]
+    parse_args_with_config(persona_eval.make_parser(), argv)
+    warnings = warning_lines(capsys.readouterr().err)
+    assert len(warnings) == 1 and "--nli_batch_size is ignored" in warnings[0] and "--nli_model" in warnings[0]
+
+
+def test_persona_chat_dataset_path_beside_a_persona_is_said(tiny_checkpoint, capsys):
+    from persona_cli import parse_args_with_config
+
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", "d.json", "--persona", "i like tea."]
+    parse_args_with_config(persona_chat.make_parser(), argv)
+    warnings = warning_lines(capsys.readouterr().err)
+    assert len(warnings) == 1 and "--dataset_path is ignored" in warnings[0]
+
+
+def test_demo_port_0_picks_a_free_port_and_exposed_host_is_said(tiny_checkpoint, capsys):
+    import socket
+
+    from persona_cli import parse_args_with_config
+
+    port = persona_demo.check_port_free("127.0.0.1", 0)
+    assert 0 < port < 65536
+    with socket.socket() as sock:  # the port picked is free: it can be taken
+        sock.bind(("127.0.0.1", port))
+    parse_args_with_config(persona_demo.make_parser(), ["--model_name_or_path", tiny_checkpoint])
+    assert capsys.readouterr().err == ""
+    parse_args_with_config(persona_demo.make_parser(), ["--model_name_or_path", tiny_checkpoint, "--host", "0.0.0.0"])
+    warnings = warning_lines(capsys.readouterr().err)
+    assert len(warnings) == 1 and "--host 0.0.0.0" in warnings[0] and "network" in warnings[0]
+
+
+def test_demo_serves_port_0_on_the_port_it_picked(tiny_checkpoint, monkeypatch):
+    """persona-demo --port 0 hands Gradio a real port (Gradio would print a URL with port 0 and fail)."""
+    launched = {}
+
+    class FakeDemo:
+        def queue(self):
+            return self
+
+        def launch(self, server_name, server_port, share):
+            launched.update(host=server_name, port=server_port)
+
+    fake_gradio = type(sys)("gradio")
+    monkeypatch.setitem(sys.modules, "gradio", fake_gradio)
+    monkeypatch.setattr(persona_demo, "load_for_chat", lambda *a, **k: (None, None), raising=False)
+    monkeypatch.setattr(persona_demo, "check_device", lambda device: None, raising=False)
+    monkeypatch.setattr(persona_demo, "build_demo", lambda *a, **k: FakeDemo())
+    assert persona_demo.cli(["--model_name_or_path", tiny_checkpoint, "--port", "0"]) == 0
+    assert launched["host"] == "127.0.0.1" and 0 < launched["port"] < 65536
+
+
+@pytest.mark.parametrize("cli", [persona_chat.cli, persona_eval.cli, run_persona.cli])
+def test_dataset_cache_checked_before_loading(cli, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    argv = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", "d.json", "--dataset_cache", "/proc/cache"]
+    line = error_line(cli, argv + (["--output_dir", str(tmp_path / "o")] if cli is run_persona.cli else []), capsys)
+    assert "--dataset_cache /proc/cache: cannot write in /proc" in line, line
