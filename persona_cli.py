@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -323,6 +324,15 @@ def setup_logging(level: int, stream=None, library_level: int | None = None) -> 
     for library in ("datasets", "transformers"):
         if library_level is not None and library in sys.modules:  # a script that never imports one does not pay
             sys.modules[library].utils.logging.set_verbosity(library_level)
+    for name in ("DeepSpeed", "transformers.modeling_utils"):
+        logging.getLogger(name).addFilter(_library_noise)
+
+
+def _library_noise(record) -> bool:
+    """Drop DeepSpeed's notice of its CPU fall-back (accelerate imports DeepSpeed wherever it is installed, even
+    unused, on every command) and strip the terminal colour codes transformers writes into its load reports."""
+    record.msg = re.sub(r"\x1b\[[0-9;]*m", "", str(record.msg))
+    return "Setting accelerator to CPU" not in record.msg
 
 
 def lazy_exports(module: str, exports: dict[str, Sequence[str]]) -> Callable[[str], object]:
