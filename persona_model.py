@@ -217,11 +217,11 @@ def unsafe_pickle_error(checkpoint: str, err: Exception) -> CheckpointError:
     """The one line for a pickled weights file that torch's restricted loader refused: it names the file and the
     object, and recommends safetensors; the file is never loaded with the protection lowered."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    what = f"a {found.group(1)} object" if found else "objects other than tensors"
+    what = f"refers to {found.group(1)} (not tensor data)" if found else "holds more than tensors"
     return CheckpointError(
-        f"{_refused_pickle(checkpoint)}: this pickled weights file holds {what}, so it was not loaded (unpickling "
-        "it could run code); use the checkpoint in safetensors format (model.safetensors): ask whoever made it for "
-        "one, or convert it where it was trained (save_pretrained writes safetensors)."
+        f"{_refused_pickle(checkpoint)}: this pickled weights file {what}, so it was not loaded (unpickling it "
+        "could run code); use the checkpoint in safetensors format (model.safetensors): ask whoever made it for one, "
+        "or convert it where it was trained (save_pretrained writes safetensors)."
     )
 
 
