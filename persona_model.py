@@ -200,13 +200,11 @@ def library_notices_replaced():
 
 def report_loading_info(name_or_path: str, model: PreTrainedModel, loading_info: dict) -> None:
     """One line for the load report: the weights the checkpoint lacked (initialised at random) and those it held
-    that the model does not use. Tied weights and the multiple-choice head (recorded by `multiple_choice_head_loaded`,
-    reported where it is used) are expected."""
+    that the model does not use. Tied weights and the multiple-choice head (`multiple_choice_head_loaded`, said in the
+    "Loaded ..." line) are expected."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [k for k in loading_info["missing_keys"] if k not in tied and not k.startswith("multiple_choice_head.")]
     unexpected = list(loading_info["unexpected_keys"])
-    if not multiple_choice_head_loaded(model):
-        logger.info("%s: no multiple-choice head in its weights; it starts untrained.", name_or_path)
     for keys, what in ((missing, "not in the checkpoint, initialised at random"), (unexpected, "unused")):
         if keys:
             shown = ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
@@ -321,6 +319,8 @@ def _load_model_and_tokenizer(
             model.resize_token_embeddings(len(tokenizer))
     if model.get_input_embeddings().num_embeddings != rows:
         what += f", embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows"
+    if not multiple_choice_head_loaded(model):
+        what += "; no multiple-choice head in its weights (it starts untrained)"
     logger.info("Loaded %s (%s); %s.", name_or_path, model_cls.__name__, what)
     return model, tokenizer
 

@@ -285,7 +285,7 @@ def test_loading_a_plain_lm_says_what_happened_in_lines_of_its_own(tiny_checkpoi
     for noise in ("LOAD REPORT", "\x1b[", "multivariate normal", "Setting accelerator to CPU", "missing keys"):
         assert noise not in out, noise
     assert f"5 persona special tokens added, embeddings resized from {rows} to {rows + 5} rows" in out
-    assert "no multiple-choice head in its weights; it starts untrained" in out
+    assert "no multiple-choice head in its weights (it starts untrained)" in out
 
 
 def trainer_warnings(trainer, folder) -> list[str]:
@@ -321,3 +321,21 @@ def test_resume_reports_no_tied_weights_missing_but_real_ones(persona_checkpoint
     save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
     (warning,) = trainer_warnings(trainer, damaged)
     assert "['transformer.h.0.ln_1.weight']" in warning and "lm_head" not in warning
+
+
+def test_a_load_reports_really_missing_weights_in_one_line_of_ours(persona_checkpoint, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from persona_model import load_model_and_tokenizer
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(persona_checkpoint, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    del tensors["transformer.h.0.ln_1.weight"]
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="persona_model"):
+        load_model_and_tokenizer(str(damaged))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"{damaged}: 1 weights not in the checkpoint, initialised at random (transformer.h.0.ln_1.weight)."
+    ]
