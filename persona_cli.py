@@ -313,14 +313,16 @@ def setup_logging(level: int, stream=None, library_level: int | None = None) -> 
     `transformers` at `library_level` when given (persona-train's `--log_level`; else their own default)."""
     import logging
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(stream or sys.stdout)],
-    )
-    for name in list(logging.root.manager.loggerDict):  # every project module logs under its own name
-        if name.startswith("persona_") or name == "run_persona" or name == "__main__":
-            logging.getLogger(name).setLevel(level)
+    def keep(record: logging.LogRecord) -> bool:
+        # By the record's logger name, not by setting each module's level: a module imported after this call (the
+        # scripts import lazily) logs at `level` too. Other libraries' loggers stay at warnings.
+        ours = record.name.startswith("persona_") or record.name in ("run_persona", "__main__")
+        return record.levelno >= (level if ours else logging.WARNING)
+
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.addFilter(keep)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[handler], level=min(level, logging.WARNING))  # fmt: skip
     for library in ("datasets", "transformers"):
         if library_level is not None and library in sys.modules:  # a script that never imports one does not pay
             sys.modules[library].utils.logging.set_verbosity(library_level)

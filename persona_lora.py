@@ -78,7 +78,7 @@ def check_gradient_checkpointing(model: PreTrainedModel) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise UsageError(
-            f"--gradient_checkpointing: {type(base).__name__} (model type {base.config.model_type!r}) does not "
-            "support gradient checkpointing in transformers; drop the flag, or use a smaller per-device batch "
-            "with more --gradient_accumulation_steps."
+            f"--activation_checkpointing: {type(base).__name__} (model type {base.config.model_type!r}) does not "
+            "support activation (gradient) checkpointing in transformers; drop the flag, or use a smaller "
+            "per-device batch with more --gradient_accumulation_steps."
         )

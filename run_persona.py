@@ -284,14 +284,16 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     from persona_trainer import PersonaTrainer
 
     log_level = training_args.get_process_log_level()
-    setup_logging(log_level, library_level=log_level)
+    # The project's own lines (data and model loaded, candidate encoding) show on the main process by default.
+    passive = training_args.log_level == "passive" and training_args.should_log
+    setup_logging(logging.INFO if passive else log_level, library_level=log_level)
     if training_args.auto_output_dir:
         from accelerate.utils import broadcast_object_list
 
         # Every process must write to the folder the main process named.
         training_args.output_dir = broadcast_object_list([default_output_dir(model_args.model_name_or_path)])[0]
         say(f"persona-train: writing the run to {training_args.output_dir}")
-    logger.info("Training parameters %s", training_args)
+    logger.debug("Training parameters %s", training_args)
 
     last_checkpoint = None
     if training_args.do_train and training_args.resume_from_checkpoint is None:
@@ -339,7 +341,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     )
     chat_format = chat_format_of(tokenizer)
     set_candidate_encoding(model, model_args.candidate_encoding)
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:  # --gradient_checkpointing, its old name, was folded into it
         check_gradient_checkpointing(model)
     if model_args.use_peft:
         model = apply_lora(

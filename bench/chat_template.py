@@ -88,24 +88,13 @@ def main() -> None:
     from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
     from persona_chat_template import ChatFormat
     from persona_collator import PersonaCollator
-    from persona_data import build_features, load_dialogs
-    from persona_synthetic import corpus_texts, make_synthetic_personachat
+    from persona_data import build_features
+    from persona_synthetic import bench_dialogs
     from persona_tokens import add_special_tokens
 
     torch.manual_seed(0)
     workdir = tempfile.mkdtemp(prefix="bench-chat-")
-    if args.dataset_path:
-        splits = load_dialogs(args.dataset_path)
-        dialogs = splits["train"] if "train" in splits else next(iter(splits.values()))
-        texts = [s for d in dialogs for s in d["personality"] + [c for u in d["utterances"] for c in u["candidates"]]]
-    else:
-        data = make_synthetic_personachat(num_train=40, num_valid=1, seed=0)
-        path = os.path.join(workdir, "data.json")
-        with open(path, "w") as f:
-            import json
-
-            json.dump(data, f)
-        dialogs, texts = load_dialogs(path)["train"], list(corpus_texts(data))
+    dialogs, texts = bench_dialogs(args.dataset_path, workdir, num_train=40)
     chat_tok = chatml_tokenizer(texts, os.path.join(workdir, "chat"))
     speaker_tok = chatml_tokenizer(texts, os.path.join(workdir, "speaker"))
     add_special_tokens(None, speaker_tok)

@@ -14,7 +14,6 @@ median optimizer-step time after a warm-up step, in one process, so the ratios c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -111,24 +110,15 @@ def main() -> None:
     import torch
 
     from persona_collator import PersonaCollator
-    from persona_data import build_features, load_dialogs
+    from persona_data import build_features
     from persona_dpo import PersonaDPOTrainer, add_reference_logps
     from persona_model import load_model_and_tokenizer
-    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
+    from persona_synthetic import bench_dialogs, make_tiny_checkpoint
     from persona_trainer import PersonaTrainingArguments
 
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="dpo-bench-")
-    if args.dataset_path:
-        dialogs = load_dialogs(args.dataset_path)
-        dialogs = dialogs["train"] if "train" in dialogs else next(iter(dialogs.values()))
-        texts = [s for d in dialogs for s in d["personality"] + [c for u in d["utterances"] for c in u["candidates"]]]
-    else:
-        data = make_synthetic_personachat(num_train=40, num_valid=1, seed=0)
-        path = os.path.join(workdir, "data.json")
-        with open(path, "w") as f:
-            json.dump(data, f)
-        dialogs, texts = load_dialogs(path)["train"], corpus_texts(data)
+    dialogs, texts = bench_dialogs(args.dataset_path, workdir, num_train=40)
     checkpoint = make_tiny_checkpoint(
         os.path.join(workdir, "tiny"), texts, n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, n_positions=512
     )

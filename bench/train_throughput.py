@@ -13,7 +13,6 @@ peak memory (max RSS) is its own. Also times the features map: first build and c
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -28,20 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def prepare(args, workdir: str) -> dict:
     """Tokenizer, dialogs and features (timing the first and the cached map)."""
-    from persona_data import build_features, load_dialogs
+    from persona_data import build_features
     from persona_model import add_special_tokens
-    from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
+    from persona_synthetic import bench_dialogs, train_tiny_tokenizer
 
-    if args.dataset_path:
-        splits = load_dialogs(args.dataset_path)
-        dialogs = splits["train"] if "train" in splits else next(iter(splits.values()))
-        texts = (s for d in dialogs for s in d["personality"] + [c for u in d["utterances"] for c in u["candidates"]])
-    else:
-        data = make_synthetic_personachat(num_train=args.num_dialogs, num_valid=1, seed=0)
-        path = os.path.join(workdir, "data.json")
-        with open(path, "w") as f:
-            json.dump(data, f)
-        dialogs, texts = load_dialogs(path)["train"], corpus_texts(data)
+    dialogs, texts = bench_dialogs(args.dataset_path, workdir, num_train=args.num_dialogs)
     tokenizer = train_tiny_tokenizer(texts, os.path.join(workdir, "tok"), vocab_size=2000)
     add_special_tokens(None, tokenizer)
     tokenizer.save_pretrained(os.path.join(workdir, "tok"))

@@ -379,8 +379,35 @@ def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
 
     check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
     gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
-    with pytest.raises(ValueError, match=r"--gradient_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"):
+    with pytest.raises(
+        ValueError, match=r"--activation_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"
+    ):
         check_gradient_checkpointing(gpt)
+
+
+@pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
+def test_checkpointing_an_unsupported_backbone_is_one_line_before_training(
+    flag, tmp_path, capsys, tiny_checkpoint, personachat_json
+):
+    """Both names of the flag reach the check (transformers folds the old one into the new one)."""
+    from transformers import AutoTokenizer, OpenAIGPTConfig
+
+    from persona_model import PersonaOpenAIGPTDoubleHeadsModel
+
+    checkpoint = tmp_path / "gpt"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    config = OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+    PersonaOpenAIGPTDoubleHeadsModel(config).save_pretrained(checkpoint)
+    argv = ["--model_name_or_path", str(checkpoint), "--dataset_path", personachat_json,
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu", "true",
+            "--report_to", "none", flag, "true"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        __import__("run_persona").cli(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert "--activation_checkpointing: PersonaOpenAIGPTDoubleHeadsModel" in err.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
 
 
 def test_push_to_hub_uploads_weights_tokenizer_config_and_project_model_card(assets, tmp_path, monkeypatch):

@@ -125,6 +125,9 @@ def test_recipe_resumes_by_rerunning_its_command(tiny_checkpoint, personachat_js
                      r"--logdir (\S+)\n", rerun.stderr)  # fmt: skip
     assert said and said.group(1) == "runs/gpt2" and said.group(2).startswith("runs/gpt2/runs/"), rerun.stderr[-2000:]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / said.group(2)))
+    # The project's own lines show at the default log level: what was loaded and which candidate encoding runs.
+    for line in ("INFO - persona_data - Loaded ", "INFO - persona_model - Loaded ", "INFO - persona_encoding - Cand"):
+        assert line in rerun.stdout, rerun.stdout[-2000:]
     state = json.load(open(run / "trainer_state.json"))
     assert state["global_step"] == 4
     killed_losses = [e["loss"] for e in json.load(open(run / "checkpoint-2" / "trainer_state.json"))["log_history"]]
