@@ -229,7 +229,8 @@ def _refused_pickle(checkpoint: str) -> str:
         return checkpoint
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
-        if name.endswith((".bin", ".pt", ".pth")) and os.path.isfile(path):
+        # training_args.bin is a pickle the restricted loader always refuses, and nothing loads it back.
+        if name.endswith((".bin", ".pt", ".pth")) and name != "training_args.bin" and os.path.isfile(path):
             try:
                 torch.load(path, map_location="meta", weights_only=True, mmap=True)
             except pickle.UnpicklingError:
