@@ -215,26 +215,28 @@ def unsafe_pickle_error(checkpoint: str, err: Exception) -> CheckpointError:
     """The one line for a pickled weights file that torch's restricted loader refused: it names the file and the
     object, and recommends safetensors; the file is never loaded with the protection lowered."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    what = f"refers to {found.group(1)} (not tensor data)" if found else "holds more than tensors"
+    name = found.group(1) if found else None
+    what = f"refers to {name} (not tensor data)" if name else "holds more than tensors"
     return CheckpointError(
-        f"{_refused_pickle(checkpoint)}: this pickled weights file {what}, so it was not loaded (unpickling it "
+        f"{_refused_pickle(checkpoint, name)}: this pickled weights file {what}, so it was not loaded (unpickling it "
         "could run code); use the checkpoint in safetensors format (model.safetensors): ask whoever made it for one, "
         "or convert it where it was trained (save_pretrained writes safetensors)."
     )
 
 
-def _refused_pickle(checkpoint: str) -> str:
-    """The first torch file of a local checkpoint folder that the restricted loader refuses (else the folder)."""
+def _refused_pickle(checkpoint: str, name: str | None) -> str:
+    """The torch file of a local checkpoint folder that the restricted loader refuses for the object `name` (else the
+    folder): training_args.bin and numpy RNG states are refused too, so the object tells which file it was."""
     if not os.path.isdir(checkpoint):
         return checkpoint
-    for name in sorted(os.listdir(checkpoint)):
-        path = os.path.join(checkpoint, name)
-        # training_args.bin is a pickle the restricted loader always refuses, and nothing loads it back.
-        if name.endswith((".bin", ".pt", ".pth")) and name != "training_args.bin" and os.path.isfile(path):
+    for file_name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, file_name)
+        if file_name.endswith((".bin", ".pt", ".pth")) and os.path.isfile(path):
             try:
                 torch.load(path, map_location="meta", weights_only=True, mmap=True)
-            except pickle.UnpicklingError:
-                return path
+            except pickle.UnpicklingError as err:
+                if name is None or f"GLOBAL {name} " in str(err):
+                    return path
             except Exception:  # not a torch file, or cut short: not the refused one
                 continue
     return checkpoint
