@@ -219,6 +219,9 @@ def looks_local(name_or_path: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and (parts[0] == "runs" or os.path.isdir(parts[0])))
 
 
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
     """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
     retries); Hub ids pass."""
@@ -228,7 +231,9 @@ def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> N
     if os.path.isfile(path):
         raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
     if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+        # A tokenizer folder (tokenizer.save_pretrained) holds no config.json: its own files make it one.
+        wanted = ("config.json", "adapter_config.json", *(TOKENIZER_CONFIGS if flag == "--tokenizer_name" else ()))
+        if not any(os.path.isfile(os.path.join(path, f)) for f in wanted):
             raise UsageError(
                 f"{flag} {name_or_path}: no config.json in this folder; pass a folder written by persona-train "
                 "(or save_pretrained)."

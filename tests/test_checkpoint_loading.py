@@ -339,3 +339,19 @@ def test_a_load_reports_really_missing_weights_in_one_line_of_ours(persona_check
     assert warnings == [
         f"{damaged}: 1 weights not in the checkpoint, initialised at random (transformer.h.0.ln_1.weight)."
     ]
+
+
+def test_a_tokenizer_folder_without_config_is_a_tokenizer_name(persona_checkpoint, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(persona_checkpoint).save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
+    assert (
+        chat_replies(
+            ["--model_name_or_path", persona_checkpoint, "--tokenizer_name", str(tmp_path / "tok")], monkeypatch
+        )
+        == 0
+    )
+    (tmp_path / "empty").mkdir()
+    argv = ["--model_name_or_path", persona_checkpoint, "--tokenizer_name", str(tmp_path / "empty"), *CHAT_ARGS]
+    assert f"--tokenizer_name {tmp_path / 'empty'}: no config.json" in error_line(persona_chat.cli, argv, capsys)
