@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -247,6 +248,9 @@ def looks_local(name_or_path: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and (parts[0] == "runs" or os.path.isdir(parts[0])))
 
 
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
     """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
     retries); Hub ids pass."""
@@ -256,7 +260,9 @@ def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> N
     if os.path.isfile(path):
         raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
     if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+        # A tokenizer folder (tokenizer.save_pretrained) holds no config.json: its own files make it one.
+        wanted = ("config.json", "adapter_config.json", *(TOKENIZER_CONFIGS if flag == "--tokenizer_name" else ()))
+        if not any(os.path.isfile(os.path.join(path, f)) for f in wanted):
             raise UsageError(
                 f"{flag} {name_or_path}: no config.json in this folder; pass a folder written by persona-train "
                 "(or save_pretrained)."
@@ -336,6 +342,15 @@ def setup_logging(level: int, stream=None, library_level: int | None = None) -> 
     for library in ("datasets", "transformers"):
         if library_level is not None and library in sys.modules:  # a script that never imports one does not pay
             sys.modules[library].utils.logging.set_verbosity(library_level)
+    for name in ("DeepSpeed", "transformers.modeling_utils"):
+        logging.getLogger(name).addFilter(_library_noise)
+
+
+def _library_noise(record) -> bool:
+    """Drop DeepSpeed's notice of its CPU fall-back (accelerate imports DeepSpeed wherever it is installed, even
+    unused, on every command) and strip the terminal colour codes transformers writes into its load reports."""
+    record.msg = re.sub(r"\x1b\[[0-9;]*m", "", str(record.msg))
+    return "Setting accelerator to CPU" not in record.msg
 
 
 def lazy_exports(module: str, exports: dict[str, Sequence[str]]) -> Callable[[str], object]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 from contextlib import contextmanager
 
 import torch
@@ -30,6 +32,7 @@ from persona_backbone import MC_HEAD_LOADED_ATTR, PersonaDoubleHeadsConfig, Pers
 from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
 from persona_encoding import encode_candidates
 from persona_errors import CheckpointError, PersonaError
+from persona_hub import hub_options
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ def load_model_and_tokenizer(
     system_prompt: str | None = None,
     chat_template: str | None = None,
     chat_template_name: str | None = None,
+    grow_embeddings: bool = False,
     **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a Hub id or local checkpoint as a double-heads model plus tokenizer for its input format.
@@ -111,6 +115,10 @@ def load_model_and_tokenizer(
     tokenizer's pad or eos, and generation stops at the template's end-of-turn tokens (`configure_chat_generation`).
     A LoRA adapter folder (written by `--use_peft` training) loads its base model, then the adapter on top; with
     `merge_adapter` (default) the adapter is merged and a plain double-heads model is returned.
+    A tokenizer with more tokens than the embedding matrix is refused (those tokens would fail at their first use),
+    unless `grow_embeddings` (training: new rows, trained with the rest).
+    A Hub id is looked up once first (`hub_options`): offline or unreachable, a cached copy is used as it is, and an id
+    that is not cached fails at once.
     """
     format_options = {
         "input_format": input_format,
@@ -129,8 +137,11 @@ def load_model_and_tokenizer(
             trust_remote_code=trust_remote_code,
             merge_adapter=merge_adapter,
             format_options=format_options,
+            grow_embeddings=grow_embeddings,
             **model_kwargs,
         )
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle_error(name_or_path, err) from None
     except SafetensorError as err:
         # A copy or a save cut short: the library's error names neither the folder nor a fix.
         raise CheckpointError(
@@ -166,6 +177,71 @@ def library_load_errors(name_or_path: str):
         raise CheckpointError(f"{name_or_path}: cannot be loaded: {first[:300]}") from err
 
 
+# Messages transformers logs at a load that one line of ours replaces: the load report (a table, with terminal
+# colour codes even in a log file) and the notice of `resize_token_embeddings`.
+LIBRARY_NOTICES = ("LOAD REPORT", "new embeddings will be initialized")
+
+
+def _not_a_library_notice(record: logging.LogRecord) -> bool:
+    return not any(notice in str(record.msg) for notice in LIBRARY_NOTICES)
+
+
+@contextmanager
+def library_notices_replaced():
+    """Drop transformers' load report and resize notice while the project loads or resizes a model; the caller
+    says what happened in its own line (`report_loading_info`, the "Loaded ..." line)."""
+    library_logger = logging.getLogger("transformers.modeling_utils")
+    library_logger.addFilter(_not_a_library_notice)
+    try:
+        yield
+    finally:
+        library_logger.removeFilter(_not_a_library_notice)
+
+
+def report_loading_info(name_or_path: str, model: PreTrainedModel, loading_info: dict) -> None:
+    """One line for the load report: the weights the checkpoint lacked (initialised at random) and those it held
+    that the model does not use. Tied weights and the multiple-choice head (`multiple_choice_head_loaded`, said in the
+    "Loaded ..." line) are expected."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [k for k in loading_info["missing_keys"] if k not in tied and not k.startswith("multiple_choice_head.")]
+    unexpected = list(loading_info["unexpected_keys"])
+    for keys, what in ((missing, "not in the checkpoint, initialised at random"), (unexpected, "unused")):
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
+            logger.warning("%s: %d weights %s (%s).", name_or_path, len(keys), what, shown)
+
+
+def unsafe_pickle_error(checkpoint: str, err: Exception) -> CheckpointError:
+    """The one line for a pickled weights file that torch's restricted loader refused: it names the file and the
+    object, and recommends safetensors; the file is never loaded with the protection lowered."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    name = found.group(1) if found else None
+    what = f"refers to {name} (not tensor data)" if name else "holds more than tensors"
+    return CheckpointError(
+        f"{_refused_pickle(checkpoint, name)}: this pickled weights file {what}, so it was not loaded (unpickling it "
+        "could run code); use the checkpoint in safetensors format (model.safetensors): ask whoever made it for one, "
+        "or convert it where it was trained (save_pretrained writes safetensors)."
+    )
+
+
+def _refused_pickle(checkpoint: str, name: str | None) -> str:
+    """The torch file of a local checkpoint folder that the restricted loader refuses for the object `name` (else the
+    folder): training_args.bin and numpy RNG states are refused too, so the object tells which file it was."""
+    if not os.path.isdir(checkpoint):
+        return checkpoint
+    for file_name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, file_name)
+        if file_name.endswith((".bin", ".pt", ".pth")) and os.path.isfile(path):
+            try:
+                torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as err:
+                if name is None or f"GLOBAL {name} " in str(err):
+                    return path
+            except Exception:  # not a torch file, or cut short: not the refused one
+                continue
+    return checkpoint
+
+
 def _load_model_and_tokenizer(
     name_or_path,
     *,
@@ -177,10 +253,14 @@ def _load_model_and_tokenizer(
     trust_remote_code,
     merge_adapter,
     format_options,
+    grow_embeddings,
     **model_kwargs,
 ):
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
-    adapter_config = find_adapter_config_file(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+    hub_kwargs.update(hub_options(name_or_path, revision, token, trust_remote_code))
+    adapter_config = find_adapter_config_file(
+        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=_local_only(hub_kwargs)
+    )
     if adapter_config is not None:
         return load_lora_adapter(
             name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
@@ -199,16 +279,20 @@ def _load_model_and_tokenizer(
     ):
         # transformers would build an empty tokenizer (a vocabulary of 1) and every reply would be garbage.
         raise CheckpointError(
-            f"{tokenizer_path}: no tokenizer files (tokenizer.json, vocab.json, ...) in this folder; copy them from "
-            "the model it was trained from (or pass --tokenizer_name)."
+            f"{tokenizer_path}: no tokenizer files (tokenizer.json, vocab.json, ...) in this folder (a merged LoRA "
+            "model saved without its tokenizer?); save the tokenizer there too (tokenizer.save_pretrained), or pass "
+            "--tokenizer_name with the folder that holds it (for a merged LoRA model: the adapter's folder)."
         )
+    tokenizer_options = hub_kwargs
+    if tokenizer_path != name_or_path:
+        tokenizer_options = {**hub_kwargs, **hub_options(tokenizer_path, revision, token, trust_remote_code)}
     with library_load_errors(tokenizer_path):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_options)
     chat_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
-        with library_load_errors(name_or_path):
+        with library_load_errors(name_or_path), library_notices_replaced():
             model, loading_info = model_cls.from_pretrained(
                 name_or_path, config=config, output_loading_info=True, **hub_kwargs, **model_kwargs
             )
@@ -222,13 +306,45 @@ def _load_model_and_tokenizer(
     # GPT / GPT-2 report a head missing from the weights; the generic model looks for its own head file itself.
     head_missing = any(key.startswith("multiple_choice_head.") for key in loading_info["missing_keys"])
     mark_multiple_choice_head(model, loaded=not head_missing and multiple_choice_head_loaded(model))
+    report_loading_info(name_or_path, model, loading_info)
+    rows = model.get_input_embeddings().num_embeddings
     if chat_format is not None:
         configure_chat_generation(model, tokenizer, chat_format)
-        logger.info("Loaded %s (%s) with %s.", name_or_path, model_cls.__name__, chat_format.name)
-        return model, tokenizer
-    num_added = add_special_tokens(model, tokenizer)
-    logger.info("Loaded %s (%s); %d special tokens added.", name_or_path, model_cls.__name__, num_added)
+        what = chat_format.name
+    else:
+        with library_notices_replaced():
+            num_added = add_special_tokens(model, tokenizer)
+        what = f"{num_added} persona special tokens added"
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        if not grow_embeddings:
+            raise tokenizer_too_large(name_or_path, tokenizer_path, len(tokenizer), rows)
+        with library_notices_replaced():
+            model.resize_token_embeddings(len(tokenizer))
+    if model.get_input_embeddings().num_embeddings != rows:
+        what += f", embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows"
+    if not multiple_choice_head_loaded(model):
+        what += "; no multiple-choice head in its weights (it starts untrained)"
+    logger.info("Loaded %s (%s); %s.", name_or_path, model_cls.__name__, what)
     return model, tokenizer
+
+
+def tokenizer_too_large(name_or_path: str, tokenizer_path: str, size: int, rows: int) -> CheckpointError:
+    """The one line for a tokenizer whose last ids have no embedding row (an `IndexError` at their first use)."""
+    where = name_or_path if tokenizer_path == name_or_path else f"{name_or_path} with the tokenizer of {tokenizer_path}"
+    return CheckpointError(
+        f"{where}: the tokenizer has {size} tokens but the embedding matrix has {rows} rows, so tokens {rows} and "
+        "above have no embedding; the tokenizer and the weights come from different checkpoints: use the tokenizer "
+        "the model was trained with (--tokenizer_name), or train with this one (persona-train adds the rows)."
+    )
+
+
+def _local_only(hub_kwargs: dict) -> bool:
+    return bool(hub_kwargs.get("local_files_only"))
+
+
+def _meant_as_path(name: str) -> bool:
+    """A model name that can only be a local path (a Hub id is 'org/name')."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
 
 
 def mark_multiple_choice_head(model: PreTrainedModel, loaded: bool) -> None:
@@ -273,21 +389,30 @@ def load_lora_adapter(
 
     with open(adapter_config_file, encoding="utf-8") as f:
         base_name = json.load(f).get("base_model_name_or_path")
+    field = f"{adapter_config_file}: base_model_name_or_path"
     if not base_name:
-        raise CheckpointError(f"{adapter_config_file}: no 'base_model_name_or_path'; cannot find the base model.")
-    # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: size its
-    # embeddings to that tokenizer as training did; the adapter then restores the trained rows.
-    model, tokenizer = load_model_and_tokenizer(
-        base_name,
-        tokenizer_name_or_path=tokenizer_name_or_path or adapter_path,
-        dtype=dtype,
-        token=hub_kwargs["token"],
-        cache_dir=hub_kwargs["cache_dir"],
-        trust_remote_code=hub_kwargs["trust_remote_code"],
-        **(format_options or {}),
-    )
+        raise CheckpointError(f"{field} is empty; set it to the base model's folder or Hub id.")
+    fix = "edit that field to the base model's folder or Hub id (or load a merged checkpoint instead)"
+    if _meant_as_path(base_name) and not os.path.isdir(os.path.expanduser(base_name)):
+        raise CheckpointError(f"{field} {base_name!r}: no such folder (the LoRA adapter's base model); {fix}.")
+    # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: its
+    # embeddings grow to that tokenizer as in training; the adapter then restores the trained rows.
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            base_name,
+            tokenizer_name_or_path=tokenizer_name_or_path or adapter_path,
+            dtype=dtype,
+            token=hub_kwargs["token"],
+            cache_dir=hub_kwargs["cache_dir"],
+            trust_remote_code=hub_kwargs["trust_remote_code"],
+            grow_embeddings=True,
+            **(format_options or {}),
+        )
+    except CheckpointError as err:
+        raise CheckpointError(f"{field} {base_name!r} (the LoRA adapter's base model): {err} ({fix})") from err
     if chat_format_of(tokenizer) is None and model.get_input_embeddings().num_embeddings != len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        with library_notices_replaced():  # training sized them to the tokenizer, larger or smaller
+            model.resize_token_embeddings(len(tokenizer))
     head_loaded = multiple_choice_head_loaded(model)
     model = PeftModel.from_pretrained(model, adapter_path, revision=hub_kwargs["revision"], token=hub_kwargs["token"])
     # The adapter saves the head in full when it trained it (`modules_to_save`, see persona_lora).

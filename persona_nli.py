@@ -15,14 +15,14 @@ name and refuses what it cannot map.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Pipeline
 
-from persona_errors import CheckpointError, PersonaError, UsageError
+from persona_errors import PersonaError, UsageError
+from persona_hub import hub_options
 from persona_metrics import NLI_SCORES, PAIR_ORDERS, reply_c_score
 
 logger = logging.getLogger(__name__)
@@ -85,47 +85,6 @@ def nli_label_order(config, name: str) -> list[int]:
     return [found[label] for label in NLI_LABELS]
 
 
-def _hub_options(name_or_path: str, revision: str | None, token, trust_remote_code: bool = False) -> dict:
-    """`from_pretrained` options for a Hub id that fail in one fast line when the Hub cannot be reached.
-
-    transformers retries an unreachable Hub for about half a minute per file; a cached copy is used as it is, and an
-    id that is neither cached nor reachable is a `CheckpointError` naming it.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.constants import is_offline_mode
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        return {}
-    try:
-        AutoConfig.from_pretrained(
-            name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code, local_files_only=True
-        )
-        cached = True
-    except (OSError, ValueError):
-        cached = False
-    if is_offline_mode():
-        if cached:
-            return {"local_files_only": True}
-        raise CheckpointError(
-            f"NLI model {name_or_path}: not a local folder and not in the Hub cache, and the Hub is offline "
-            "(HF_HUB_OFFLINE=1); download it first or pass a local folder."
-        )
-    try:
-        HfApi().model_info(name_or_path, revision=revision, token=token, timeout=10)
-    except HfHubHTTPError as err:  # the Hub answered: no such repository or revision, gated, private, ...
-        raise CheckpointError(f"NLI model {name_or_path}: {' '.join(str(err).split()[:20])}") from err
-    except Exception as err:  # no answer: the HTTP client's connection and timeout errors, whichever client it is
-        if cached:
-            logger.warning("NLI model %s: the Hub cannot be reached (%s); using the cached copy.", name_or_path, err)
-            return {"local_files_only": True}
-        raise CheckpointError(
-            f"NLI model {name_or_path}: the Hub cannot be reached ({type(err).__name__}: {err}) and it is not in "
-            "the cache; pass a local folder."
-        ) from err
-    return {}
-
-
 class NLIScorer:
     """Batched NLI over (reply, persona sentence) pairs, probabilities in `NLI_LABELS` order whatever the checkpoint.
 
@@ -175,7 +134,7 @@ class NLIScorer:
     ) -> NLIScorer:
         """Load a Hub id or local folder of an NLI sequence classifier; its labels are checked before the weights."""
         options = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-        options.update(_hub_options(name_or_path, revision, token, trust_remote_code))
+        options.update(hub_options(name_or_path, revision, token, trust_remote_code, what="NLI model "))
         config = AutoConfig.from_pretrained(name_or_path, **options)
         nli_label_order(config, name_or_path)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,12 +16,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-from persona_backbone import MC_HEAD_FILE, PersonaDoubleHeadsModel
+from persona_backbone import MC_HEAD_FILE, MC_HEAD_PREFIX, PersonaDoubleHeadsModel
 from persona_card import persona_model_card
 from persona_collator import ArrowBatches, PersonaCollator, candidate_counts
 from persona_errors import UsageError
 from persona_files import file_in_the_way
 from persona_metrics import compute_metrics, gold_rank
+from persona_model import unsafe_pickle_error
 
 
 @dataclass
@@ -249,10 +251,34 @@ class PersonaTrainer(Trainer):
         with self._collating_by_candidate_count():
             return super().get_test_dataloader(test_dataset)
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The Trainer's loop; a resumed checkpoint whose pickled files torch's restricted loader refuses is one line
+        naming the file (`persona_model.unsafe_pickle_error`), never a hint to lower the protection."""
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            if not isinstance(resume_from_checkpoint, str):
+                raise
+            raise unsafe_pickle_error(resume_from_checkpoint, err) from None
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The Trainer's weights, then the multiple-choice head from its own file (it is not in model.safetensors)."""
+        target = model if model is not None else self.model
+        self._head_in_own_file = isinstance(
+            getattr(target, "module", target), PersonaDoubleHeadsModel
+        ) and os.path.isfile(os.path.join(resume_from_checkpoint, MC_HEAD_FILE))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         _load_head_file(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result):
+        """The Trainer's report of missing and unexpected weights, less the expected: tied weights (saved once) and a
+        multiple-choice head that has its own file (loaded next)."""
+        model = getattr(self.model, "module", self.model)
+        expected = set(getattr(model, "all_tied_weights_keys", None) or {})
+        if getattr(self, "_head_in_own_file", False):
+            expected.update(k for k in load_result.missing_keys if k.startswith(MC_HEAD_PREFIX))
+        missing = [k for k in load_result.missing_keys if k not in expected]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_best_model(self):
         super()._load_best_model()

@@ -294,7 +294,6 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         with training_args.main_process_first(desc="choosing preference pairs"):
             source = f"{data_args.dataset_path}: split {train_split!r}"
             dialogs[train_split] = preference_dialogs(dialogs[train_split], data_args.num_candidates, source=source)
-
     set_seed(training_args.seed)
     chat_template = load_chat_template(model_args.chat_template) if model_args.chat_template else None
     model, tokenizer = load_model_and_tokenizer(
@@ -305,6 +304,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         system_prompt=model_args.system_prompt,
         chat_template=chat_template,
         chat_template_name=f"--chat_template {model_args.chat_template}" if chat_template else None,
+        grow_embeddings=True,  # a tokenizer larger than the embeddings gets new rows, trained with the rest
     )
     chat_format = chat_format_of(tokenizer)
     set_candidate_encoding(model, model_args.candidate_encoding)
