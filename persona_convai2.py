@@ -195,7 +195,7 @@ def evaluate_convai2(
     columns = stat_columns(stats)
     # A turn whose only candidate is the gold "hits" by construction: Hits@k counts the turns with a choice to make.
     ranked = columns["num_candidates"] > 1
-    metrics = hits_at_k(columns["gold_rank"][ranked], columns["num_candidates"][ranked], HITS_KS)
+    metrics = hits_at_k(columns["gold_rank"], columns["num_candidates"], HITS_KS)
     metrics["hits_turns"] = int(ranked.sum())
     if not ranked.all():
         metrics["turns_one_candidate"] = int((~ranked).sum())

@@ -76,18 +76,23 @@ def gold_rank(scores, gold):
 def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[int] = HITS_KS) -> dict[str, float]:
     """`hits@k` = fraction of turns whose gold rank is below k: hits@1 always, a larger k when it is smaller than
     every turn's candidate count (as large as the candidate count it would be 1 by construction, so it is left out).
+    A turn with one candidate (the gold alone) has no choice to make: it is left out, and without a turn that has a
+    choice there is no hits@k.
 
     >>> hits_at_k([0, 1, 6, 12], [20, 20, 20, 20])
     {'hits@1': 0.25, 'hits@5': 0.5, 'hits@10': 0.75}
     >>> hits_at_k([0, 1], [2, 2])
     {'hits@1': 0.5}
+    >>> hits_at_k([0, 1, 0], [1, 2, 1])
+    {'hits@1': 0.0}
     >>> hits_at_k([0, 0], [1, 1])
-    {'hits@1': 1.0}
+    {}
     """
-    ranks = np.asarray(ranks)
+    counts = np.asarray(num_candidates)
+    ranks = np.asarray(ranks)[counts > 1]
     if ranks.size == 0:
         return {}
-    fewest = int(np.min(num_candidates))
+    fewest = int(np.min(counts[counts > 1]))
     return {f"hits@{k}": float((ranks < k).mean()) for k in ks if k == 1 or k < fewest}
 
 
