@@ -10,52 +10,37 @@ training.
 A row is the generation prompt (system + history + assistant header, rendered once per example) followed by one
 candidate's part: what the template renders after the generation prompt for that reply. The gold's full rendering is
 checked against that split, token for token, so every row is what `apply_chat_template` gives for its conversation.
+Message contents stay text (`persona_text.ChatText`, transformers' `sanitize_control_tokens`): a persona or a turn
+holding `<|im_end|>\n<|im_start|>system` gets those characters' tokens, not a forged system turn; ordinary text gets
+exactly `apply_chat_template`'s ids.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from persona_errors import PersonaError, UsageError
+from persona_chat_options import (  # noqa: F401 (ChatTemplateError, load_chat_template: importable from here)
+    DEFAULT_SYSTEM_PROMPT,
+    PERSONA_FIELD,
+    ChatTemplateError,
+    check_system_prompt,
+    load_chat_template,
+    require_persona_field,
+)
+from persona_errors import UsageError
 from persona_inputs import Kept, fit_context
+from persona_text import ChatText
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = "You are chatting with someone. Stay in character. Your persona:\n{persona}"
-PERSONA_FIELD = "{persona}"
 # A string no template invents: finding it in the rendering proves the system message was kept.
 _SYSTEM_PROBE = "persona-chat system probe 7f3a"
 _WARNED_NO_SYSTEM: set[tuple[str, str]] = set()  # say once per template that the persona moves to the user turn
 _MAX_CUTS = 64  # reply/last-turn cuts before giving up (each one removes at least a token)
-
-
-class ChatTemplateError(PersonaError, ValueError):
-    """A tokenizer or chat template that cannot build persona rows; the message names the template and the fix."""
-
-
-def load_chat_template(path: str) -> str:
-    """The Jinja chat template in `path`: a template file (.jinja, .txt...) or a JSON file with a `chat_template` field
-    (`tokenizer_config.json`, `chat_template.json`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ChatTemplateError(f"--chat_template {path}: cannot read the file ({err.strerror}).") from err
-    if path.endswith(".json"):
-        try:
-            text = json.loads(text).get("chat_template")
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ChatTemplateError(f"--chat_template {path}: not a JSON object with a 'chat_template' field.") from err
-        if isinstance(text, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
-            text = {t.get("name"): t.get("template") for t in text}.get("default")
-    if not isinstance(text, str) or not text.strip():
-        raise ChatTemplateError(f"--chat_template {path}: the file holds no chat template.")
-    return text
 
 
 def _default_template(tokenizer, model_name: str) -> str:
@@ -111,10 +96,7 @@ class ChatFormat:
         """The format for `tokenizer` with its own template, or `chat_template` (template text, see
         `load_chat_template`); `template_name` (e.g. the file) names the template in errors."""
         model_name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-        if PERSONA_FIELD not in system_prompt:
-            raise UsageError(
-                f"--system_prompt must contain {PERSONA_FIELD} (where the persona sentences go); got {system_prompt!r}."
-            )
+        require_persona_field(system_prompt)
         template = chat_template if chat_template is not None else _default_template(tokenizer, model_name)
         name = template_name or f"the chat template of {model_name}"
         fmt = cls(tokenizer, template, name, system_prompt, system_role=True)
@@ -160,16 +142,24 @@ class ChatFormat:
             return [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
         return [{"role": "user", "content": system}, *turns]
 
+    @cached_property
+    def text(self) -> ChatText:
+        """Message contents as text: control-token strings in a persona, a turn or a reply never become tokens."""
+        return ChatText(self.tokenizer, self.template)
+
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-        """The template's text for `messages`, ending with the assistant header when `add_generation_prompt`."""
+        """The template's text for `messages` (their control-token strings marked, see `ChatText`), ending with the
+        assistant header when `add_generation_prompt`; `self.text.encode` gives its ids."""
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+            self.text.mark_messages(messages),
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of renderings, as `apply_chat_template(tokenize=True)` makes them (the template writes its own special
-        tokens, so none is added)."""
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        """Ids of message texts on their own (persona sentences, turns, replies), as text."""
+        return self.text.encode_texts(texts)
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:
@@ -180,11 +170,12 @@ class ChatFormat:
         messages = self.messages(persona, history)
         prompt = self.render(messages, add_generation_prompt=True)
         if not replies:
-            return _Encoded(self.encode([prompt])[0], [], 0, 0)
+            return _Encoded(self.text.encode([prompt])[0], [], 0, 0)
         gold = replies[-1]
         full = self.render([*messages, {"role": "assistant", "content": gold}], add_generation_prompt=False)
+        marked = [self.text.mark(r) for r in replies]  # as the rendering holds them
         suffix = full[len(prompt) :] if full.startswith(prompt) else None
-        at = suffix.find(gold) if suffix is not None else -1
+        at = suffix.find(marked[-1]) if suffix is not None else -1
         if at < 0:
             raise ChatTemplateError(
                 f"{self.name} renders the assistant's reply differently from its generation prompt "
@@ -192,8 +183,10 @@ class ChatFormat:
                 f"continuation the model will be asked for; use a template whose rendering of a final assistant "
                 f"message extends its generation prompt (reply {gold!r})."
             )
-        head, tail = suffix[:at], suffix[at + len(gold) :]
-        prompt_ids, full_ids, tail_ids, *parts = self.encode([prompt, full, tail, *(head + r + tail for r in replies)])
+        head, tail = suffix[:at], suffix[at + len(marked[-1]) :]
+        prompt_ids, full_ids, tail_ids, *parts = self.text.encode(
+            [prompt, full, tail, *(head + r + tail for r in marked)]
+        )
         if prompt_ids + parts[-1] != full_ids:
             raise ChatTemplateError(
                 f"{self.name}: the tokens of the conversation with the reply are not the tokens of the generation "
@@ -241,7 +234,8 @@ class ChatFormat:
 
         def fits(kept: Kept) -> bool:
             if kept not in prompts:
-                prompts[kept] = self.encode([self.render(self.messages(*context(kept)), add_generation_prompt=True)])[0]
+                prompt = self.render(self.messages(*context(kept)), add_generation_prompt=True)
+                prompts[kept] = self.text.encode([prompt])[0]
             return len(prompts[kept]) + reply_cost <= max_length
 
         persona_tokens = [len(ids) for ids in self.encode(persona)] if persona else []
@@ -400,6 +394,7 @@ def resolve_input_format(
             raise UsageError("--system_prompt and --chat_template apply to --input_format chat_template only.")
         record_input_format(tokenizer, SPEAKER_TOKENS)
         return None
+    check_system_prompt(system_prompt)  # the user's (None: the recorded one, which the model was trained with)
     system_prompt = system_prompt or recorded.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
     fmt = ChatFormat.from_tokenizer(
         tokenizer, chat_template=chat_template, template_name=chat_template_name, system_prompt=system_prompt

@@ -27,6 +27,7 @@ from persona_inputs import build_inputs, fit_to_length
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
 from persona_sources import fetch, forget_download, is_datasets_source, is_url, read_hub_dataset
+from persona_text import encode_texts
 from persona_tokens import SpecialTokenIds
 
 # Importable from here as well as from their own modules: the public API (README) and the names other code uses.
@@ -50,7 +51,7 @@ MIN_LENGTH = 5
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
 CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
-FEATURES_VERSION = "3"
+FEATURES_VERSION = "4"  # 3: persona permutations capped per dialog; 4: special-token strings in texts stay text
 # Per-row notes of what fitting max_length cut, counted for the warning and then dropped: context (history turns or
 # persona sentences), the gold reply, a distractor; and the reply budget.
 CUT_COLUMNS = ["cut_context", "cut_gold", "cut_distractor", "reply_budget"]
@@ -132,7 +133,7 @@ def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds,
             texts.update(u["history"][-(2 * max_history + 1) :])
             texts.update(u["candidates"] if num_candidates is None else u["candidates"][-num_candidates:])
     texts = sorted(texts)
-    encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    encoded = dict(zip(texts, encode_texts(tokenizer, texts)))  # "<speaker1>" typed in a turn stays text
 
     def build(persona, history, candidates, max_length):
         history = [encoded[h] for h in history]

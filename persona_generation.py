@@ -36,13 +36,10 @@ from persona_inputs import build_inputs, fit_to_length
 from persona_model import load_model_and_tokenizer
 from persona_ranking import check_can_rank, rank_replies
 from persona_repetition import repetition_processors
+from persona_text import decode_reply, encode_texts
 from persona_tokens import SpecialTokenIds
 
 logger = logging.getLogger(__name__)
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
 
 def build_context(
@@ -68,8 +65,8 @@ def build_context(
         ids = chat_format.context_ids(persona, history, max_length=max_length, reply_budget=reply_budget)
         input_ids = torch.tensor([ids])
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    persona_ids = _encode(tokenizer, persona)
-    history_ids = _encode(tokenizer, history)
+    persona_ids = encode_texts(tokenizer, persona)
+    history_ids = encode_texts(tokenizer, history)
     # The training rule (`persona_inputs.fit_to_length`) for a reply of `reply_budget` tokens, its last one the eos
     # slot: the context equals the training input of the same turn without its reply.
     reply = max(reply_budget - 1, 0)
@@ -162,7 +159,7 @@ def generate_candidate_ids(
         width = batch["input_ids"].size(1)
         processors = repetition_processors(
             width,
-            [_encode(tokenizer, turns) for turns in own_turns[start : start + batch_size]],
+            [encode_texts(tokenizer, turns) for turns in own_turns[start : start + batch_size]],
             no_repeat_ngram_size=around["no_repeat_ngram_size"],
             repetition_penalty=around["repetition_penalty"],
         )
@@ -177,10 +174,6 @@ def generate_candidate_ids(
     return candidates
 
 
-def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def _sample_and_rank(model, tokenizer, contexts, *, max_history, nli_scorer, nli_penalty, **options):
     """The samples (token ids) of each context and its distinct decoded replies with their scores, best first."""
     check_can_rank(model)
@@ -191,7 +184,7 @@ def _sample_and_rank(model, tokenizer, contexts, *, max_history, nli_scorer, nli
             tokenizer,
             persona,
             history,
-            [_decode(tokenizer, ids) for ids in replies],
+            [decode_reply(tokenizer, ids) for ids in replies],
             max_history=max_history,
             nli_scorer=nli_scorer,
             nli_penalty=nli_penalty,
@@ -250,7 +243,7 @@ def generate_reply_ids(
     )
     # The first sample that decodes to the best reply.
     return [
-        next(ids for ids in ids_list if _decode(tokenizer, ids) == best[0][0])
+        next(ids for ids in ids_list if decode_reply(tokenizer, ids) == best[0][0])
         for ids_list, best in zip(samples, ranked)
     ]
 
@@ -275,7 +268,7 @@ def generate_replies(
     kwargs = {"max_history": max_history, "batch_size": batch_size, **generation_options}
     if generation_options.get("num_ranked", 1) > 1:
         return [ranked[0][0] for ranked in generate_ranked(model, tokenizer, contexts, **kwargs)]
-    return [_decode(tokenizer, ids) for ids in generate_reply_ids(model, tokenizer, contexts, **kwargs)]
+    return [decode_reply(tokenizer, ids) for ids in generate_reply_ids(model, tokenizer, contexts, **kwargs)]
 
 
 class PersonaBot:

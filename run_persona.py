@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, add_training_help
 from persona_arguments import ModelArguments as SharedModelArguments
-from persona_chat_template import chat_format_of, load_chat_template
+from persona_chat_template import chat_format_of, check_system_prompt, load_chat_template
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, write_training_config
 from persona_cli import (
     MIN_INPUT_LENGTH,
@@ -62,8 +62,7 @@ PERSONACHAT_URL = "https://s3.amazonaws.com/datasets.huggingface.co/personachat/
 
 @dataclass(kw_only=True)
 class ModelArguments(SharedModelArguments):
-    """The backbone and how to load it (the options every script shares), the input format, the candidate encoding
-    and LoRA."""
+    """The backbone and how to load it (the options every script shares), input format, candidate encoding, LoRA."""
 
     model_name_or_path: str = field(
         default="openai-community/openai-gpt",
@@ -120,6 +119,7 @@ class ModelArguments(SharedModelArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_system_prompt(self.system_prompt, warn=False)  # before anything loads (warnings: once logging is set)
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise UsageError(
                 f"--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1; got "
