@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_user_errors import error_line
+from test_user_errors import no_debug as no_debug  # noqa: F401 (autouse fixture)
 
 import persona_chat
 import persona_eval
@@ -28,20 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_ARGS = ["--stdin", "--persona", "i like tea.", "--max_new_tokens", "3", "--no_sample"]
 
 
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
-
-
-def error_line(cli, argv, capsys) -> str:
-    """Run a console script in-process; assert status 2 and exactly one `prog: error:` line, no traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+def load_error_line(script: str, folder, personachat_json: str, tmp_path, capsys) -> str:
+    """The one error line of persona-chat or persona-eval loading the checkpoint `folder`."""
+    if script == "chat":
+        return error_line(persona_chat.cli, ["--model_name_or_path", str(folder), *CHAT_ARGS], capsys)
+    argv = ["--model_name_or_path", str(folder), "--dataset_path", personachat_json]
+    return error_line(persona_eval.cli, [*argv, "--output_file", str(tmp_path / "r.json")], capsys)
 
 
 def embedding_rows(folder) -> int:
@@ -75,11 +69,7 @@ def pickled_copy(src: str, dst, marker: str) -> None:
 def test_refused_pickle_is_one_line_naming_the_file(script, persona_checkpoint, personachat_json, tmp_path, capsys):
     folder, marker = tmp_path / "pickled", str(tmp_path / "code-ran")
     pickled_copy(persona_checkpoint, folder, marker)
-    if script == "chat":
-        line = error_line(persona_chat.cli, ["--model_name_or_path", str(folder), *CHAT_ARGS], capsys)
-    else:
-        argv = ["--model_name_or_path", str(folder), "--dataset_path", personachat_json]
-        line = error_line(persona_eval.cli, [*argv, "--output_file", str(tmp_path / "r.json")], capsys)
+    line = load_error_line(script, folder, personachat_json, tmp_path, capsys)
     assert f"{folder / 'pytorch_model.bin'}: this pickled weights file refers to os.makedirs" in line
     assert "safetensors" in line and "weights_only" not in line and "trusted" not in line
     assert not os.path.exists(marker)
@@ -129,11 +119,7 @@ def test_tokenizer_larger_than_the_embeddings_is_refused_at_load(
     folder = tmp_path / "grown"
     grown_tokenizer_copy(persona_checkpoint, folder)
     rows = embedding_rows(persona_checkpoint)
-    if script == "chat":
-        line = error_line(persona_chat.cli, ["--model_name_or_path", str(folder), *CHAT_ARGS], capsys)
-    else:
-        argv = ["--model_name_or_path", str(folder), "--dataset_path", personachat_json]
-        line = error_line(persona_eval.cli, [*argv, "--output_file", str(tmp_path / "r.json")], capsys)
+    line = load_error_line(script, folder, personachat_json, tmp_path, capsys)
     assert f"{folder}: the tokenizer has {rows + 7} tokens but the embedding matrix has {rows} rows" in line
 
 
