@@ -169,8 +169,8 @@ def read_config_file(path: str) -> dict:
         config = _load_json_config(path, text)
     else:
         config = _load_yaml_config(path, text)
-    if config is None:
-        return {}
+    if config is None or config == {}:  # a file cut short or never written would run every default: say so
+        raise UsageError(f"{path}: the config file holds no options; fill it in, or pass the flags without it.")
     if not isinstance(config, dict):
         raise UsageError(
             f"{path}: a config file holds 'option: value' lines (a mapping), not "

@@ -241,6 +241,11 @@ def test_config_file_hints(tmp_path, capsys, monkeypatch, tiny_checkpoint):
     assert "unknown option(s) ['no_f1'] (did you mean 'f1: false'?)" in line
     path.write_text("model_name_or_path: null\n")
     assert "option 'model_name_or_path' has no value" in error_line(persona_chat.cli, [str(path)], capsys)
+    # A config file cut short to nothing (or only comments) would run every default: one line, before loading.
+    for text in ("", "# model_name_or_path: gpt2\n", "{}\n"):
+        path.write_text(text)
+        line = error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "o")], capsys)
+        assert f"{path}: the config file holds no options" in line
 
 
 def test_persona_demo_persona_over_the_character_limit(tiny_checkpoint, capsys, monkeypatch):
