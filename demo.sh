@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Offline demo: install, build a tiny tokenizer + GPT-2 and synthetic persona dialogs, train, evaluate, print metrics.
-# Needs no Hugging Face Hub access; about 3 minutes on 2 CPU cores once the packages are installed.
+# Needs no Hugging Face Hub access; about 2 minutes on 2 idle CPU cores once the packages are installed (README).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
