@@ -9,17 +9,13 @@ them); their checks run while parsing and import nothing heavy, so a flag mistak
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
-from persona_cli import check_model_path, check_positive
-from persona_errors import UsageError
-from persona_options import check_writable
+from persona_errors import UsageError, check_positive
+from persona_locations import check_model_path, check_writable
+from persona_process import check_device_name
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
-# Device types torch.device knows, and those a model runs on here; whether one is present is checked at load time.
-TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta", "xla", "hpu", "mtia", "ipu", "lazy", "vulkan", "fpga")
-RUNNABLE_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def _post_init_next(obj, cls) -> None:
@@ -72,17 +68,6 @@ class InferenceArguments(ModelArguments):
     def __post_init__(self):
         check_device_name(self.device)
         _post_init_next(self, InferenceArguments)
-
-
-def check_device_name(device: str | None, flag: str = "--device") -> None:
-    """A `UsageError` for a device string that is not a device a model runs on (checked without importing torch)."""
-    if device is None:
-        return
-    match = re.fullmatch(r"([a-z_]+)(:\d+)?", device)
-    if match is None or match.group(1) not in TORCH_DEVICE_TYPES:
-        raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...")
-    if match.group(1) not in RUNNABLE_DEVICE_TYPES:
-        raise UsageError(f"{flag} {device}: not a device to run a model on here; use cpu, cuda, cuda:1, mps or xpu.")
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,9 @@
-"""Any causal LM as a persona backbone: `PersonaDoubleHeadsModel` = an `AutoModelForCausalLM` + a multiple-choice head.
+"""The double-heads models: any causal LM plus a multiple-choice head, and the library's GPT / GPT-2 classes.
+
+`PersonaDoubleHeadsModel` = an `AutoModelForCausalLM` + a multiple-choice head. GPT and GPT-2 keep their library
+classes (same weights and checkpoints as the reference) with the label-only loss (`PersonaGPT2DoubleHeadsModel`,
+`PersonaOpenAIGPTDoubleHeadsModel`). Every loss path encodes the candidates through
+`persona_encoding.encode_candidates`.
 
 The folder it saves is exactly the backbone's own checkpoint (its config.json plus a `persona_double_heads` entry, its
 `model*.safetensors` holding the causal LM's tensors and nothing else) with the multiple-choice head in its own file
@@ -18,7 +23,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    GenerationMixin,
+    GPT2DoubleHeadsModel,
+    OpenAIGPTDoubleHeadsModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -328,3 +340,55 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+class PersonaDoubleHeadsMixin:
+    """Training/evaluation forward of the library's double-heads classes that never builds [B, C, T, V] logits.
+
+    With `labels` or `mc_labels` the forward returns a `persona_heads.DoubleHeadsOutput` (`loss` = LM loss, as the
+    parent class), the candidates encoded by `persona_encoding.encode_candidates`; without them (generation,
+    plain inference) it is the parent's forward. Going through `forward` (not a side function) keeps DDP and DeepSpeed
+    wrappers in the loop.
+    """
+
+    accepts_loss_kwargs = False  # PersonaTrainer normalises over the accumulated batch itself
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        mc_token_ids=None,
+        labels=None,
+        mc_labels=None,
+        **kwargs,
+    ):
+        if labels is None and mc_labels is None:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                mc_token_ids=mc_token_ids,
+                **kwargs,
+            )
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("position_ids") is not None:
+            raise ValueError("The double-heads loss path takes input_ids and default positions only.")
+        encoding = encode_candidates(
+            self, self.transformer, input_ids, token_type_ids, attention_mask, mc_token_ids, labels
+        )
+        return encoding.apply_heads(self.multiple_choice_head, self.lm_head, mc_token_ids, labels, mc_labels)
+
+
+class PersonaGPT2DoubleHeadsModel(PersonaDoubleHeadsMixin, GPT2DoubleHeadsModel):
+    """`GPT2DoubleHeadsModel` (same weights and checkpoints) with the label-only LM loss."""
+
+
+class PersonaOpenAIGPTDoubleHeadsModel(PersonaDoubleHeadsMixin, OpenAIGPTDoubleHeadsModel):
+    """`OpenAIGPTDoubleHeadsModel` (same weights and checkpoints) with the label-only LM loss."""
+
+
+# model_type -> the library's double-heads class (with our loss) for it; every other causal LM uses the generic one.
+DOUBLE_HEADS_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "gpt2": PersonaGPT2DoubleHeadsModel,
+    "openai-gpt": PersonaOpenAIGPTDoubleHeadsModel,
+}

@@ -20,55 +20,38 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, InferenceArguments
-from persona_cli import (
-    UsageError,
-    lazy_exports,
-    parse_args_with_config,
-    persona_split,
-    run_console_script,
-    say,
-    sentence_list,
-    setup_logging,
-)
-from persona_decoding import (  # noqa: F401 (public: importable from persona_chat)
-    GENERATION_DEFAULTS,
-    GenerationArguments,
-    NLIRankingArguments,
-    generation_config_from_options,
-    stop_token_ids,
-)
-from persona_options import warn_ignored
+from persona_cli import parse_args_with_config, run_console_script, sentence_list, setup_logging, warn_ignored
+from persona_decoding import GenerationArguments, NLIRankingArguments
+from persona_errors import UsageError
+from persona_process import check_device, say
 
 logger = logging.getLogger(__name__)
 
-# The generation API (torch and the model stack), importable from here and loaded on first use (PEP 562).
-GENERATION_API = (
-    "PersonaBot",
-    "build_context",
-    "check_device",
-    "check_reply_budget",
-    "generate_ranked",
-    "generate_replies",
-    "generate_reply_ids",
-    "load_for_chat",
-)
+# The public generation API, importable from here (`persona_chat.PersonaBot`, `persona_chat.load_for_chat`, ...), loaded
+# on first use, so that the flags parse (and --help prints) before torch loads.
+PUBLIC_API = ("PersonaBot", "generate_ranked", "generate_replies", "load_for_chat")
 
 
-__getattr__ = lazy_exports(__name__, {"persona_generation": GENERATION_API})
+def __getattr__(name: str):
+    if name in PUBLIC_API:
+        import persona_generation
+
+        return getattr(persona_generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def random_persona(
     dataset_path: str, dataset_format: str | None = None, seed: int | None = None, **read_options
 ) -> list[str]:
-    """The persona of a random dialog of a dataset (its validation split when there is one)."""
-    from persona_data import load_dialogs
+    """The persona of a random dialog of a dataset (`persona_data.dataset_personas`: its validation split when there
+    is one)."""
+    from persona_data import dataset_personas, load_dialogs
+    from persona_data import random_persona as draw
 
-    dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
-    split = persona_split(dialogs)
-    if dialogs[split].num_rows == 0:
-        raise UsageError(f"{dataset_path}: split {split!r} has no dialogs to take a persona from.")
-    index = random.Random(seed).randrange(dialogs[split].num_rows)
-    return list(dialogs[split][index]["personality"])
+    personas = dataset_personas(load_dialogs(dataset_path, dataset_format, **read_options))
+    if not personas:
+        raise UsageError(f"{dataset_path}: no dialog with a persona to take one from.")
+    return draw(personas, random.Random(seed))
 
 
 @dataclass(kw_only=True)
@@ -217,8 +200,9 @@ def _stdin_loop(bot) -> None:
 
 def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRankingArguments | None = None) -> int:
     setup_logging(logging.WARNING, stream=sys.stderr)  # stdout carries the replies
-    api = sys.modules[__name__]  # the generation API: loaded here, after the flags (or a test's stand-in)
-    api.check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
+    from persona_generation import PersonaBot, check_reply_budget, load_for_chat
+
+    check_device(args.device)  # an accelerator this machine lacks: said before the persona is asked for
     ranking = ranking or NLIRankingArguments()
     ranking.check_with(generation.num_ranked)
     interactive = not args.stdin
@@ -229,9 +213,9 @@ def main(args: ChatArguments, generation: GenerationArguments, ranking: NLIRanki
                 "persona-chat: warning: no persona (give --persona, --persona_file or --dataset_path): the bot "
                 "replies without one."
             )
-        model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
-        api.check_reply_budget(model, generation.max_new_tokens)
-        bot = api.PersonaBot(
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+        check_reply_budget(model, generation.max_new_tokens)
+        bot = PersonaBot(
             model,
             tokenizer,
             persona,

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 
-from persona_errors import PersonaError, UsageError
+from persona_errors import ChatTemplateError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +16,6 @@ PERSONA_FIELD = "{persona}"
 # A brace around one word is meant as a placeholder (`{name}`, `{Persona}`, `{ persona }`): only {persona} is one.
 _PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][\w.-]*\s*\}")
 _WARNED_BACKSLASH_N: set[str] = set()  # say once per prompt that "\n" was written as two characters
-
-
-class ChatTemplateError(PersonaError, ValueError):
-    """A tokenizer or chat template that cannot build persona rows; the message names the template and the fix."""
 
 
 def load_chat_template(path: str) -> str:

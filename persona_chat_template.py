@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from persona_chat_options import (  # noqa: F401 (ChatTemplateError, load_chat_template: importable from here)
+from persona_chat_options import (
     DEFAULT_SYSTEM_PROMPT,
     PERSONA_FIELD,
-    ChatTemplateError,
     check_system_prompt,
-    load_chat_template,
     require_persona_field,
 )
-from persona_errors import UsageError
+from persona_errors import ChatTemplateError, UsageError
 from persona_inputs import Kept, fit_context
 from persona_text import ChatText
 

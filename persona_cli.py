@@ -15,15 +15,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 from persona_errors import PersonaError, UsageError, quote
+from persona_process import end_process_groups, is_rank_zero, say
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# Names tried, in order, for evaluation when the user names no split.
-EVAL_SPLIT_FALLBACKS = ("valid", "validation", "test")
-# The shortest `--max_length` that holds bos, a speaker token per segment, a token of reply and eos.
-MIN_INPUT_LENGTH = 8
 # Text options that also take a mapping in a config file (`persona_records.parse_column_mapping` reads both); the
 # Trainer's own (`deepspeed`, `fsdp_config`, ...) say so in their annotations.
 MAPPING_OPTIONS = {"column_mapping"}
@@ -220,93 +218,6 @@ def _load_yaml_config(path: str, text: str):
         raise UsageError(f"{path}: not valid YAML ({where}{problem}).") from None
 
 
-def find_split(dialogs, name: str | None, source: str, fallbacks: Sequence[str] = EVAL_SPLIT_FALLBACKS) -> str:
-    """The split of `dialogs` called `name`; with `name=None`, the first of `fallbacks` present. A `UsageError`
-    listing the splits when there is none: a split the user named never falls back to another."""
-    candidates = (name,) if name is not None else tuple(fallbacks)
-    split = next((s for s in candidates if s in dialogs), None)
-    if split is None:
-        wanted = repr(name) if name is not None else " or ".join(repr(s) for s in fallbacks)
-        raise UsageError(f"{source} has no split {wanted} (it has {list(dialogs)}).")
-    return split
-
-
-def persona_split(dialogs) -> str:
-    """The split to draw personas from: the validation split when there is one, else the first."""
-    return next((s for s in EVAL_SPLIT_FALLBACKS if s in dialogs), next(iter(dialogs)))
-
-
-def looks_local(name_or_path: str) -> bool:
-    """Whether a model name is meant as a local path rather than a Hub id ('org/name'): it is absolute, starts with
-    '.' or '~', has a backslash or more than one '/', ends with '/', or its first part is an existing folder or
-    `runs` (where persona-train writes runs)."""
-    if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.endswith(("/", os.sep)):
-        return True
-    if os.path.isabs(name_or_path) or os.sep != "/" and os.sep in name_or_path:
-        return True
-    parts = name_or_path.split("/")
-    return len(parts) > 2 or (len(parts) == 2 and (parts[0] == "runs" or os.path.isdir(parts[0])))
-
-
-TOKENIZER_CONFIGS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
-
-
-def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
-    """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
-    retries); Hub ids pass."""
-    path = os.path.expanduser(name_or_path)
-    if not name_or_path.strip():
-        raise UsageError(f"{flag} is empty; pass a checkpoint folder or a Hub id.")
-    if os.path.isfile(path):
-        raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
-    if os.path.isdir(path):
-        # A tokenizer folder (tokenizer.save_pretrained) holds no config.json: its own files make it one.
-        wanted = ("config.json", "adapter_config.json", *(TOKENIZER_CONFIGS if flag == "--tokenizer_name" else ()))
-        if not any(os.path.isfile(os.path.join(path, f)) for f in wanted):
-            raise UsageError(
-                f"{flag} {name_or_path}: no config.json in this folder; pass a folder written by persona-train "
-                "(or save_pretrained)."
-            )
-        return
-    if looks_local(name_or_path):
-        raise UsageError(f"{flag} {name_or_path}: no such folder (Hub ids look like 'org/name').")
-
-
-def max_positions(model) -> int | None:
-    """The model's window: its maximum number of positions (None when the config does not say)."""
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def input_budget(model, max_length: int | None) -> int | None:
-    """The longest input in tokens: `max_length` capped by the model's window (the window when None)."""
-    window = max_positions(model)
-    if max_length is None or window is None:
-        return max_length or window
-    return min(max_length, window)
-
-
-def is_rank_zero() -> bool:
-    """Whether this is the main process of a launch (or the only process)."""
-    return os.environ.get("RANK", "0") in ("0", "")
-
-
-def say(message: str) -> None:
-    """One line on stderr, from the main process only (shown whatever the log level)."""
-    if is_rank_zero():
-        print(message, file=sys.stderr, flush=True)
-
-
-def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
-    """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
-    for name in names:
-        value = getattr(obj, name)
-        if value is None and allow_none:
-            continue
-        if value is None or not value >= minimum:  # `not >=` also catches NaN
-            raise UsageError(f"--{name} must be >= {minimum:g}, got {value}.")
-
-
 def sentence_list(values, flag: str) -> list[str]:
     """The sentences of a repeatable text flag: `--persona a --persona b`, `--persona a b` and a config file's list or
     single text all give a flat list of text; a `UsageError` naming the flag for anything else.
@@ -321,6 +232,40 @@ def sentence_list(values, flag: str) -> list[str]:
                 raise UsageError(f"{flag}: {quote(sentence)} is not a sentence; give text (quote it in a config file).")
             sentences.append(sentence)
     return sentences
+
+
+def given_options(parser, argv) -> set[str]:
+    """The option names a command line sets: a config file's keys (first argument) and the flags it passes."""
+    argv = list(argv)
+    given = set()
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        given.update(read_config_file(argv.pop(0)))
+    options = parser._option_string_actions
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg.split("=", 1)[0]
+        # argparse takes a unique prefix of a flag (`--learning_r`) as the flag itself.
+        dests = {options[name].dest} if name in options else {a.dest for o, a in options.items() if o.startswith(name)}
+        if len(dests) == 1:
+            given.update(dests)
+    return given
+
+
+def set_by_user(args, names) -> list[str]:
+    """The `names` of fields of the dataclass `args` whose value differs from the field's default."""
+    defaults = {}
+    for f in fields(args):
+        if f.name in names:
+            defaults[f.name] = f.default_factory() if callable(f.default_factory) else f.default
+    return [name for name in names if getattr(args, name) != defaults[name]]
+
+
+def warn_ignored(prog: str, names, reason: str) -> None:
+    """One line saying that the flags `names` have no effect, and why."""
+    if names:
+        flags = ", ".join(f"--{name}" for name in names)
+        say(f"{prog}: warning: {flags} {'is' if len(names) == 1 else 'are'} ignored: {reason}.")
 
 
 def setup_logging(level: int, stream=None, library_level: int | None = None) -> None:
@@ -351,20 +296,6 @@ def _library_noise(record) -> bool:
     unused, on every command) and strip the terminal colour codes transformers writes into its load reports."""
     record.msg = re.sub(r"\x1b\[[0-9;]*m", "", str(record.msg))
     return "Setting accelerator to CPU" not in record.msg
-
-
-def lazy_exports(module: str, exports: dict[str, Sequence[str]]) -> Callable[[str], object]:
-    """A module `__getattr__` (PEP 562) re-exporting `exports` ({source module: names}) on first use: a console
-    script's module parses its flags (and prints --help) before torch and the model stack load."""
-    import importlib
-
-    def __getattr__(name: str):
-        for source, names in exports.items():
-            if name in names:
-                return getattr(importlib.import_module(source), name)
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-
-    return __getattr__
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -418,41 +349,3 @@ def run_console_script(prog: str, main: Callable[[list[str]], int | None], argv:
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         end_process_groups(synchronize=finished)
-
-
-def release_deepspeed(trainer) -> None:
-    """`engine.destroy()` at the end of a DeepSpeed run: the engine's hooks would otherwise keep it, and the process
-    groups it holds, alive past the run (see `end_process_groups`)."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        trainer.accelerator.free_memory()
-
-
-def end_process_groups(synchronize: bool = True) -> None:
-    """Tear down the process groups of a distributed run so that no communication thread outlives the interpreter.
-
-    gloo joins a group's threads only when the last reference to the group goes, and `destroy_process_group` drops
-    only torch's own: DeepSpeed's module-level groups and every object still holding a group (an engine whose hooks
-    were not removed, ZeRO-3's parameters) keep the threads running into the interpreter's exit, where a peer closing
-    its sockets can abort the process ("terminate called without an active exception"). With `synchronize`, the ranks
-    first wait for each other, so that none closes its connections while another still uses them. (A real ZeRO-3
-    run still leaves its groups' threads alive after this: some holder of its engine is not found yet; the barrier is
-    what keeps the ranks' exits together there.)
-    """
-    import gc
-
-    dist = sys.modules.get("torch.distributed")  # never imported: no process group to tear down
-    if dist is None or not (dist.is_available() and dist.is_initialized()):
-        return
-    if synchronize:
-        dist.barrier()
-    zero3 = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
-    if isinstance(getattr(zero3, "FWD_MODULE_STACK", None), list):
-        # ZeRO-3 pushes each engine's model on this module-level stack and never pops it: the model keeps its engine
-        # (through the hooks), the optimizer and the partitioned parameters alive, each holding a process group.
-        zero3.FWD_MODULE_STACK.clear()
-    ds_comm = sys.modules.get("deepspeed.comm")
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()  # torch's, plus the references DeepSpeed keeps in deepspeed.utils.groups
-    else:
-        dist.destroy_process_group()
-    gc.collect()  # the groups referenced only from reference cycles go now, and their threads with them

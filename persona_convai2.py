@@ -24,14 +24,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from persona_chat_template import chat_format_of
-from persona_cli import (
-    UsageError,
-    input_budget,
-)
 from persona_collator import PersonaCollator
 from persona_data import build_features
 from persona_decoding import EvalGenerationArguments
+from persona_errors import UsageError
 from persona_generation import generate_replies
+from persona_inputs import history_window
 from persona_metrics import (
     HITS_KS,
     consistency_metrics,
@@ -44,6 +42,7 @@ from persona_metrics import (
     stat_columns,
     word_perplexity,
 )
+from persona_model import input_budget
 from persona_nli import NLIScorer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
 
@@ -133,7 +132,7 @@ def reply_metrics(
 ) -> tuple[dict, list[list[int]] | None]:
     """Repetition, diversity and persona copying of one reply per turn (generated, or the gold with `suffix="_gold"`)
     and, with `nli`, its persona consistency; returns the metrics and the per-turn NLI labels (one per sentence)."""
-    contexts = [t["history"][-(2 * max_history + 1) :] for t in turns]  # the turns the bot saw
+    contexts = [history_window(t["history"], max_history) for t in turns]  # the turns the bot saw
     personas = [t["persona"] for t in turns]
     metrics = repetition_metrics(replies, contexts, [t["dialog"] for t in turns], suffix=suffix)
     metrics[f"persona_copy_rate{suffix}"] = persona_copy_rate(replies, personas)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from itertools import chain
@@ -22,11 +23,12 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from persona_chat_template import ChatFormat, tokenizer_chat_format
-from persona_errors import UsageError
-from persona_inputs import build_inputs, fit_to_length
+from persona_errors import PersonaDataError, UsageError
+from persona_inputs import MIN_INPUT_LENGTH, build_inputs, fit_to_length, history_window
+from persona_locations import is_url
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
-from persona_records import PersonaDataError, ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
-from persona_sources import fetch, forget_download, is_datasets_source, is_url, read_hub_dataset
+from persona_records import ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
+from persona_sources import fetch, forget_download, is_datasets_source, read_hub_dataset
 from persona_text import encode_texts
 from persona_tokens import SpecialTokenIds
 
@@ -46,8 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The shortest input: bos, one turn's speaker (its tokens may all be cut), the reply's speaker, one token, eos.
-MIN_LENGTH = 5
 MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
 CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
@@ -130,7 +130,7 @@ def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds,
     texts = set(chain.from_iterable(batch["personality"]))
     for utterances in batch["utterances"]:
         for u in utterances:
-            texts.update(u["history"][-(2 * max_history + 1) :])
+            texts.update(history_window(u["history"], max_history))
             texts.update(u["candidates"] if num_candidates is None else u["candidates"][-num_candidates:])
     texts = sorted(texts)
     encoded = dict(zip(texts, encode_texts(tokenizer, texts)))  # "<speaker1>" typed in a turn stays text
@@ -201,7 +201,7 @@ def _build_batch(
                         f"candidates but --num_candidates {num_candidates}; lower --num_candidates."
                     )
                 candidates = candidates if num_candidates is None else candidates[-num_candidates:]
-                rows, cuts = build(persona, u["history"][-(2 * max_history + 1) :], candidates, max_length)
+                rows, cuts = build(persona, history_window(u["history"], max_history), candidates, max_length)
                 for key, value in (rows | cuts).items():
                     out[key].append(value)
                 out["mc_labels"].append(len(candidates) - 1)
@@ -282,10 +282,10 @@ def build_features(
         raise UsageError(f"max_history must be >= 0, got {max_history}.")
     if chat_format is None:
         chat_format = tokenizer_chat_format(tokenizer)
-    if chat_format is None and max_length is not None and max_length < MIN_LENGTH:
+    if chat_format is None and max_length is not None and max_length < MIN_INPUT_LENGTH:
         raise PersonaDataError(
             f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "
-            f"({MIN_LENGTH} tokens); raise --max_length."
+            f"({MIN_INPUT_LENGTH} tokens); raise --max_length."
         )
     ids = SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None
     options = dict(
@@ -383,3 +383,34 @@ def _warn_cuts(features: datasets.Dataset, max_length: int | None, source: str |
         parts.append(f"{distractor} rows had a distractor cut")
     where = f"{source}: " if source else ""
     logger.warning("%s--max_length %s: %s; raise --max_length to keep them whole.", where, max_length, "; ".join(parts))
+
+
+# Names tried, in order, for evaluation when the user names no split.
+EVAL_SPLIT_FALLBACKS = ("valid", "validation", "test")
+
+
+def find_split(dialogs, name: str | None, source: str, fallbacks: Sequence[str] = EVAL_SPLIT_FALLBACKS) -> str:
+    """The split of `dialogs` called `name`; with `name=None`, the first of `fallbacks` present. A `UsageError`
+    listing the splits when there is none: a split the user named never falls back to another."""
+    candidates = (name,) if name is not None else tuple(fallbacks)
+    split = next((s for s in candidates if s in dialogs), None)
+    if split is None:
+        wanted = repr(name) if name is not None else " or ".join(repr(s) for s in fallbacks)
+        raise UsageError(f"{source} has no split {wanted} (it has {list(dialogs)}).")
+    return split
+
+
+def persona_split(dialogs) -> str:
+    """The split to draw personas from: the validation split when there is one, else the first."""
+    return next((s for s in EVAL_SPLIT_FALLBACKS if s in dialogs), next(iter(dialogs)))
+
+
+def dataset_personas(dialogs) -> list[list[str]]:
+    """The personas a chat draws from: every non-empty persona of the validation split (else the first split)."""
+    split = persona_split(dialogs)
+    return [list(p) for p in dialogs[split]["personality"] if p]
+
+
+def random_persona(personas: Sequence[Sequence[str]], rng) -> list[str]:
+    """One of `personas` drawn with `rng` (a `random.Random`); [] when there is none."""
+    return list(rng.choice(personas)) if personas else []

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from persona_chat_template import chat_format_of
-from persona_cli import UsageError, say
+from persona_errors import UsageError
+from persona_process import say
 from persona_tokens import SpecialTokenIds
 
 # The most replies `num_ranked` samples for one context.

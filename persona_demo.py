@@ -20,26 +20,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 from transformers import HfArgumentParser  # noqa: E402
 
 from persona_arguments import DialogArguments, InferenceArguments  # noqa: E402
-from persona_cli import (  # noqa: E402
+from persona_cli import parse_args_with_config, run_console_script, sentence_list, setup_logging
+from persona_decoding import GENERATION_DEFAULTS, MAX_RANKED, NLIRankingArguments  # noqa: E402
+from persona_errors import (
+    PersonaError,  # noqa: E402
     UsageError,
     check_positive,
-    lazy_exports,
-    parse_args_with_config,
-    persona_split,
-    run_console_script,
-    say,
-    sentence_list,
-    setup_logging,
 )
-from persona_decoding import GENERATION_DEFAULTS, MAX_RANKED, NLIRankingArguments  # noqa: E402
-from persona_errors import PersonaError  # noqa: E402
-
-# The generation API (torch and the model stack), loaded on first use (PEP 562): flags are parsed first.
-GENERATION_API = ("PersonaBot", "check_device", "load_for_chat")
-
-
-__getattr__ = lazy_exports(__name__, {"persona_generation": GENERATION_API})
-
+from persona_process import check_device, say
 
 TITLE = "persona-chat"
 
@@ -55,10 +43,10 @@ def _messages(turns: Sequence[str]) -> list[dict]:
 
 def dataset_personas(dataset_path: str, dataset_format: str | None = None, **read_options) -> list[list[str]]:
     """Every persona of a dataset's validation split (or its first split), for the "random persona" button."""
+    from persona_data import dataset_personas as personas_of
     from persona_data import load_dialogs
 
-    dialogs = load_dialogs(dataset_path, dataset_format, **read_options)
-    return [list(p) for p in dialogs[persona_split(dialogs)]["personality"] if p]
+    return personas_of(load_dialogs(dataset_path, dataset_format, **read_options))
 
 
 def build_demo(
@@ -84,8 +72,11 @@ def build_demo(
     """
     import gradio as gr
 
+    from persona_data import random_persona as draw_persona
+    from persona_generation import PersonaBot
+
     rng = random.Random(seed)
-    persona = list(persona) or (list(rng.choice(personas)) if personas else [])
+    persona = list(persona) or draw_persona(personas, rng)
 
     def check_sizes(message: str, persona_text: str) -> None:
         if len(message) > max_message_chars:
@@ -118,7 +109,7 @@ def build_demo(
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
         try:
-            bot = sys.modules[__name__].PersonaBot(
+            bot = PersonaBot(
                 model,
                 tokenizer,
                 _persona_lines(persona_text),
@@ -152,7 +143,7 @@ def build_demo(
         return [], []
 
     def random_persona():
-        return "\n".join(rng.choice(personas)) if personas else gr.skip()
+        return "\n".join(draw_persona(personas, rng)) if personas else gr.skip()
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(
@@ -282,12 +273,13 @@ def main(args: DemoArguments, ranking: NLIRankingArguments | None = None) -> int
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("persona-demo needs Gradio: pip install 'persona-chat[demo]'") from None
-    api = sys.modules[__name__]  # the generation API: loaded here, after the flags (or a test's stand-in)
-    api.check_device(args.device)
+    from persona_generation import load_for_chat
+
+    check_device(args.device)
     port = check_port_free(args.host, args.port)
     setup_logging(logging.WARNING, stream=sys.stderr)
     try:
-        model, tokenizer = api.load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
+        model, tokenizer = load_for_chat(args.model_name_or_path, args.device, args.dtype, **args.load_options())
     except PersonaError as err:
         raise UsageError(
             f"cannot load the checkpoint {args.model_name_or_path!r}: {err} Pass a directory written by persona-train "

@@ -24,7 +24,8 @@ from datasets.fingerprint import Hasher
 from torch import nn
 
 from persona_collator import candidate_counts
-from persona_records import DIALOG_FEATURES, PersonaDataError
+from persona_errors import PersonaDataError
+from persona_records import DIALOG_FEATURES
 from persona_trainer import PersonaTrainer
 
 logger = logging.getLogger(__name__)

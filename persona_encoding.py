@@ -16,15 +16,10 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
+from persona_candidates import CandidateEncoding, encode_in_full
 from persona_errors import UsageError
 from persona_packed import encode_packed, packed_unsupported_reason, tree_attention_unsupported_reason
-from persona_shared_prefix import (
-    CandidateEncoding,
-    encode_in_full,
-    encode_shared_prefix,
-    shared_prefix_lengths,
-    shared_prefix_unsupported_reason,
-)
+from persona_shared_prefix import encode_shared_prefix, shared_prefix_lengths, shared_prefix_unsupported_reason
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,18 @@ class CheckpointError(PersonaError, OSError):
     """A checkpoint that cannot be loaded (missing, damaged or incomplete files, a model type that cannot serve)."""
 
 
+class PersonaDataError(PersonaError, ValueError):
+    """Malformed persona data; the message names the file, the record and the field."""
+
+
+class ChatTemplateError(PersonaError, ValueError):
+    """A tokenizer or chat template that cannot build persona rows; the message names the template and the fix."""
+
+
+class NLIModelError(PersonaError, ValueError):
+    """A checkpoint that cannot serve as an NLI model (labels not mappable, not a classifier): one line for users."""
+
+
 def quote(value, limit: int = 200) -> str:
     """`value` as Python writes it, cut to about `limit` characters, for messages that quote what a user gave: a
     config value can be millions of characters long, and a YAML alias bomb a structure whose full `repr` would never
@@ -46,3 +58,13 @@ def quote(value, limit: int = 200) -> str:
     if len(text) > limit:
         return f"{text[: limit - 1]}...{size}"
     return text if "..." not in text else f"{text}{size}"
+
+
+def check_positive(obj, *names: str, allow_none: bool = True, minimum: float = 1) -> None:
+    """A `UsageError` naming `--name` for each attribute of `obj` below `minimum` (None passes with `allow_none`)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if value is None or not value >= minimum:  # `not >=` also catches NaN
+            raise UsageError(f"--{name} must be >= {minimum:g}, got {value}.")

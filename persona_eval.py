@@ -30,39 +30,28 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, ModelArguments
-from persona_cli import (
-    MIN_INPUT_LENGTH,
-    UsageError,
-    check_model_path,
-    check_positive,
-    find_split,
-    is_rank_zero,
-    lazy_exports,
-    parse_args_with_config,
-    run_console_script,
-    setup_logging,
-)
+from persona_cli import parse_args_with_config, run_console_script, set_by_user, setup_logging, warn_ignored
 from persona_decoding import EvalGenerationArguments
+from persona_errors import UsageError, check_positive
+from persona_inputs import MIN_INPUT_LENGTH, history_window
+from persona_locations import check_model_path, check_writable
 from persona_metrics import PAIR_ORDERS, f1_score  # noqa: F401 (f1_score: public API, the ConvAI2 F1 of one pair)
-from persona_options import check_writable, set_by_user, warn_ignored
+from persona_process import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
+
+def __getattr__(name: str):
+    # `persona_eval.evaluate_convai2` (public API), loaded on first use: the flags parse before torch loads.
+    if name == "evaluate_convai2":
+        import persona_convai2
+
+        return persona_convai2.evaluate_convai2
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The `evaluate` module with the same F1, Hits@k and C-score (valid in a source checkout).
 CONVAI2_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "convai2")
-# The evaluation library (torch, datasets, the Trainer), importable from here and loaded on first use (PEP 562), so
-# that the flags are checked (and --help printed) before the heavy stack loads.
-LIBRARY = (
-    "evaluate_convai2",
-    "flatten_turns",
-    "generate_for_turns",
-    "rank_candidates",
-    "ranking_trainer",
-    "reply_metrics",
-)
-
-
-__getattr__ = lazy_exports(__name__, {"persona_convai2": LIBRARY, "persona_data": ("load_dialogs",)})
 
 
 @dataclass(kw_only=True)
@@ -168,7 +157,7 @@ def prediction_rows(predictions: list, turns: list[dict], args: EvalArguments) -
     rows = []
     for prediction, turn in zip(predictions, turns, strict=True):
         row = prediction if isinstance(prediction, dict) else {"reply": prediction}
-        context = turn["history"][-(2 * args.max_history + 1) :]
+        context = history_window(turn["history"], args.max_history)
         rows.append({**row, "gold": turn["gold"], "persona": list(turn["persona"]), "context": list(context)})
     return rows
 
@@ -178,7 +167,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     from transformers import set_seed
 
     from persona_convai2 import evaluate_convai2, flatten_turns, ranking_trainer
-    from persona_data import load_dialogs
+    from persona_data import find_split, load_dialogs
     from persona_model import load_model_and_tokenizer
     from persona_nli import NLIScorer
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from persona_records import PersonaDataError
+from persona_errors import PersonaDataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 # UTF-32 first: its little-endian mark begins with UTF-16's. The codecs named read the mark and drop it.

@@ -21,7 +21,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from persona_chat_template import chat_format_of
-from persona_cli import UsageError, max_positions
 from persona_decoding import (  # noqa: F401 (the decoding options stay importable from here)
     AROUND_GENERATE,
     GENERATION_DEFAULTS,
@@ -32,8 +31,10 @@ from persona_decoding import (  # noqa: F401 (the decoding options stay importab
     split_options,
     stop_token_ids,
 )
-from persona_inputs import build_inputs, fit_to_length
-from persona_model import load_model_and_tokenizer
+from persona_errors import UsageError
+from persona_inputs import build_inputs, fit_to_length, history_window
+from persona_model import load_model_and_tokenizer, max_positions
+from persona_process import check_device, resolve_device
 from persona_ranking import check_can_rank, rank_replies
 from persona_repetition import repetition_processors
 from persona_text import decode_reply, encode_texts
@@ -59,7 +60,7 @@ def build_context(
     `history` is cut to its last `2*max_history+1` turns; with `max_length` (the model's positions) the context is
     cut by the training rule (`persona_inputs.fit_context`) so that it plus `reply_budget` new tokens fit.
     """
-    history = history[-(2 * max_history + 1) :] if history else []
+    history = history_window(history, max_history)
     chat_format = chat_format_of(tokenizer)
     if chat_format is not None:
         ids = chat_format.context_ids(persona, history, max_length=max_length, reply_budget=reply_budget)
@@ -327,14 +328,8 @@ class PersonaBot:
         self.history.append(answer)
         self.own_replies.append(answer)
         # The context only ever uses the last 2*max_history+1 turns (the reference trimmed likewise).
-        self.history = self.history[-(2 * self.max_history + 1) :]
+        self.history = history_window(self.history, self.max_history)
         return ranked if return_ranked else answer
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_for_chat(
@@ -354,28 +349,6 @@ def load_for_chat(
     model.to(resolve_device(device if device is None else str(device)))
     model.eval()
     return model, tokenizer
-
-
-RUNNABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
-
-
-def check_device(device: str | None, flag: str = "--device") -> None:
-    """A `UsageError` for a device string torch does not know or an accelerator this machine does not have."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
-    if parsed.type not in RUNNABLE_DEVICES:
-        raise UsageError(f"{flag} {device}: not a device to run a model on here; use cpu, cuda, cuda:1, mps or xpu.")
-    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
-        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
-        raise UsageError(f"{flag} {device}: this machine has {found}; use --device cpu (or leave --device out).")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{flag} mps: MPS is not available here; use --device cpu.")
-    if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise UsageError(f"{flag} {device}: this machine has no XPU; use --device cpu (or leave --device out).")
 
 
 def check_reply_budget(model: PreTrainedModel, max_new_tokens: int) -> None:

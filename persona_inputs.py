@@ -21,6 +21,20 @@ from typing import NamedTuple
 from persona_errors import UsageError
 from persona_tokens import SpecialTokenIds
 
+# The shortest input (`--max_length`): bos, one turn's speaker (its tokens may all be cut), the reply's speaker, one
+# token of reply, eos.
+MIN_INPUT_LENGTH = 5
+
+
+def history_window(history: Sequence, max_history: int) -> list:
+    """The turns a context keeps: the last `2*max_history+1` (the partner's message and `max_history` exchanges
+    before it), as the reference cut them.
+
+    >>> history_window(["a", "b", "c", "d"], 1), history_window(["a"], 0), history_window([], 2)
+    (['b', 'c', 'd'], ['a'], [])
+    """
+    return list(history[-(2 * max_history + 1) :]) if history else []
+
 
 def build_inputs(
     persona: Sequence[Sequence[int]],

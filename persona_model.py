@@ -1,7 +1,7 @@
 """Loading persona-chat models: a checkpoint as a double-heads model plus its tokenizer, with the persona tokens.
 
-GPT and GPT-2 load as their library double-heads classes with the label-only loss (`PersonaGPT2DoubleHeadsModel`,
-`PersonaOpenAIGPTDoubleHeadsModel`); any other causal LM as `persona_backbone.PersonaDoubleHeadsModel`; a LoRA
+GPT and GPT-2 load as their library double-heads classes with the label-only loss, any other causal LM as the generic
+`PersonaDoubleHeadsModel` (both in `persona_backbone`); a LoRA
 adapter folder as its base model with the adapter on top. `SPECIAL_TOKENS` and `add_special_tokens` are re-exported
 from `persona_tokens` (public API).
 """
@@ -21,73 +21,24 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    GPT2DoubleHeadsModel,
-    OpenAIGPTDoubleHeadsModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from persona_backbone import MC_HEAD_LOADED_ATTR, PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+from persona_backbone import (
+    DOUBLE_HEADS_CLASSES,
+    MC_HEAD_LOADED_ATTR,
+    PersonaDoubleHeadsConfig,
+    PersonaDoubleHeadsModel,
+)
 from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
-from persona_encoding import encode_candidates
 from persona_errors import CheckpointError, PersonaError
 from persona_hub import hub_options
+from persona_locations import is_tokenizer_folder, looks_local
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
 
 logger = logging.getLogger(__name__)
-
-
-class PersonaDoubleHeadsMixin:
-    """Training/evaluation forward of the library's double-heads classes that never builds [B, C, T, V] logits.
-
-    With `labels` or `mc_labels` the forward returns a `persona_heads.DoubleHeadsOutput` (`loss` = LM loss, as the
-    parent class), the candidates encoded by `persona_encoding.encode_candidates`; without them (generation,
-    plain inference) it is the parent's forward. Going through `forward` (not a side function) keeps DDP and DeepSpeed
-    wrappers in the loop.
-    """
-
-    accepts_loss_kwargs = False  # PersonaTrainer normalises over the accumulated batch itself
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        mc_token_ids=None,
-        labels=None,
-        mc_labels=None,
-        **kwargs,
-    ):
-        if labels is None and mc_labels is None:
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                mc_token_ids=mc_token_ids,
-                **kwargs,
-            )
-        if kwargs.get("inputs_embeds") is not None or kwargs.get("position_ids") is not None:
-            raise ValueError("The double-heads loss path takes input_ids and default positions only.")
-        encoding = encode_candidates(
-            self, self.transformer, input_ids, token_type_ids, attention_mask, mc_token_ids, labels
-        )
-        return encoding.apply_heads(self.multiple_choice_head, self.lm_head, mc_token_ids, labels, mc_labels)
-
-
-class PersonaGPT2DoubleHeadsModel(PersonaDoubleHeadsMixin, GPT2DoubleHeadsModel):
-    """`GPT2DoubleHeadsModel` (same weights and checkpoints) with the label-only LM loss."""
-
-
-class PersonaOpenAIGPTDoubleHeadsModel(PersonaDoubleHeadsMixin, OpenAIGPTDoubleHeadsModel):
-    """`OpenAIGPTDoubleHeadsModel` (same weights and checkpoints) with the label-only LM loss."""
-
-
-# model_type -> the library's double-heads class (with our loss) for it; every other causal LM uses the generic one.
-DOUBLE_HEADS_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "gpt2": PersonaGPT2DoubleHeadsModel,
-    "openai-gpt": PersonaOpenAIGPTDoubleHeadsModel,
-}
 
 
 def load_model_and_tokenizer(
@@ -150,17 +101,6 @@ def load_model_and_tokenizer(
     except StrictDataclassError as err:
         # A config.json edited by hand (a text where a number belongs): the validator's message, with the file.
         raise CheckpointError(f"{name_or_path}: config.json is not valid ({' '.join(str(err).split())}).") from err
-
-
-# Any of these makes a folder a tokenizer (fast, BPE, SentencePiece or WordPiece files).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.txt",
-)
 
 
 @contextmanager
@@ -274,9 +214,7 @@ def _load_model_and_tokenizer(
         config = PersonaDoubleHeadsConfig.from_backbone(config)
     # The tokenizer and the input format first: a template that cannot build rows fails before the weights load.
     tokenizer_path = tokenizer_name_or_path or name_or_path
-    if os.path.isdir(tokenizer_path) and not any(
-        os.path.exists(os.path.join(tokenizer_path, f)) for f in TOKENIZER_FILES
-    ):
+    if os.path.isdir(tokenizer_path) and not is_tokenizer_folder(tokenizer_path):
         # transformers would build an empty tokenizer (a vocabulary of 1) and every reply would be garbage.
         raise CheckpointError(
             f"{tokenizer_path}: no tokenizer files (tokenizer.json, vocab.json, ...) in this folder (a merged LoRA "
@@ -342,11 +280,6 @@ def _local_only(hub_kwargs: dict) -> bool:
     return bool(hub_kwargs.get("local_files_only"))
 
 
-def _meant_as_path(name: str) -> bool:
-    """A model name that can only be a local path (a Hub id is 'org/name')."""
-    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
-
-
 def mark_multiple_choice_head(model: PreTrainedModel, loaded: bool) -> None:
     """Record whether `model`'s multiple-choice head was loaded (trained) or initialised at random."""
     setattr(model, MC_HEAD_LOADED_ATTR, loaded)
@@ -393,7 +326,7 @@ def load_lora_adapter(
     if not base_name:
         raise CheckpointError(f"{field} is empty; set it to the base model's folder or Hub id.")
     fix = "edit that field to the base model's folder or Hub id (or load a merged checkpoint instead)"
-    if _meant_as_path(base_name) and not os.path.isdir(os.path.expanduser(base_name)):
+    if looks_local(base_name) and not os.path.isdir(os.path.expanduser(base_name)):
         raise CheckpointError(f"{field} {base_name!r}: no such folder (the LoRA adapter's base model); {fix}.")
     # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: its
     # embeddings grow to that tokenizer as in training; the adapter then restores the trained rows.
@@ -422,3 +355,17 @@ def load_lora_adapter(
     mark_multiple_choice_head(model, head_loaded)
     logger.info("Loaded LoRA adapter %s on %s%s.", adapter_path, base_name, " (merged)" if merge_adapter else "")
     return model, tokenizer
+
+
+def max_positions(model) -> int | None:
+    """The model's window: its maximum number of positions (None when the config does not say)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def input_budget(model, max_length: int | None) -> int | None:
+    """The longest input in tokens: `max_length` capped by the model's window (the window when None)."""
+    window = max_positions(model)
+    if max_length is None or window is None:
+        return max_length or window
+    return min(max_length, window)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Pipeline
 
-from persona_errors import PersonaError, UsageError
+from persona_errors import NLIModelError, UsageError
 from persona_hub import hub_options
 from persona_metrics import NLI_SCORES, PAIR_ORDERS, reply_c_score
 
@@ -43,10 +43,6 @@ _LABEL_SPELLINGS = {
     "contradictory": "contradiction",
     "contradicted": "contradiction",
 }
-
-
-class NLIModelError(PersonaError, ValueError):
-    """A checkpoint that cannot serve as an NLI model (labels not mappable, not a classifier): one line for users."""
 
 
 def nli_label_order(config, name: str) -> list[int]:

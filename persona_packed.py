@@ -40,7 +40,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from persona_shared_prefix import CandidateEncoding, activation_checkpointed, candidate_frame, sequence_lengths
+from persona_candidates import CandidateEncoding, activation_checkpointed, candidate_frame, sequence_lengths
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from persona_chat_template import chat_format_of
-from persona_cli import UsageError, input_budget
 from persona_collator import PersonaCollator
 from persona_data import candidate_rows
-from persona_model import multiple_choice_head_loaded
+from persona_errors import UsageError
+from persona_model import input_budget, multiple_choice_head_loaded
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
+from persona_errors import PersonaDataError
 from persona_files import DuplicateKeyError, loads_strict, read_text, strip_gz, text_lines
 from persona_records import (
     SILENCE,
-    PersonaDataError,
     ReadOptions,
     Record,
     canonical_records,

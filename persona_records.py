@@ -22,7 +22,7 @@ from itertools import chain
 
 import datasets
 
-from persona_errors import PersonaError, UsageError
+from persona_errors import PersonaDataError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # ParlAI's placeholder first turn when the bot opens a dialog: it keeps the history length odd, so the token types
 # follow the reference's segment parity (docs/architecture.md, the model inputs).
 SILENCE = "__SILENCE__"
-
-
-class PersonaDataError(PersonaError, ValueError):
-    """Malformed persona data; the message names the file, the record and the field."""
 
 
 @dataclass

@@ -1,24 +1,23 @@
-"""Encoding [B, C, T] candidates for the double-heads loss: in full, or with their shared context encoded once.
+"""The shared-prefix encoding of [B, C, T] candidates: their common context encoded once, its cache broadcast.
 
-Every candidate of an example carries the same persona + history; only the reply segment differs. `encode_in_full` is
-the reference computation (every candidate a sequence of its own). `encode_shared_prefix` encodes that context once
-per example, broadcasts its key/value cache to the C candidates and runs only the candidate segments on top of it
-(positions continue after the prefix). Exact: the same attention, the same positions, the same outputs as encoding
-every candidate in full, up to float rounding. Built on the backbone's standard forward (input_ids/inputs_embeds,
-attention_mask, position_ids, cache, use_cache), so any causal LM with a key/value cache can use it
-(`shared_prefix_unsupported_reason` says when not). Both give a `CandidateEncoding`, as does `persona_packed`; which
-one runs is `persona_encoding.encode_candidates`'s choice.
+Every candidate of an example carries the same persona + history; only the reply segment differs. Where the plain
+encoding (`persona_candidates.encode_in_full`) runs every candidate as a sequence of its own, `encode_shared_prefix`
+encodes that context once per example, broadcasts its key/value cache to the C candidates and runs only the candidate
+segments on top of it (positions continue after the prefix). Exact: the same attention, the same positions, the same
+outputs as encoding every candidate in full, up to float rounding. Built on the backbone's standard forward
+(input_ids/inputs_embeds, attention_mask, position_ids, cache, use_cache), so any causal LM with a key/value cache can
+use it (`shared_prefix_unsupported_reason` says when not). It gives a `CandidateEncoding`, as the plain and packed
+encodings do; which one runs is `persona_encoding.encode_candidates`'s choice.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from persona_heads import DoubleHeadsOutput, apply_heads
+from persona_candidates import CandidateEncoding, activation_checkpointed, candidate_frame, sequence_lengths
 
 
 def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
@@ -35,11 +34,6 @@ def shared_prefix_unsupported_reason(backbone: torch.nn.Module) -> str | None:
         # A sliding-window cache keeps only the last window of the prefix: not exact for long contexts.
         return f"the {model_type} backbone has non-full attention layers ({sorted(set(layer_types))})"
     return None
-
-
-def activation_checkpointed(backbone: torch.nn.Module) -> bool:
-    """Whether any block of `backbone` is checkpointed (recomputed in the backward pass)."""
-    return any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
 
 
 def shared_prefix_lengths(
@@ -77,88 +71,6 @@ def shared_prefix_lengths(
         first_label = torch.where(labels.ne(-100), positions, seq_len).amin(dim=(1, 2))  # [B]; T when unlabelled
         lengths = torch.minimum(lengths, first_label - 1)
     return lengths.clamp(min=0)
-
-
-def sequence_lengths(shape: torch.Size, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Real length [B, C] of each right-padded candidate of a [B, C, T] batch (T everywhere without a mask)."""
-    if attention_mask is None:
-        return torch.full(tuple(shape[:2]), shape[2], device=device, dtype=torch.long)
-    return attention_mask.sum(dim=-1)  # right padding: the real tokens are the first ones
-
-
-def candidate_frame(
-    prefix_lengths: torch.Tensor, seq_lengths: torch.Tensor, seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`index` and `valid` [B, C, S] of the candidate frame (see `CandidateEncoding`): frame position j of candidate
-    (b, c) is full-sequence position `prefix_lengths[b] + j` (clamped to `seq_len - 1`), real when below its length.
-    S is the longest candidate segment."""
-    span = max(int((seq_lengths - prefix_lengths[:, None]).max()), 0) if seq_lengths.numel() else 0
-    index = prefix_lengths[:, None, None] + torch.arange(span, device=seq_lengths.device)  # [B, 1, S]
-    valid = index < seq_lengths[..., None]  # [B, C, S]
-    return index.expand(*seq_lengths.shape, span).clamp(max=seq_len - 1), valid
-
-
-@dataclass
-class CandidateEncoding:
-    """The backbone's last hidden states of [B, C, T] candidates, in full or in the shared-prefix candidate frame.
-
-    In full (`prefix_lengths` None), `hidden` is [B, C, T, H]. In the candidate frame, `hidden` [B, C, S, H] holds
-    positions `prefix_lengths[b] + j` (j < S); `index` [B, C, S] maps each frame position back to the full-sequence
-    position (clamped) and `valid` [B, C, S] marks real tokens.
-    """
-
-    hidden: torch.Tensor
-    prefix_lengths: torch.Tensor | None = None  # [B]
-    index: torch.Tensor | None = None  # [B, C, S]
-    valid: torch.Tensor | None = None  # [B, C, S]
-
-    def gather(self, tensor: torch.Tensor, fill: int) -> torch.Tensor:
-        """A [B, C, T] tensor in the candidate frame [B, C, S], `fill` on padding."""
-        if self.prefix_lengths is None:
-            return tensor
-        return tensor.gather(2, self.index).masked_fill(~self.valid, fill)
-
-    def shift(self, positions: torch.Tensor) -> torch.Tensor:
-        """Full-sequence positions [B, C] (e.g. `mc_token_ids`) as candidate-frame positions."""
-        return positions if self.prefix_lengths is None else positions - self.prefix_lengths[:, None]
-
-    def apply_heads(self, mc_head, lm_head, mc_token_ids=None, labels=None, mc_labels=None) -> DoubleHeadsOutput:
-        """`persona_heads.apply_heads` from full-sequence `mc_token_ids` [B, C] and `labels` [B, C, T].
-
-        Every labelled pair (t, t+1) and multiple-choice token has t >= the prefix length (`shared_prefix_lengths`),
-        so nothing the heads read lies in the shared prefix.
-        """
-        return apply_heads(
-            self.hidden,
-            mc_head,
-            lm_head,
-            None if mc_token_ids is None else self.shift(mc_token_ids),
-            None if labels is None else self.gather(labels, -100),
-            mc_labels,
-        )
-
-
-def encode_in_full(
-    backbone: torch.nn.Module,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    token_type_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-) -> CandidateEncoding:
-    """Run `backbone` on every [B, C, T] candidate in full, as one [B*C, T] batch (the reference computation)."""
-    source = input_ids if input_ids is not None else inputs_embeds
-    batch_size, num_candidates, seq_len = source.shape[:3]
-    flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
-    inputs = {"attention_mask": flat(attention_mask), "use_cache": False}
-    if input_ids is not None:
-        inputs["input_ids"] = flat(input_ids)
-    else:
-        inputs["inputs_embeds"] = flat(inputs_embeds)
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = flat(token_type_ids)
-    hidden = backbone(**inputs).last_hidden_state  # [B*C, T, H]
-    return CandidateEncoding(hidden.view(batch_size, num_candidates, seq_len, -1))
 
 
 def encode_shared_prefix(

@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import logging
 import os
-import re
 import tempfile
 import time
 import urllib.error
@@ -24,27 +23,20 @@ import datasets
 from datasets import DownloadConfig
 from datasets.utils.file_utils import cached_path
 
+from persona_errors import PersonaDataError
 from persona_files import check_file
+from persona_locations import is_url, looks_like_hub_id
 from persona_readers import SPC_COLUMNS, chat_dialog, spc_records
-from persona_records import PersonaDataError, ReadOptions, Record
+from persona_records import ReadOptions, Record
 
 logger = logging.getLogger(__name__)
-
-
-def is_url(source: str) -> bool:
-    """Whether `source` is a URL (http, https, s3, gs or hf)."""
-    return re.match(r"^(https?|s3|gs|hf)://", source) is not None
 
 
 def is_datasets_source(source: str) -> bool:
     """Whether `source` is read through `datasets`: a local folder, or a name that can only be a Hub id."""
     if os.path.isdir(source):
         return True
-    return not os.path.exists(source) and not is_url(source) and _looks_like_hub_id(source)
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None and not os.path.splitext(source)[1]
+    return not os.path.exists(source) and not is_url(source) and looks_like_hub_id(source)
 
 
 # Seconds a whole download may take (a server trickling bytes must not hang a run), and a single read may wait.

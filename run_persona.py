@@ -16,37 +16,28 @@ import dataclasses
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, add_training_help
 from persona_arguments import ModelArguments as SharedModelArguments
-from persona_chat_template import chat_format_of, check_system_prompt, load_chat_template
+from persona_chat_options import check_system_prompt, load_chat_template
+from persona_chat_template import chat_format_of
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, write_training_config
 from persona_cli import (
-    MIN_INPUT_LENGTH,
-    UsageError,
-    check_model_path,
-    check_positive,
-    input_budget,
-    parse_args_with_config,
-    release_deepspeed,
-    run_console_script,
-    say,
-    setup_logging,
-)
-from persona_options import (
-    check_mixed_precision,
-    check_writable,
     given_options,
-    needed_splits,
-    previous_run,
-    say_where_saved,
-    warn_ignored_training_options,
-    warn_unused_distractors,
+    parse_args_with_config,
+    run_console_script,
+    set_by_user,
+    setup_logging,
+    warn_ignored,
 )
+from persona_errors import UsageError, check_positive
+from persona_inputs import MIN_INPUT_LENGTH
+from persona_locations import check_model_path, check_writable
+from persona_process import release_deepspeed, say
 
 if TYPE_CHECKING:  # the Trainer's stack loads after the flags are parsed (see cli)
     from persona_trainer import PersonaTrainingArguments
@@ -186,6 +177,116 @@ class DataArguments(DialogArguments):
         super().__post_init__()
 
 
+def warn_ignored_training_options(model_args, data_args, training_args) -> None:
+    """persona-train's options that a run does not use, each said once: LoRA's without --use_peft, DPO's under the
+    double-heads objective, distractors where no candidate is ranked; and a multiple-choice loss that is always 0."""
+    prog = "persona-train"
+    lora = set_by_user(model_args, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"))
+    if not model_args.use_peft:
+        warn_ignored(prog, lora, "LoRA options apply with --use_peft true")
+    if training_args.objective != "dpo":
+        dpo = set_by_user(training_args, ("beta", "dpo_loss"))
+        warn_ignored(prog, dpo, f"DPO options apply with --objective dpo (this run: {training_args.objective})")
+    if not ranks_candidates(data_args, training_args):
+        warn_ignored(
+            prog,
+            set_by_user(data_args, ("num_distractors",)),
+            "this run ranks no candidates (--num_candidates 1 and no evaluation)",
+        )
+    if (
+        training_args.do_train
+        and training_args.objective == "double_heads"
+        and data_args.num_candidates == 1
+        and training_args.mc_coef > 0
+    ):
+        say(
+            f"{prog}: warning: --num_candidates 1 gives the multiple-choice head nothing to choose from: its loss is 0 "
+            f"and --mc_coef {training_args.mc_coef:g} trains nothing. Pass --num_candidates 2 or more (gold and "
+            "distractors), or --mc_coef 0 to train the language model alone."
+        )
+
+
+def ranks_candidates(data_args, training_args) -> bool:
+    """Whether a run ranks candidates: it trains on more than one, or it evaluates (every candidate)."""
+    evaluates = training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval
+    return (training_args.do_train and data_args.num_candidates > 1) or evaluates
+
+
+def warn_unused_distractors(data_args, training_args, reports: dict) -> None:
+    """--num_distractors set, yet no reply of the data needed sampled distractors (the format has its own
+    candidates); said only when `warn_ignored_training_options` has not said it already."""
+    default = next(f.default for f in fields(data_args) if f.name == "num_distractors")
+    if not ranks_candidates(data_args, training_args):
+        return
+    source = data_args.dataset_path
+    if data_args.num_distractors != default and not any(getattr(r, "sampled", 0) for r in reports.values()):
+        warn_ignored(
+            "persona-train",
+            ["num_distractors"],
+            f"every turn of {source} carries its own candidates, so none were sampled",
+        )
+
+
+def previous_run(training_args) -> tuple[str | None, bool]:
+    """What `output_dir` already holds, said on stderr: (the checkpoint to resume from, whether the run finished)."""
+    from persona_checkpoints import inspect_run_folder
+
+    folder = inspect_run_folder(
+        training_args.output_dir,
+        overwrite=training_args.overwrite_output_dir,
+        clear=training_args.process_index == 0,
+        max_steps=training_args.max_steps,
+        num_train_epochs=training_args.num_train_epochs,
+    )
+    for line in folder.messages():
+        say(f"persona-train: {line}")
+    return folder.resume_from, folder.finished_step is not None
+
+
+def needed_splits(dialogs, data_args, training_args) -> tuple[str | None, str | None]:
+    """The train and evaluation splits the run needs (None when it needs none); a `UsageError` saying how to fix a
+    missing one."""
+    from persona_data import find_split
+
+    train_split = eval_split = None
+    source = data_args.dataset_path
+    if training_args.do_train:
+        train_split = find_split(dialogs, data_args.train_split, source)
+    if training_args.do_eval or training_args.eval_strategy != "no" or data_args.do_convai2_eval:
+        try:
+            eval_split = find_split(dialogs, data_args.eval_split, source)
+        except UsageError as err:
+            flags = {
+                "--do_eval false": training_args.do_eval,
+                "--eval_strategy no": training_args.eval_strategy != "no" and not training_args.auto_eval_strategy,
+                "--do_convai2_eval false": data_args.do_convai2_eval,
+            }
+            users = [flag for flag, on in flags.items() if on]
+            raise UsageError(
+                f"{err} Nothing to evaluate on: pass {' '.join(users)} to train without evaluating, or "
+                "--eval_split NAME."
+            ) from None
+    return train_split, eval_split
+
+
+def check_mixed_precision(fp16: bool, on_cpu: bool) -> None:
+    """fp16 mixed precision needs a GPU (its loss scaling and kernels are CUDA's); on the CPU a `UsageError` points to
+    bf16, whose autocast CPUs run."""
+    if fp16 and on_cpu:
+        raise UsageError(
+            "--fp16 true: fp16 mixed precision needs a GPU and this run is on the CPU; pass --bf16 true "
+            "(bfloat16 autocast runs on CPUs) or leave --fp16 out."
+        )
+
+
+def say_where_saved(prog: str, output_dir: str, callbacks) -> None:
+    """Where a training run saved, and its TensorBoard logs when a callback wrote some (the callback names the
+    folder)."""
+    boards = [cb.logging_dir for cb in callbacks if isinstance(getattr(cb, "logging_dir", None), str)]
+    logs = "".join(f"; TensorBoard logs: tensorboard --logdir {folder}" for folder in boards)
+    say(f"{prog}: saved the model, tokenizer and metrics to {output_dir}{logs}")
+
+
 def make_parser() -> HfArgumentParser:
     from transformers import TrainingArguments
 
@@ -246,7 +347,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     from persona_dpo import PersonaDPOTrainer, preference_dialogs
     from persona_encoding import set_candidate_encoding
     from persona_lora import apply_lora, check_gradient_checkpointing
-    from persona_model import load_model_and_tokenizer
+    from persona_model import input_budget, load_model_and_tokenizer
     from persona_nli import NLIScorer
     from persona_trainer import PersonaTrainer
 

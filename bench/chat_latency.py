@@ -23,8 +23,10 @@ from transformers import GPT2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from persona_chat import build_context, generate_reply_ids, stop_token_ids  # noqa: E402
-from persona_model import PersonaGPT2DoubleHeadsModel, add_special_tokens  # noqa: E402
+from persona_backbone import PersonaGPT2DoubleHeadsModel
+from persona_decoding import stop_token_ids  # noqa: E402
+from persona_generation import build_context, generate_reply_ids
+from persona_model import add_special_tokens  # noqa: E402
 from persona_synthetic import corpus_texts, make_dialog, make_synthetic_personachat, train_tiny_tokenizer  # noqa: E402
 
 

@@ -165,8 +165,7 @@ class Check:
         """A random-init double-heads model of `shape` (dropout 0, so every encoding computes the same thing)."""
         from transformers import GPT2Config, LlamaConfig
 
-        from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
-        from persona_model import PersonaGPT2DoubleHeadsModel
+        from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel, PersonaGPT2DoubleHeadsModel
 
         torch.manual_seed(0)
         vocab = {"vocab_size": self.vocab_size}

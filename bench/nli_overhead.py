@@ -34,10 +34,11 @@ def main() -> None:
 
     import torch
 
-    from persona_data import dialogs_to_dataset_dict, load_dialogs
-    from persona_eval import evaluate_convai2
+    from persona_convai2 import evaluate_convai2
+    from persona_data import load_dialogs
     from persona_model import load_model_and_tokenizer
     from persona_nli import NLIScorer
+    from persona_records import dialogs_to_dataset_dict
     from persona_synthetic import (
         corpus_texts,
         make_synthetic_personachat,

@@ -32,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import GPT2Config  # noqa: E402
 
+from persona_backbone import PersonaGPT2DoubleHeadsModel
 from persona_collator import PersonaCollator  # noqa: E402
 from persona_data import build_features  # noqa: E402
 from persona_encoding import set_candidate_encoding, set_packed_layout  # noqa: E402
-from persona_model import PersonaGPT2DoubleHeadsModel, add_special_tokens  # noqa: E402
+from persona_model import add_special_tokens  # noqa: E402
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer  # noqa: E402
 
 MODELS = {

@@ -51,8 +51,8 @@ def run_variant(variant: str, args, workdir: str, queue) -> None:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2DoubleHeadsModel
 
+    from persona_backbone import PersonaGPT2DoubleHeadsModel
     from persona_collator import PersonaCollator
-    from persona_model import PersonaGPT2DoubleHeadsModel
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, ViTConfig
 
-from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+from persona_backbone import DOUBLE_HEADS_CLASSES, PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_collator import PersonaCollator
-from persona_data import build_features, build_inputs, load_dialogs
+from persona_data import build_features, load_dialogs
 from persona_heads import DoubleHeadsOutput
+from persona_inputs import build_inputs
 from persona_lora import apply_lora, lora_settings
-from persona_model import DOUBLE_HEADS_CLASSES, SPECIAL_TOKENS, load_model_and_tokenizer, multiple_choice_head_loaded
+from persona_model import SPECIAL_TOKENS, load_model_and_tokenizer, multiple_choice_head_loaded
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
 from persona_tokens import SpecialTokenIds
 

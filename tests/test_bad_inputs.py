@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_data import PersonaDataError, load_dialogs, load_dialogs_with_report
+from persona_data import load_dialogs, load_dialogs_with_report
+from persona_errors import PersonaDataError
 
 BAD_DIR = os.path.join(os.path.dirname(__file__), "bad_inputs")
 

@@ -10,15 +10,11 @@ import pytest
 import torch
 
 import persona_chat
-from persona_chat import (
-    PersonaBot,
-    build_context,
-    generate_replies,
-    generate_reply_ids,
-    generation_config_from_options,
-    stop_token_ids,
-)
-from persona_data import build_features, dialogs_to_dataset_dict
+from persona_chat import PersonaBot
+from persona_data import build_features
+from persona_decoding import generation_config_from_options, stop_token_ids
+from persona_generation import build_context, generate_replies, generate_reply_ids
+from persona_records import dialogs_to_dataset_dict
 from persona_tokens import SpecialTokenIds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,12 +12,9 @@ from test_backbones import backbone_config
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from persona_chat_template import (
-    DEFAULT_SYSTEM_PROMPT,
-    ChatFormat,
-    ChatTemplateError,
-    load_chat_template,
-)
+from persona_chat_options import DEFAULT_SYSTEM_PROMPT, load_chat_template
+from persona_chat_template import ChatFormat
+from persona_errors import ChatTemplateError
 from persona_synthetic import corpus_texts, make_synthetic_personachat
 
 # Qwen2.5-Instruct's template (ChatML with tools), as published with the model.

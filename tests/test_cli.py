@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
-from persona_cli import UsageError, find_split, input_budget, looks_local, run_console_script
+from persona_cli import run_console_script
+from persona_data import find_split
+from persona_errors import UsageError
+from persona_locations import looks_local
+from persona_model import input_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import GPT2DoubleHeadsModel, PretrainedConfig, pipeline
 
+from persona_convai2 import evaluate_convai2, flatten_turns, reply_metrics
 from persona_data import build_features, load_dialogs
-from persona_eval import CONVAI2_METRIC_PATH, evaluate_convai2, flatten_turns, reply_metrics
+from persona_eval import CONVAI2_METRIC_PATH
 from persona_metrics import (
     consistency_metrics,
     copies_persona,
@@ -113,7 +114,7 @@ def stub_scorer(judge) -> NLIScorer:
 
 
 def test_a_stub_nli_moves_c_score_by_the_expected_amount(synthetic_data):
-    from persona_data import dialogs_to_dataset_dict
+    from persona_records import dialogs_to_dataset_dict
 
     dialogs = dialogs_to_dataset_dict(synthetic_data, "synthetic")["valid"]
     _, turns = flatten_turns(dialogs, 8)
@@ -175,8 +176,8 @@ def test_c_score_equals_a_pipeline_summed_by_hand_on_real_dialogs(shared_spc_csv
 
 
 def test_evaluation_reports_word_perplexity_and_consistency(persona_checkpoint, synthetic_data):
-    from persona_data import dialogs_to_dataset_dict
     from persona_model import load_model_and_tokenizer
+    from persona_records import dialogs_to_dataset_dict
 
     dialogs = dialogs_to_dataset_dict(synthetic_data, "synthetic")["valid"]
     model, tok = load_model_and_tokenizer(persona_checkpoint)

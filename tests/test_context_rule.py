@@ -7,9 +7,10 @@ import pytest
 from test_chat_template import dialogs, tokenizers  # noqa: F401 (fixtures)
 
 from persona_chat_template import ChatFormat
-from persona_data import build_features, dialogs_to_dataset_dict
+from persona_data import build_features
 from persona_errors import UsageError
 from persona_generation import build_context
+from persona_records import dialogs_to_dataset_dict
 from persona_synthetic import make_synthetic_personachat
 
 MAX_HISTORY = 3

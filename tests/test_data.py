@@ -9,7 +9,8 @@ import shutil
 import datasets
 import pytest
 
-from persona_data import PersonaDataError, build_features
+from persona_data import build_features
+from persona_errors import PersonaDataError
 from persona_inputs import build_inputs
 from persona_tokens import SpecialTokenIds
 

@@ -13,8 +13,8 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e .[demo]")
 gradio_client = pytest.importorskip("gradio_client")
 
-from persona_chat import generate_replies  # noqa: E402
 from persona_demo import build_demo  # noqa: E402
+from persona_generation import generate_replies  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSONA = ["i love cats.", "i am a nurse."]

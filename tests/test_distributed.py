@@ -65,7 +65,7 @@ def launch(args: list[str], nproc: int = 1, env: dict | None = None, check: bool
 
 
 def load_weights(output_dir) -> dict[str, torch.Tensor]:
-    from persona_model import PersonaGPT2DoubleHeadsModel
+    from persona_backbone import PersonaGPT2DoubleHeadsModel
 
     return PersonaGPT2DoubleHeadsModel.from_pretrained(str(output_dir)).state_dict()
 
@@ -326,9 +326,10 @@ def test_lora_adapter_trains_saves_heads_and_tokens_and_loads_back_for_eval(asse
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from persona_backbone import PersonaGPT2DoubleHeadsModel
     from persona_collator import PersonaCollator
     from persona_data import build_features, load_dialogs
-    from persona_model import SPECIAL_TOKENS, PersonaGPT2DoubleHeadsModel, load_model_and_tokenizer
+    from persona_model import SPECIAL_TOKENS, load_model_and_tokenizer
 
     out = tmp_path / "lora"
     eval_args = ["--do_eval", "true", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4"]
@@ -415,8 +416,8 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(assets
 def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
     from transformers import GPT2Config, OpenAIGPTConfig
 
+    from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
     from persona_lora import check_gradient_checkpointing
-    from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 
     check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
     gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
@@ -433,7 +434,7 @@ def test_checkpointing_an_unsupported_backbone_is_one_line_before_training(
     """Both names of the flag reach the check (transformers folds the old one into the new one)."""
     from transformers import AutoTokenizer, OpenAIGPTConfig
 
-    from persona_model import PersonaOpenAIGPTDoubleHeadsModel
+    from persona_backbone import PersonaOpenAIGPTDoubleHeadsModel
 
     checkpoint = tmp_path / "gpt"
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)

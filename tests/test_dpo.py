@@ -21,7 +21,7 @@ from test_distributed import STEP_ARGS, assert_same_weights, launch, load_weight
 from test_distributed import assets as assets  # noqa: F401 (fixture)
 
 from persona_collator import PersonaCollator
-from persona_data import build_features, build_inputs, load_dialogs
+from persona_data import build_features, load_dialogs
 from persona_dpo import (
     REF_COLUMN,
     PersonaDPOTrainer,
@@ -32,6 +32,7 @@ from persona_dpo import (
     preference_loss,
 )
 from persona_encoding import set_candidate_encoding
+from persona_inputs import build_inputs
 from persona_tokens import SpecialTokenIds
 from persona_trainer import PersonaTrainingArguments
 
@@ -419,7 +420,7 @@ def test_curated_rejected_replies_from_jsonl_and_chat_jsonl(tmp_path):
 )
 def test_bad_rejected_lists_name_the_record_or_are_skipped_and_counted(tmp_path, rejected, message):
     from persona_data import load_dialogs_with_report
-    from persona_records import PersonaDataError
+    from persona_errors import PersonaDataError
 
     path = tmp_path / "train.jsonl"
     good = _curated_dialog([None, ["i hate tea ."]])

@@ -19,9 +19,11 @@ from transformers import GPT2DoubleHeadsModel
 
 import persona_eval
 import persona_metrics
-from persona_data import build_features, dialogs_to_dataset_dict
-from persona_eval import evaluate_convai2, f1_score
+from persona_convai2 import evaluate_convai2
+from persona_data import build_features
+from persona_eval import f1_score
 from persona_metrics import corpus_perplexity, gold_rank, hits_at_k, normalize_answer
+from persona_records import dialogs_to_dataset_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +167,7 @@ def test_ppl_and_hits_match_plain_double_heads_model(persona_checkpoint, tokeniz
 
 
 def test_f1_scores_generated_replies_against_gold(persona_checkpoint, mixed_dialogs):
-    from persona_chat import generate_replies
+    from persona_generation import generate_replies
     from persona_model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(persona_checkpoint)

@@ -17,11 +17,12 @@ from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
 from test_chat_template import reference_messages
 from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
 
-from persona_chat_options import ChatTemplateError, check_system_prompt, load_chat_template
+from persona_chat_options import check_system_prompt, load_chat_template
 from persona_chat_template import ChatFormat, resolve_input_format
-from persona_data import build_features, dialogs_to_dataset_dict
-from persona_errors import UsageError
+from persona_data import build_features
+from persona_errors import ChatTemplateError, UsageError
 from persona_generation import build_context
+from persona_records import dialogs_to_dataset_dict
 from persona_text import decode_reply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

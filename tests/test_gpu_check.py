@@ -169,7 +169,7 @@ def test_an_encoding_that_fell_back_is_caught():
     """An encoding that cannot apply falls back to the next one; compared with plain it would pass for nothing."""
     from transformers import GPT2Config
 
-    from persona_model import PersonaGPT2DoubleHeadsModel
+    from persona_backbone import PersonaGPT2DoubleHeadsModel
 
     bench = load_bench()
     batch = two_candidates()

@@ -22,11 +22,12 @@ from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
-from persona_chat import generate_reply_ids
-from persona_chat_template import DEFAULT_SYSTEM_PROMPT, ChatFormat, chat_format_of
+from persona_chat_options import DEFAULT_SYSTEM_PROMPT
+from persona_chat_template import ChatFormat, chat_format_of
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_encoding import set_candidate_encoding
+from persona_generation import generate_reply_ids
 from persona_model import load_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,16 +8,11 @@ import pytest
 import torch
 from transformers import GPT2DoubleHeadsModel, OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel, T5Config
 
+from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_heads import DoubleHeadsOutput
-from persona_model import (
-    SPECIAL_TOKENS,
-    PersonaGPT2DoubleHeadsModel,
-    PersonaOpenAIGPTDoubleHeadsModel,
-    add_special_tokens,
-    load_model_and_tokenizer,
-)
+from persona_model import SPECIAL_TOKENS, add_special_tokens, load_model_and_tokenizer
 
 
 @pytest.fixture

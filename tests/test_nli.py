@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import PretrainedConfig, pipeline
 
-from persona_nli import NLI_LABELS, NLIModelError, NLIScorer, nli_label_order
+from persona_errors import NLIModelError
+from persona_nli import NLI_LABELS, NLIScorer, nli_label_order
 
 
 def test_label_order_is_read_by_name():
@@ -127,7 +128,7 @@ def test_bad_checkpoints_are_one_line_naming_their_labels(tmp_path, tiny_nli_che
 def test_an_uncached_hub_id_offline_is_one_fast_line():
     import time
 
-    from persona_model import CheckpointError
+    from persona_errors import CheckpointError
 
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match="no-such-org/no-such-nli-model") as info:
@@ -139,7 +140,7 @@ def test_an_unreachable_hub_is_one_fast_line(monkeypatch):
     import huggingface_hub
     import huggingface_hub.constants
 
-    from persona_model import CheckpointError
+    from persona_errors import CheckpointError
 
     def no_network(self, *args, **kwargs):
         raise ConnectionError("[Errno -2] Name or service not known")

@@ -24,10 +24,11 @@ from test_shared_prefix import (
 )
 from transformers import AttentionInterface, OpenAIGPTConfig
 
+from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_collator import PersonaCollator
-from persona_data import build_features, build_inputs
+from persona_data import build_features
 from persona_encoding import requested_encoding, set_candidate_encoding, set_packed_layout
-from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
+from persona_inputs import build_inputs
 from persona_packed import (
     TREE_ATTENTION,
     TreeLayoutLost,

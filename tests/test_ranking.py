@@ -23,12 +23,20 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
 import persona_chat
 import persona_convai2
 import persona_eval
-from persona_chat import PersonaBot, build_context, generate_replies, generate_reply_ids
-from persona_cli import UsageError
-from persona_data import build_features, dialogs_to_dataset_dict
-from persona_generation import generate_candidate_ids, generate_ranked, generation_config_from_options
+from persona_chat import PersonaBot
+from persona_data import build_features
+from persona_decoding import generation_config_from_options
+from persona_errors import UsageError
+from persona_generation import (
+    build_context,
+    generate_candidate_ids,
+    generate_ranked,
+    generate_replies,
+    generate_reply_ids,
+)
 from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
 from persona_ranking import rank_replies
+from persona_records import dialogs_to_dataset_dict
 from persona_text import decode_reply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

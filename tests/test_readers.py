@@ -25,8 +25,9 @@ from format_samples import (
 )
 
 from persona_data import build_features, load_dialogs, load_dialogs_with_report
+from persona_errors import PersonaDataError
 from persona_readers import SPC_COLUMNS, detect_format
-from persona_records import SILENCE, PersonaDataError
+from persona_records import SILENCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,8 @@ import pytest
 from format_samples import NO_CANDS_TXT, SMALL, SPC_CSV, dialog_texts, rows, split_distractors, write
 
 from persona_data import load_dialogs
-from persona_records import PersonaDataError, dialogs_to_dataset_dict
+from persona_errors import PersonaDataError
+from persona_records import dialogs_to_dataset_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

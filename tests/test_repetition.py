@@ -13,7 +13,9 @@ import torch
 from transformers import NoRepeatNGramLogitsProcessor
 
 import persona_generation
-from persona_chat import PersonaBot, build_context, generation_config_from_options
+from persona_chat import PersonaBot
+from persona_decoding import generation_config_from_options
+from persona_generation import build_context
 from persona_repetition import (
     OwnTurnsNoRepeatNGramLogitsProcessor,
     OwnTurnsRepetitionPenaltyLogitsProcessor,

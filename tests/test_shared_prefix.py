@@ -10,11 +10,16 @@ import pytest
 import torch
 from transformers import GPT2Config, OpenAIGPTConfig
 
-from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
+from persona_backbone import (
+    PersonaDoubleHeadsConfig,
+    PersonaDoubleHeadsModel,
+    PersonaGPT2DoubleHeadsModel,
+    PersonaOpenAIGPTDoubleHeadsModel,
+)
 from persona_collator import PersonaCollator
-from persona_data import build_features, build_inputs
+from persona_data import build_features
 from persona_encoding import set_candidate_encoding
-from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
+from persona_inputs import build_inputs
 from persona_shared_prefix import encode_shared_prefix, shared_prefix_lengths, shared_prefix_unsupported_reason
 from persona_tokens import SpecialTokenIds
 

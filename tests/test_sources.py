@@ -15,7 +15,7 @@ import pytest
 from format_samples import CONVAI2_EXPECTED, CONVAI2_TXT, SMALL, SPC_CSV, SPC_PERSONAS, rows
 
 from persona_data import load_dialogs, load_dialogs_with_report
-from persona_records import PersonaDataError
+from persona_errors import PersonaDataError
 
 # datasets folders (the Hub path, offline) and column mapping
 

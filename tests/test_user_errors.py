@@ -543,7 +543,7 @@ def test_persona_eval_output_file_checked_before_loading(output_file, tiny_check
 
 
 def test_check_writable_tries_the_place_and_leaves_nothing(tmp_path):
-    from persona_options import check_writable
+    from persona_locations import check_writable
 
     check_writable(str(tmp_path / "new" / "deeper"), "--output_dir", folder=True)
     check_writable(str(tmp_path / "results.json"), "--output_file")
@@ -584,7 +584,8 @@ def test_errors_quote_huge_config_values_cut(cli, text, key, tmp_path, capsys, m
 
 
 def test_the_boundary_cuts_any_huge_message(capsys):
-    from persona_cli import UsageError, run_console_script
+    from persona_cli import run_console_script
+    from persona_errors import UsageError
 
     def main(argv):
         raise UsageError("bad value " + "y" * 100_000 + " end")
@@ -655,8 +656,8 @@ def test_training_options_that_do_not_apply_are_said_once(flags, expected, tmp_p
 def test_num_distractors_on_data_with_candidates_is_said_once(capsys):
     from types import SimpleNamespace
 
-    from persona_options import warn_unused_distractors
     from persona_records import SplitReport
+    from run_persona import warn_unused_distractors
 
     data_args = run_persona.DataArguments(dataset_path="d.json", num_distractors=5)
     training_args = SimpleNamespace(do_train=True, do_eval=True, eval_strategy="epoch")
