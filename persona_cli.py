@@ -62,15 +62,7 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         config_path, argv = argv[0], argv[1:]
         config = read_config_file(config_path)
-        known = {action.dest for action in parser._actions} - {"help"}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            close = (f"{key[3:]}: false" if key.startswith("no_") and key[3:] in known else _closest(key, known)
-                     for key in unknown)  # fmt: skip
-            hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
-            raise UsageError(
-                f"{config_path}: unknown option(s) {quote(unknown)}{hints}; the options are the script's flags."
-            )
+        _check_config_keys(parser, config_path, config)
         actions = {action.dest: action for action in parser._actions}
         # Options whose dataclass field takes a list (`report_to: [tensorboard]`) besides the repeatable flags, from
         # the classes' own annotations (HfArgumentParser rewrites the fields' types).
@@ -100,12 +92,49 @@ def parse_args_with_config(parser, argv: Sequence[str] | None = None) -> tuple:
         raise
     except ValueError as err:  # an argument dataclass's own check (`__post_init__`): a flag mistake
         raise UsageError(str(err)) from err
+    _check_rest(rest, flags)
+    return tuple(parsed)
+
+
+def check_option_names(parser, argv: Sequence[str]) -> None:
+    """The unknown flags and config keys of `argv` as `parse_args_with_config` reports them, from a parser that only
+    names the options (persona-train's `help_parser`, built without the Trainer's stack), so that a mistyped name is
+    said before torch loads. Values are the real parser's to check."""
+    argv = list(argv)
+    _check_utf8_arguments(argv)
+    flags = [a for action in parser._actions for a in action.option_strings if a.startswith("--")]
+
+    def error(message: str):
+        raise UsageError(f"{message} (see --help)")
+
+    parser.error = error
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        _check_config_keys(parser, argv[0], read_config_file(argv[0]))
+        argv = argv[1:]
+    for action in parser._actions:
+        action.required = False  # a config file may give it
+    _, rest = parser.parse_known_args(argv)
+    _check_rest(rest, flags)
+
+
+def _check_config_keys(parser, config_path: str, config: dict) -> None:
+    known = {action.dest for action in parser._actions} - {"help"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        close = (f"{key[3:]}: false" if key.startswith("no_") and key[3:] in known else _closest(key, known)
+                 for key in unknown)  # fmt: skip
+        hints = "".join(f" (did you mean {near!r}?)" for near in close if near)
+        raise UsageError(
+            f"{config_path}: unknown option(s) {quote(unknown)}{hints}; the options are the script's flags."
+        )
+
+
+def _check_rest(rest: list[str], flags: list[str]) -> None:
     if rest:
         unknown = next((a for a in rest if a.startswith("-")), rest[0])
         close = _closest(unknown.split("=")[0], flags) if unknown.startswith("--") else None
         hint = f"; did you mean {close}?" if close else "; see --help for the flags"
         raise UsageError(f"unrecognized argument {quote(unknown)}{hint}")
-    return tuple(parsed)
 
 
 def _check_config_value(path: str, key: str, value, action, takes_list: bool = False, takes_dict: bool = False):

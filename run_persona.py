@@ -27,6 +27,7 @@ from persona_chat_options import check_system_prompt, load_chat_template
 from persona_chat_template import chat_format_of
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, write_training_config
 from persona_cli import (
+    check_option_names,
     given_options,
     parse_args_with_config,
     run_console_script,
@@ -519,6 +520,7 @@ def cli(argv: list[str] | None = None) -> int:
         if "-h" in args or "--help" in args:
             help_parser().print_help()
             return
+        check_option_names(help_parser(), args)  # a mistyped flag or config key: said before torch loads
         main(*parse_args(args))
 
     return run_console_script("persona-train", train, argv)

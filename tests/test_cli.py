@@ -154,6 +154,17 @@ for module, argv in ((persona_chat, ["--model_name_or_path", "org/m", "--top_k",
     except UsageError:
         pass
 run_persona.help_parser().format_help()
+import os, tempfile
+config = os.path.join(tempfile.mkdtemp(), "run.yaml")
+with open(config, "w") as f:
+    f.write("learning_rat: 0.001\\n")
+for argv in (["--num_candidatez", "3"], [config], ["--num_candidates", "x"]):  # persona-train, its console entry
+    try:
+        run_persona.cli(argv)
+        raise SystemExit(f"persona-train {argv}: no error")
+    except SystemExit as err:
+        if err.code != 2:
+            raise
 heavy = [m for m in ("torch", "datasets", "gradio", "deepspeed", "peft") if m in sys.modules]
 print(heavy)
 """
