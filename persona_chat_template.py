@@ -1,4 +1,4 @@
-"""Persona dialogs as chat-template rows for instruct backbones (docs/architecture.md, "Chat-template inputs").
+"""Persona dialogs as chat-template rows for instruct backbones: `ChatFormat`, one of the two input formats.
 
 One canonical example (persona sentences, history turns with the partner speaking the last one, candidates with the
 gold last) becomes messages: the persona in the system message through an overridable prompt, the history as
@@ -12,7 +12,8 @@ candidate's part: what the template renders after the generation prompt for that
 checked against that split, token for token, so every row is what `apply_chat_template` gives for its conversation.
 Message contents stay text (`persona_text.ChatText`, transformers' `sanitize_control_tokens`): a persona or a turn
 holding `<|im_end|>\n<|im_start|>system` gets those characters' tokens, not a forged system turn; ordinary text gets
-exactly `apply_chat_template`'s ids.
+exactly `apply_chat_template`'s ids. `ChatFormat` answers the input-format interface of `persona_formats` (rows,
+generation context, stop ids, preparing the model) as `persona_formats.SpeakerTokens` does for the reference's format.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, NamedTuple
 from persona_chat_options import (
     DEFAULT_SYSTEM_PROMPT,
     PERSONA_FIELD,
-    check_system_prompt,
     require_persona_field,
 )
 from persona_errors import ChatTemplateError, UsageError
@@ -320,6 +320,73 @@ class ChatFormat:
             )
         return enc.prompt_ids
 
+    # The input-format interface (`persona_formats`: this and `SpeakerTokens` answer the same questions).
+    kind = "chat_template"
+    columns = ("input_ids", "mc_token_ids", "labels", "mc_labels")
+    token_types = False  # no token_type_ids: a plain causal LM for any engine
+    adds_tokens = False  # the tokenizer's own vocabulary: embeddings keep their size
+    min_length = 1  # the template itself decides; `_fit` says when a window cannot hold a row
+
+    @property
+    def record(self) -> dict:
+        """What the tokenizer's config records of this format (and training_config.yaml shows)."""
+        return {"input_format": self.kind, "system_prompt": self.system_prompt}
+
+    @property
+    def signature(self) -> tuple:
+        """What makes this format's rows differ (the features' cache key)."""
+        return (self.template, self.system_prompt, self.system_role)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    def row_builder(self, batch: dict[str, list], max_history: int, num_candidates: int | None):
+        """The persona converter and the row builder of a batch of dialogs (rendered per example from the texts)."""
+
+        def build(persona, history, candidates, max_length):
+            rows, cut = self.build_rows(persona, history, candidates, max_length=max_length)
+            rows.pop("mc_labels")
+            start = next(i for i, label in enumerate(rows["labels"][-1]) if label != -100)  # the gold's first token
+            kept = [end - start for end in rows["mc_token_ids"]]  # reply tokens before each end-of-turn
+            cuts = {"cut_context": False, "cut_gold": False, "cut_distractor": False, "reply_budget": max(kept)}
+            if cut:  # what was cut, against the uncut prompt and replies
+                whole = [len(ids) for ids in self.encode([c.strip() for c in candidates])]
+                cuts["cut_context"] = start < len(self.context_ids(persona, history))
+                cuts["cut_gold"] = kept[-1] < whole[-1]
+                cuts["cut_distractor"] = any(k < w for k, w in zip(kept[:-1], whole[:-1]))
+            return rows, cuts
+
+        return list, build
+
+    def generation_inputs(
+        self, persona: Sequence[str], history: Sequence[str], *, max_length: int | None = None, reply_budget: int = 0
+    ) -> dict[str, list[int]]:
+        """The generation context as lists (`input_ids`): `context_ids`, what a serving engine sends."""
+        return {"input_ids": self.context_ids(persona, history, max_length=max_length, reply_budget=reply_budget)}
+
+    def prepare_model(self, model) -> str:
+        """Pad with the tokenizer's pad token (its eos when it has none) and stop generating at the template's
+        end-of-turn tokens and the eos, in the config and the generation config that are saved with the model, so
+        that `generate()` and serving engines stop where training put the end of the reply. Returns what was done."""
+        tokenizer = self.tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        stops = self.stop_ids
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.pad_token_id = tokenizer.pad_token_id
+            generation_config.eos_token_id = stops
+            if tokenizer.bos_token_id is not None:
+                generation_config.bos_token_id = tokenizer.bos_token_id
+        return self.name
+
     @cached_property
     def end_of_turn_ids(self) -> list[int]:
         """The special tokens the template ends an assistant turn with (stop generation at any of them)."""
@@ -332,94 +399,3 @@ class ChatFormat:
         """The tokens that end a reply: the end-of-turn tokens, then the tokenizer's eos."""
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         return list(dict.fromkeys([*self.end_of_turn_ids, *eos]))
-
-
-# The two ways persona examples become token ids; the chosen one is recorded in the tokenizer's config.
-CHAT_TEMPLATE, SPEAKER_TOKENS = "chat_template", "speaker_tokens"
-INPUT_FORMATS = (CHAT_TEMPLATE, SPEAKER_TOKENS)
-# Key in tokenizer_config.json: the tokenizer (and its chat template) is saved with every checkpoint, full or LoRA.
-FORMAT_KEY = "persona_input_format"
-# Backbones whose checkpoints keep the reference's speaker-token layout unless told otherwise.
-SPEAKER_TOKEN_MODEL_TYPES = ("gpt2", "openai-gpt")
-
-
-def recorded_input_format(tokenizer) -> dict | None:
-    """`{"input_format": ..., "system_prompt": ...}` recorded by `record_input_format` (saved with the tokenizer)."""
-    record = getattr(tokenizer, "init_kwargs", {}).get(FORMAT_KEY)
-    return dict(record) if isinstance(record, dict) else None
-
-
-def record_input_format(tokenizer, input_format: str, system_prompt: str | None = None) -> None:
-    """Record the input format (and the system prompt) so that `tokenizer.save_pretrained` writes it."""
-    record = {"input_format": input_format}
-    if input_format == CHAT_TEMPLATE:
-        record["system_prompt"] = system_prompt or DEFAULT_SYSTEM_PROMPT
-    tokenizer.init_kwargs[FORMAT_KEY] = record
-
-
-def default_input_format(tokenizer, model_type: str | None) -> str:
-    """`speaker_tokens` for GPT / GPT-2 / DialoGPT / openai-gpt, for a tokenizer that already has the persona tokens
-    (a checkpoint trained with them) or one without a chat template; `chat_template` otherwise."""
-    has_speaker_tokens = "<speaker1>" in tokenizer.get_vocab()
-    if model_type in SPEAKER_TOKEN_MODEL_TYPES or has_speaker_tokens or not getattr(tokenizer, "chat_template", None):
-        return SPEAKER_TOKENS
-    return CHAT_TEMPLATE
-
-
-def resolve_input_format(
-    tokenizer,
-    model_type: str | None = None,
-    *,
-    input_format: str | None = None,
-    system_prompt: str | None = None,
-    chat_template: str | None = None,
-    chat_template_name: str | None = None,
-) -> ChatFormat | None:
-    """Decide and record how `tokenizer`'s model reads persona examples: a `ChatFormat`, or None for speaker tokens.
-
-    Explicit options win; then what the checkpoint recorded; then `default_input_format`. `chat_template`
-    (template text, see `load_chat_template`; `chat_template_name` names it in errors) replaces the tokenizer's own
-    and is stored in it, so it is saved with the model.
-    """
-    recorded = recorded_input_format(tokenizer) or {}
-    if input_format is None and (system_prompt is not None or chat_template is not None):
-        input_format = CHAT_TEMPLATE
-    input_format = input_format or recorded.get("input_format") or default_input_format(tokenizer, model_type)
-    if input_format not in INPUT_FORMATS:
-        raise UsageError(f"--input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}.")
-    if input_format == SPEAKER_TOKENS:
-        if system_prompt is not None or chat_template is not None:
-            raise UsageError("--system_prompt and --chat_template apply to --input_format chat_template only.")
-        record_input_format(tokenizer, SPEAKER_TOKENS)
-        return None
-    check_system_prompt(system_prompt)  # the user's (None: the recorded one, which the model was trained with)
-    system_prompt = system_prompt or recorded.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
-    fmt = ChatFormat.from_tokenizer(
-        tokenizer, chat_template=chat_template, template_name=chat_template_name, system_prompt=system_prompt
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    record_input_format(tokenizer, CHAT_TEMPLATE, system_prompt)
-    return fmt
-
-
-def tokenizer_chat_format(tokenizer) -> ChatFormat | None:
-    """The input format of a tokenizer when no option names one, as the console scripts decide it: the recorded
-    format (`load_model_and_tokenizer` records it), else `default_input_format` (None: speaker tokens)."""
-    if recorded_input_format(tokenizer) is None and default_input_format(tokenizer, None) == CHAT_TEMPLATE:
-        return ChatFormat.from_tokenizer(tokenizer)
-    return chat_format_of(tokenizer)
-
-
-def chat_format_of(tokenizer) -> ChatFormat | None:
-    """The `ChatFormat` a tokenizer's record asks for (None: speaker tokens, or nothing recorded)."""
-    record = recorded_input_format(tokenizer)
-    if not record or record.get("input_format") != CHAT_TEMPLATE:
-        return None
-    key = (tokenizer.chat_template, record.get("system_prompt"))
-    cached = getattr(tokenizer, "_persona_chat_format", None)
-    if cached is None or cached[0] != key:
-        fmt = ChatFormat.from_tokenizer(tokenizer, system_prompt=record.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
-        cached = (key, fmt)
-        tokenizer._persona_chat_format = cached
-    return cached[1]

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_chat_template import chat_format_of
 from persona_collator import PersonaCollator
 from persona_data import build_features
 from persona_decoding import EvalGenerationArguments
 from persona_errors import UsageError
+from persona_formats import input_format_of
 from persona_generation import generate_replies
 from persona_inputs import history_window
 from persona_metrics import (
@@ -185,7 +185,7 @@ def evaluate_convai2(
             max_history=max_history,
             max_length=input_budget(model, max_length),
             cache_dir=cache_dir,
-            chat_format=chat_format_of(tokenizer),  # the checkpoint's own input format
+            input_format=input_format_of(tokenizer),  # the checkpoint's own input format
         )
     features = features.select(range(len(turns)))
 

@@ -17,20 +17,17 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import fields
-from itertools import chain
 
 import datasets
 from datasets.fingerprint import Hasher
 
-from persona_chat_template import ChatFormat, tokenizer_chat_format
 from persona_errors import PersonaDataError, UsageError
-from persona_inputs import MIN_INPUT_LENGTH, build_inputs, fit_to_length, history_window
+from persona_formats import InputFormat, input_format_of
+from persona_inputs import build_inputs, fit_to_length, history_window
 from persona_locations import is_url
 from persona_readers import FORMAT_ALIASES, READERS, detect_format
 from persona_records import ReadOptions, SplitReport, assemble_splits, dialogs_to_dataset_dict
 from persona_sources import fetch, forget_download, is_datasets_source, read_hub_dataset
-from persona_text import encode_texts
-from persona_tokens import SpecialTokenIds
 
 # Importable from here as well as from their own modules: the public API (README) and the names other code uses.
 __all__ = [
@@ -48,8 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUT_COLUMNS = ["input_ids", "token_type_ids", "mc_token_ids", "labels", "mc_labels"]
-CHAT_TEMPLATE_COLUMNS = ["input_ids", "mc_token_ids", "labels", "mc_labels"]
 # Bump when build_features' output changes for the same inputs: invalidates every cached feature file.
 FEATURES_VERSION = "4"  # 3: persona permutations capped per dialog; 4: special-token strings in texts stay text
 # Per-row notes of what fitting max_length cut, counted for the warning and then dropped: context (history turns or
@@ -125,71 +120,20 @@ def _tokenizer_signature(tokenizer) -> str:
     return Hasher.hash((type(tokenizer).__name__, state, tokenizer.all_special_tokens))
 
 
-def _speaker_token_rows(batch: dict[str, list], tokenizer, ids: SpecialTokenIds, max_history: int, num_candidates):
-    """Encode every text of the batch once; return the persona converter and the row builder of speaker tokens."""
-    texts = set(chain.from_iterable(batch["personality"]))
-    for utterances in batch["utterances"]:
-        for u in utterances:
-            texts.update(history_window(u["history"], max_history))
-            texts.update(u["candidates"] if num_candidates is None else u["candidates"][-num_candidates:])
-    texts = sorted(texts)
-    encoded = dict(zip(texts, encode_texts(tokenizer, texts)))  # "<speaker1>" typed in a turn stays text
-
-    def build(persona, history, candidates, max_length):
-        history = [encoded[h] for h in history]
-        replies = [encoded[c] for c in candidates]
-        p, h, budget, _ = fit_to_length(persona, history, max(map(len, replies)), max_length)
-        rows = [build_inputs(p, h, r[:budget], ids, lm_labels=(i == len(replies) - 1)) for i, r in enumerate(replies)]
-        cuts = {
-            "cut_context": len(p) != len(persona) or len(h) != len(history) or h[-1:] != history[-1:],
-            "cut_gold": len(replies[-1]) > budget,
-            "cut_distractor": any(len(r) > budget for r in replies[:-1]),
-            "reply_budget": budget,
-        }
-        return {key: [row[key] for row in rows] for key in MODEL_INPUT_COLUMNS[:-1]}, cuts
-
-    return (lambda sentences: [encoded[s] for s in sentences]), build
-
-
-def _chat_template_rows(chat_format: ChatFormat):
-    """The row builder of chat-template rows (rendered per example from the texts; no token types)."""
-
-    def build(persona, history, candidates, max_length):
-        rows, cut = chat_format.build_rows(persona, history, candidates, max_length=max_length)
-        rows.pop("mc_labels")
-        start = next(i for i, label in enumerate(rows["labels"][-1]) if label != -100)  # the gold reply's first token
-        kept = [end - start for end in rows["mc_token_ids"]]  # reply tokens before each end-of-turn
-        cuts = {"cut_context": False, "cut_gold": False, "cut_distractor": False, "reply_budget": max(kept)}
-        if cut:  # what was cut, against the uncut prompt and replies
-            whole = [len(ids) for ids in chat_format.encode([c.strip() for c in candidates])]
-            cuts["cut_context"] = start < len(chat_format.context_ids(persona, history))
-            cuts["cut_gold"] = kept[-1] < whole[-1]
-            cuts["cut_distractor"] = any(k < w for k, w in zip(kept[:-1], whole[:-1]))
-        return rows, cuts
-
-    return build
-
-
 def _build_batch(
     batch: dict[str, list],
     indices: list[int],
     *,
     tokenizer,
-    ids: SpecialTokenIds | None,
     num_candidates: int | None,
     max_history: int,
     personality_permutations: int,
     max_length: int | None,
     source: str,
-    chat_format: ChatFormat | None = None,
+    input_format: InputFormat,
 ) -> dict[str, list]:
-    if chat_format is None:
-        to_persona, build = _speaker_token_rows(batch, tokenizer, ids, max_history, num_candidates)
-        columns = MODEL_INPUT_COLUMNS
-    else:
-        to_persona, build, columns = list, _chat_template_rows(chat_format), CHAT_TEMPLATE_COLUMNS
-
-    out = {key: [] for key in columns + CUT_COLUMNS}
+    to_persona, build = input_format.row_builder(batch, max_history, num_candidates)
+    out = {key: [] for key in [*input_format.columns, *CUT_COLUMNS]}
     for personality, utterances, dialog_idx in zip(batch["personality"], batch["utterances"], indices):
         persona = to_persona(personality)
         for _ in range(distinct_rotations(persona, personality_permutations)):
@@ -223,11 +167,13 @@ def candidate_rows(
     *,
     max_history: int,
     max_length: int | None = None,
-    chat_format: ChatFormat | None = None,
+    input_format: InputFormat | None = None,
 ) -> dict[str, list]:
     """The model inputs of one turn's candidates (texts) exactly as `build_features` builds an evaluation row: columns
     of per-candidate lists (`input_ids` [C][T], `mc_token_ids` [C], ...), the last candidate labelled, `mc_labels`.
-    What generation ranks its sampled replies with, so the multiple-choice head sees what it was trained on."""
+    What generation ranks its sampled replies with, so the multiple-choice head sees what it was trained on.
+    `input_format`: the tokenizer's own (`persona_formats.input_format_of`) when None."""
+    input_format = input_format or input_format_of(tokenizer)
     batch = {
         "personality": [list(persona)],
         "utterances": [[{"history": list(history), "candidates": list(candidates)}]],
@@ -236,16 +182,14 @@ def candidate_rows(
         batch,
         [0],
         tokenizer=tokenizer,
-        ids=SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None,
         num_candidates=None,
         max_history=max_history,
         personality_permutations=1,
         max_length=max_length,
         source="",
-        chat_format=chat_format,
+        input_format=input_format,
     )
-    columns = MODEL_INPUT_COLUMNS if chat_format is None else CHAT_TEMPLATE_COLUMNS
-    return {key: out[key][0] for key in columns}
+    return {key: out[key][0] for key in input_format.columns}
 
 
 def build_features(
@@ -260,18 +204,17 @@ def build_features(
     cache_dir: str | None = None,
     load_from_cache_file: bool | None = None,
     source: str | None = None,
-    chat_format: ChatFormat | None = None,
+    input_format: InputFormat | None = None,
 ) -> datasets.Dataset:
     """Model-input rows (one per permutation × utterance) of a canonical dialogs split.
 
     `num_candidates=None` keeps every candidate (evaluation). The rows follow the checkpoint's input format, as the
-    console scripts do: `chat_format` (`persona_chat_template.ChatFormat`) when given, else the format recorded in the
-    tokenizer by `load_model_and_tokenizer`, else the tokenizer's default (`default_input_format`). A chat format
-    gives the tokenizer's chat template (persona as the system message, no `token_type_ids`); speaker tokens give the
-    rows of `persona_inputs`. Candidate selection, history, persona
-    permutations, truncation and errors follow the same rules for both. The result is cached by a fingerprint of
-    the dialogs, the tokenizer and every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory
-    dialogs.
+    console scripts do: `input_format` (`persona_formats`: `SpeakerTokens` or a `ChatFormat`) when given, else
+    `input_format_of(tokenizer)` (the format `load_model_and_tokenizer` recorded, else the tokenizer's default). A
+    chat format gives the tokenizer's chat template (persona as the system message, no `token_type_ids`); speaker
+    tokens give the rows of `persona_inputs`. Candidate selection, history, persona permutations, truncation and
+    errors follow the same rules for both. The result is cached by a fingerprint of the dialogs, the tokenizer and
+    every option: in the dialogs' own cache folder, or in `cache_dir` for in-memory dialogs.
     `source` (e.g. "data.json: split 'train'") prefixes error messages.
     """
     if num_candidates is not None and num_candidates < 1:
@@ -280,24 +223,20 @@ def build_features(
         raise UsageError(f"personality_permutations must be >= 1, got {personality_permutations}.")
     if max_history < 0:
         raise UsageError(f"max_history must be >= 0, got {max_history}.")
-    if chat_format is None:
-        chat_format = tokenizer_chat_format(tokenizer)
-    if chat_format is None and max_length is not None and max_length < MIN_INPUT_LENGTH:
+    input_format = input_format or input_format_of(tokenizer)
+    if max_length is not None and max_length < input_format.min_length:
         raise PersonaDataError(
             f"--max_length {max_length} cannot hold bos, one turn's speaker, a 1-token reply, its speaker and eos "
-            f"({MIN_INPUT_LENGTH} tokens); raise --max_length."
+            f"({input_format.min_length} tokens); raise --max_length."
         )
-    ids = SpecialTokenIds.from_tokenizer(tokenizer) if chat_format is None else None
     options = dict(
         num_candidates=num_candidates,
         max_history=max_history,
         personality_permutations=personality_permutations,
         max_length=max_length,
     )
-    # The chat format's template, system prompt and persona placement change every row.
-    key = (FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options)
-    if chat_format is not None:
-        key += (chat_format.template, chat_format.system_prompt, chat_format.system_role)
+    # The format changes every row (a chat format's template, system prompt and persona placement).
+    key = (FEATURES_VERSION, dialogs._fingerprint, _tokenizer_signature(tokenizer), options, *input_format.signature)
     fingerprint = Hasher.hash(key)
     where = f"{source}: " if source else ""
     _warn_capped_permutations(dialogs, personality_permutations, where)
@@ -312,7 +251,7 @@ def build_features(
             batch_size=100,
             with_indices=True,
             remove_columns=dialogs.column_names,
-            fn_kwargs=dict(tokenizer=tokenizer, ids=ids, source=where, chat_format=chat_format, **options),
+            fn_kwargs=dict(tokenizer=tokenizer, source=where, input_format=input_format, **options),
             num_proc=num_proc,
             new_fingerprint=fingerprint,
             cache_file_name=cache_file_name,

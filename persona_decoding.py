@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from persona_chat_template import chat_format_of
 from persona_errors import UsageError
+from persona_formats import input_format_of
 from persona_process import say
-from persona_tokens import SpecialTokenIds
 
 # The most replies `num_ranked` samples for one context.
 MAX_RANKED = 64
@@ -144,12 +143,7 @@ GENERATION_DEFAULTS = asdict(GenerationArguments())
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a reply. Speaker tokens: every special token (the reference stopped at its five persona
     tokens). Chat template: the template's end-of-turn tokens and the eos, as the saved generation config says."""
-    chat_format = chat_format_of(tokenizer)
-    if chat_format is not None:
-        return chat_format.stop_ids
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    persona_ids = [ids.bos, ids.eos, ids.speaker1, ids.speaker2, ids.pad]
-    return sorted(set(persona_ids) | set(tokenizer.all_special_ids))
+    return input_format_of(tokenizer).stop_ids
 
 
 def generation_config_from_options(
@@ -180,11 +174,8 @@ def generation_config_from_options(
         num_beams=num_beams,
     )
     do_sample = not no_sample
-    if chat_format_of(tokenizer) is not None:
-        pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
-    else:
-        ids = SpecialTokenIds.from_tokenizer(tokenizer)
-        pad, bos = ids.pad, ids.bos
+    input_format = input_format_of(tokenizer)
+    pad, bos = input_format.pad_id, input_format.bos_id
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,

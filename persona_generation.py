@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from persona_chat_template import chat_format_of
 from persona_decoding import (  # noqa: F401 (the decoding options stay importable from here)
     AROUND_GENERATE,
     GENERATION_DEFAULTS,
@@ -32,13 +31,13 @@ from persona_decoding import (  # noqa: F401 (the decoding options stay importab
     stop_token_ids,
 )
 from persona_errors import UsageError
-from persona_inputs import build_inputs, fit_to_length, history_window
+from persona_formats import input_format_of
+from persona_inputs import history_window
 from persona_model import load_model_and_tokenizer, max_positions
 from persona_process import check_device, resolve_device
 from persona_ranking import check_can_rank, rank_replies
 from persona_repetition import repetition_processors
 from persona_text import decode_reply, encode_texts
-from persona_tokens import SpecialTokenIds
 
 logger = logging.getLogger(__name__)
 
@@ -61,31 +60,12 @@ def build_context(
     cut by the training rule (`persona_inputs.fit_context`) so that it plus `reply_budget` new tokens fit.
     """
     history = history_window(history, max_history)
-    chat_format = chat_format_of(tokenizer)
-    if chat_format is not None:
-        ids = chat_format.context_ids(persona, history, max_length=max_length, reply_budget=reply_budget)
-        input_ids = torch.tensor([ids])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    persona_ids = encode_texts(tokenizer, persona)
-    history_ids = encode_texts(tokenizer, history)
-    # The training rule (`persona_inputs.fit_to_length`) for a reply of `reply_budget` tokens, its last one the eos
-    # slot: the context equals the training input of the same turn without its reply.
-    reply = max(reply_budget - 1, 0)
-    persona_ids, history_ids, budget, cut = fit_to_length(persona_ids, history_ids, reply, max_length)
-    if budget < reply:
-        raise UsageError(
-            f"a reply of {reply_budget} new tokens leaves no room for the context in the model's {max_length} "
-            "positions; lower --max_new_tokens."
-        )
-    if cut:
-        logger.warning("The context was shortened to fit %d positions with a %d-token reply.", max_length, reply_budget)
-    row = build_inputs(persona_ids, history_ids, [], SpecialTokenIds.from_tokenizer(tokenizer), with_eos=False)
-    input_ids = torch.tensor([row["input_ids"]])
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": torch.tensor([row["token_type_ids"]]),
-        "attention_mask": torch.ones_like(input_ids),
-    }
+    inputs = input_format_of(tokenizer).generation_inputs(
+        persona, history, max_length=max_length, reply_budget=reply_budget
+    )
+    batch = {key: torch.tensor([ids]) for key, ids in inputs.items()}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
 
 
 def _left_pad(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

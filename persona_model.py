@@ -32,8 +32,8 @@ from persona_backbone import (
     PersonaDoubleHeadsConfig,
     PersonaDoubleHeadsModel,
 )
-from persona_chat_template import ChatFormat, chat_format_of, resolve_input_format
 from persona_errors import CheckpointError, PersonaError
+from persona_formats import input_format_of, resolve_input_format
 from persona_hub import hub_options
 from persona_locations import is_tokenizer_folder, looks_local
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
@@ -60,10 +60,10 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a Hub id or local checkpoint as a double-heads model plus tokenizer for its input format.
 
-    The input format (`persona_chat_template.resolve_input_format`: the options given, else what the checkpoint's
+    The input format (`persona_formats.resolve_input_format`: the options given, else what the checkpoint's
     tokenizer recorded, else the backbone's default) is recorded in the tokenizer. Speaker tokens: the persona
     special tokens are added (embeddings resized if needed). Chat template: nothing is added; the pad token is the
-    tokenizer's pad or eos, and generation stops at the template's end-of-turn tokens (`configure_chat_generation`).
+    tokenizer's pad or eos, and generation stops at the template's end-of-turn tokens (`ChatFormat.prepare_model`).
     A LoRA adapter folder (written by `--use_peft` training) loads its base model, then the adapter on top; with
     `merge_adapter` (default) the adapter is merged and a plain double-heads model is returned.
     A tokenizer with more tokens than the embedding matrix is refused (those tokens would fail at their first use),
@@ -226,7 +226,7 @@ def _load_model_and_tokenizer(
         tokenizer_options = {**hub_kwargs, **hub_options(tokenizer_path, revision, token, trust_remote_code)}
     with library_load_errors(tokenizer_path):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_options)
-    chat_format = resolve_input_format(tokenizer, model_type, **format_options)
+    input_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
@@ -246,13 +246,8 @@ def _load_model_and_tokenizer(
     mark_multiple_choice_head(model, loaded=not head_missing and multiple_choice_head_loaded(model))
     report_loading_info(name_or_path, model, loading_info)
     rows = model.get_input_embeddings().num_embeddings
-    if chat_format is not None:
-        configure_chat_generation(model, tokenizer, chat_format)
-        what = chat_format.name
-    else:
-        with library_notices_replaced():
-            num_added = add_special_tokens(model, tokenizer)
-        what = f"{num_added} persona special tokens added"
+    with library_notices_replaced():
+        what = input_format.prepare_model(model)  # the persona tokens added, or the template's stop ids
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         if not grow_embeddings:
             raise tokenizer_too_large(name_or_path, tokenizer_path, len(tokenizer), rows)
@@ -291,23 +286,6 @@ def multiple_choice_head_loaded(model: PreTrainedModel) -> bool:
     return bool(getattr(model, MC_HEAD_LOADED_ATTR, True))
 
 
-def configure_chat_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat):
-    """Pad with the tokenizer's pad token (its eos when it has none) and stop generating at the template's
-    end-of-turn tokens and the eos, in the config and the generation config that are saved with the model, so that
-    `generate()` and serving engines stop where training put the end of the reply."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    stops = chat_format.stop_ids
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
-        generation_config.eos_token_id = stops
-        if tokenizer.bos_token_id is not None:
-            generation_config.bos_token_id = tokenizer.bos_token_id
-
-
 def load_lora_adapter(
     adapter_path: str,
     adapter_config_file: str,
@@ -343,7 +321,7 @@ def load_lora_adapter(
         )
     except CheckpointError as err:
         raise CheckpointError(f"{field} {base_name!r} (the LoRA adapter's base model): {err} ({fix})") from err
-    if chat_format_of(tokenizer) is None and model.get_input_embeddings().num_embeddings != len(tokenizer):
+    if input_format_of(tokenizer).adds_tokens and model.get_input_embeddings().num_embeddings != len(tokenizer):
         with library_notices_replaced():  # training sized them to the tokenizer, larger or smaller
             model.resize_token_embeddings(len(tokenizer))
     head_loaded = multiple_choice_head_loaded(model)

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from persona_chat_template import chat_format_of
 from persona_collator import PersonaCollator
 from persona_data import candidate_rows
 from persona_errors import UsageError
+from persona_formats import input_format_of
 from persona_model import input_budget, multiple_choice_head_loaded
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def score_replies(
         list(replies),
         max_history=max_history,
         max_length=input_budget(model, max_length),
-        chat_format=chat_format_of(tokenizer),
+        input_format=input_format_of(tokenizer),
     )
     batch = PersonaCollator(tokenizer.pad_token_id)([rows])  # [1, C, T]
     # No LM loss: the head alone. The rows' mc_labels route the forward through the candidate encodings.

@@ -24,7 +24,6 @@ from transformers import HfArgumentParser
 from persona_arguments import DialogArguments, add_training_help
 from persona_arguments import ModelArguments as SharedModelArguments
 from persona_chat_options import check_system_prompt, load_chat_template
-from persona_chat_template import chat_format_of
 from persona_checkpoints import TRAINING_CONFIG_NAME, default_output_dir, write_training_config
 from persona_cli import (
     check_option_names,
@@ -347,6 +346,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
     from persona_data import build_features, load_dialogs_with_report
     from persona_dpo import PersonaDPOTrainer, preference_dialogs
     from persona_encoding import set_candidate_encoding
+    from persona_formats import input_format_of
     from persona_lora import apply_lora, check_gradient_checkpointing
     from persona_model import input_budget, load_model_and_tokenizer
     from persona_nli import NLIScorer
@@ -408,7 +408,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         chat_template_name=f"--chat_template {model_args.chat_template}" if chat_template else None,
         grow_embeddings=True,  # a tokenizer larger than the embeddings gets new rows, trained with the rest
     )
-    chat_format = chat_format_of(tokenizer)
+    input_format = input_format_of(tokenizer)
     set_candidate_encoding(model, model_args.candidate_encoding)
     if training_args.activation_checkpointing:  # --gradient_checkpointing, its old name, was folded into it
         check_gradient_checkpointing(model)
@@ -436,7 +436,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
                 cache_dir=data_args.dataset_cache,
                 load_from_cache_file=not data_args.overwrite_cache,
                 source=f"{data_args.dataset_path}: split {split!r}",
-                chat_format=chat_format,
+                input_format=input_format,
             )
         if rows.num_rows == 0:
             raise UsageError(f"{data_args.dataset_path}: split {split!r} gives no examples (no dialog with a turn).")
@@ -462,8 +462,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         recipe={
             **vars(data_args),
             "use_peft": model_args.use_peft,
-            "input_format": "speaker_tokens" if chat_format is None else "chat_template",
-            **({"system_prompt": chat_format.system_prompt} if chat_format is not None else {}),
+            **input_format.record,
         },
     )
     if training_args.do_train and trainer.is_world_process_zero():

@@ -100,7 +100,7 @@ def main() -> None:
     add_special_tokens(None, speaker_tok)
     options = dict(max_history=2, max_length=512)
     rows = {
-        "chat_template": (chat_tok, dict(chat_format=ChatFormat.from_tokenizer(chat_tok))),
+        "chat_template": (chat_tok, dict(input_format=ChatFormat.from_tokenizer(chat_tok))),
         "speaker_tokens": (speaker_tok, {}),
     }
     need = args.batch_size * (args.steps + 1)

@@ -18,9 +18,10 @@ from test_chat_template import reference_messages
 from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
 
 from persona_chat_options import check_system_prompt, load_chat_template
-from persona_chat_template import ChatFormat, resolve_input_format
+from persona_chat_template import ChatFormat
 from persona_data import build_features
 from persona_errors import ChatTemplateError, UsageError
+from persona_formats import resolve_input_format
 from persona_generation import build_context
 from persona_records import dialogs_to_dataset_dict
 from persona_text import decode_reply
@@ -260,7 +261,7 @@ def test_chat_template_rows_of_a_forged_data_file(tokenizers, tmp_path):  # noqa
         },
         source="test",
     )["train"]
-    row = build_features(one, tok, num_candidates=2, max_history=1, chat_format=ChatFormat.from_tokenizer(tok))[0]
+    row = build_features(one, tok, num_candidates=2, max_history=1, input_format=ChatFormat.from_tokenizer(tok))[0]
     for ids in row["input_ids"]:
         assert control_counts(tok, ids, "chatml") == {"<|im_start|>": 3, "<|im_end|>": 3, "<|endoftext|>": 0}
     assert torch.tensor(row["mc_labels"]).item() == 1

@@ -23,10 +23,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_chat_options import DEFAULT_SYSTEM_PROMPT
-from persona_chat_template import ChatFormat, chat_format_of
+from persona_chat_template import ChatFormat
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
 from persona_encoding import set_candidate_encoding
+from persona_formats import input_format_of
 from persona_generation import generate_reply_ids
 from persona_model import load_model_and_tokenizer
 
@@ -93,7 +94,7 @@ def test_build_features_chat_rows_follow_the_speaker_token_policy(tokenizers, da
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
     dialogs = load_dialogs(data_path)["train"].select(range(3))
-    rows = build_features(dialogs, tok, num_candidates=3, max_history=1, personality_permutations=2, chat_format=fmt)
+    rows = build_features(dialogs, tok, num_candidates=3, max_history=1, personality_permutations=2, input_format=fmt)
     assert set(rows.column_names) == {"input_ids", "mc_token_ids", "labels", "mc_labels"}
     expected = []  # written out independently: permutation (persona rotated by one), then utterance
     for dialog in dialogs:
@@ -112,14 +113,14 @@ def test_build_features_chat_rows_follow_the_speaker_token_policy(tokenizers, da
         tok,
         num_candidates=3,
         max_history=1,
-        chat_format=ChatFormat.from_tokenizer(tok, system_prompt="{persona}"),
+        input_format=ChatFormat.from_tokenizer(tok, system_prompt="{persona}"),
     )
     assert other["input_ids"][0] != rows["input_ids"][0]
     first = dialogs[0]["utterances"][0]
     gold = reference_messages(dialogs[0]["personality"], first["history"], first["candidates"][-1], "{persona}")
     assert other["input_ids"][0][-1] == chat_ids(tok, gold)
     with pytest.raises(ValueError, match="candidates but --num_candidates 50"):
-        build_features(dialogs, tok, num_candidates=50, max_history=1, chat_format=fmt)
+        build_features(dialogs, tok, num_candidates=50, max_history=1, input_format=fmt)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -129,13 +130,13 @@ def test_loader_adds_nothing_and_records_the_format(instruct_checkpoints, family
     assert len(tokenizer) == len(plain) and "<speaker1>" not in tokenizer.get_vocab()
     assert model.get_input_embeddings().num_embeddings == len(plain)
     assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
-    fmt = chat_format_of(tokenizer)
-    assert fmt is not None and fmt.system_prompt == DEFAULT_SYSTEM_PROMPT
+    fmt = input_format_of(tokenizer)
+    assert fmt.kind == "chat_template" and fmt.system_prompt == DEFAULT_SYSTEM_PROMPT
     end_of_turn = plain.convert_tokens_to_ids({"qwen2": "<|im_end|>", "llama": "<|eot_id|>"}[family])
     assert model.generation_config.eos_token_id[0] == end_of_turn
     # Explicitly asking for speaker tokens gives the reference layout on the same backbone, and it is recorded.
     model, tokenizer = load_model_and_tokenizer(instruct_checkpoints[family], input_format="speaker_tokens")
-    assert "<speaker1>" in tokenizer.get_vocab() and chat_format_of(tokenizer) is None
+    assert "<speaker1>" in tokenizer.get_vocab() and input_format_of(tokenizer).kind == "speaker_tokens"
     tokenizer.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["persona_input_format"] == {
         "input_format": "speaker_tokens"
@@ -144,7 +145,7 @@ def test_loader_adds_nothing_and_records_the_format(instruct_checkpoints, family
 
 def test_gpt2_defaults_to_speaker_tokens(tiny_checkpoint):
     _, tokenizer = load_model_and_tokenizer(tiny_checkpoint)
-    assert chat_format_of(tokenizer) is None and "<speaker1>" in tokenizer.get_vocab()
+    assert input_format_of(tokenizer).kind == "speaker_tokens" and "<speaker1>" in tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -157,7 +158,7 @@ def test_every_candidate_encoding_equals_the_plain_path_on_chat_rows(tokenizers,
         tok,
         num_candidates=4,
         max_history=2,
-        chat_format=ChatFormat.from_tokenizer(tok, system_prompt=SYSTEM_PROMPT),
+        input_format=ChatFormat.from_tokenizer(tok, system_prompt=SYSTEM_PROMPT),
     )
     batch = PersonaCollator(tok.eos_token_id)(list(rows.select(range(3))))  # pads are masked: any id
     torch.manual_seed(0)
@@ -286,7 +287,7 @@ def test_lora_on_chat_rows_trains_saves_loads(instruct_checkpoints, data_path, t
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert not adapter.get("trainable_token_indices")  # no persona tokens to train
     model, tokenizer = load_model_and_tokenizer(str(out))
-    assert type(model) is PersonaDoubleHeadsModel and chat_format_of(tokenizer) is not None
+    assert type(model) is PersonaDoubleHeadsModel and input_format_of(tokenizer).kind == "chat_template"
     assert model.get_input_embeddings().num_embeddings == len(
         AutoTokenizer.from_pretrained(instruct_checkpoints["qwen2"])
     )
@@ -443,10 +444,10 @@ def test_chat_rows_cut_to_max_length_are_counted(tokenizers, data_path, caplog):
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
     dialogs = load_dialogs(data_path)["train"].select(range(2))
-    whole = build_features(dialogs, tok, num_candidates=3, max_history=2, chat_format=fmt)
+    whole = build_features(dialogs, tok, num_candidates=3, max_history=2, input_format=fmt)
     max_length = sorted(max(map(len, r)) for r in whole["input_ids"])[len(whole) // 2]
     with caplog.at_level("WARNING", logger="persona_data"):
-        rows = build_features(dialogs, tok, num_candidates=3, max_history=2, max_length=max_length, chat_format=fmt)
+        rows = build_features(dialogs, tok, num_candidates=3, max_history=2, max_length=max_length, input_format=fmt)
     longer = sum(max(map(len, r)) > max_length for r in whole["input_ids"])
     assert longer and all(max(map(len, r)) <= max_length for r in rows["input_ids"])
     assert f"{longer} of {len(rows)} rows lost their oldest history turns or persona sentences" in caplog.text
@@ -488,7 +489,7 @@ def test_deepspeed_zero_on_chat_rows_same_update_and_loadable(qwen2_step, data_p
         assert_same_weights(torch.load(out / "weights_init_rank1.pt"), qwen2_step["init"], atol=0)
         assert_same_weights(torch.load(out / "weights_final_rank0.pt"), torch.load(out / "weights_final_rank1.pt"))
     model, tokenizer = load_model_and_tokenizer(str(out))
-    assert type(model) is PersonaDoubleHeadsModel and chat_format_of(tokenizer) is not None
+    assert type(model) is PersonaDoubleHeadsModel and input_format_of(tokenizer).kind == "chat_template"
     assert_same_weights(model.state_dict(), qwen2_step["expected"])
     causal = AutoModelForCausalLM.from_pretrained(out)
     backbone = {k: v for k, v in qwen2_step["expected"].items() if not k.startswith("multiple_choice_head")}
@@ -516,6 +517,6 @@ def test_readme_instruct_snippet_builds_chat_template_rows(instruct_checkpoints,
         tokenizer,
         num_candidates=2,
         max_history=2,
-        chat_format=chat_format_of(tokenizer),
+        input_format=input_format_of(tokenizer),
     )
     assert train["input_ids"] == explicit["input_ids"] and train["labels"] == explicit["labels"]

@@ -50,14 +50,14 @@ def model(tiny_model_and_tokenizer):
     return tiny_model_and_tokenizer[0].eval()
 
 
-def independent_scores(model, tokenizer, persona, history, replies, max_history=2, chat_format=None) -> list[float]:
+def independent_scores(model, tokenizer, persona, history, replies, max_history=2, input_format=None) -> list[float]:
     """Each reply's multiple-choice score through `build_features` (the training rows) and the model's plain forward,
     one candidate at a time (no padding, no shared context)."""
     dialogs = dialogs_to_dataset_dict(
         {"valid": [{"personality": persona, "utterances": [{"history": history, "candidates": list(replies)}]}]},
         source="test",
     )["valid"]
-    row = build_features(dialogs, tokenizer, num_candidates=None, max_history=max_history, chat_format=chat_format)[0]
+    row = build_features(dialogs, tokenizer, num_candidates=None, max_history=max_history, input_format=input_format)[0]
     scores = []
     for i, input_ids in enumerate(row["input_ids"]):
         inputs = {"input_ids": torch.tensor([[input_ids]]), "mc_token_ids": torch.tensor([[row["mc_token_ids"][i]]])}
@@ -222,7 +222,7 @@ def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp
     from test_backbones import backbone_config
     from transformers import AutoModelForCausalLM
 
-    from persona_chat_template import chat_format_of
+    from persona_formats import input_format_of
 
     tokenizer = tokenizers["chatml"]
     torch.manual_seed(0)
@@ -234,11 +234,11 @@ def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp
     tokenizer.save_pretrained(tmp_path / "run")
     model, tok = load_model_and_tokenizer(str(tmp_path / "run"))
     model.eval()
-    chat_format = chat_format_of(tok)
-    assert chat_format is not None and multiple_choice_head_loaded(model)
+    chat_format = input_format_of(tok)
+    assert chat_format.kind == "chat_template" and multiple_choice_head_loaded(model)
     ranked = generate_ranked(model, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
     texts = [r for r, _ in ranked]
-    expected = independent_scores(model, tok, *CONTEXTS[0], texts, chat_format=chat_format)
+    expected = independent_scores(model, tok, *CONTEXTS[0], texts, input_format=chat_format)
     assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
     rows = build_features(
         dialogs_to_dataset_dict(
@@ -247,7 +247,7 @@ def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp
         tok,
         num_candidates=None,
         max_history=2,
-        chat_format=chat_format,
+        input_format=chat_format,
     )[0]
     # The head reads each candidate's end-of-turn token.
     assert all(ids[m] in chat_format.stop_ids for ids, m in zip(rows["input_ids"], rows["mc_token_ids"]))
