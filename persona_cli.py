@@ -251,12 +251,16 @@ def looks_local(name_or_path: str) -> bool:
 TOKENIZER_CONFIGS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 
 
-def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
+def check_model_path(name_or_path: str, flag: str = "--model_name_or_path", gguf_file: str | None = None) -> None:
     """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
-    retries); Hub ids pass."""
+    retries); Hub ids pass. A GGUF file (or a folder plus `gguf_file`) is checked by `persona_gguf.check_gguf_path`."""
+    from persona_gguf import check_gguf_path
+
     path = os.path.expanduser(name_or_path)
     if not name_or_path.strip():
         raise UsageError(f"{flag} is empty; pass a checkpoint folder or a Hub id.")
+    if check_gguf_path(name_or_path, gguf_file, flag):
+        return
     if os.path.isfile(path):
         raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
     if os.path.isdir(path):
