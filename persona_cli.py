@@ -4,8 +4,8 @@
 `parse_args_with_config` (a lone first `.yaml`/`.json` argument is a config file, later flags override it) and run
 their `main` through `run_console_script`, which turns a user error into one line on stderr and exit status 2
 (`PERSONA_DEBUG=1` shows the traceback instead) and a bug into its traceback and exit status 1. This module imports
-only the project's error types: it sits below the use layer (generation's argument checks raise its `UsageError`) and
-the four scripts.
+only the project's error types and GGUF path check (`persona_gguf`, light): it sits below the use layer (generation's
+argument checks raise its `UsageError`) and the four scripts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from persona_errors import PersonaError, UsageError, quote
+from persona_gguf import check_gguf_path
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -252,14 +253,11 @@ TOKENIZER_CONFIGS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "t
 
 
 def check_model_path(name_or_path: str, flag: str = "--model_name_or_path", gguf_file: str | None = None) -> None:
-    """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
-    retries); Hub ids pass. A GGUF file (or a folder plus `gguf_file`) is checked by `persona_gguf.check_gguf_path`."""
-    from persona_gguf import check_gguf_path
-
+    """A `UsageError` at once (no Hub retries) for a local path that is no checkpoint folder or GGUF; Hub ids pass."""
     path = os.path.expanduser(name_or_path)
     if not name_or_path.strip():
         raise UsageError(f"{flag} is empty; pass a checkpoint folder or a Hub id.")
-    if check_gguf_path(name_or_path, gguf_file, flag):
+    if flag == "--model_name_or_path" and check_gguf_path(name_or_path, gguf_file, flag):
         return
     if os.path.isfile(path):
         raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")

@@ -22,6 +22,8 @@ from test_user_errors import no_debug as no_debug  # noqa: F401 (autouse fixture
 gguf = pytest.importorskip("gguf")
 
 import persona_chat  # noqa: E402
+import persona_demo  # noqa: E402
+import persona_eval  # noqa: E402
 import run_persona  # noqa: E402
 from persona_model import load_model_and_tokenizer  # noqa: E402
 from persona_synthetic import corpus_texts, make_synthetic_personachat  # noqa: E402
@@ -215,6 +217,19 @@ def test_readme_commands_train_a_safetensors_run_that_chats_without_gguf(
         assert persona_chat.cli([*argv, "--max_new_tokens", "4", "--no_sample"]) in (0, None)
         captured = capsys.readouterr()
         assert captured.out.strip(), captured.err
+
+
+def test_persona_eval_scores_the_gguf_and_persona_demo_checks_it(source, data_path, tmp_path, capsys):
+    """persona-eval loads a GGUF base like any checkpoint; persona-demo checks it with its other flags."""
+    out = tmp_path / "metrics.json"
+    argv = ["--model_name_or_path", source["files"]["Q8_0"], "--dataset_path", data_path, "--max_turns", "3"]
+    assert persona_eval.cli([*argv, "--no_f1", "--output_file", str(out)]) in (0, None)
+    metrics = json.loads(out.read_text())
+    assert metrics["checkpoint"] == source["files"]["Q8_0"] and metrics["turns"] == 3
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(source["files"]["F32"], "rb").read()[:1000])
+    line = error_line(persona_demo.cli, ["--model_name_or_path", str(cut)], capsys)
+    assert str(cut) in line and "download it again" in line
 
 
 def chat_error(model_args: list[str], capsys) -> str:
