@@ -29,7 +29,13 @@ def _post_init_next(obj, cls) -> None:
 class ModelArguments:
     """The checkpoint and how to load it (every script)."""
 
-    model_name_or_path: str = field(metadata={"help": "Checkpoint: a local folder or a Hub id."})
+    model_name_or_path: str = field(
+        metadata={"help": "Checkpoint: a local folder, a Hub id or a GGUF file (de-quantized to --dtype)."}
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "The GGUF file to load from the --model_name_or_path folder (a folder holding several)."},
+    )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the checkpoint's own."})
     revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
     token: str | None = field(default=None, metadata={"help": "Hub token; none: the one stored by `hf auth`."})
@@ -40,7 +46,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        check_model_path(self.model_name_or_path)
+        check_model_path(self.model_name_or_path, gguf_file=self.gguf_file)
         if self.tokenizer_name is not None:
             check_model_path(self.tokenizer_name, "--tokenizer_name")
         _post_init_next(self, ModelArguments)
@@ -53,6 +59,7 @@ class ModelArguments:
             "token": self.token,
             "cache_dir": self.cache_dir,
             "trust_remote_code": self.trust_remote_code,
+            "gguf_file": self.gguf_file,
         }
 
 

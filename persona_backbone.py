@@ -209,10 +209,14 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load the causal LM's weights, then the head from its own file when the folder has one."""
+        """Load the causal LM's weights, then the head from its own file when the folder has one (None: built from
+        `config` and `state_dict`, the head loaded when the state dict holds it)."""
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        if pretrained_model_name_or_path is None:  # built from `config` and `state_dict`: no folder, no head file
+            setattr(model, MC_HEAD_LOADED_ATTR, any(k.startswith(MC_HEAD_PREFIX) for k in kwargs.get("state_dict", {})))
+            return loaded
         head_file = cached_file(
             pretrained_model_name_or_path,
             MC_HEAD_FILE,

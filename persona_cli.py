@@ -4,8 +4,8 @@
 `parse_args_with_config` (a lone first `.yaml`/`.json` argument is a config file, later flags override it) and run
 their `main` through `run_console_script`, which turns a user error into one line on stderr and exit status 2
 (`PERSONA_DEBUG=1` shows the traceback instead) and a bug into its traceback and exit status 1. This module imports
-only the project's error types: it sits below the use layer (generation's argument checks raise its `UsageError`) and
-the four scripts.
+only the project's error types and GGUF path check (`persona_gguf`, light): it sits below the use layer (generation's
+argument checks raise its `UsageError`) and the four scripts.
 """
 
 from __future__ import annotations

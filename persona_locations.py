@@ -13,6 +13,7 @@ import re
 import tempfile
 
 from persona_errors import UsageError
+from persona_gguf import check_gguf_path
 
 # The folder persona-train writes runs into by default: `runs/NAME` is a path even before it exists.
 RUNS_FOLDER = "runs"
@@ -75,12 +76,14 @@ def is_tokenizer_folder(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
-def check_model_path(name_or_path: str, flag: str = "--model_name_or_path") -> None:
-    """A `UsageError` at once for a local-looking model path that is not a checkpoint folder (instead of Hub
-    retries); Hub ids pass. For `--tokenizer_name` a tokenizer folder is enough."""
+def check_model_path(name_or_path: str, flag: str = "--model_name_or_path", gguf_file: str | None = None) -> None:
+    """A `UsageError` at once for a local-looking model path that is not a checkpoint folder or a GGUF file (instead
+    of Hub retries); Hub ids pass. For `--tokenizer_name` a tokenizer folder is enough."""
     path = os.path.expanduser(name_or_path)
     if not name_or_path.strip():
         raise UsageError(f"{flag} is empty; pass a checkpoint folder or a Hub id.")
+    if flag == "--model_name_or_path" and check_gguf_path(name_or_path, gguf_file, flag):
+        return
     if os.path.isfile(path):
         raise UsageError(f"{flag} {name_or_path}: is a file; pass the checkpoint folder that holds config.json.")
     if os.path.isdir(path):

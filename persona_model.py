@@ -34,6 +34,7 @@ from persona_backbone import (
 )
 from persona_errors import CheckpointError, PersonaError
 from persona_formats import input_format_of, resolve_input_format
+from persona_gguf import find_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer, open_gguf
 from persona_hub import hub_options
 from persona_locations import is_tokenizer_folder, looks_local
 from persona_tokens import SPECIAL_TOKENS, add_special_tokens  # noqa: F401 (public API)
@@ -56,6 +57,7 @@ def load_model_and_tokenizer(
     chat_template: str | None = None,
     chat_template_name: str | None = None,
     grow_embeddings: bool = False,
+    gguf_file: str | None = None,
     **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a Hub id or local checkpoint as a double-heads model plus tokenizer for its input format.
@@ -70,6 +72,9 @@ def load_model_and_tokenizer(
     unless `grow_embeddings` (training: new rows, trained with the rest).
     A Hub id is looked up once first (`hub_options`): offline or unreachable, a cached copy is used as it is, and an id
     that is not cached fails at once.
+    A GGUF file (`name_or_path` ending in `.gguf`, a folder plus `gguf_file`, or a folder holding one `.gguf` and no
+    config.json) loads de-quantized to `dtype`, with the tokenizer and chat template it holds (`persona_gguf`); the
+    model is an ordinary one, saved as safetensors.
     """
     format_options = {
         "input_format": input_format,
@@ -89,6 +94,7 @@ def load_model_and_tokenizer(
             merge_adapter=merge_adapter,
             format_options=format_options,
             grow_embeddings=grow_embeddings,
+            gguf_file=gguf_file,
             **model_kwargs,
         )
     except pickle.UnpicklingError as err:
@@ -194,19 +200,29 @@ def _load_model_and_tokenizer(
     merge_adapter,
     format_options,
     grow_embeddings,
+    gguf_file=None,
     **model_kwargs,
 ):
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
-    hub_kwargs.update(hub_options(name_or_path, revision, token, trust_remote_code))
-    adapter_config = find_adapter_config_file(
-        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=_local_only(hub_kwargs)
-    )
-    if adapter_config is not None:
-        return load_lora_adapter(
-            name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
+    gguf = find_gguf(name_or_path, gguf_file)
+    if gguf is not None:
+        open_gguf(gguf)  # a partial file, an architecture or quantization transformers cannot read: one line
+        if gguf_file is None and os.path.isdir(os.path.expanduser(name_or_path)):
+            logger.warning("%s: no config.json; using the folder's one GGUF file, %s.", name_or_path, gguf.file_name)
+        name_or_path, hub_kwargs = gguf.path, {"trust_remote_code": trust_remote_code}
+        with library_load_errors(name_or_path):
+            config = load_gguf_config(gguf)
+    else:
+        hub_kwargs.update(hub_options(name_or_path, revision, token, trust_remote_code))
+        adapter_config = find_adapter_config_file(
+            name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=_local_only(hub_kwargs)
         )
-    with library_load_errors(name_or_path):
-        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+        if adapter_config is not None:
+            return load_lora_adapter(
+                name_or_path, adapter_config, tokenizer_name_or_path, merge_adapter, hub_kwargs, dtype, format_options
+            )
+        with library_load_errors(name_or_path):
+            config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     model_type = config.model_type
     model_cls = DOUBLE_HEADS_CLASSES.get(model_type)
     if model_cls is None:  # any other causal LM: the generic double-heads model
@@ -225,15 +241,21 @@ def _load_model_and_tokenizer(
     if tokenizer_path != name_or_path:
         tokenizer_options = {**hub_kwargs, **hub_options(tokenizer_path, revision, token, trust_remote_code)}
     with library_load_errors(tokenizer_path):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_options)
+        if gguf is not None and tokenizer_name_or_path is None:
+            tokenizer = load_gguf_tokenizer(gguf)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_options)
     input_format = resolve_input_format(tokenizer, model_type, **format_options)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     try:
         with library_load_errors(name_or_path), library_notices_replaced():
-            model, loading_info = model_cls.from_pretrained(
-                name_or_path, config=config, output_loading_info=True, **hub_kwargs, **model_kwargs
-            )
+            if gguf is not None:
+                model, loading_info = load_gguf_model(gguf, model_cls, config, **model_kwargs)
+            else:
+                model, loading_info = model_cls.from_pretrained(
+                    name_or_path, config=config, output_loading_info=True, **hub_kwargs, **model_kwargs
+                )
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise

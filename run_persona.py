@@ -57,7 +57,10 @@ class ModelArguments(SharedModelArguments):
 
     model_name_or_path: str = field(
         default="openai-community/openai-gpt",
-        metadata={"help": "Hub id or local path of the backbone (gpt2, distilgpt2, microsoft/DialoGPT-*, openai-gpt)."},
+        metadata={
+            "help": "Hub id or local path of the backbone (gpt2, distilgpt2, microsoft/DialoGPT-*, openai-gpt), or a "
+            "GGUF file (de-quantized to --dtype; the run folder is safetensors)."
+        },
     )
     candidate_encoding: str = field(
         default="auto",
