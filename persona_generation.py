@@ -143,6 +143,11 @@ def generate_candidate_ids(
             [encode_texts(tokenizer, turns) for turns in own_turns[start : start + batch_size]],
             no_repeat_ngram_size=around["no_repeat_ngram_size"],
             repetition_penalty=around["repetition_penalty"],
+            # n-grams of words as printed, not of re-encoded ids (a reply's tokens are not its text's encoding)
+            tokenizer=tokenizer,
+            own_texts=own_turns[start : start + batch_size],
+            max_new_tokens=config.max_new_tokens,
+            stop_token_ids=sorted(stops),
         )
         output = _generate_rows(model, batch, config, processors, around["num_ranked"])  # [B * N, T + new]
         replies = []
