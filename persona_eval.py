@@ -15,7 +15,7 @@ the greedy reply with the gold after ParlAI's normalisation. Repetition and dive
 with `--nli_model`, the C-score are reported for the generated replies and (`_gold`) the gold replies of the same
 turns. The history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step,
 so these numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1, Hits@k and C-score ship
-as an `evaluate` metric: `evaluate.load("metrics/convai2")` (config "f1", "hits" or "consistency").
+as an `evaluate` metric: `evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` (config "f1", "hits" or "consistency").
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, ModelArguments
+from persona_assets import CONVAI2_METRIC_PATH  # noqa: F401 (the `evaluate` module: in a checkout and an install)
 from persona_cli import (
     MIN_INPUT_LENGTH,
     UsageError,
@@ -48,8 +49,6 @@ from persona_options import check_writable, set_by_user, warn_ignored
 
 logger = logging.getLogger(__name__)
 
-# The `evaluate` module with the same F1, Hits@k and C-score (valid in a source checkout).
-CONVAI2_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "convai2")
 # The evaluation library (torch, datasets, the Trainer), importable from here and loaded on first use (PEP 562), so
 # that the flags are checked (and --help printed) before the heavy stack loads.
 LIBRARY = (
