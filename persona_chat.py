@@ -11,7 +11,6 @@ parsed (and `--help` printed) before torch and the model stack load.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 from collections.abc import Sequence
@@ -23,9 +22,11 @@ from persona_arguments import DialogArguments, InferenceArguments
 from persona_cli import parse_args_with_config, run_console_script, sentence_list, setup_logging, warn_ignored
 from persona_decoding import GenerationArguments, NLIRankingArguments
 from persona_errors import UsageError
+from persona_files import check_text_file, read_text
 from persona_process import check_device, say
 
 logger = logging.getLogger(__name__)
+PERSONA_FILE = "a text file, one sentence per line"  # what to pass instead of a --persona_file that is no file
 
 # The public generation API, importable from here (`persona_chat.PersonaBot`, `persona_chat.load_for_chat`, ...), loaded
 # on first use, so that the flags parse (and --help prints) before torch loads.
@@ -69,16 +70,8 @@ class ChatArguments(DialogArguments, InferenceArguments):
 
     def __post_init__(self):
         self.persona = sentence_list(self.persona, "--persona")
-        if self.persona_file is not None and not os.path.isfile(self.persona_file):
-            exists = os.path.exists(self.persona_file)
-            what = (
-                "is a directory"
-                if os.path.isdir(self.persona_file)
-                else "not a regular file"
-                if exists
-                else "no such file"
-            )
-            raise UsageError(f"--persona_file {self.persona_file}: {what}; pass a text file, one sentence per line.")
+        if self.persona_file is not None:  # checked now, read after parsing: missing, a folder, unreadable
+            check_text_file(self.persona_file, f"--persona_file {self.persona_file}", PERSONA_FILE, UsageError)
         if self.dataset_path is not None and (any(s.strip() for s in self.persona) or self.persona_file):
             reason = "it draws a random persona, and --persona / --persona_file give one"
             warn_ignored("persona-chat", ["dataset_path"], reason)
@@ -92,23 +85,10 @@ def make_parser() -> HfArgumentParser:
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
-    """The non-blank lines of a text file, stripped: UTF-8 (with or without a byte-order mark), or UTF-16/UTF-32 with
-    one (Windows editors' "Unicode"); a `UsageError` naming the file for binary or undecodable content."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    binary = UsageError(f"{what} {path}: a binary file, not text; pass a text file, one sentence per line.")
-    from persona_files import bom_encoding  # the data readers' rule: one list of byte-order marks
-
-    encoding = bom_encoding(raw)
-    try:
-        text = raw.decode(encoding or "utf-8-sig")  # UTF-16/32 decoding reads and drops the mark
-    except UnicodeDecodeError as err:
-        if encoding is None and b"\0" in raw:
-            raise binary from None
-        line = raw[: err.start].decode(encoding or "utf-8", errors="replace").count("\n") + 1
-        raise UsageError(f"{what} {path}: line {line} is not {encoding or 'UTF-8'} text; save it as UTF-8.") from None
-    if "\0" in text:
-        raise binary
+    """The non-blank lines of the text file given as `what` (a flag), stripped, read by `persona_files.read_text` (the
+    one rule for a user's text files: UTF-8, or UTF-16/UTF-32 with a byte-order mark); a `UsageError` naming the
+    file for a binary or undecodable one."""
+    text = read_text(path, f"{what} {path}", PERSONA_FILE, UsageError)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

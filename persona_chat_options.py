@@ -3,11 +3,11 @@ placeholder, `{persona}`), the default system prompt."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 from persona_errors import ChatTemplateError, UsageError
+from persona_files import parse_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -15,33 +15,25 @@ DEFAULT_SYSTEM_PROMPT = "You are chatting with someone. Stay in character. Your 
 PERSONA_FIELD = "{persona}"
 # A brace around one word is meant as a placeholder (`{name}`, `{Persona}`, `{ persona }`): only {persona} is one.
 _PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][\w.-]*\s*\}")
+TEMPLATE_FILE = "a Jinja template file or a tokenizer_config.json"  # what to pass instead of an unreadable path
 _WARNED_BACKSLASH_N: set[str] = set()  # say once per prompt that "\n" was written as two characters
 
 
 def load_chat_template(path: str) -> str:
     """The Jinja chat template in `path`: a template file (.jinja, .txt...) or a JSON file with a `chat_template` field
-    (`tokenizer_config.json`, `chat_template.json`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ChatTemplateError(f"--chat_template {path}: cannot read the file ({err.strerror}).") from err
-    except UnicodeDecodeError as err:
-        raise ChatTemplateError(
-            f"--chat_template {path}: not a text file (byte 0x{err.object[err.start]:02x} at offset {err.start} is not "
-            "UTF-8); give a Jinja template file or a tokenizer_config.json."
-        ) from None
-    if path.endswith(".json"):
-        try:
-            text = json.loads(text).get("chat_template")
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ChatTemplateError(f"--chat_template {path}: not a JSON object with a 'chat_template' field.") from err
+    (`tokenizer_config.json`, `chat_template.json`). Read by `persona_files.read_text`, the one rule for a user's text
+    files (UTF-8, or UTF-16/UTF-32 with a byte-order mark; JSON without a key twice)."""
+    source = f"--chat_template {path}"
+    text = read_text(path, source, TEMPLATE_FILE, ChatTemplateError)
+    if path.endswith(".json") and text.strip():
+        data = parse_json(text, source, ChatTemplateError)
+        if not isinstance(data, dict):
+            raise ChatTemplateError(f"{source}: not a JSON object with a 'chat_template' field.")
+        text = data.get("chat_template")
         if isinstance(text, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
-            text = {t.get("name"): t.get("template") for t in text}.get("default")
+            text = {t.get("name"): t.get("template") for t in text if isinstance(t, dict)}.get("default")
     if not isinstance(text, str) or not text.strip():
-        raise ChatTemplateError(f"--chat_template {path}: the file holds no chat template.")
-    if "\0" in text:
-        raise ChatTemplateError(f"--chat_template {path}: not a text file (it holds NUL bytes); give a Jinja template.")
+        raise ChatTemplateError(f"{source}: the file holds no chat template.")
     return text
 
 

@@ -10,18 +10,20 @@ argument checks raise its `UsageError`) and the four scripts.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
+from persona_assets import shipped_config
 from persona_errors import PersonaError, UsageError, quote
+from persona_files import parse_json, read_text
 from persona_process import end_process_groups, is_rank_zero, say
 
 EXIT_USER_ERROR = 2
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+CONFIG_FILE = "a YAML or JSON config file"  # what to pass instead of a config path that is no readable file
 # Text options that also take a mapping in a config file (`persona_records.parse_column_mapping` reads both); the
 # Trainer's own (`deepspeed`, `fsdp_config`, ...) say so in their annotations.
 MAPPING_OPTIONS = {"column_mapping"}
@@ -183,17 +185,13 @@ def _closest(name: str, known) -> str | None:
 
 def read_config_file(path: str) -> dict:
     """The options of a YAML or JSON config file, as a dict; a `UsageError` for anything else (a list, a scalar,
-    broken syntax, a key given twice)."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory, not a config file.")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}); save the config file as UTF-8.") from None
-    if path.endswith(".json"):
-        config = _load_json_config(path, text)
+    broken syntax, a key given twice, a file that is not text). Read by `persona_files.read_text`, the one rule for a
+    user's text files; a ``configs/...`` path that is not here is the recipe shipped with persona-chat."""
+    text = read_text(shipped_config(path) or path, path, CONFIG_FILE, UsageError)
+    if not text.strip():
+        config = None
+    elif path.endswith(".json"):
+        config = parse_json(text, path, UsageError)
     else:
         config = _load_yaml_config(path, text)
     if config is None or config == {}:  # a file cut short or never written would run every default: say so
@@ -209,32 +207,22 @@ def read_config_file(path: str) -> dict:
     return config
 
 
-def _load_json_config(path: str, text: str):
-    def no_duplicates(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise UsageError(f"{path}: option {key!r} is given twice; keep one.")
-            seen[key] = value
-        return seen
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).") from None
-
-
 def _load_yaml_config(path: str, text: str):
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        """A key twice in one mapping is refused, as `persona_files.loads_strict` refuses it in JSON."""
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
-                    line = key_node.start_mark.line + 1
-                    raise UsageError(f"{path}: line {line}: option {key!r} is given twice; keep one.")
+                    mark = key_node.start_mark
+                    raise UsageError(
+                        f"{path}: line {mark.line + 1}, column {mark.column + 1}: duplicate key {key!r} in this "
+                        "mapping (YAML keeps only the last value); remove one."
+                    )
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 

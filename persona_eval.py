@@ -15,7 +15,7 @@ the greedy reply with the gold after ParlAI's normalisation. Repetition and dive
 with `--nli_model`, the C-score are reported for the generated replies and (`_gold`) the gold replies of the same
 turns. The history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step,
 so these numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1, Hits@k and C-score ship
-as an `evaluate` metric: `evaluate.load("metrics/convai2")` (config "f1", "hits" or "consistency").
+as an `evaluate` metric: `evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` (config "f1", "hits" or "consistency").
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 
 from persona_arguments import DialogArguments, ModelArguments
+from persona_assets import CONVAI2_METRIC_PATH  # noqa: F401 (the `evaluate` module: in a checkout and an install)
 from persona_cli import parse_args_with_config, run_console_script, set_by_user, setup_logging, warn_ignored
 from persona_decoding import EvalGenerationArguments
 from persona_errors import UsageError, check_positive
@@ -48,10 +49,6 @@ def __getattr__(name: str):
 
         return persona_convai2.evaluate_convai2
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# The `evaluate` module with the same F1, Hits@k and C-score (valid in a source checkout).
-CONVAI2_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "convai2")
 
 
 @dataclass(kw_only=True)

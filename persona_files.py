@@ -1,9 +1,11 @@
-"""Local data files as text: checks before reading, gzip, encodings, and JSON that refuses duplicate keys.
+"""A user's files as text: checks before reading, gzip, encodings, and JSON that refuses duplicate keys.
 
-Text is UTF-8 (a byte-order mark tolerated) or UTF-16/UTF-32 with a byte-order mark. Every problem is a
-`PersonaDataError` naming the file (and the line or byte) and what to do: a missing file, a folder, a link loop, an
-unreadable or empty file, a binary file (or UTF-16/UTF-32 without a mark), invalid UTF-8, a broken gzip stream, a JSON
-object with a key twice (``json`` would silently keep the last value).
+Every text file a user gives (data files, `--persona_file`, config files, `--chat_template` files) is read here, by
+one rule: UTF-8 (a byte-order mark dropped) or UTF-16/UTF-32 with a byte-order mark. Every problem is one error
+naming the file (and the line or byte) and what to do: a missing file, a folder, a link loop, an unreadable file, a
+binary file (or UTF-16/UTF-32 without a mark), invalid UTF-8, a broken gzip stream, a JSON object with a key twice
+(``json`` would silently keep the last value). Data files raise `PersonaDataError` (and refuse an empty file);
+callers reading other files pass their own error type and what the user should pass instead.
 
 >>> loads_strict('{"a": 1, "b": {"c": 2}}')
 {'a': 1, 'b': {'c': 2}}
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from persona_errors import PersonaDataError
+from persona_errors import PersonaError
 
 GZIP_MAGIC = b"\x1f\x8b"
 # UTF-32 first: its little-endian mark begins with UTF-16's. The codecs named read the mark and drop it.
@@ -39,6 +41,13 @@ _BOMS = (
 UTF8_BOM = b"\xef\xbb\xbf"
 # gzip/zlib failures of a truncated or corrupt stream.
 _GZIP_ERRORS = (OSError, EOFError, zlib.error)
+# What to pass instead of a data source that is not a readable file.
+DATA_SOURCE = "an existing file, a `datasets` folder, an http(s) URL or a Hub id"
+
+
+def _error(error: type[PersonaError] | None, message: str) -> PersonaError:
+    """`error(message)`; None is `PersonaDataError` (data files)."""
+    return (error or PersonaDataError)(message)
 
 
 class DuplicateKeyError(ValueError):
@@ -62,34 +71,43 @@ def file_in_the_way(path: str) -> str | None:
 
 
 def check_file(path: str, source: str) -> None:
-    """Raise a `PersonaDataError` unless `path` is a readable, non-empty regular file (named `source`)."""
+    """Raise a `PersonaDataError` unless the data source `path` is a readable, non-empty regular file (named
+    `source`)."""
     if not path.strip():
-        raise PersonaDataError("the data path is empty; pass a file, a `datasets` folder, an http(s) URL or a Hub id.")
+        raise _error(None, f"the data path is empty; pass {DATA_SOURCE.replace('an existing file', 'a file')}.")
     scheme = path.split("://", 1)[0] if "://" in path else None
     if scheme is not None and not os.path.lexists(path):
-        raise PersonaDataError(
-            f"{source}: URLs must start with http:// or https://, not {scheme}://; "
-            "pass a local file by its path (download it first)."
+        raise _error(
+            None,
+            f"{source}: URLs must start with http:// or https://, not {scheme}://; pass a local file by its path "
+            "(download it first).",
         )
+    if os.path.isdir(path):
+        raise _error(
+            None,
+            f"{source}: is a folder; pass one file in it, or leave --dataset_format unset (or 'hub') to read the "
+            f"folder through `datasets`.",
+        )
+    check_text_file(path, source, DATA_SOURCE)
+    if os.stat(path).st_size == 0:
+        raise _error(None, f"{source}: empty file (0 bytes); check the path or the download.")
+
+
+def check_text_file(path: str, source: str, expect: str, error: type[PersonaError] | None = None) -> None:
+    """Raise `error` (None: `PersonaDataError`), naming `source`, unless `path` is a regular file this process can
+    read; `expect` says what to pass instead (``"a text file, one sentence per line"``)."""
     if not os.path.lexists(path):
-        raise PersonaDataError(
-            f"{source}: no such file; pass an existing file, a `datasets` folder, an http(s) URL or a Hub id."
-        )
+        raise _error(error, f"{source}: no such file; pass {expect}.")
     try:
         info = os.stat(path)
     except OSError as err:  # a dangling symbolic link or a loop of them
-        raise PersonaDataError(f"{source}: cannot be opened ({err.strerror}); check the symbolic link.") from None
+        raise _error(error, f"{source}: cannot be opened ({err.strerror}); check the symbolic link.") from None
     if stat.S_ISDIR(info.st_mode):
-        raise PersonaDataError(
-            f"{source}: is a folder; pass one file in it, or leave --dataset_format unset (or 'hub') to read the "
-            f"folder through `datasets`."
-        )
+        raise _error(error, f"{source}: is a folder; pass {expect}.")
     if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-        raise PersonaDataError(f"{source}: not a regular file; pass a data file.")
+        raise _error(error, f"{source}: not a regular file; pass {expect}.")
     if not os.access(path, os.R_OK):
-        raise PersonaDataError(f"{source}: permission denied; make the file readable (chmod +r).")
-    if info.st_size == 0:
-        raise PersonaDataError(f"{source}: empty file (0 bytes); check the path or the download.")
+        raise _error(error, f"{source}: permission denied; make the file readable (chmod +r).")
 
 
 def is_gzip(path: str) -> bool:
@@ -104,19 +122,26 @@ def strip_gz(name: str) -> str:
 
 
 @contextmanager
-def open_binary(path: str, source: str) -> Iterator[BinaryIO]:
-    """The checked file's bytes, decompressed when it is gzip; read errors become a `PersonaDataError`."""
-    check_file(path, source)
-    compressed = is_gzip(path)
+def open_binary(
+    path: str, source: str, expect: str | None = None, error: type[PersonaError] | None = None
+) -> Iterator[BinaryIO]:
+    """The checked file's bytes, decompressed when it is gzip; read errors become `error` (None: `PersonaDataError`).
+    Without `expect` the file is a data source (`check_file`); with it, any readable file (`check_text_file`)."""
+    if expect is None:
+        check_file(path, source)
+    else:
+        check_text_file(path, source, expect, error)
+    compressed = False
     try:
+        compressed = is_gzip(path)
         with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             yield f
-    except PersonaDataError:
+    except PersonaError:
         raise
     except _GZIP_ERRORS as err:
         if not compressed:
-            raise PersonaDataError(f"{source}: cannot be read ({err}).") from None
-        raise PersonaDataError(f"{source}: broken gzip file ({err}); download or compress it again.") from None
+            raise _error(error, f"{source}: cannot be read ({err.strerror or err}).") from None
+        raise _error(error, f"{source}: broken gzip file ({err}); download or compress it again.") from None
 
 
 def bom_encoding(head: bytes) -> str | None:
@@ -124,23 +149,25 @@ def bom_encoding(head: bytes) -> str | None:
     return next((name for bom, name in _BOMS if head.startswith(bom)), None)
 
 
-def _decode_wide(raw: bytes, encoding: str, source: str) -> str:
+def _decode_wide(raw: bytes, encoding: str, source: str, error: type[PersonaError] | None = None) -> str:
     """UTF-16/UTF-32 text (Windows editors' "Unicode"): the codec reads the byte-order mark and drops it."""
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as err:
         line = raw[: err.start].decode(encoding, errors="replace").count("\n") + 1
-        raise PersonaDataError(
+        raise _error(
+            error,
             f"{source}: line {line}: not valid {encoding} text (byte {err.start} of the file: a lone surrogate or a "
-            f"cut-off character); re-encode the file as UTF-8."
+            f"cut-off character); re-encode the file as UTF-8.",
         ) from None
 
 
-def _nul_error(source: str, line_no: int, offset: int | None) -> PersonaDataError:
+def _nul_error(source: str, line_no: int, offset: int | None, error: type[PersonaError] | None = None):
     where = "a NUL byte" if offset is None else f"a NUL byte (byte {offset} of the file)"
-    return PersonaDataError(
+    return _error(
+        error,
         f"{source}: line {line_no}: {where}: a binary file, or UTF-16/UTF-32 text without a byte-order mark; pass a "
-        f"UTF-8 text file."
+        f"UTF-8 text file.",
     )
 
 
@@ -179,25 +206,29 @@ def text_lines(path: str, source: str) -> Iterator[tuple[int, str, str | None]]:
                 yield line_no, raw.decode("utf-8", errors="replace"), problem
 
 
-def read_text(path: str, source: str) -> str:
-    """The whole checked file as text (UTF-8, BOM tolerated, or UTF-16/UTF-32 with a byte-order mark; gzip
-    decompressed)."""
-    with open_binary(path, source) as f:
+def read_text(path: str, source: str, expect: str | None = None, error: type[PersonaError] | None = None) -> str:
+    """The whole checked file as text (UTF-8, BOM dropped, or UTF-16/UTF-32 with a byte-order mark; gzip
+    decompressed): the one reader of a user's text file.
+
+    A data source by default (`PersonaDataError`, an empty file refused); any other file gives `expect` (what to pass
+    instead, for a missing file or a folder) and `error` (the type raised, e.g. `UsageError`), and may be empty.
+    """
+    with open_binary(path, source, expect, error) as f:
         raw = f.read()
     encoding = bom_encoding(raw)
     if encoding is not None:
-        text = _decode_wide(raw, encoding, source)
+        text = _decode_wide(raw, encoding, source, error)
         if "\0" in text:
-            raise _nul_error(source, text.count("\n", 0, text.index("\0")) + 1, None)
+            raise _nul_error(source, text.count("\n", 0, text.index("\0")) + 1, None, error)
         return text
     if b"\0" in raw:
-        raise _nul_error(source, raw.count(b"\n", 0, raw.index(b"\0")) + 1, raw.index(b"\0"))
+        raise _nul_error(source, raw.count(b"\n", 0, raw.index(b"\0")) + 1, raw.index(b"\0"), error)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise PersonaDataError(
-            f"{source}: line {line}: not UTF-8 (byte {err.start} of the file); re-encode the file as UTF-8."
+        raise _error(
+            error, f"{source}: line {line}: not UTF-8 (byte {err.start} of the file); re-encode the file as UTF-8."
         ) from None
 
 
@@ -235,3 +266,18 @@ def loads_strict(text: str) -> object:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except DuplicateKeyError:
         raise _locate_duplicate(text) from None
+
+
+def parse_json(text: str, source: str, error: type[PersonaError] | None = None) -> object:
+    """The JSON in `text` (read from the file `source`) by `loads_strict`; broken JSON, a key given twice or JSON
+    nested too deeply is one `error` (None: `PersonaDataError`) naming the file, the line and the column."""
+    try:
+        return loads_strict(text)
+    except DuplicateKeyError as err:
+        raise _error(error, f"{source}: {err}; remove one.") from None
+    except json.JSONDecodeError as err:
+        raise _error(error, f"{source}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}.") from None
+    except RecursionError:
+        raise _error(error, f"{source}: JSON nested too deeply.") from None
+    except ValueError as err:  # a number too long for Python to convert
+        raise _error(error, f"{source}: not valid JSON data: {' '.join(str(err).split())}.") from None

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 from persona_errors import PersonaDataError
-from persona_files import DuplicateKeyError, loads_strict, read_text, strip_gz, text_lines
+from persona_files import DuplicateKeyError, loads_strict, parse_json, read_text, strip_gz, text_lines
 from persona_records import (
     SILENCE,
     ReadOptions,
@@ -83,19 +83,7 @@ def _json_lines(path: str, source: str) -> Iterator[tuple[str, object, str | Non
 
 def read_personachat_json(path: str, source: str, options: ReadOptions) -> dict[str, Iterable[Record]]:
     """PERSONA-CHAT "self_original" JSON: ``{"train": [dialog...], "valid": [dialog...]}`` (a list: one split)."""
-    text = read_text(path, source)
-    try:
-        data = loads_strict(text)
-    except DuplicateKeyError as err:
-        raise PersonaDataError(f"{source}: {err}; remove one.") from None
-    except json.JSONDecodeError as err:
-        raise PersonaDataError(
-            f"{source}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}."
-        ) from None
-    except RecursionError:
-        raise PersonaDataError(f"{source}: JSON nested too deeply.") from None
-    except ValueError as err:  # a number too long for Python to convert
-        raise PersonaDataError(f"{source}: not valid JSON data: {' '.join(str(err).split())}.") from None
+    data = parse_json(read_text(path, source), source)
     if isinstance(data, list):
         data = {_split_from_name(path, options): data}
     elif options.split and isinstance(data, dict):

@@ -103,21 +103,6 @@ def corpus_texts(data: dict[str, list[dict]]) -> Iterable[str]:
                 yield from u["candidates"]
 
 
-def bench_dialogs(dataset_path: str | None, workdir: str, num_train: int):
-    """The dialogs a benchmark runs on, and their texts (to train its tiny tokenizer on): the train split (else the
-    first) of `dataset_path`, any reader format, or `num_train` synthetic dialogs written under `workdir`."""
-    from persona_data import load_dialogs
-
-    if dataset_path is None:
-        data = make_synthetic_personachat(num_train=num_train, num_valid=1, seed=0)
-        dataset_path = os.path.join(workdir, "data.json")
-        with open(dataset_path, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-    splits = load_dialogs(dataset_path)
-    dialogs = splits["train"] if "train" in splits else next(iter(splits.values()))
-    return dialogs, list(corpus_texts({"train": dialogs}))
-
-
 def train_tiny_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 400):
     """Train a byte-level BPE on `texts`, save it in GPT-2 format (vocab.json + merges.txt) and load it back."""
     from tokenizers import ByteLevelBPETokenizer

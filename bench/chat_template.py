@@ -83,13 +83,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
+    from bench_data import bench_dialogs
     from transformers import Qwen2Config
 
     from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
     from persona_chat_template import ChatFormat
     from persona_collator import PersonaCollator
     from persona_data import build_features
-    from persona_synthetic import bench_dialogs
     from persona_tokens import add_special_tokens
 
     torch.manual_seed(0)

@@ -108,12 +108,13 @@ def main() -> None:
     import copy
 
     import torch
+    from bench_data import bench_dialogs
 
     from persona_collator import PersonaCollator
     from persona_data import build_features
     from persona_dpo import PersonaDPOTrainer, add_reference_logps
     from persona_model import load_model_and_tokenizer
-    from persona_synthetic import bench_dialogs, make_tiny_checkpoint
+    from persona_synthetic import make_tiny_checkpoint
     from persona_trainer import PersonaTrainingArguments
 
     torch.set_num_threads(args.threads)

@@ -27,9 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def prepare(args, workdir: str) -> dict:
     """Tokenizer, dialogs and features (timing the first and the cached map)."""
+    from bench_data import bench_dialogs
+
     from persona_data import build_features
     from persona_model import add_special_tokens
-    from persona_synthetic import bench_dialogs, train_tiny_tokenizer
+    from persona_synthetic import train_tiny_tokenizer
 
     dialogs, texts = bench_dialogs(args.dataset_path, workdir, num_train=args.num_dialogs)
     tokenizer = train_tiny_tokenizer(texts, os.path.join(workdir, "tok"), vocab_size=2000)

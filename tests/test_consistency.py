@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GPT2DoubleHeadsModel, PretrainedConfig, pipeline
 
+from persona_assets import CONVAI2_METRIC_PATH
 from persona_convai2 import evaluate_convai2, flatten_turns, reply_metrics
 from persona_data import build_features, load_dialogs
-from persona_eval import CONVAI2_METRIC_PATH
 from persona_metrics import (
     consistency_metrics,
     copies_persona,
@@ -295,7 +295,7 @@ def test_readme_consistency_snippet_runs(tiny_nli_checkpoints, tmp_path, monkeyp
     evaluate = pytest.importorskip("evaluate")
     monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "modules")
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme(), flags=re.S) if '"consistency"' in b]
-    monkeypatch.chdir(ROOT)  # the snippet loads metrics/convai2 from a source checkout
+    monkeypatch.chdir(tmp_path)  # the snippet finds the metric wherever it runs
     namespace = {}
     code = snippet.replace("path/to/nli-checkpoint", tiny_nli_checkpoints["deberta-style"])
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)

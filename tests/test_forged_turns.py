@@ -180,10 +180,10 @@ def test_binary_chat_template_is_one_line(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     with pytest.raises(ChatTemplateError) as err:
         load_chat_template(str(path))
-    assert str(err.value).startswith(f"--chat_template {path}: not a text file") and "\n" not in str(err.value)
-    utf16 = tmp_path / "utf16.jinja"
-    utf16.write_text("{{ messages }}", encoding="utf-16")
-    with pytest.raises(ChatTemplateError, match=re.escape(f"--chat_template {utf16}: not a text file")):
+    assert str(err.value).startswith(f"--chat_template {path}: line 3: a NUL byte") and "\n" not in str(err.value)
+    utf16 = tmp_path / "utf16.jinja"  # UTF-16 without a byte-order mark: NUL bytes in ASCII text
+    utf16.write_bytes("{{ messages }}".encode("utf-16-le"))
+    with pytest.raises(ChatTemplateError, match=re.escape(f"--chat_template {utf16}: line 1: a NUL byte")):
         load_chat_template(str(utf16))
 
 

@@ -24,6 +24,7 @@ PUBLIC_REEXPORTS = {
     ("persona_chat", "generate_ranked"),
     ("persona_eval", "f1_score"),
     ("persona_eval", "evaluate_convai2"),
+    ("persona_eval", "CONVAI2_METRIC_PATH"),
 }
 
 

@@ -130,10 +130,10 @@ def test_persona_demo_host_it_cannot_serve(host, words, tiny_checkpoint, capsys,
         ("scalar.yaml", "42\n", "not a single value"),
         ("broken.yaml", "a: [1, 2\nb: 3\n", "not valid YAML (line"),
         ("typo.yaml", "model_name_or_pth: x\n", "unknown option(s) ['model_name_or_pth'] (did you mean"),
-        ("twice.yaml", "seed: 1\nnum_candidates: 2\nseed: 3\n", "line 3: option 'seed' is given twice"),
-        ("twice.json", '{"seed": 1, "seed": 2}', "option 'seed' is given twice"),
+        ("twice.yaml", "seed: 1\nnum_candidates: 2\nseed: 3\n", "line 3, column 1: duplicate key 'seed'"),
+        ("twice.json", '{"seed": 1, "seed": 2}', "line 1, column 1: duplicate key 'seed'"),
         ("broken.json", '{"seed": 1,', "not valid JSON (line 1"),
-        ("latin1.yaml", b"output_dir: caf\xe9\n", "not UTF-8 text"),
+        ("latin1.yaml", b"output_dir: caf\xe9\n", "line 1: not UTF-8 (byte 15 of the file)"),
         ("text_for_int.yaml", 'seed: "two"\n', "option 'seed' must be a whole number, got 'two'"),
         ("list_for_int.yaml", "seed: [1]\n", "option 'seed' must be a whole number, got [1]"),
         ("fraction_for_int.yaml", "seed: 1.5\n", "option 'seed' must be a whole number, got 1.5"),
@@ -186,9 +186,9 @@ def test_config_text_options_take_numbers_and_single_items(tmp_path):
 def test_missing_config_and_directory(tmp_path, capsys, monkeypatch):
     no_loading(monkeypatch)
     line = error_line(run_persona.cli, [str(tmp_path / "nope.yaml")], capsys)
-    assert "nope.yaml: No such file or directory" in line
+    assert "nope.yaml: no such file; pass a YAML or JSON config file." in line
     (tmp_path / "dir.yaml").mkdir()
-    assert "is a directory" in error_line(run_persona.cli, [str(tmp_path / "dir.yaml")], capsys)
+    assert "dir.yaml: is a folder" in error_line(run_persona.cli, [str(tmp_path / "dir.yaml")], capsys)
 
 
 @pytest.mark.parametrize(
@@ -362,10 +362,10 @@ def test_persona_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     for name, words in [
         ("missing.txt", "no such file"),
         ("fifo", "not a regular file"),
-        ("binary.txt", "a binary file, not text"),
-        ("latin1.txt", "line 1 is not UTF-8 text"),
+        ("binary.txt", "line 3: a NUL byte (byte 8 of the file): a binary file"),
+        ("latin1.txt", "line 1: not UTF-8 (byte 10 of the file)"),
         ("blank.txt", "no persona sentence in it"),
-        (".", "is a directory"),
+        (".", "is a folder"),
     ]:
         line = error_line(persona_chat.cli, [*base, str(tmp_path / name)], capsys)
         assert f"--persona_file {tmp_path / name}" in line and words in line, line
@@ -392,7 +392,7 @@ def test_persona_file_in_any_unicode_text_encoding(encoding, tmp_path):
     ]
     # A UTF-16 file broken after its mark (a lone surrogate) names the file and the line.
     (tmp_path / "broken.txt").write_bytes(codecs.BOM_UTF16_LE + "hi\n".encode("utf-16-le") + b"\x00\xd8a\x00")
-    with pytest.raises(UsageError, match=r"--persona_file .*broken.txt: line 2 is not UTF-16 text"):
+    with pytest.raises(UsageError, match=r"--persona_file .*broken.txt: line 2: not valid UTF-16 text"):
         persona_chat.read_text_lines(str(tmp_path / "broken.txt"), "--persona_file")
 
 

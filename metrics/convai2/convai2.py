@@ -2,7 +2,7 @@
 persona_metrics and persona_nli (one implementation).
 
     import evaluate
-    f1 = evaluate.load("metrics/convai2")  # config "f1" (default)
+    f1 = evaluate.load("metrics/convai2")  # in a checkout; config "f1" (default)
     f1.compute(predictions=["i love the dogs!"], references=["i love cats"])  # {'f1': 0.666...}
     hits = evaluate.load("metrics/convai2", "hits")
     hits.compute(predictions=[[0.1, 2.0, 0.3]], references=[1], ks=[1, 2])  # {'hits@1': 1.0, 'hits@2': 1.0}
@@ -10,7 +10,8 @@ persona_metrics and persona_nli (one implementation).
     consistency.compute(predictions=["i have two dogs ."], references=[["i have dogs.", "i like tea."]],
                         nli_model="path/to/nli-checkpoint")  # {'c_score': ..., 'contradiction_rate': ..., ...}
 
-Loads offline from this folder (HF_HUB_OFFLINE=1); needs the persona-chat project importable (`pip install -e .`).
+Loads offline from this folder (HF_HUB_OFFLINE=1) and needs persona-chat importable: a checkout, or an install, which
+ships this folder (`evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` finds it in both).
 """
 
 import datasets
