@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from persona_errors import PersonaError
+from persona_errors import PersonaDataError, PersonaError
 
 GZIP_MAGIC = b"\x1f\x8b"
 # UTF-32 first: its little-endian mark begins with UTF-16's. The codecs named read the mark and drop it.
