@@ -290,10 +290,12 @@ def test_eval_and_a_headless_checkpoint_are_one_line(plain_lm_checkpoint, person
 
 @pytest.mark.slow
 def test_eval_reranks_with_the_nli_penalty(tiny_checkpoint, personachat_json, tiny_nli_checkpoints, monkeypatch):
+    from persona_convai2 import flatten_turns
+    from persona_data import load_dialogs
     from persona_nli import NLIScorer
 
     model, tokenizer = load_model_and_tokenizer(tiny_checkpoint)
-    dialogs = persona_eval.load_dialogs(personachat_json)["valid"]
+    dialogs = load_dialogs(personachat_json)["valid"]
     nli = NLIScorer.from_pretrained(tiny_nli_checkpoints["deberta-style"], device="cpu")
     seen = []
 
@@ -312,7 +314,7 @@ def test_eval_reranks_with_the_nli_penalty(tiny_checkpoint, personachat_json, ti
     assert kwargs["nli_scorer"] is nli and kwargs["nli_penalty"] == 50.0 and kwargs["num_ranked"] == 4
     assert [p["reply"] for p in result["predictions"]] == [r[0][0] for r in ranked]
     # The penalty as the formula says, on the turn's own candidates.
-    _, turns = persona_eval.flatten_turns(dialogs, 3)
+    _, turns = flatten_turns(dialogs, 3)
     turn, candidates = turns[0], ranked[0]
     plain = dict(rank_replies(model, tokenizer, turn["persona"], turn["history"], [r for r, _ in candidates]))
     contradiction = nli.probabilities(list(plain), turn["persona"])[..., 2].amax(dim=1).tolist()
