@@ -21,10 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from persona_convai2 import flatten_turns  # noqa: E402
-from persona_data import (
-    find_split,  # noqa: E402
-    load_dialogs,  # noqa: E402
-)
+from persona_data import find_split, load_dialogs  # noqa: E402
 from persona_generation import generate_ranked, load_for_chat  # noqa: E402
 from persona_metrics import mean_f1, repetition_metrics  # noqa: E402
 
