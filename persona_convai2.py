@@ -4,7 +4,7 @@ replies alike. `persona-eval` (persona_eval.py) is its command line; `persona-tr
 
 Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
 multiple-choice head, a tie counting against the gold; LM Hits@k (`lm_hits@k`) ranks them by the reply's
-log-probability under the LM (summed over its tokens, end token included; `lm_hits@1_mean` by the per-token mean),
+log-probability per token under the LM (its tokens and end token; `lm_hits@1_sum` by the summed log-probability),
 the same rule for a model without a trained head; `ppl` is exp of the mean NLL over gold reply tokens
 (token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI `split_tokenize` word; F1 compares
 the greedy reply with the gold after ParlAI's normalisation. The history always holds the gold replies. Candidates are
@@ -162,8 +162,8 @@ def evaluate_convai2(
     nli_penalty: float = 0.0,
 ) -> dict:
     """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k (multiple-choice head), lm_hits@k and
-    lm_hits@1_mean (LM log-probability of the reply), ppl (token-level), ppl_word, lm_loss, f1, repetition and
-    diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
+    lm_hits@1_sum (LM log-probability of the reply: per token, summed), ppl (token-level), ppl_word, lm_loss, f1,
+    repetition and diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
 
     A model whose multiple-choice head was not loaded from its checkpoint (`persona_model.multiple_choice_head_loaded`,
     e.g. a plain instruct model) still gets every metric; its hits@k come from an untrained head, which a warning

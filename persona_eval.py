@@ -10,7 +10,7 @@ consistency (NLI C-score) of generated replies.
 
 Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
 multiple-choice head, a tie counting against the gold; LM Hits@k (`lm_hits@k`) by the reply's log-probability under
-the LM (summed over its tokens and end token; `lm_hits@1_mean`: per token), for every checkpoint, a plain causal LM
+the LM (per token, its tokens and end token; `lm_hits@1_sum`: summed), for every checkpoint, a plain causal LM
 without a trained head included (its head's hits@k are reported, marked untrained); `ppl` is exp of the mean NLL
 over gold reply tokens (token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI
 `split_tokenize` word; F1 compares the greedy reply with the gold after ParlAI's normalisation. Repetition and
@@ -148,10 +148,10 @@ def format_table(metrics: dict, head_trained: bool = True) -> str:
         "ppl": "perplexity (token-level)",
         "ppl_word": "perplexity (word-level, ParlAI words)",
         "lm_loss": "mean NLL per gold token",
-        "lm_hits@1_mean": "lm_hits@1_mean (per-token log-prob)",
+        "lm_hits@1_sum": "lm_hits@1_sum (summed log-prob)",
     }
     for k in (1, 5, 10):
-        labels[f"lm_hits@{k}"] = f"lm_hits@{k} (reply log-prob)"
+        labels[f"lm_hits@{k}"] = f"lm_hits@{k} (log-prob per token)"
         if not head_trained:
             labels[f"hits@{k}"] = f"hits@{k} (untrained head)"
     rows = [(labels.get(k, k), f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
@@ -220,8 +220,8 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         "turns": metrics["turns"],
         "metrics": metrics,
         "multiple_choice_head": "trained" if head_trained else UNTRAINED_HEAD,
-        "ranking": "hits@k: by the multiple-choice head; lm_hits@k: by the reply's LM log-probability summed over its "
-        "tokens and end token; lm_hits@1_mean: by its mean per token",
+        "ranking": "hits@k: by the multiple-choice head; lm_hits@k: by the reply's LM log-probability per token (its "
+        "tokens and end token); lm_hits@1_sum: by the summed log-probability",
         "perplexity": "ppl: token-level, exp of the mean NLL over gold reply tokens (end token included); ppl_word: "
         "the same NLL without the end token over ParlAI split_tokenize words",
         "num_processes": trainer.accelerator.num_processes,

@@ -21,8 +21,8 @@ HITS_KS = (1, 5, 10)
 
 # The per-example statistics of one ranked turn, as `PersonaTrainer.prediction_step` returns them (columns): the
 # gold's rank by the multiple-choice head, its reply's NLL sum and token count, the MC cross-entropy, the candidate
-# count, the NLL of its end-of-reply token, and its rank by the LM: by each candidate's reply log-probability (sum,
-# `lm_hits@k`) and by that log-probability per reply token (mean, `lm_hits@1_mean`).
+# count, the NLL of its end-of-reply token, and its rank by the LM: by each candidate's reply log-probability per reply
+# token (mean, `lm_hits@k`, ParlAI's ranking) and by the summed log-probability (`lm_hits@1_sum`).
 STAT_COLUMNS = (
     "gold_rank",
     "lm_nll",
@@ -31,7 +31,7 @@ STAT_COLUMNS = (
     "num_candidates",
     "lm_end_nll",
     "lm_gold_rank",
-    "lm_gold_rank_mean",
+    "lm_gold_rank_sum",
 )
 
 # ParlAI's `normalize_answer`: punctuation (string.punctuation, the apostrophe included) and articles become spaces.
@@ -118,19 +118,20 @@ def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[
 
 def lm_hits_at_k(
     ranks: Sequence[int],
-    ranks_mean: Sequence[int],
+    ranks_sum: Sequence[int],
     num_candidates: Sequence[int],
     ks: Sequence[int] = HITS_KS,
 ) -> dict[str, float]:
-    """`lm_hits@k`: `hits_at_k` of the gold's ranks by its reply's LM log-probability (summed over the reply's tokens,
-    end token included), and `lm_hits@1_mean`: hits@1 of the ranks by the per-token mean of the same log-probability.
+    """`lm_hits@k`: `hits_at_k` of the gold's ranks by its reply's mean LM log-probability per token (the reply's
+    tokens and end token; ParlAI's generator agents rank candidates so), and `lm_hits@1_sum`: hits@1 of the ranks by
+    the summed log-probability, which favours short replies.
 
     >>> lm_hits_at_k([0, 1, 0], [0, 0, 0], [20, 20, 1], ks=(1, 5))
-    {'lm_hits@1': 0.5, 'lm_hits@5': 1.0, 'lm_hits@1_mean': 1.0}
+    {'lm_hits@1': 0.5, 'lm_hits@5': 1.0, 'lm_hits@1_sum': 1.0}
     """
     hits = {f"lm_{name}": value for name, value in hits_at_k(ranks, num_candidates, ks).items()}
-    mean = hits_at_k(ranks_mean, num_candidates, (1,))
-    return {**hits, **({"lm_hits@1_mean": mean["hits@1"]} if mean else {})}
+    summed = hits_at_k(ranks_sum, num_candidates, (1,))
+    return {**hits, **({"lm_hits@1_sum": summed["hits@1"]} if summed else {})}
 
 
 def corpus_perplexity(nll_sum: float, tokens: float) -> tuple[float, float]:
@@ -151,13 +152,13 @@ def ranking_metrics(stats, ks: Sequence[int] | None = None) -> dict[str, float]:
     """Corpus metrics of per-turn statistics (rows of `STAT_COLUMNS`): hits (the multiple-choice head's), lm_hits
     (the LM's, `lm_hits_at_k`), lm_loss, ppl, mc_loss.
 
-    With `ks=None` only `hits@1` and `lm_hits@1` (and `lm_hits@1_mean`), as the Trainer logs them; else
+    With `ks=None` only `hits@1` and `lm_hits@1` (and `lm_hits@1_sum`), as the Trainer logs them; else
     `hits_at_k(ks)` for both.
     """
     columns = stat_columns(stats)
     ks = (1,) if ks is None else ks
     hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], ks)
-    hits.update(lm_hits_at_k(columns["lm_gold_rank"], columns["lm_gold_rank_mean"], columns["num_candidates"], ks))
+    hits.update(lm_hits_at_k(columns["lm_gold_rank"], columns["lm_gold_rank_sum"], columns["num_candidates"], ks))
     lm_loss, ppl = corpus_perplexity(columns["lm_nll"].sum(), columns["lm_tokens"].sum())
     return {**hits, "lm_loss": lm_loss, "ppl": ppl, "mc_loss": float(columns["mc_nll"].mean())}
 

@@ -368,7 +368,7 @@ def _load_head_file(model, folder: str | None) -> None:
 
 def score_candidates(outputs, mc_labels: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-turn `persona_metrics.STAT_COLUMNS` ([B, 8]: gold rank, LM NLL sum, LM tokens, MC NLL, candidates, NLL of
-    the end-of-reply token, gold rank by the reply's LM log-probability, by its per-token mean) of one double-heads
+    the end-of-reply token, gold rank by the reply's LM log-probability per token, by its sum) of one double-heads
     forward whose labels cover every candidate's reply (`persona_heads.candidate_labels`, `labels` [B, C, T]): the
     NLL columns are the gold's, the LM ranks compare every candidate's. A tie counts against the gold, for the head
     and the LM alike; a candidate labelled exactly as the gold (its reply again) ties with it."""
@@ -383,7 +383,7 @@ def score_candidates(outputs, mc_labels: torch.Tensor, labels: torch.Tensor | No
     logp_mean = -nll / tokens.clamp(min=1)
     columns = (gold_rank(mc_logits, mc_labels, same), nll.gather(1, gold)[:, 0], tokens.gather(1, gold)[:, 0])
     columns += (outputs.mc_nll, count, outputs.lm_candidate_end_nll.gather(1, gold)[:, 0])
-    columns += (gold_rank(-nll, mc_labels, same), gold_rank(logp_mean, mc_labels, same))
+    columns += (gold_rank(logp_mean, mc_labels, same), gold_rank(-nll, mc_labels, same))
     return torch.stack([c.float() for c in columns], dim=1)
 
 

@@ -48,11 +48,11 @@ def turns_of(dialogs_list: list[dict]) -> list[tuple[list[str], list[str], list[
 
 
 def speaker_token_expectation(checkpoint: str, tokenizer, dialogs_list: list[dict], features) -> dict:
-    """Per turn: the gold's rank by the reply's summed and mean log-probability, each candidate's row scored by the
+    """Per turn: the gold's rank by the reply's mean and summed log-probability, each candidate's row scored by the
     library's plain GPT2LMHeadModel. A reply is its own tokens and eos at the end of its row (checked)."""
     lm = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
     eos = tokenizer.convert_tokens_to_ids("<eos>")
-    out = {"sum": [], "mean": [], "counts": [], "logps": []}
+    out = {"sum": [], "mean": [], "counts": [], "logps": [], "mean_logps": []}
     for row, (_, _, candidates) in zip(features, turns_of(dialogs_list), strict=True):
         sums, means = [], []
         for c, text in enumerate(candidates):
@@ -67,6 +67,7 @@ def speaker_token_expectation(checkpoint: str, tokenizer, dialogs_list: list[dic
         out["mean"].append(rank(means, gold))
         out["counts"].append(len(candidates))
         out["logps"].append(sums)
+        out["mean_logps"].append(means)
     return out
 
 
@@ -122,16 +123,16 @@ def gpt2_case(persona_checkpoint, synthetic_data):
 def test_lm_ranks_match_a_plain_causal_lm_speaker_tokens(gpt2_case):
     model, tokenizer, expected = gpt2_case["model"], gpt2_case["tokenizer"], gpt2_case["expected"]
     columns = stat_columns(rank_candidates(ranking_trainer(model, tokenizer, 3), gpt2_case["features"]))
-    assert columns["lm_gold_rank"].tolist() == expected["sum"]
-    assert columns["lm_gold_rank_mean"].tolist() == expected["mean"]
+    assert columns["lm_gold_rank"].tolist() == expected["mean"]
+    assert columns["lm_gold_rank_sum"].tolist() == expected["sum"]
     # The duplicated gold ties with itself: never first, by the sum, the mean or the head (whatever the float rounding
     # of the copy's place in a packed row).
     for turn in (2, len(gpt2_case["dialogs"][0]["utterances"])):
-        assert expected["sum"][turn] >= 1 and columns["gold_rank"][turn] >= 1
+        assert expected["mean"][turn] >= 1 and expected["sum"][turn] >= 1 and columns["gold_rank"][turn] >= 1
     assert expected["sum"] != expected["mean"]  # the two scores rank differently somewhere (or the test is weak)
     metrics = evaluate_convai2(model, tokenizer, gpt2_case["dialogs"], batch_size=3, f1=False)
-    assert metrics["lm_hits@1"] == pytest.approx(expected_hits(expected, "sum"))
-    assert metrics["lm_hits@1_mean"] == pytest.approx(expected_hits(expected, "mean"))
+    assert metrics["lm_hits@1"] == pytest.approx(expected_hits(expected, "mean"))
+    assert metrics["lm_hits@1_sum"] == pytest.approx(expected_hits(expected, "sum"))
     assert "lm_hits@5" not in metrics and metrics["turns_one_candidate"] == 1  # 5 candidates; a turn left out
 
 
@@ -145,11 +146,11 @@ def test_lm_ranks_match_a_plain_causal_lm_chat_template(family, instruct_checkpo
     features = build_features(dataset, tokenizer, num_candidates=None, max_history=MAX_HISTORY)
     expected = chat_template_expectation(checkpoint, family, tokenizer, dialogs_list, features)
     columns = stat_columns(rank_candidates(ranking_trainer(model, tokenizer, 4), features))
-    assert columns["lm_gold_rank"].tolist() == expected["sum"]
-    assert columns["lm_gold_rank_mean"].tolist() == expected["mean"]
+    assert columns["lm_gold_rank"].tolist() == expected["mean"]
+    assert columns["lm_gold_rank_sum"].tolist() == expected["sum"]
     metrics = evaluate_convai2(model, tokenizer, dataset, batch_size=4, f1=False)
-    assert metrics["lm_hits@1"] == pytest.approx(expected_hits(expected, "sum"))
-    assert metrics["lm_hits@1_mean"] == pytest.approx(expected_hits(expected, "mean"))
+    assert metrics["lm_hits@1"] == pytest.approx(expected_hits(expected, "mean"))
+    assert metrics["lm_hits@1_sum"] == pytest.approx(expected_hits(expected, "sum"))
     assert "hits@1" in metrics  # the untrained head's, reported with a warning
 
 
@@ -166,10 +167,10 @@ def test_ties_count_against_the_gold():
         lm_candidate_end_nll=torch.zeros(3, 3),
     )
     stats = stat_columns(score_candidates(outputs, torch.tensor([2, 2, 2])).numpy())
-    assert stats["lm_gold_rank"].tolist() == [2, 1, 2]
+    assert stats["lm_gold_rank_sum"].tolist() == [2, 1, 2]
     nll[1] = torch.tensor([5.0, 9.0, 4.0])
     stats = stat_columns(score_candidates(outputs, torch.tensor([2, 2, 2])).numpy())
-    assert stats["lm_gold_rank"].tolist() == [2, 0, 2] and stats["lm_gold_rank_mean"].tolist() == [2, 2, 2]
+    assert stats["lm_gold_rank_sum"].tolist() == [2, 0, 2] and stats["lm_gold_rank"].tolist() == [2, 2, 2]
     assert stats["gold_rank"].tolist() == [2, 0, 2]
     assert stats["lm_nll"].tolist() == [2.0, 4.0, 0.0] and stats["lm_tokens"].tolist() == [2, 1, 0]  # the gold's
     # Candidate 1 of turn 1 labelled as the gold (its reply again): it ties with the gold, its own score aside.
@@ -177,7 +178,7 @@ def test_ties_count_against_the_gold():
     labels[:, :, 2] = torch.arange(9).view(3, 3)
     labels[1, 1] = labels[1, 2]
     stats = stat_columns(score_candidates(outputs, torch.tensor([2, 2, 2]), labels).numpy())
-    assert stats["lm_gold_rank"].tolist() == [2, 1, 2] and stats["gold_rank"].tolist() == [2, 1, 2]
+    assert stats["lm_gold_rank_sum"].tolist() == [2, 1, 2] and stats["gold_rank"].tolist() == [2, 1, 2]
 
 
 def test_trainer_evaluation_reports_lm_hits(gpt2_case, tmp_path):
@@ -199,8 +200,8 @@ def test_trainer_evaluation_reports_lm_hits(gpt2_case, tmp_path):
         collator = PersonaCollator(tokenizer.pad_token_id)
         trainer = trainer_class(model=model, args=args, data_collator=collator, eval_dataset=gpt2_case["features"])
         metrics = trainer.evaluate()
-        assert metrics["eval_lm_hits@1"] == pytest.approx(expected_hits(expected, "sum"))
-        assert metrics["eval_lm_hits@1_mean"] == pytest.approx(expected_hits(expected, "mean"))
+        assert metrics["eval_lm_hits@1"] == pytest.approx(expected_hits(expected, "mean"))
+        assert metrics["eval_lm_hits@1_sum"] == pytest.approx(expected_hits(expected, "sum"))
 
 
 def test_evaluate_metric_ranks_lm_log_probabilities(gpt2_case, tmp_path, monkeypatch):
@@ -211,6 +212,8 @@ def test_evaluate_metric_ranks_lm_log_probabilities(gpt2_case, tmp_path, monkeyp
     golds = [len(scores) - 1 for scores in expected["logps"]]
     result = hits.compute(predictions=expected["logps"], references=golds, ks=[1])
     assert result == {"hits@1": pytest.approx(expected_hits(expected, "sum"))}
+    result = hits.compute(predictions=expected["mean_logps"], references=golds, ks=[1])
+    assert result == {"hits@1": pytest.approx(expected_hits(expected, "mean"))}
 
 
 def test_persona_eval_reports_lm_hits_speaker_tokens(gpt2_case, persona_checkpoint, tmp_path, capsys):
@@ -221,10 +224,11 @@ def test_persona_eval_reports_lm_hits_speaker_tokens(gpt2_case, persona_checkpoi
             "--batch_size", "3", "--output_file", str(output)]  # fmt: skip
     assert persona_eval.cli(argv) == 0
     results = json.loads(output.read_text())
-    assert results["metrics"]["lm_hits@1"] == pytest.approx(expected_hits(gpt2_case["expected"], "sum"))
+    assert results["metrics"]["lm_hits@1"] == pytest.approx(expected_hits(gpt2_case["expected"], "mean"))
+    assert results["metrics"]["lm_hits@1_sum"] == pytest.approx(expected_hits(gpt2_case["expected"], "sum"))
     assert results["multiple_choice_head"] == "trained" and "lm_hits@1" in results["ranking"]
     table = capsys.readouterr().out
-    assert "lm_hits@1 (reply log-prob)" in table and "untrained head" not in table
+    assert "lm_hits@1 (log-prob per token)" in table and "untrained head" not in table
 
 
 @pytest.mark.slow
@@ -242,7 +246,7 @@ def test_persona_eval_ranks_an_instruct_model_without_a_head(instruct_checkpoint
     argv = ["--model_name_or_path", checkpoint, "--dataset_path", str(data), "--no_f1", "--output_file", str(output)]
     assert persona_eval.cli(argv) == 0
     results = json.loads(output.read_text())
-    assert results["metrics"]["lm_hits@1"] == pytest.approx(expected_hits(expected, "sum"))
-    assert results["metrics"]["lm_hits@1_mean"] == pytest.approx(expected_hits(expected, "mean"))
+    assert results["metrics"]["lm_hits@1"] == pytest.approx(expected_hits(expected, "mean"))
+    assert results["metrics"]["lm_hits@1_sum"] == pytest.approx(expected_hits(expected, "sum"))
     assert results["multiple_choice_head"].startswith("untrained") and "hits@1" in results["metrics"]
     assert "hits@1 (untrained head)" in capsys.readouterr().out
