@@ -250,3 +250,22 @@ def test_persona_eval_ranks_an_instruct_model_without_a_head(instruct_checkpoint
     assert results["metrics"]["lm_hits@1_sum"] == pytest.approx(expected_hits(expected, "sum"))
     assert results["multiple_choice_head"].startswith("untrained") and "hits@1" in results["metrics"]
     assert "hits@1 (untrained head)" in capsys.readouterr().out
+
+
+def test_lm_head_runs_in_chunks_without_gradients(monkeypatch):
+    """Every candidate labelled makes many LM-head rows: without gradients they go through the head a chunk at a time,
+    with the same NLL as one call (the gradient path, one call)."""
+    import persona_heads
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(3, 7, 8), torch.nn.Linear(8, 11)
+    labels = torch.randint(0, 11, (3, 7)).masked_fill(torch.rand(3, 7) < 0.3, -100)
+    whole = [t.detach() for t in persona_heads.labelled_lm_nll(hidden, labels, head)]
+    monkeypatch.setattr(persona_heads, "LM_HEAD_CHUNK_ELEMENTS", 11 * 2)  # two rows per chunk
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    with torch.no_grad():
+        chunked = persona_heads.labelled_lm_nll(hidden, labels, head)
+    assert max(calls) == 2 and sum(calls) == int(labels[:, 1:].ne(-100).sum())
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want)
