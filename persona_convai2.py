@@ -3,7 +3,9 @@ replies, their repetition and diversity and, with an NLI model, persona consiste
 replies alike. `persona-eval` (persona_eval.py) is its command line; `persona-train --do_convai2_eval` calls it too.
 
 Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
-multiple-choice head, a tie counting against the gold; `ppl` is exp of the mean NLL over gold reply tokens
+multiple-choice head, a tie counting against the gold; LM Hits@k (`lm_hits@k`) ranks them by the reply's
+log-probability per token under the LM (its tokens and end token; `lm_hits@1_sum` by the summed log-probability),
+the same rule for a model without a trained head; `ppl` is exp of the mean NLL over gold reply tokens
 (token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI `split_tokenize` word; F1 compares
 the greedy reply with the gold after ParlAI's normalisation. The history always holds the gold replies. Candidates are
 scored by `PersonaTrainer`'s own evaluation step, so these numbers and the Trainer's `eval_*` metrics come from one
@@ -33,7 +35,6 @@ from persona_inputs import history_window
 from persona_metrics import (
     HITS_KS,
     consistency_metrics,
-    hits_at_k,
     mean_f1,
     persona_copy_rate,
     ranking_metrics,
@@ -42,7 +43,7 @@ from persona_metrics import (
     stat_columns,
     word_perplexity,
 )
-from persona_model import input_budget
+from persona_model import input_budget, multiple_choice_head_loaded
 from persona_nli import NLIScorer
 from persona_trainer import PersonaTrainer, PersonaTrainingArguments, has_accelerator
 
@@ -82,7 +83,7 @@ def ranking_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.ndarray:
-    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 6], in `features` order) from the Trainer's
+    """Per-turn `persona_metrics.STAT_COLUMNS` of `features` ([N, 8], in `features` order) from the Trainer's
     evaluation step.
 
     Turns are ordered by candidate count, longest first within a count, so each batch pads little and memory runs out
@@ -92,7 +93,7 @@ def rank_candidates(trainer: PersonaTrainer, features: datasets.Dataset) -> np.n
     counts = np.array([len(ids) for ids in last_tokens])
     longest = np.array([max(ids) for ids in last_tokens])
     order = np.lexsort((-longest, counts))  # by count, then longest first (stable)
-    stats = trainer.predict(features.select(order)).predictions  # [N, 6]
+    stats = trainer.predict(features.select(order)).predictions  # [N, 8]
     out = np.empty_like(stats)
     out[order] = stats
     return out
@@ -160,8 +161,13 @@ def evaluate_convai2(
     nli: NLIScorer | None = None,
     nli_penalty: float = 0.0,
 ) -> dict:
-    """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k, ppl (token-level), ppl_word, lm_loss, f1,
+    """ConvAI2 metrics of `model` on a canonical dialogs split: hits@k (multiple-choice head), lm_hits@k and
+    lm_hits@1_sum (LM log-probability of the reply: per token, summed), ppl (token-level), ppl_word, lm_loss, f1,
     repetition and diversity of the generated and gold replies, turns; with an `NLIScorer`, persona consistency.
+
+    A model whose multiple-choice head was not loaded from its checkpoint (`persona_model.multiple_choice_head_loaded`,
+    e.g. a plain instruct model) still gets every metric; its hits@k come from an untrained head, which a warning
+    says; lm_hits@k is its ranking.
 
     `max_length` caps input lengths (default: the model's positions); `generation_options` go to
     `persona_generation.generate_replies` (default: persona-eval's, greedy). Candidates are ranked by `trainer` (a
@@ -194,7 +200,12 @@ def evaluate_convai2(
     columns = stat_columns(stats)
     # A turn whose only candidate is the gold "hits" by construction: Hits@k counts the turns with a choice to make.
     ranked = columns["num_candidates"] > 1
-    metrics = hits_at_k(columns["gold_rank"], columns["num_candidates"], HITS_KS)
+    metrics = {key: value for key, value in ranking.items() if "hits@" in key}  # the head's, then the LM's
+    if not multiple_choice_head_loaded(model) and "hits@1" in metrics:
+        logger.warning(
+            "The multiple-choice head of this model was not in its checkpoint (it is untrained): hits@k rank the "
+            "candidates at random; lm_hits@k (the reply's LM log-probability) is this model's ranking."
+        )
     metrics["hits_turns"] = int(ranked.sum())
     if not ranked.all():
         metrics["turns_one_candidate"] = int((~ranked).sum())

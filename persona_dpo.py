@@ -25,6 +25,7 @@ from torch import nn
 
 from persona_collator import candidate_counts
 from persona_errors import PersonaDataError
+from persona_heads import candidate_labels
 from persona_records import DIALOG_FEATURES
 from persona_trainer import PersonaTrainer
 
@@ -33,26 +34,6 @@ logger = logging.getLogger(__name__)
 REF_COLUMN = "ref_logps"  # per row: the reference model's sequence log-probability of each candidate
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "mc_token_ids", "mc_labels")
 REFERENCE_VERSION = "1"  # bump when the reference pass changes for the same features and weights
-
-
-def candidate_labels(input_ids: torch.Tensor, labels: torch.Tensor, mc_token_ids: torch.Tensor) -> torch.Tensor:
-    """LM labels [B, C, T] on every candidate's reply: the tokens the gold's labels cover, for each candidate.
-
-    Rows label only the gold reply (its tokens and eos, or its end-of-turn token in chat-template rows), from the
-    first reply position, the same for every candidate (they share the context), to the candidate's multiple-choice
-    token (its last labelled token). So candidate c's labels are its own tokens from that position to
-    `mc_token_ids[c]`; the gold's stay as they are.
-
-    >>> ids = torch.tensor([[[1, 4, 3, 7, 2, 0], [1, 4, 3, 8, 9, 2]]])
-    >>> labels = torch.tensor([[[-100] * 6, [-100, -100, -100, 8, 9, 2]]])
-    >>> candidate_labels(ids, labels, torch.tensor([[4, 5]])).tolist()
-    [[[-100, -100, -100, 7, 2, -100], [-100, -100, -100, 8, 9, 2]]]
-    """
-    seq_len = input_ids.size(-1)
-    positions = torch.arange(seq_len, device=input_ids.device)
-    start = torch.where(labels.ne(-100), positions, seq_len).amin(dim=(1, 2))  # [B]; T when nothing is labelled
-    reply = (positions >= start[:, None, None]) & (positions <= mc_token_ids[..., None])  # [B, C, T]
-    return input_ids.masked_fill(~reply, -100)
 
 
 def candidate_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, object]:

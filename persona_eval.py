@@ -9,13 +9,16 @@ consistency (NLI C-score) of generated replies.
     torchrun --nproc_per_node 8 persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
 
 Definitions (ParlAI's; `persona_metrics`): Hits@k ranks each turn's candidates (20 in PERSONA-CHAT) by the
-multiple-choice head, a tie counting against the gold; `ppl` is exp of the mean NLL over gold reply tokens
-(token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI `split_tokenize` word; F1 compares
-the greedy reply with the gold after ParlAI's normalisation. Repetition and diversity (`distinct_*`, `repeat_*`) and,
-with `--nli_model`, the C-score are reported for the generated replies and (`_gold`) the gold replies of the same
-turns. The history always holds the gold replies. Candidates are scored by `PersonaTrainer`'s own evaluation step,
-so these numbers and the Trainer's `eval_*` metrics come from one piece of code. The same F1, Hits@k and C-score ship
-as an `evaluate` metric: `evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` (config "f1", "hits" or "consistency").
+multiple-choice head, a tie counting against the gold; LM Hits@k (`lm_hits@k`) by the reply's log-probability under
+the LM (per token, its tokens and end token; `lm_hits@1_sum`: summed), for every checkpoint, a plain causal LM
+without a trained head included (its head's hits@k are reported, marked untrained); `ppl` is exp of the mean NLL
+over gold reply tokens (token-level), `ppl_word` the same NLL without the end-of-reply token per ParlAI
+`split_tokenize` word; F1 compares the greedy reply with the gold after ParlAI's normalisation. Repetition and
+diversity (`distinct_*`, `repeat_*`) and, with `--nli_model`, the C-score are reported for the generated replies and
+(`_gold`) the gold replies of the same turns. The history always holds the gold replies. Candidates are scored by
+`PersonaTrainer`'s own evaluation step, so these numbers and the Trainer's `eval_*` metrics come from one piece of
+code. The same F1, Hits@k and C-score ship as an `evaluate` metric:
+`evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` (config "f1", "hits" or "consistency").
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ def make_parser() -> HfArgumentParser:
     return parser
 
 
+UNTRAINED_HEAD = "untrained (not in the checkpoint): hits@k rank at random, lm_hits@k is the model's ranking"
+
+
 def default_output_file(args: EvalArguments, split: str | None = None) -> str:
     name = f"convai2_eval_{split or args.split}.json"
     if os.path.isdir(args.model_name_or_path):
@@ -135,13 +141,19 @@ def default_output_file(args: EvalArguments, split: str | None = None) -> str:
     return name
 
 
-def format_table(metrics: dict) -> str:
-    """Terminal table of the metrics, the two perplexities named by their unit."""
+def format_table(metrics: dict, head_trained: bool = True) -> str:
+    """Terminal table of the metrics, the two perplexities named by their unit, the LM rankings by their score, and
+    the head's hits@k marked when the head is untrained."""
     labels = {
         "ppl": "perplexity (token-level)",
         "ppl_word": "perplexity (word-level, ParlAI words)",
         "lm_loss": "mean NLL per gold token",
+        "lm_hits@1_sum": "lm_hits@1_sum (summed log-prob)",
     }
+    for k in (1, 5, 10):
+        labels[f"lm_hits@{k}"] = f"lm_hits@{k} (log-prob per token)"
+        if not head_trained:
+            labels[f"hits@{k}"] = f"hits@{k} (untrained head)"
     rows = [(labels.get(k, k), f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
     width = max(len(name) for name, _ in rows)
     rule = "-" * (width + 14)
@@ -165,7 +177,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
 
     from persona_convai2 import evaluate_convai2, flatten_turns, ranking_trainer
     from persona_data import find_split, load_dialogs
-    from persona_model import load_model_and_tokenizer
+    from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
     from persona_nli import NLIScorer
 
     generation = generation or EvalGenerationArguments()
@@ -200,12 +212,16 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         nli_penalty=args.nli_penalty,
     )
     predictions = metrics.pop("predictions", None)
+    head_trained = multiple_choice_head_loaded(model)
     results = {
         "checkpoint": args.model_name_or_path,
         "dataset": args.dataset_path,
         "split": split,
         "turns": metrics["turns"],
         "metrics": metrics,
+        "multiple_choice_head": "trained" if head_trained else UNTRAINED_HEAD,
+        "ranking": "hits@k: by the multiple-choice head; lm_hits@k: by the reply's LM log-probability per token (its "
+        "tokens and end token); lm_hits@1_sum: by the summed log-probability",
         "perplexity": "ppl: token-level, exp of the mean NLL over gold reply tokens (end token included); ppl_word: "
         "the same NLL without the end token over ParlAI split_tokenize words",
         "num_processes": trainer.accelerator.num_processes,
@@ -220,7 +236,7 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         with open(output_file, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         print(f"ConvAI2 metrics of {args.model_name_or_path} on {split} ({metrics['turns']} turns):")
-        print(format_table({k: v for k, v in metrics.items() if k != "candidates_per_turn"}))
+        print(format_table({k: v for k, v in metrics.items() if k != "candidates_per_turn"}, head_trained))
         print(f"Saved {output_file}" + (" (it replaces the earlier results that file held)" if replaced else ""))
     return results
 

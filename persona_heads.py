@@ -1,4 +1,5 @@
-"""The two heads on candidate hidden states: LM loss on the labelled tokens only, multiple-choice scores and loss.
+"""The two heads on candidate hidden states: LM loss on the labelled tokens only (the gold's reply, or every
+candidate's: `candidate_labels`), multiple-choice scores and loss.
 
 Every double-heads model of the project (GPT/GPT-2 and the generic causal-LM backbone, full or shared-prefix encoding)
 ends in `apply_heads`, so the losses and per-example statistics are computed in one place.
@@ -34,6 +35,7 @@ class DoubleHeadsOutput(ModelOutput):
     # reply is labelled (preference training, persona_dpo)
     lm_candidate_nll: torch.Tensor | None = None
     lm_candidate_tokens: torch.Tensor | None = None
+    lm_candidate_end_nll: torch.Tensor | None = None
 
 
 class PersonaMultipleChoiceHead(nn.Module):
@@ -51,6 +53,32 @@ class PersonaMultipleChoiceHead(nn.Module):
         return self.summary(self.first_dropout(picked).to(self.summary.weight.dtype)).squeeze(-1)
 
 
+def candidate_labels(input_ids: torch.Tensor, labels: torch.Tensor, mc_token_ids: torch.Tensor) -> torch.Tensor:
+    """LM labels [B, C, T] on every candidate's reply: the tokens the gold's labels cover, for each candidate.
+
+    Rows label only the gold reply (its tokens and eos, or its end-of-turn token in chat-template rows), from the
+    first reply position, the same for every candidate (they share the context), to the candidate's multiple-choice
+    token (its last labelled token). So candidate c's labels are its own tokens from that position to
+    `mc_token_ids[c]`; the gold's stay as they are. Preference training and the ranking evaluation's LM scores
+    (each candidate's reply log-probability) both read them.
+
+    >>> ids = torch.tensor([[[1, 4, 3, 7, 2, 0], [1, 4, 3, 8, 9, 2]]])
+    >>> labels = torch.tensor([[[-100] * 6, [-100, -100, -100, 8, 9, 2]]])
+    >>> candidate_labels(ids, labels, torch.tensor([[4, 5]])).tolist()
+    [[[-100, -100, -100, 7, 2, -100], [-100, -100, -100, 8, 9, 2]]]
+    """
+    seq_len = input_ids.size(-1)
+    positions = torch.arange(seq_len, device=input_ids.device)
+    start = torch.where(labels.ne(-100), positions, seq_len).amin(dim=(1, 2))  # [B]; T when nothing is labelled
+    reply = (positions >= start[:, None, None]) & (positions <= mc_token_ids[..., None])  # [B, C, T]
+    return input_ids.masked_fill(~reply, -100)
+
+
+# Largest vocabulary-logits tensor (elements) one LM-head call makes without gradients: every candidate's reply
+# labelled (evaluation) would otherwise make [20 · B · reply length, V] logits at once.
+LM_HEAD_CHUNK_ELEMENTS = 2**26
+
+
 def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, ...]:
     """Per-example summed NLL, token count and NLL of the end-of-reply token (the last of each labelled run; the
     word-level perplexity leaves it out), running the LM head only where a next token is labelled.
@@ -62,8 +90,17 @@ def labelled_lm_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
     shift_labels = labels[:, 1:]
     mask = shift_labels.ne(-100)  # [N, T-1]
     rows, cols = mask.nonzero(as_tuple=True)
-    logits = lm_head(hidden[rows, cols])  # [K, V], K = labelled tokens in the batch
-    nll = F.cross_entropy(logits.float(), shift_labels[rows, cols], reduction="none")  # [K]
+    picked, targets = hidden[rows, cols], shift_labels[rows, cols]  # [K, H], [K]: K = labelled tokens in the batch
+    vocab = getattr(lm_head, "out_features", None) or 1
+    chunk = max(1, LM_HEAD_CHUNK_ELEMENTS // vocab)
+    if torch.is_grad_enabled() or len(targets) <= chunk:
+        nll = F.cross_entropy(lm_head(picked).float(), targets, reduction="none")  # [K]
+    else:  # no gradient: the logits of one chunk at a time
+        parts = [
+            F.cross_entropy(lm_head(h).float(), t, reduction="none")
+            for h, t in zip(picked.split(chunk), targets.split(chunk))
+        ]
+        nll = torch.cat(parts) if parts else picked.new_zeros(0, dtype=torch.float32)
     per_row = torch.zeros(labels.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     run_end = mask & ~F.pad(mask[:, 1:], (0, 1), value=False)  # [N, T-1]: labelled, the next position not
     end_nll = torch.zeros_like(per_row).index_add(0, rows, nll * run_end[rows, cols])
@@ -97,7 +134,8 @@ def apply_heads(
         out.lm_candidate_nll = nll.view(batch_size, num_candidates)
         out.lm_candidate_tokens = tokens.view(batch_size, num_candidates)
         out.lm_nll = out.lm_candidate_nll.sum(1)
-        out.lm_end_nll = end_nll.view(batch_size, num_candidates).sum(1)
+        out.lm_candidate_end_nll = end_nll.view(batch_size, num_candidates)
+        out.lm_end_nll = out.lm_candidate_end_nll.sum(1)
         out.lm_tokens = out.lm_candidate_tokens.sum(1)
         # NaN when nothing is labelled, as CrossEntropyLoss(reduction="mean") gives.
         out.lm_loss = out.lm_nll.sum() / out.lm_tokens.sum()

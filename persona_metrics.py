@@ -19,8 +19,20 @@ import numpy as np
 
 HITS_KS = (1, 5, 10)
 
-# The per-example statistics of one ranked turn, as `PersonaTrainer.prediction_step` returns them (columns).
-STAT_COLUMNS = ("gold_rank", "lm_nll", "lm_tokens", "mc_nll", "num_candidates", "lm_end_nll")
+# The per-example statistics of one ranked turn, as `PersonaTrainer.prediction_step` returns them (columns): the
+# gold's rank by the multiple-choice head, its reply's NLL sum and token count, the MC cross-entropy, the candidate
+# count, the NLL of its end-of-reply token, and its rank by the LM: by each candidate's reply log-probability per reply
+# token (mean, `lm_hits@k`, ParlAI's ranking) and by the summed log-probability (`lm_hits@1_sum`).
+STAT_COLUMNS = (
+    "gold_rank",
+    "lm_nll",
+    "lm_tokens",
+    "mc_nll",
+    "num_candidates",
+    "lm_end_nll",
+    "lm_gold_rank",
+    "lm_gold_rank_sum",
+)
 
 # ParlAI's `normalize_answer`: punctuation (string.punctuation, the apostrophe included) and articles become spaces.
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -60,17 +72,25 @@ def mean_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def gold_rank(scores, gold):
+def gold_rank(scores, gold, same_as_gold=None):
     """Candidates scored at least as high as the gold, per turn: 0 = the gold alone on top.
 
     A tie counts against the gold, as the reference's argmax with the gold last. scores: [N, C] (numpy or torch),
-    gold: [N] candidate indices → [N], of the same library.
+    gold: [N] candidate indices → [N], of the same library. `same_as_gold` ([N, C] bool, optional) marks candidates
+    that are the gold's reply again (the same tokens): they tie with it whatever the float rounding of their scores
+    (an encoding that computes two copies at different places of a row may round them apart).
 
     >>> gold_rank(np.array([[0.0, 2.0, 1.0], [3.0, 3.0, 1.0], [5.0, 1.0, 1.0]]), np.array([1, 0, 0])).tolist()
     [0, 1, 0]
+    >>> same = np.array([[False, False, False], [False, False, False], [True, False, True]])
+    >>> gold_rank(np.array([[0.0, 2.0, 1.0], [3.0, 3.0, 1.0], [5.0, 1.0, 4.9999]]), np.array([1, 0, 0]), same).tolist()
+    [0, 1, 1]
     """
     gold_score = scores[list(range(len(gold))), gold]  # [N]
-    return (scores >= gold_score[:, None]).sum(1) - 1
+    at_least = scores >= gold_score[:, None]
+    if same_as_gold is not None:
+        at_least = at_least | same_as_gold
+    return at_least.sum(1) - 1
 
 
 def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[int] = HITS_KS) -> dict[str, float]:
@@ -96,6 +116,24 @@ def hits_at_k(ranks: Sequence[int], num_candidates: Sequence[int], ks: Sequence[
     return {f"hits@{k}": float((ranks < k).mean()) for k in ks if k == 1 or k < fewest}
 
 
+def lm_hits_at_k(
+    ranks: Sequence[int],
+    ranks_sum: Sequence[int],
+    num_candidates: Sequence[int],
+    ks: Sequence[int] = HITS_KS,
+) -> dict[str, float]:
+    """`lm_hits@k`: `hits_at_k` of the gold's ranks by its reply's mean LM log-probability per token (the reply's
+    tokens and end token; ParlAI's generator agents rank candidates so), and `lm_hits@1_sum`: hits@1 of the ranks by
+    the summed log-probability, which favours short replies.
+
+    >>> lm_hits_at_k([0, 1, 0], [0, 0, 0], [20, 20, 1], ks=(1, 5))
+    {'lm_hits@1': 0.5, 'lm_hits@5': 1.0, 'lm_hits@1_sum': 1.0}
+    """
+    hits = {f"lm_{name}": value for name, value in hits_at_k(ranks, num_candidates, ks).items()}
+    summed = hits_at_k(ranks_sum, num_candidates, (1,))
+    return {**hits, **({"lm_hits@1_sum": summed["hits@1"]} if summed else {})}
+
+
 def corpus_perplexity(nll_sum: float, tokens: float) -> tuple[float, float]:
     """`(lm_loss, ppl)`: the mean NLL per gold-reply token over the whole corpus and its exp (token-level).
 
@@ -111,12 +149,16 @@ def corpus_perplexity(nll_sum: float, tokens: float) -> tuple[float, float]:
 
 
 def ranking_metrics(stats, ks: Sequence[int] | None = None) -> dict[str, float]:
-    """Corpus metrics of per-turn statistics (rows of `STAT_COLUMNS`): hits, lm_loss, ppl, mc_loss.
+    """Corpus metrics of per-turn statistics (rows of `STAT_COLUMNS`): hits (the multiple-choice head's), lm_hits
+    (the LM's, `lm_hits_at_k`), lm_loss, ppl, mc_loss.
 
-    With `ks=None` only `hits@1`, as the Trainer logs it; else `hits_at_k(ks)`.
+    With `ks=None` only `hits@1` and `lm_hits@1` (and `lm_hits@1_sum`), as the Trainer logs them; else
+    `hits_at_k(ks)` for both.
     """
     columns = stat_columns(stats)
-    hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], (1,) if ks is None else ks)
+    ks = (1,) if ks is None else ks
+    hits = hits_at_k(columns["gold_rank"], columns["num_candidates"], ks)
+    hits.update(lm_hits_at_k(columns["lm_gold_rank"], columns["lm_gold_rank_sum"], columns["num_candidates"], ks))
     lm_loss, ppl = corpus_perplexity(columns["lm_nll"].sum(), columns["lm_tokens"].sum())
     return {**hits, "lm_loss": lm_loss, "ppl": ppl, "mc_loss": float(columns["mc_nll"].mean())}
 

@@ -21,6 +21,7 @@ from persona_card import persona_model_card
 from persona_collator import ArrowBatches, PersonaCollator, candidate_counts
 from persona_errors import UsageError
 from persona_files import file_in_the_way
+from persona_heads import candidate_labels
 from persona_metrics import compute_metrics, gold_rank
 from persona_model import unsafe_pickle_error
 
@@ -174,7 +175,8 @@ class PersonaTrainer(Trainer):
     The loss of an optimizer step is `lm_coef · (NLL of every gold-reply token / number of those tokens) +
     mc_coef · (mean multiple-choice cross-entropy)`, both normalised over the whole accumulated batch on every
     process (so GA=2 × batch 2 takes the same step as GA=1 × batch 4). `lm_loss` and `mc_loss` are logged apart.
-    Evaluation keeps six numbers per turn (`persona_metrics.STAT_COLUMNS`), never vocabulary logits.
+    Evaluation keeps eight numbers per turn (`persona_metrics.STAT_COLUMNS`), never vocabulary logits: the gold's
+    rank by the multiple-choice head and by the LM (every candidate's reply log-probability, from the same forward).
     """
 
     # compute_loss already normalises over the accumulated batch: the Trainer must not divide by GA again.
@@ -294,13 +296,18 @@ class PersonaTrainer(Trainer):
             self.data_collator = collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Loss plus per-turn `persona_metrics.STAT_COLUMNS`; gathered and de-duplicated by the Trainer."""
+        """Loss plus per-turn `persona_metrics.STAT_COLUMNS`; gathered and de-duplicated by the Trainer.
+
+        One forward per group labels every candidate's reply (`persona_heads.candidate_labels`), so the LM scores
+        each candidate behind the context its encoding computed once; the gold's own labels are unchanged."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            groups = [
-                (score_candidates(model(**batch), batch["mc_labels"]), batch["mc_labels"]) for batch in inputs["groups"]
-            ]
-        stats = torch.cat([s for s, _ in groups])[inputs["row_order"]]  # [B, 6] in the batch's row order
+            groups = []
+            for batch in inputs["groups"]:
+                labels = candidate_labels(batch["input_ids"], batch["labels"], batch["mc_token_ids"])
+                outputs = model(**{**batch, "labels": labels})
+                groups.append((score_candidates(outputs, batch["mc_labels"], labels), batch["mc_labels"]))
+        stats = torch.cat([s for s, _ in groups])[inputs["row_order"]]  # [B, 8] in the batch's row order
         gold = torch.cat([g for _, g in groups])[inputs["row_order"]]
         lm_loss = stats[:, 1].sum() / stats[:, 2].sum()  # NaN when nothing is labelled, as the model's lm_loss
         loss = self.args.lm_coef * lm_loss + self.args.mc_coef * stats[:, 3].mean()
@@ -359,13 +366,24 @@ def _load_head_file(model, folder: str | None) -> None:
         model.load_multiple_choice_head(folder)
 
 
-def score_candidates(outputs, mc_labels: torch.Tensor) -> torch.Tensor:
-    """Per-turn `persona_metrics.STAT_COLUMNS` ([B, 6]: gold rank, LM NLL sum, LM tokens, MC NLL, candidates, NLL of
-    the end-of-reply token) of one double-heads forward."""
+def score_candidates(outputs, mc_labels: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-turn `persona_metrics.STAT_COLUMNS` ([B, 8]: gold rank, LM NLL sum, LM tokens, MC NLL, candidates, NLL of
+    the end-of-reply token, gold rank by the reply's LM log-probability per token, by its sum) of one double-heads
+    forward whose labels cover every candidate's reply (`persona_heads.candidate_labels`, `labels` [B, C, T]): the
+    NLL columns are the gold's, the LM ranks compare every candidate's. A tie counts against the gold, for the head
+    and the LM alike; a candidate labelled exactly as the gold (its reply again) ties with it."""
     mc_logits = outputs.mc_logits.float()  # [B, C]
     count = torch.full_like(mc_labels, mc_logits.size(1))
-    columns = (gold_rank(mc_logits, mc_labels), outputs.lm_nll, outputs.lm_tokens, outputs.mc_nll, count)
-    columns += (outputs.lm_end_nll,)
+    nll, tokens = outputs.lm_candidate_nll.float(), outputs.lm_candidate_tokens  # [B, C]
+    gold = mc_labels[:, None]
+    same = None
+    if labels is not None:
+        gold_labels = labels.gather(1, gold[..., None].expand(-1, 1, labels.size(-1)))  # [B, 1, T]
+        same = labels.eq(gold_labels).all(-1)  # [B, C]
+    logp_mean = -nll / tokens.clamp(min=1)
+    columns = (gold_rank(mc_logits, mc_labels, same), nll.gather(1, gold)[:, 0], tokens.gather(1, gold)[:, 0])
+    columns += (outputs.mc_nll, count, outputs.lm_candidate_end_nll.gather(1, gold)[:, 0])
+    columns += (gold_rank(logp_mean, mc_labels, same), gold_rank(-nll, mc_labels, same))
     return torch.stack([c.float() for c in columns], dim=1)
 
 

@@ -27,11 +27,11 @@ from persona_dpo import (
     PersonaDPOTrainer,
     PreferenceCollator,
     add_reference_logps,
-    candidate_labels,
     candidate_logps,
     preference_loss,
 )
 from persona_encoding import set_candidate_encoding
+from persona_heads import candidate_labels
 from persona_inputs import build_inputs
 from persona_tokens import SpecialTokenIds
 from persona_trainer import PersonaTrainingArguments

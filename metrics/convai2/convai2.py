@@ -24,19 +24,21 @@ import persona_nli
 _DESCRIPTION = """ConvAI2 metrics with ParlAI's definitions. "f1": unigram F1 of each prediction against its reference
 after ParlAI's normalisation (lowercase; punctuation and the articles a/an/the become spaces; whitespace collapsed),
 averaged over pairs. "hits@k": fraction of turns where fewer than k other candidates score at least as high as the
-reference (the gold candidate's index), for each k smaller than the candidate count; a tie counts against the gold,
-as the reference's argmax with the gold last. "consistency": the C-score of Madotto et al. (2019): an NLI model judges
-each reply against each sentence of its persona (+1 entailment, 0 neutral, -1 contradiction, argmax label read by name
-from the checkpoint's id2label), summed per reply and averaged; contradiction_rate / entailment_rate are the shares
-of replies with at least one such sentence; persona_copy_rate the share that repeat a persona sentence nearly
-verbatim (80% of its normalised words, in order)."""
+reference (the gold candidate's index), for each k smaller than the candidate count; a tie counts against the gold, as
+the reference's argmax with the gold last. The scores may be the multiple-choice head's or the LM's (persona-eval's
+lm_hits@k ranks by the reply's log-probability per token): one rule for both. "consistency": the C-score of Madotto et
+al. (2019): an NLI model judges each reply against each sentence of its persona (+1 entailment, 0 neutral, -1
+contradiction, argmax label read by name from the checkpoint's id2label), summed per reply and averaged;
+contradiction_rate / entailment_rate are the shares of replies with at least one such sentence; persona_copy_rate the
+share that repeat a persona sentence nearly verbatim (80% of its normalised words, in order)."""
 
 _KWARGS_DESCRIPTION = """
 Args (config "f1"):
     predictions (list of str): generated replies.
     references (list of str): gold replies.
 Args (config "hits"):
-    predictions (list of list of float): one score per candidate, per turn (e.g. mc_logits).
+    predictions (list of list of float): one score per candidate, per turn: mc_logits (persona-eval's hits@k), or
+        each candidate's LM log-probability of the reply per token (its lm_hits@k; summed: lm_hits@1_sum).
     references (list of int): index of the gold candidate of each turn.
     ks (list of int, optional): cut-offs, default [1, 5, 10]; those >= the candidate count are left out.
 Args (config "consistency"):
