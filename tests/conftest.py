@@ -106,12 +106,21 @@ def dialogs() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory, dialogs) -> dict:
-    """Tiny tokenizers of the chat-template families (chatml, llama3, gemma, llama3-gpt2-pretokenizer), trained on
-    `dialogs` rendered with their templates (helpers.train_chat_tokenizers)."""
+def chat_tokenizer_folders(tmp_path_factory, dialogs) -> dict[str, str]:
+    """Tiny tokenizers of the chat-template families (chatml, llama3, gemma, llama3-gpt2-pretokenizer), trained once
+    on `dialogs` rendered with their templates (helpers.train_chat_tokenizers); their folders by family."""
     from helpers import train_chat_tokenizers
 
     return train_chat_tokenizers(dialogs, tmp_path_factory.mktemp("chat-tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(chat_tokenizer_folders) -> dict:
+    """The chat-template families' tokenizers, loaded afresh for each test module: a test may record an input format
+    (a system prompt) on one, which must not reach other modules."""
+    from transformers import AutoTokenizer
+
+    return {family: AutoTokenizer.from_pretrained(path) for family, path in chat_tokenizer_folders.items()}
 
 
 @pytest.fixture(scope="session")

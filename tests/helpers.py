@@ -267,12 +267,12 @@ def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
     return tokenizer.apply_chat_template(messages, return_dict=False, **kwargs)
 
 
-def train_chat_tokenizers(dialogs: list[dict], root) -> dict:
+def train_chat_tokenizers(dialogs: list[dict], root) -> dict[str, str]:
     """Tiny byte-level BPE tokenizers with each family's pre-tokenizer, special tokens and template, saved under
-    `root` and loaded back as a Hub checkpoint would be. They are trained on rendered conversations, so they learn
-    merges such as "\\n\\n" and "assistant" that make token boundaries matter."""
+    `root` as a Hub checkpoint would be (their folders, by family). They are trained on rendered conversations, so
+    they learn merges such as "\\n\\n" and "assistant" that make token boundaries matter."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from persona_synthetic import corpus_texts
 
@@ -308,7 +308,7 @@ def train_chat_tokenizers(dialogs: list[dict], root) -> dict:
         tokenizer.chat_template = template
         path = os.path.join(str(root), f"tok-{family}")
         tokenizer.save_pretrained(path)
-        out[family] = AutoTokenizer.from_pretrained(path)
+        out[family] = path
     return out
 
 

@@ -17,10 +17,9 @@ import time
 
 import pytest
 import torch
+from helpers import error_line
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_user_errors import error_line
-from test_user_errors import no_debug as no_debug  # noqa: F401 (autouse fixture)
 
 import persona_chat
 import persona_eval

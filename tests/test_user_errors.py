@@ -11,45 +11,13 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, error_line, no_loading
 
 import persona_chat
 import persona_demo
 import persona_eval
 import run_persona
 from persona_errors import UsageError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
-
-
-def error_line(cli, argv, capsys) -> str:
-    """Run a console script's `cli(argv)` in-process; assert status 2 and exactly one `prog: error:` line on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-def no_loading(monkeypatch):
-    """Fail the test if a model gets loaded: flag checks come first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flags were checked")
-
-    for module in (persona_chat, persona_demo, run_persona):
-        monkeypatch.setattr(module, "load_model_and_tokenizer", refuse, raising=False)
-    monkeypatch.setattr(persona_chat, "load_for_chat", refuse)
-    monkeypatch.setattr(persona_demo, "load_for_chat", refuse)
-    import persona_model
-
-    monkeypatch.setattr(persona_model, "load_model_and_tokenizer", refuse)
 
 
 @pytest.mark.parametrize(
@@ -730,8 +698,8 @@ def test_demo_serves_port_0_on_the_port_it_picked(tiny_checkpoint, monkeypatch):
 
     fake_gradio = type(sys)("gradio")
     monkeypatch.setitem(sys.modules, "gradio", fake_gradio)
-    monkeypatch.setattr(persona_demo, "load_for_chat", lambda *a, **k: (None, None), raising=False)
-    monkeypatch.setattr(persona_demo, "check_device", lambda device: None, raising=False)
+    monkeypatch.setattr(persona_demo, "load_for_chat", lambda *a, **k: (None, None))
+    monkeypatch.setattr(persona_demo, "check_device", lambda device: None)
     monkeypatch.setattr(persona_demo, "build_demo", lambda *a, **k: FakeDemo())
     assert persona_demo.cli(["--model_name_or_path", tiny_checkpoint, "--port", "0"]) == 0
     assert launched["host"] == "127.0.0.1" and 0 < launched["port"] < 65536
