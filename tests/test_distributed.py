@@ -198,6 +198,7 @@ def find_auto(config, prefix=""):
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
+@pytest.mark.slow
 def test_shipped_deepspeed_configs_pass_the_trainers_own_checks(tmp_path):
     """The Trainer fills every "auto" from TrainingArguments with no mismatch; a conflicting fixed value fails."""
     assert {os.path.basename(p) for p in DEEPSPEED_CONFIGS} == {"zero2.json", "zero3.json", "zero3_offload.json"}

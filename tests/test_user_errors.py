@@ -408,6 +408,7 @@ def test_corrupted_feature_cache_hints_overwrite_cache(tiny_checkpoint, personac
     assert str(cache) in line and "--overwrite_cache true" in line
 
 
+@pytest.mark.slow
 def test_one_line_through_the_real_console_script_and_once_under_torchrun(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONA_DEBUG": "0", "OMP_NUM_THREADS": "1"}
     args = ["--output_dir", str(tmp_path / "o"), "--gradient_accumulation_steps", "0"]
