@@ -117,26 +117,24 @@ def count_backbone_calls(backbone) -> list:
 
 @contextlib.contextmanager
 def encodings_run():
-    """The candidate encodings that ran inside the block, in order: "packed" (with its attention, e.g.
-    "packed-tree"), "shared_prefix" or "plain" (spies on the three encoders `persona_encoding.encode_candidates`
-    dispatches to), so that an equivalence test knows it compared the encoding it asked for."""
+    """The candidate encodings that ran inside the block, in order: "packed-tree" or "packed-dense" (the packed
+    encoding and its attention), "shared_prefix" or "plain" (spies on the three encoders that
+    `persona_encoding.encode_candidates` dispatches to), so that an equivalence test knows what it compared."""
     import persona_encoding
 
     ran = []
-    originals = {name: getattr(persona_encoding, name) for name in ("encode_packed", "encode_shared_prefix")}
-    originals["encode_in_full"] = persona_encoding.encode_in_full
 
-    def spy(name, label):
-        def encode(*args, **kwargs):
+    def spy(encode, label):
+        def spied(*args, **kwargs):
             ran.append(f"{label}-{kwargs['attention']}" if label == "packed" else label)
-            return originals[name](*args, **kwargs)
+            return encode(*args, **kwargs)
 
-        return encode
+        return spied
 
     with pytest.MonkeyPatch.context() as patch:
         for name, label in (("encode_packed", "packed"), ("encode_shared_prefix", "shared_prefix")):
-            patch.setattr(persona_encoding, name, spy(name, label))
-        patch.setattr(persona_encoding, "encode_in_full", spy("encode_in_full", "plain"))
+            patch.setattr(persona_encoding, name, spy(getattr(persona_encoding, name), label))
+        patch.setattr(persona_encoding, "encode_in_full", spy(persona_encoding.encode_in_full, "plain"))
         yield ran
 
 
