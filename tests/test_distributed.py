@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import LR, ROOT, STEP_ARGS, assert_same_weights, launch, load_weights, run_args
+from helpers import LR, ROOT, STEP_ARGS, assert_same_weights, backbone_config, launch, load_weights, run_args
 
 DEEPSPEED_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "deepspeed", "*.json")))
 
@@ -346,13 +346,14 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(assets
 
 
 def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
-    from transformers import GPT2Config, OpenAIGPTConfig
 
     from persona_lora import check_gradient_checkpointing
     from persona_model import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 
-    check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
-    gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
+    check_gradient_checkpointing(
+        PersonaGPT2DoubleHeadsModel(backbone_config("gpt2", 20, n_layer=1, n_embd=8, n_head=2))
+    )
+    gpt = PersonaOpenAIGPTDoubleHeadsModel(backbone_config("openai-gpt", 20, n_layer=1, n_embd=8, n_head=2))
     with pytest.raises(
         ValueError, match=r"--activation_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"
     ):
@@ -364,14 +365,14 @@ def test_checkpointing_an_unsupported_backbone_is_one_line_before_training(
     flag, tmp_path, capsys, tiny_checkpoint, personachat_json
 ):
     """Both names of the flag reach the check (transformers folds the old one into the new one)."""
-    from transformers import AutoTokenizer, OpenAIGPTConfig
+    from transformers import AutoTokenizer
 
     from persona_model import PersonaOpenAIGPTDoubleHeadsModel
 
     checkpoint = tmp_path / "gpt"
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    config = OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+    config = backbone_config("openai-gpt", len(tokenizer), n_layer=1, n_embd=8, n_head=2, n_positions=64)
     PersonaOpenAIGPTDoubleHeadsModel(config).save_pretrained(checkpoint)
     argv = ["--model_name_or_path", str(checkpoint), "--dataset_path", personachat_json,
             "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu", "true",
