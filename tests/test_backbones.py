@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, ViTConfig
+from helpers import backbone_config
+from transformers import AutoConfig, AutoModelForCausalLM, ViTConfig
 
 from persona_backbone import DOUBLE_HEADS_CLASSES, PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
 from persona_collator import PersonaCollator
@@ -19,20 +20,6 @@ from persona_lora import apply_lora, lora_settings
 from persona_model import SPECIAL_TOKENS, load_model_and_tokenizer, multiple_choice_head_loaded
 from persona_synthetic import corpus_texts, make_synthetic_personachat, train_tiny_tokenizer
 from persona_tokens import SpecialTokenIds
-
-SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
-
-
-def backbone_config(family: str, vocab_size: int, **overrides):
-    """A tiny random config of one family; OPT gets a projected embedding size (word_embed_proj_dim != hidden)."""
-    if family == "opt":
-        kwargs = {**SMALL, "ffn_dim": 64, "word_embed_proj_dim": 16, "dropout": 0.0}
-        return OPTConfig(vocab_size=vocab_size, **{**kwargs, **overrides})
-    kwargs = {**SMALL, "intermediate_size": 64, "num_key_value_heads": 2}
-    if family == "llama":  # tied embeddings, like SmolLM2
-        return LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **{**kwargs, **overrides})
-    return Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=False, **{**kwargs, **overrides})
-
 
 FAMILIES = ["opt", "llama", "qwen2"]
 

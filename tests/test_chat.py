@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import run_cli
 
 import persona_chat
 from persona_chat import PersonaBot
@@ -223,17 +222,6 @@ def saved_checkpoint(tmp_path_factory, tiny_model_and_tokenizer):
     return str(out)
 
 
-def run_cli(args, stdin):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "persona_chat.py"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
-    )
-
-
 @pytest.mark.slow
 def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     persona_file = tmp_path / "persona.txt"
@@ -241,6 +229,7 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
     args = ["--model_name_or_path", saved_checkpoint, "--persona", "i love cats.", "--persona_file", str(persona_file)]
     long_turn = "hello " * 300  # far over the model's window: the context is cut, never the reply budget
     result = run_cli(
+        "persona_chat.py",
         [*args, "--stdin", "--no_sample", "--min_length", "3", "--device", "cpu", "--max_new_tokens=20"],
         f"hi !\n\nwhat do you do ?\n{long_turn}\nok .\n",
     )
@@ -258,7 +247,9 @@ def test_stdin_mode_end_to_end(saved_checkpoint, model, tokenizer, tmp_path):
 @pytest.mark.slow
 def test_interactive_mode_commands_and_clean_eof(saved_checkpoint, personachat_json, synthetic_data):
     args = ["--model_name_or_path", saved_checkpoint, "--dataset_path", personachat_json, "--seed", "0"]
-    result = run_cli(args, "hello\n\n/persona\n/reset\n/persona i am a pilot. | i fly planes.\n/bogus x\nhi\n")
+    result = run_cli(
+        "persona_chat.py", args, "hello\n\n/persona\n/reset\n/persona i am a pilot. | i fly planes.\n/bogus x\nhi\n"
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     personas = [" ".join(d["personality"]) for d in synthetic_data["valid"]]
     shown = result.stdout.split("Persona:")[1].split("Talk to the bot")[0]
@@ -270,7 +261,11 @@ def test_interactive_mode_commands_and_clean_eof(saved_checkpoint, personachat_j
 
 @pytest.mark.slow
 def test_persona_typed_at_start_up(saved_checkpoint):
-    result = run_cli(["--model_name_or_path", saved_checkpoint, "--no_sample"], "i like tea.\ni am tall.\n\nhello\n")
+    result = run_cli(
+        "persona_chat.py",
+        ["--model_name_or_path", saved_checkpoint, "--no_sample"],
+        "i like tea.\ni am tall.\n\nhello\n",
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "persona> " in result.stdout and "  - i like tea.\n  - i am tall.\n" in result.stdout
 
@@ -308,7 +303,7 @@ def test_generation_fits_the_window_whatever_the_turn(model, tokenizer):
 @pytest.mark.slow
 def test_stdin_without_a_persona_is_said_once(saved_checkpoint):
     args = ["--model_name_or_path", saved_checkpoint, "--stdin", "--max_new_tokens", "2", "--device", "cpu"]
-    result = run_cli(args, "hi\nhow are you ?\n")
+    result = run_cli("persona_chat.py", args, "hi\nhow are you ?\n")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and "no persona" in warnings[0] and "--persona" in warnings[0], result.stderr

@@ -8,185 +8,20 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backbones import backbone_config
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from helpers import (
+    DROPS_SYSTEM_TEMPLATE,
+    END_OF_TURN,
+    NON_PREFIX_TEMPLATE,
+    QWEN25_TEMPLATE,
+    backbone_config,
+    chat_ids,
+    reference_messages,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from persona_chat_options import DEFAULT_SYSTEM_PROMPT, load_chat_template
+from persona_chat_options import load_chat_template
 from persona_chat_template import ChatFormat
 from persona_errors import ChatTemplateError
-from persona_synthetic import corpus_texts, make_synthetic_personachat
-
-# Qwen2.5-Instruct's template (ChatML with tools), as published with the model.
-QWEN25_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\\n' + message.content }}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- message.content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""  # noqa: E501
-
-# Meta-Llama-3-Instruct's template (bos, headers, trimmed content, <|eot_id|>).
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-# Gemma's template: no system role (raises), strict user-first alternation.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
-
-# ChatML that silently skips system messages.
-DROPS_SYSTEM_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# A thinking-style template: the generation prompt opens an empty think block that a rendered reply does not have.
-NON_PREFIX_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}"
-)
-
-# The pre-tokenizer patterns of Qwen2 and Llama 3 (GPT-2's, with newline runs kept whole).
-QWEN2_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-FAMILIES = {  # special tokens, the tokenizer attributes, the template, the pre-tokenizer pattern
-    "chatml": (
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-        QWEN25_TEMPLATE,
-        QWEN2_PATTERN,
-    ),
-    "llama3": (
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
-        LLAMA3_TEMPLATE,
-        LLAMA3_PATTERN,
-    ),
-    "gemma": (
-        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
-        {"bos_token": "<bos>", "eos_token": "<eos>"},
-        GEMMA_TEMPLATE,
-        LLAMA3_PATTERN,
-    ),
-    # Llama 3's template on a GPT-2 pre-tokenizer, which splits "\n\n" before a word but not at the end of a text.
-    "llama3-gpt2-pretokenizer": (
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
-        LLAMA3_TEMPLATE,
-        GPT2_PATTERN,
-    ),
-}
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
-
-
-def reference_messages(persona, history, reply=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
-    """The conversation written out independently: system, alternating turns ending with the user, the reply."""
-    roles = ["user", "assistant"] if len(history) % 2 else ["assistant", "user"]
-    messages = [{"role": "system", "content": system_prompt.replace("{persona}", "\n".join(persona))}]
-    messages += [{"role": roles[j % 2], "content": turn} for j, turn in enumerate(history)]
-    return messages + ([{"role": "assistant", "content": reply}] if reply is not None else [])
-
-
-def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
-    return tokenizer.apply_chat_template(messages, return_dict=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def dialogs() -> list[dict]:
-    return make_synthetic_personachat(num_train=12, num_valid=2, seed=1)["train"]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory, dialogs):
-    """Tiny byte-level BPE tokenizers with each family's pre-tokenizer, special tokens and template, saved and loaded
-    back as a Hub checkpoint would be. They are trained on rendered conversations, so they learn merges such as
-    "\\n\\n" and "assistant" that make token boundaries matter."""
-    data = {"train": dialogs}
-    out = {}
-    for family, (specials, attrs, template, pattern) in FAMILIES.items():
-        renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), **attrs)
-        conversations = [
-            renderer.apply_chat_template(
-                reference_messages(d["personality"], u["history"], reply)[family == "gemma" :],
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=reply is None,
-            )
-            for d in dialogs
-            for u in d["utterances"]
-            for reply in (u["candidates"][-1], None)
-            if family != "gemma" or len(u["history"]) % 2
-        ]
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        bpe.train_from_iterator([*corpus_texts(data), *conversations], trainer)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, additional_special_tokens=specials, **attrs)
-        tokenizer.chat_template = template
-        path = tmp_path_factory.mktemp(f"tok-{family}")
-        tokenizer.save_pretrained(path)
-        out[family] = AutoTokenizer.from_pretrained(path)
-    return out
 
 
 def examples(dialogs, count=6):

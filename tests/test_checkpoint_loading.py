@@ -17,10 +17,9 @@ import time
 
 import pytest
 import torch
+from helpers import error_line
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_user_errors import error_line
-from test_user_errors import no_debug as no_debug  # noqa: F401 (autouse fixture)
 
 import persona_chat
 import persona_eval
@@ -203,6 +202,7 @@ def run_without_network(argv: list[str], cwd) -> tuple[subprocess.CompletedProce
     return proc, time.monotonic() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, name",
     [
@@ -254,6 +254,7 @@ def test_readme_merged_lora_snippet_and_its_hint(adapter, tmp_path, capsys, monk
 # --- 6. noise
 
 
+@pytest.mark.slow
 def test_loading_a_plain_lm_says_what_happened_in_lines_of_its_own(tiny_checkpoint, personachat_json, tmp_path):
     """A GPT-2 LM-head checkpoint (no multiple-choice head, no persona tokens), evaluated: no load report table, no
     colour codes, no resize notice, no DeepSpeed notice; our lines say what happened."""

@@ -104,13 +104,18 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_one(bug, capsys, monkeypatch):
         ("persona_chat.py", ["--model_name_or_path", "m", "--persona_file", "no/such/persona.txt"]),
     ],
 )
-def test_console_scripts_share_the_boundary(script, args, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONA_DEBUG": "0"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and ": error: " in proc.stderr
+def test_console_scripts_share_the_boundary(script, args, tmp_path, capsys, monkeypatch):
+    """Each script's console entry point, called in-process (test_user_errors.py runs one as a real process): exit
+    status 2 and one line on stderr, nothing else."""
+    import importlib
+
+    monkeypatch.setenv("PERSONA_DEBUG", "0")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script[:-3]).cli(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err
 
 
 @pytest.mark.parametrize("script", ["run_persona.py", "persona_chat.py", "persona_eval.py", "persona_demo.py"])

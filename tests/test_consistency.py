@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import run_cli
 from transformers import GPT2DoubleHeadsModel, PretrainedConfig, pipeline
 
 from persona_assets import CONVAI2_METRIC_PATH
@@ -237,18 +236,6 @@ def test_evaluate_module_consistency(tmp_path, monkeypatch, tiny_nli_checkpoints
     assert by_path == by_pipeline
 
 
-def run_eval(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, os.path.join(ROOT, "persona_eval.py"), *args], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_console_script_with_nli_one_and_two_processes(
     tmp_path, persona_checkpoint, personachat_json, tiny_nli_checkpoints
@@ -256,8 +243,8 @@ def test_console_script_with_nli_one_and_two_processes(
     common = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--max_turns", "7"]
     common += ["--batch_size", "4", "--save_predictions", "--nli_model", tiny_nli_checkpoints["mnli-style"]]
     common += ["--nli_batch_size", "5"]
-    one = run_eval([*common, "--output_file", str(tmp_path / "one.json")])
-    run_eval([*common, "--output_file", str(tmp_path / "two.json")], nproc=2)
+    one = run_cli("persona_eval.py", [*common, "--output_file", str(tmp_path / "one.json")])
+    run_cli("persona_eval.py", [*common, "--output_file", str(tmp_path / "two.json")], nproc=2)
     results = json.loads((tmp_path / "one.json").read_text())
     results_two = json.loads((tmp_path / "two.json").read_text())
     assert "perplexity (word-level, ParlAI words)" in one.stdout and "c_score_gold" in one.stdout

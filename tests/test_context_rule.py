@@ -4,7 +4,6 @@ reply, token for token, in both input formats (`persona_inputs.fit_context` deci
 from __future__ import annotations
 
 import pytest
-from test_chat_template import dialogs, tokenizers  # noqa: F401 (fixtures)
 
 from persona_chat_template import ChatFormat
 from persona_data import build_features
@@ -74,7 +73,7 @@ def test_speaker_token_generation_context_is_the_training_input_without_its_repl
 
 @pytest.mark.parametrize("forged", [False, True], ids=["plain", "forged"])
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
-def test_chat_template_generation_context_is_the_training_input_without_its_reply(tokenizers, dialogs, family, forged):  # noqa: F811
+def test_chat_template_generation_context_is_the_training_input_without_its_reply(tokenizers, dialogs, family, forged):
     tok = tokenizers[family]
     fmt = ChatFormat.from_tokenizer(tok)
     compared = cut = 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e .[demo]")
 gradio_client = pytest.importorskip("gradio_client")
@@ -19,12 +20,6 @@ from persona_generation import generate_replies  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSONA = ["i love cats.", "i am a nurse."]
 DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "greedy": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

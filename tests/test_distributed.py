@@ -11,69 +11,9 @@ import sys
 
 import pytest
 import torch
+from helpers import LR, ROOT, STEP_ARGS, assert_same_weights, backbone_config, launch, load_weights, run_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(ROOT, "tests", "run_persona_probe.py")
 DEEPSPEED_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "deepspeed", "*.json")))
-LR = 0.1
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Dialogs and a tiny GPT-2 without dropout, so that runs on different process counts can agree exactly."""
-    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("scale")
-    data = make_synthetic_personachat(num_train=24, num_valid=16, seed=0)
-    (root / "personachat.json").write_text(json.dumps(data))
-    model_dir = make_tiny_checkpoint(str(root / "tiny"), corpus_texts(data), n_layer=2, n_embd=32, n_head=2)
-    config_path = os.path.join(model_dir, "config.json")
-    config = json.load(open(config_path))
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
-    json.dump(config, open(config_path, "w"))
-    return {"model": model_dir, "data": str(root / "personachat.json"), "cache": str(root / "cache")}
-
-
-def run_args(assets, output_dir, *extra) -> list[str]:
-    return [
-        "--model_name_or_path", assets["model"],
-        "--dataset_path", assets["data"],
-        "--dataset_cache", assets["cache"],
-        "--output_dir", str(output_dir),
-        "--num_candidates", "2",
-        "--use_cpu",
-        "--report_to", "none",
-        "--seed", "0",
-        "--eval_strategy", "no",
-        "--do_eval", "false",
-        "--disable_tqdm", "true",
-        *extra,
-    ]  # fmt: skip
-
-
-def launch(args: list[str], nproc: int = 1, env: dict | None = None, check: bool = True):
-    """Run the probed run_persona.py in `nproc` processes (torchrun, gloo) and return the finished process."""
-    if nproc == 1:
-        cmd = [sys.executable, PROBE, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", PROBE, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def load_weights(output_dir) -> dict[str, torch.Tensor]:
-    from persona_backbone import PersonaGPT2DoubleHeadsModel
-
-    return PersonaGPT2DoubleHeadsModel.from_pretrained(str(output_dir)).state_dict()
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +40,6 @@ def expected_step(assets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     assert max(float((expected[k] - init[k]).abs().max()) for k in init) > 1e-3  # a step the tests can tell apart
     return init, expected
-
-
-# One optimizer step over a fixed global batch of 8 rows (the whole training set): 2 per device x accumulation x
-# processes. SGD without clipping makes the update proportional to the gradient, so any loss-normalisation error
-# across accumulation or processes shows (Adam's first step is ~lr·sign(g) and would hide it).
-STEP_ARGS = ["--max_train_samples", "8", "--max_steps", "1", "--optim", "sgd", "--learning_rate", str(LR),
-             "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--weight_decay", "0", "--lm_coef", "2.0",
-             "--per_device_train_batch_size", "2", "--save_strategy", "no"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -266,6 +198,7 @@ def find_auto(config, prefix=""):
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
+@pytest.mark.slow
 def test_shipped_deepspeed_configs_pass_the_trainers_own_checks(tmp_path):
     """The Trainer fills every "auto" from TrainingArguments with no mismatch; a conflicting fixed value fails."""
     assert {os.path.basename(p) for p in DEEPSPEED_CONFIGS} == {"zero2.json", "zero3.json", "zero3_offload.json"}
@@ -414,13 +347,14 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(assets
 
 
 def test_gradient_checkpointing_unsupported_backbone_is_a_clear_error():
-    from transformers import GPT2Config, OpenAIGPTConfig
 
     from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
     from persona_lora import check_gradient_checkpointing
 
-    check_gradient_checkpointing(PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)))
-    gpt = PersonaOpenAIGPTDoubleHeadsModel(OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
+    check_gradient_checkpointing(
+        PersonaGPT2DoubleHeadsModel(backbone_config("gpt2", 20, n_layer=1, n_embd=8, n_head=2))
+    )
+    gpt = PersonaOpenAIGPTDoubleHeadsModel(backbone_config("openai-gpt", 20, n_layer=1, n_embd=8, n_head=2))
     with pytest.raises(
         ValueError, match=r"--activation_checkpointing: PersonaOpenAIGPTDoubleHeadsModel .*'openai-gpt'"
     ):
@@ -432,14 +366,14 @@ def test_checkpointing_an_unsupported_backbone_is_one_line_before_training(
     flag, tmp_path, capsys, tiny_checkpoint, personachat_json
 ):
     """Both names of the flag reach the check (transformers folds the old one into the new one)."""
-    from transformers import AutoTokenizer, OpenAIGPTConfig
+    from transformers import AutoTokenizer
 
     from persona_backbone import PersonaOpenAIGPTDoubleHeadsModel
 
     checkpoint = tmp_path / "gpt"
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    config = OpenAIGPTConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+    config = backbone_config("openai-gpt", len(tokenizer), n_layer=1, n_embd=8, n_head=2, n_positions=64)
     PersonaOpenAIGPTDoubleHeadsModel(config).save_pretrained(checkpoint)
     argv = ["--model_name_or_path", str(checkpoint), "--dataset_path", personachat_json,
             "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu", "true",

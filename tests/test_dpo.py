@@ -14,11 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import STEP_ARGS, assert_same_weights, launch, load_weights, run_args
 from sgd_step import assert_hand_step, one_sgd_step
-from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
-from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
-from test_distributed import STEP_ARGS, assert_same_weights, launch, load_weights, run_args
-from test_distributed import assets as assets  # noqa: F401 (fixture)
 
 from persona_collator import PersonaCollator
 from persona_data import build_features, load_dialogs
@@ -451,11 +448,11 @@ def test_dpo_run_on_curated_replies_with_one_candidate(tmp_path, tiny_checkpoint
 
 
 @pytest.mark.parametrize("family, template", [("qwen2", "chatml"), ("llama", "llama3")])
-def test_chat_template_rows_every_candidates_logp_is_the_causal_lms(tokenizers, family, template):  # noqa: F811
+def test_chat_template_rows_every_candidates_logp_is_the_causal_lms(tokenizers, family, template):
     """Chat-template rows on a generic backbone: each candidate's log-prob from the shared context (packed and cache
     broadcast) equals a plain causal LM's summed log-probs over that candidate's labels when it is the gold of a row
     of its own (its reply tokens and the end-of-turn token)."""
-    from test_backbones import backbone_config
+    from helpers import backbone_config
     from transformers import AutoModelForCausalLM
 
     from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
@@ -490,7 +487,7 @@ def test_chat_template_rows_every_candidates_logp_is_the_causal_lms(tokenizers, 
 
 
 @pytest.mark.slow
-def test_dpo_step_same_in_1_process_2_processes_and_deepspeed_zero3(assets, tmp_path):  # noqa: F811
+def test_dpo_step_same_in_1_process_2_processes_and_deepspeed_zero3(assets, tmp_path):
     """One SGD step of --objective dpo over the same 8 rows: 1 process x GA 4, DDP 2 x GA 2 and ZeRO-3 2 x GA 2 (the
     reference pass with the weights gathered on every process) give the same weights, and the step moved them."""
     pytest.importorskip("deepspeed")

@@ -9,12 +9,11 @@ import doctest
 import json
 import math
 import os
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
+from helpers import run_cli
 from transformers import GPT2DoubleHeadsModel
 
 import persona_eval
@@ -183,18 +182,6 @@ def test_f1_scores_generated_replies_against_gold(persona_checkpoint, mixed_dial
     assert metrics["f1"] == pytest.approx(sum(f1_score(r, g) for r, g in zip(replies, golds)) / 9)
 
 
-def run_cli(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "persona_eval.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd.append(os.path.join(ROOT, "persona_eval.py"))
-    proc = subprocess.run(cmd + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoint, synthetic_data):
     # 13 turns in batches of 4 over 2 processes: uneven shards, the tail is padded then dropped again. Two turns
@@ -206,8 +193,8 @@ def test_console_script_end_to_end_and_two_processes(tmp_path, persona_checkpoin
     (tmp_path / "mixed.json").write_text(json.dumps(data))
     common = ["--model_name_or_path", persona_checkpoint, "--dataset_path", str(tmp_path / "mixed.json")]
     common += ["--max_turns", "13", "--batch_size", "4", "--save_predictions"]
-    one = run_cli(common + ["--output_file", str(tmp_path / "one.json")])
-    two = run_cli(common + ["--output_file", str(tmp_path / "two.json")], nproc=2)
+    one = run_cli("persona_eval.py", common + ["--output_file", str(tmp_path / "one.json")])
+    two = run_cli("persona_eval.py", common + ["--output_file", str(tmp_path / "two.json")], nproc=2)
 
     results = json.loads((tmp_path / "one.json").read_text())
     assert "perplexity (token-level)" in one.stdout and "hits@1" in one.stdout

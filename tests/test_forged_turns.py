@@ -13,9 +13,7 @@ import sys
 
 import pytest
 import torch
-from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
-from test_chat_template import reference_messages
-from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from helpers import error_line, no_loading, reference_messages
 
 from persona_chat_options import check_system_prompt, load_chat_template
 from persona_chat_template import ChatFormat
@@ -43,7 +41,7 @@ def control_counts(tok, ids, family) -> dict[str, int]:
 
 @pytest.mark.parametrize("sanitizer", ["library", "own"])
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
-def test_forged_persona_turn_and_reply_stay_text(tokenizers, family, sanitizer, monkeypatch):  # noqa: F811
+def test_forged_persona_turn_and_reply_stay_text(tokenizers, family, sanitizer, monkeypatch):
     """With transformers' sanitizer, and with the project's own copy of it (used where the library's private names
     are missing): the same ids, checked against the library's `sanitize_control_tokens` rendering."""
     import persona_text
@@ -95,7 +93,7 @@ def test_forged_persona_turn_and_reply_stay_text(tokenizers, family, sanitizer, 
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
-def test_ordinary_text_is_apply_chat_template_exactly(tokenizers, dialogs, family):  # noqa: F811
+def test_ordinary_text_is_apply_chat_template_exactly(tokenizers, dialogs, family):
     """Marking changes nothing without control strings, brace and angle characters included."""
     tok = tokenizers[family]
     fmt = ChatFormat.from_tokenizer(tok)
@@ -131,7 +129,7 @@ def test_forged_speaker_tokens_stay_text(tokenizer):
     )
 
 
-def test_a_forged_reply_cannot_steer_the_next_context(tokenizers):  # noqa: F811
+def test_a_forged_reply_cannot_steer_the_next_context(tokenizers):
     """A generated reply that spells a control string is text again in the next turn's context."""
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
@@ -188,7 +186,7 @@ def test_binary_chat_template_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("prompt", ["Hi {name}. {persona}", "You are {Persona}.", "{persona} ({ persona })"])
-def test_system_prompt_with_a_foreign_placeholder_is_refused(prompt, tokenizers):  # noqa: F811
+def test_system_prompt_with_a_foreign_placeholder_is_refused(prompt, tokenizers):
     with pytest.raises(UsageError, match=r"--system_prompt"):
         check_system_prompt(prompt)
     with pytest.raises(UsageError, match=r"--system_prompt"):
@@ -196,7 +194,7 @@ def test_system_prompt_with_a_foreign_placeholder_is_refused(prompt, tokenizers)
     check_system_prompt('Persona: {persona}. Reply in JSON like {"a": 1}.')  # braces that name nothing pass
 
 
-def test_system_prompt_with_a_literal_backslash_n_warns_once(tokenizers, caplog):  # noqa: F811
+def test_system_prompt_with_a_literal_backslash_n_warns_once(tokenizers, caplog):
     prompt = r"You are:\n{persona}\nStay in character."
     with caplog.at_level(logging.WARNING, logger="persona_chat_options"):
         for _ in range(3):
@@ -212,7 +210,7 @@ def readme_system_prompt_command() -> str:
     return line
 
 
-def test_readme_system_prompt_command_gives_real_newlines(tokenizers, caplog):  # noqa: F811
+def test_readme_system_prompt_command_gives_real_newlines(tokenizers, caplog):
     """The README's command, run by bash as written (the script replaced by one printing its arguments): the system
     prompt has real newlines, passes the checks without a warning and renders as the README means."""
     line = readme_system_prompt_command()
@@ -231,25 +229,18 @@ def test_readme_system_prompt_command_gives_real_newlines(tokenizers, caplog):  
     assert os.path.exists(os.path.join(ROOT, config))
 
 
-def test_run_persona_refuses_a_foreign_placeholder_before_loading(tiny_checkpoint, tmp_path):
+def test_run_persona_refuses_a_foreign_placeholder_before_loading(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     """One line, before the (missing) data is looked for or the model loads."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("PERSONA_DEBUG", None)
+    import run_persona
+
+    no_loading(monkeypatch)
     args = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", str(tmp_path / "no-data.json"),
             "--output_dir", str(tmp_path / "out"), "--system_prompt", "Hi {name}: {persona}"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys, run_persona; sys.exit(run_persona.cli())", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if ": error: " in line]
+    line = error_line(run_persona.cli, args, capsys)
     assert "--system_prompt: {name} is not filled in" in line and "no-data" not in line
 
 
-def test_chat_template_rows_of_a_forged_data_file(tokenizers, tmp_path):  # noqa: F811
+def test_chat_template_rows_of_a_forged_data_file(tokenizers, tmp_path):
     """A training data file whose turns forge a system turn: the features hold the template's tokens only."""
     tok = tokenizers["chatml"]
     forged = FORGED["chatml"]

@@ -16,8 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_user_errors import error_line
-from test_user_errors import no_debug as no_debug  # noqa: F401 (autouse fixture)
+from helpers import error_line
 
 gguf = pytest.importorskip("gguf")
 

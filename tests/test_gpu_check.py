@@ -167,13 +167,13 @@ def test_wheel_script_and_the_device_command_agree():
 
 def test_an_encoding_that_fell_back_is_caught():
     """An encoding that cannot apply falls back to the next one; compared with plain it would pass for nothing."""
-    from transformers import GPT2Config
+    from helpers import backbone_config
 
     from persona_backbone import PersonaGPT2DoubleHeadsModel
 
     bench = load_bench()
     batch = two_candidates()
-    model = PersonaGPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).train()
+    model = PersonaGPT2DoubleHeadsModel(backbone_config("gpt2", 20, n_layer=1, n_embd=16, n_head=2)).train()
     ran = {}
     bench.forward_on(model, "shared_prefix", batch, ran)
     bench.forward_on(model, "packed-dense", batch, ran)

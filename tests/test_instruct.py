@@ -7,18 +7,23 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 import torch
-from test_backbones import backbone_config
-from test_chat_template import LLAMA3_TEMPLATE, NON_PREFIX_TEMPLATE, chat_ids, reference_messages
-from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
-from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
+from helpers import INSTRUCT_FAMILIES as FAMILIES
+from helpers import (
+    LLAMA3_TEMPLATE,
+    NON_PREFIX_TEMPLATE,
+    backbone_config,
+    chat_ids,
+    error_line,
+    free_port,
+    reference_messages,
+    run_cli,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from persona_backbone import PersonaDoubleHeadsConfig, PersonaDoubleHeadsModel
@@ -32,29 +37,13 @@ from persona_generation import generate_reply_ids
 from persona_model import load_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"qwen2": "chatml", "llama": "llama3"}  # backbone family -> tokenizer/template family
 SYSTEM_PROMPT = "Stay in character. You are:\n{persona}"
 PERSONA = ["i love cats .", "i am a nurse ."]
 HISTORY = ["hello , how are you today ?"]
 
 
 @pytest.fixture(scope="module")
-def instruct_checkpoints(tmp_path_factory, tokenizers) -> dict[str, str]:  # noqa: F811
-    """Plain instruct-style checkpoints as downloaded from the Hub: random weights, a tokenizer with a chat template."""
-    paths = {}
-    for seed, (family, tok_family) in enumerate(FAMILIES.items()):
-        tokenizer = tokenizers[tok_family]
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(backbone_config(family, len(tokenizer)))
-        path = tmp_path_factory.mktemp(f"instruct-{family}")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[family] = str(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory, dialogs) -> str:  # noqa: F811
+def data_path(tmp_path_factory, dialogs) -> str:
     from persona_synthetic import make_synthetic_personachat
 
     path = tmp_path_factory.mktemp("instruct-data") / "personachat.json"
@@ -90,7 +79,7 @@ def trained(instruct_checkpoints, data_path, tmp_path_factory) -> dict[str, str]
     return out
 
 
-def test_build_features_chat_rows_follow_the_speaker_token_policy(tokenizers, data_path):  # noqa: F811
+def test_build_features_chat_rows_follow_the_speaker_token_policy(tokenizers, data_path):
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
     dialogs = load_dialogs(data_path)["train"].select(range(3))
@@ -149,7 +138,7 @@ def test_gpt2_defaults_to_speaker_tokens(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_candidate_encoding_equals_the_plain_path_on_chat_rows(tokenizers, data_path, family):  # noqa: F811
+def test_every_candidate_encoding_equals_the_plain_path_on_chat_rows(tokenizers, data_path, family):
     """Cache broadcast and packed rows give the plain path's outputs; the plain path's LM loss is the causal LM's own
     cross-entropy on each gold row."""
     tok = tokenizers[FAMILIES[family]]
@@ -235,9 +224,9 @@ def test_train_reload_as_causal_lm_same_greedy_reply(trained, family):
     assert stops[0] == plain_tok.convert_tokens_to_ids({"qwen2": "<|im_end|>", "llama": "<|eot_id|>"}[family])
 
     # persona-chat's console script gives that reply.
-    result = run_script(
-        "persona_chat", "--model_name_or_path", folder, "--stdin", "--no_sample", "--max_new_tokens", "12",
-        *[a for s in PERSONA for a in ("--persona", s)], stdin=HISTORY[0] + "\n",
+    result = run_cli(
+        "persona_chat.py", ["--model_name_or_path", folder, "--stdin", "--no_sample", "--max_new_tokens", "12",
+        *[a for s in PERSONA for a in ("--persona", s)]], HISTORY[0] + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == " ".join(plain_tok.decode(ours, skip_special_tokens=True).split())
@@ -296,12 +285,6 @@ def test_lora_on_chat_rows_trains_saves_loads(instruct_checkpoints, data_path, t
     assert any("multiple_choice_head" in n for n in changed) and any("self_attn" in n for n in changed)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_transformers_serve_gives_persona_chats_reply(trained, tmp_path):
     pytest.importorskip("openai", reason="transformers serve needs the serve extra: pip install -e '.[serve]'")
@@ -353,27 +336,9 @@ def test_transformers_serve_gives_persona_chats_reply(trained, tmp_path):
     assert reply["choices"][0]["message"]["content"].strip() == expected
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The script's one error line (status 2, no traceback)."""
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if ": error: " in line]
-    return line
+def test_cli_errors_are_one_line(instruct_checkpoints, tiny_checkpoint, data_path, tmp_path, capsys):
+    from run_persona import cli
 
-
-def run_script(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("PERSONA_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-c", f"import sys, {module}; sys.exit({module}.cli())", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-
-
-def test_cli_errors_are_one_line(instruct_checkpoints, tiny_checkpoint, data_path, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(instruct_checkpoints["qwen2"], bare)
     config = json.loads((bare / "tokenizer_config.json").read_text())
@@ -382,23 +347,16 @@ def test_cli_errors_are_one_line(instruct_checkpoints, tiny_checkpoint, data_pat
     for name in ("chat_template.jinja", "chat_template.json"):
         if (bare / name).exists():
             (bare / name).unlink()
-    result = run_script(
-        "run_persona", *train_args(str(bare), data_path, tmp_path / "o1", "--input_format", "chat_template")
-    )
-    line = one_error_line(result)
+    line = error_line(cli, train_args(str(bare), data_path, tmp_path / "o1", "--input_format", "chat_template"), capsys)
     assert str(bare) in line and "--input_format speaker_tokens" in line and "--chat_template FILE" in line
 
     think = tmp_path / "think.jinja"
     think.write_text(NON_PREFIX_TEMPLATE)
-    result = run_script(
-        "run_persona", *train_args(str(bare), data_path, tmp_path / "o2", "--chat_template", str(think))
-    )
-    assert f"--chat_template {think} renders the assistant's reply differently" in one_error_line(result)
+    line = error_line(cli, train_args(str(bare), data_path, tmp_path / "o2", "--chat_template", str(think)), capsys)
+    assert f"--chat_template {think} renders the assistant's reply differently" in line
 
-    result = run_script(
-        "run_persona", *train_args(tiny_checkpoint, data_path, tmp_path / "o3", "--system_prompt", "hi")
-    )
-    assert "--system_prompt must contain {persona}" in one_error_line(result)
+    line = error_line(cli, train_args(tiny_checkpoint, data_path, tmp_path / "o3", "--system_prompt", "hi"), capsys)
+    assert "--system_prompt must contain {persona}" in line
 
 
 @pytest.mark.slow
@@ -440,7 +398,7 @@ def test_instruct_configs_train_one_step(instruct_checkpoints, data_path, tmp_pa
     )
 
 
-def test_chat_rows_cut_to_max_length_are_counted(tokenizers, data_path, caplog):  # noqa: F811
+def test_chat_rows_cut_to_max_length_are_counted(tokenizers, data_path, caplog):
     tok = tokenizers["chatml"]
     fmt = ChatFormat.from_tokenizer(tok)
     dialogs = load_dialogs(data_path)["train"].select(range(2))
@@ -458,7 +416,7 @@ def qwen2_step(instruct_checkpoints, data_path, tmp_path_factory) -> dict:
     """The tiny Qwen2 instruct checkpoint without dropout (the multiple-choice head's included, through the head
     settings a persona checkpoint stores in config.json) and its one-step update by a single process without DeepSpeed,
     so that 2-process ZeRO runs can be compared with it."""
-    from test_distributed import STEP_ARGS, launch
+    from helpers import STEP_ARGS, launch
 
     root = tmp_path_factory.mktemp("zero-chat")
     checkpoint = root / "qwen2"
@@ -479,7 +437,7 @@ def test_deepspeed_zero_on_chat_rows_same_update_and_loadable(qwen2_step, data_p
     """2 processes under DeepSpeed ZeRO (CPU, gloo) take the single-process step over the same global batch of 8
     chat-template rows, and the saved folder loads as a plain causal LM and as a persona model with its format."""
     pytest.importorskip("deepspeed")
-    from test_distributed import STEP_ARGS, assert_same_weights, launch
+    from helpers import STEP_ARGS, assert_same_weights, launch
 
     out = tmp_path / stage
     config = os.path.join(ROOT, "configs", "deepspeed", f"{stage}.json")

@@ -141,3 +141,23 @@ def test_each_module_opens_with_its_job_and_is_one_job_long(path):
     if lines > SOFT_LINES:
         warnings.warn(f"{os.path.basename(path)} has {lines} lines: is it still one job?", stacklevel=1)
     assert "DESIGN.md" not in text and not re.search(r"(?i)\bissue\s*#?\d", text)
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in conftest.py (built once per session), shared functions in tests/helpers.py: a test
+    module imported by another would rebuild its module-scoped fixtures there and run its tests' names twice."""
+    tests = glob.glob(os.path.join(ROOT, "tests", "*.py"))
+    test_modules = {os.path.basename(p)[:-3] for p in tests if os.path.basename(p).startswith("test_")}
+    found = {os.path.basename(p): project_imports(p, test_modules) for p in tests}
+    assert {name: sorted(imported) for name, imported in found.items() if imported} == {}
+
+
+def test_the_readme_names_the_test_commands_ci_runs():
+    """`.ci/run` runs the fast tier, then the slow one; the README shows both commands as CI calls them."""
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = [line.strip() for line in f if line.startswith("python -m pytest")]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert ci == ['python -m pytest -q -m "not slow" --durations=25', "python -m pytest -q -m slow --durations=25"]
+    shown = {line.split("  #")[0].strip() for line in readme.splitlines()}
+    assert set(ci) <= shown

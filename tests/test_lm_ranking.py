@@ -11,11 +11,8 @@ import json
 import datasets
 import pytest
 import torch
-from test_chat_template import END_OF_TURN, chat_ids, reference_messages
-from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
-from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
-from test_instruct import FAMILIES
-from test_instruct import instruct_checkpoints as instruct_checkpoints  # noqa: F401 (fixture)
+from helpers import END_OF_TURN, chat_ids, reference_messages
+from helpers import INSTRUCT_FAMILIES as FAMILIES
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import persona_eval

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2DoubleHeadsModel, OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel, T5Config
+from helpers import backbone_config
+from transformers import GPT2DoubleHeadsModel, OpenAIGPTDoubleHeadsModel, T5Config
 
 from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
 from persona_collator import PersonaCollator
@@ -40,8 +41,10 @@ def test_saved_checkpoint_reloads_without_adding(tiny_model_and_tokenizer, tmp_p
     reloaded, tok2 = load_model_and_tokenizer(str(tmp_path))
     assert len(tok2) == len(tokenizer)
     plain = GPT2DoubleHeadsModel.from_pretrained(tmp_path)  # checkpoints stay loadable by the library class
-    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
-        assert torch.equal(a, b), name
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, weight in ours.items():
+        assert torch.equal(weight, theirs[name]), name
     assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
 
 
@@ -65,7 +68,7 @@ def test_loss_equals_gpt2_double_heads(tiny_model_and_tokenizer, batch):
 
 def test_loss_equals_openai_gpt_double_heads(batch, tokenizer):
     torch.manual_seed(0)
-    config = OpenAIGPTConfig(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    config = backbone_config("openai-gpt", len(tokenizer), n_head=2)
     ours = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
     reference = OpenAIGPTDoubleHeadsModel(config).eval()
     reference.load_state_dict(ours.state_dict())

@@ -157,7 +157,7 @@ def test_persona_eval_with_a_bad_nli_checkpoint_is_one_line_before_the_model_loa
 ):
     import shutil
 
-    from test_user_errors import error_line
+    from helpers import error_line
 
     import persona_eval
     import persona_model

@@ -10,21 +10,21 @@ import random
 import pytest
 import torch
 from datasets import Dataset
-from sgd_step import one_sgd_step
-from test_shared_prefix import (
-    NO_DROPOUT,
+from helpers import (
     PAD,
     SPEAKERS,
-    VOCAB,
     count_backbone_calls,
+    encodings_run,
     random_batch,
     random_example,
     tiny_double_heads,
     tiny_gpt2,
+    tiny_openai_gpt,
 )
-from transformers import AttentionInterface, OpenAIGPTConfig
+from sgd_step import one_sgd_step
+from transformers import AttentionInterface
 
-from persona_backbone import PersonaGPT2DoubleHeadsModel, PersonaOpenAIGPTDoubleHeadsModel
+from persona_backbone import PersonaGPT2DoubleHeadsModel
 from persona_collator import PersonaCollator
 from persona_data import build_features
 from persona_encoding import requested_encoding, set_candidate_encoding, set_packed_layout
@@ -52,18 +52,31 @@ def forward(model, batch: dict, encoding: str, row_tokens="longest", attention="
     return model(**batch)
 
 
-def run(model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True, attention="auto") -> tuple:
+def run(
+    model, batch: dict, packed: bool, row_tokens="longest", backward: bool = True, attention="auto", expect=None
+) -> tuple:
+    """Forward (and backward) with the packed or the plain encoding asked for; asserts that `expect` ran (default:
+    the one asked for; for packed, with `attention` where it names one)."""
     model.zero_grad(set_to_none=True)
-    out = forward(model, batch, "packed" if packed else "plain", row_tokens, attention)
+    with encodings_run() as ran:
+        out = forward(model, batch, "packed" if packed else "plain", row_tokens, attention)
+    if expect is None:  # "packed" (either attention) when the attention is left to "auto"
+        expect = ("packed" if attention == "auto" else f"packed-{attention}") if packed else "plain"
+    ran_as_expected = ran == [expect] or (expect == "packed" and len(ran) == 1 and ran[0].startswith("packed-"))
+    assert ran_as_expected, f"expected {expect} to run, ran {ran}"
     if backward:
         (out.lm_loss + out.mc_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def assert_same(model, batch: dict, row_tokens="longest", atol: float = 1e-5, attention="auto") -> None:
+def assert_same(
+    model, batch: dict, row_tokens="longest", atol: float = 1e-5, attention="auto", packed_runs=None
+) -> None:
+    """The packed forward and backward equal the plain ones; `packed_runs` is the encoding that must run when packed is
+    asked for (default packed, with `attention`; "plain" where it falls back)."""
     plain, plain_grads = run(model, batch, packed=False)
-    packed, packed_grads = run(model, batch, packed=True, row_tokens=row_tokens, attention=attention)
+    packed, packed_grads = run(model, batch, True, row_tokens, attention=attention, expect=packed_runs)
     for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll", "lm_end_nll"):
         torch.testing.assert_close(getattr(packed, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
     assert plain_grads.keys() == packed_grads.keys() and plain_grads
@@ -173,17 +186,10 @@ def test_examples_in_one_row_do_not_see_each_other():
         torch.testing.assert_close(getattr(packed, key), torch.cat([getattr(a, key) for a in alone]), msg=key)
 
 
-def test_through_build_features(tmp_path_factory):
+def test_through_build_features(persona_setup):
     """Real rows from build_features (max_history and max_length cuts), a tiny checkpoint, eval mode."""
-    from datasets import Dataset
-
-    from persona_model import load_model_and_tokenizer
-    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
-
-    data = make_synthetic_personachat(num_train=16, num_valid=16, seed=0)
-    out = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), corpus_texts(data), n_embd=32, n_head=2)
-    model, tokenizer = load_model_and_tokenizer(out)
-    model.eval()
+    data, model, tokenizer = persona_setup
+    model = copy.deepcopy(model).eval()
     dialogs = Dataset.from_list(data["valid"])
     for num_candidates, max_history, max_length in [(20, 2, None), (4, 1, 48)]:
         features = build_features(
@@ -283,7 +289,7 @@ def test_auto_runs_the_tree_attention_on_cpu_sdpa_else_the_dense_mask(restore_tr
     for model, reason in ((eager, "attention implementation 'eager'"), (checkpointed, "activation checkpointing")):
         assert tree_attention_unsupported_reason(model.transformer) == reason
         calls.clear()
-        assert_same(model, batch, row_tokens="auto")
+        assert_same(model, batch, row_tokens="auto", packed_runs="packed-dense")
         assert calls == []
 
 
@@ -325,9 +331,7 @@ def test_tree_attention_applies_attention_dropout():
 
 
 def test_unsupported_reasons():
-    openai = PersonaOpenAIGPTDoubleHeadsModel(
-        OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
-    )
+    openai = tiny_openai_gpt()
     assert "no custom 4D attention mask" in packed_unsupported_reason(openai.transformer)
     windowed = tiny_double_heads("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert "sliding-window" in packed_unsupported_reason(windowed.decoder)
@@ -342,18 +346,16 @@ def test_unsupported_reasons():
 def test_falls_back_with_a_message(caplog):
     """openai-gpt and the sliding-window Qwen2 asked for packed run the plain path (no cache-broadcast either); the
     choice is logged once per model."""
-    torch.manual_seed(0)
-    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
     batch = random_batch(0, batch_size=2, num_candidates=4)
     for model in (
-        PersonaOpenAIGPTDoubleHeadsModel(config).eval(),
+        tiny_openai_gpt(),
         tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0),
     ):
         calls = count_backbone_calls(model.transformer if hasattr(model, "transformer") else model.decoder)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="persona_encoding"):
-            assert_same(model, batch, atol=0)
-            run(model, batch, packed=True)
+            assert_same(model, batch, atol=0, packed_runs="plain")
+            run(model, batch, packed=True, expect="plain")
         assert caplog.text.count("Candidate encoding: plain (asked for packed; not packed: ") == 1
         assert "; not shared_prefix: " in caplog.text
         b, c, t = batch["input_ids"].shape
@@ -368,9 +370,10 @@ def test_auto_chooses_packed_and_says_so_once(caplog):
     assert requested_encoding(model) == "auto"  # nothing set
     batch = random_batch(1, batch_size=3, num_candidates=4)
     calls = count_backbone_calls(model.transformer)
-    with caplog.at_level(logging.INFO, logger="persona_encoding"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="persona_encoding"), torch.no_grad(), encodings_run() as ran:
         auto = model(**batch)
         model(**batch)
+    assert ran == ["packed-tree", "packed-tree"]
     assert caplog.text.count("Candidate encoding: packed (asked for auto). Packed attention: tree.") == 1
     b, c, t = batch["input_ids"].shape
     assert len(calls) == 2 and calls[0][0] * calls[0][1] < b * c * t / 2  # one packed pass each, a fraction of plain
@@ -380,17 +383,17 @@ def test_auto_chooses_packed_and_says_so_once(caplog):
 def test_auto_falls_back_in_order(caplog):
     """openai-gpt (no custom mask, no cache): plain. Sliding-window Qwen2: plain. Gradient checkpointing: packed
     still applies (one pass without a cache). Asked for shared_prefix with checkpointing in training: plain."""
-    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
-    openai = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
+    openai = tiny_openai_gpt()
     windowed = tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     checkpointed = tiny_double_heads("llama", seed=1)
     checkpointed.activation_checkpointing_enable()
     checkpointed.train()
     batch = random_batch(3, batch_size=2, num_candidates=3)
-    with caplog.at_level(logging.INFO, logger="persona_encoding"):
+    with caplog.at_level(logging.INFO, logger="persona_encoding"), encodings_run() as ran:
         for model in (openai, windowed, checkpointed):
             model(**batch)
         forward(checkpointed, batch, "shared_prefix")
+    assert ran == ["plain", "plain", "packed-dense", "plain"]
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("Candidate encoding: plain (asked for auto; not packed: the openai-gpt backbone")
     assert "sliding-window" in lines[1] and lines[1].startswith("Candidate encoding: plain (asked for auto;")

@@ -15,9 +15,7 @@ import sys
 
 import pytest
 import torch
-from test_chat_template import dialogs as dialogs  # noqa: F401 (fixture)
-from test_chat_template import tokenizers as tokenizers  # noqa: F401 (fixture)
-from test_user_errors import error_line, no_loading
+from helpers import error_line, no_loading
 from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
 
 import persona_chat
@@ -219,7 +217,7 @@ def test_a_checkpoint_without_a_trained_head_refuses_to_rank(plain_lm_checkpoint
 
 
 def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp_path):  # noqa: F811
-    from test_backbones import backbone_config
+    from helpers import backbone_config
     from transformers import AutoModelForCausalLM
 
     from persona_formats import input_format_of

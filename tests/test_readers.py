@@ -321,6 +321,7 @@ def _readme_own_data_blocks() -> tuple[str, str]:
     return bash, table
 
 
+@pytest.mark.slow
 def test_readme_own_data_folder_trains_as_written(tiny_checkpoint, tmp_path):
     """The folder of train.jsonl + valid.jsonl, made and trained on by the README's commands (tiny model, one step)."""
     bash, _ = _readme_own_data_blocks()

@@ -95,7 +95,7 @@ def test_recipe_resumes_by_rerunning_its_command(tiny_checkpoint, personachat_js
     import subprocess
     import sys
 
-    from test_distributed import PROBE
+    from helpers import PROBE
 
     recipe = yaml.safe_load(open(os.path.join(ROOT, "configs", "gpt2.yaml")))
     assert recipe["output_dir"] == "runs/gpt2"

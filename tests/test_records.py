@@ -64,6 +64,7 @@ for path, options in {jobs!r}:
 """
 
 
+@pytest.mark.slow
 def test_distractors_same_across_processes(tmp_path):
     jobs = [
         (write(tmp_path, "train_no_cands.txt", NO_CANDS_TXT), {"num_distractors": 3}),

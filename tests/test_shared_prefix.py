@@ -8,73 +8,47 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, OpenAIGPTConfig
-
-from persona_backbone import (
-    PersonaDoubleHeadsConfig,
-    PersonaDoubleHeadsModel,
-    PersonaGPT2DoubleHeadsModel,
-    PersonaOpenAIGPTDoubleHeadsModel,
+from helpers import (
+    PAD,
+    SPEAKERS,
+    VOCAB,
+    backbone_config,
+    count_backbone_calls,
+    encodings_run,
+    random_batch,
+    random_example,
+    tiny_double_heads,
+    tiny_gpt2,
+    tiny_openai_gpt,
 )
+
 from persona_collator import PersonaCollator
 from persona_data import build_features
 from persona_encoding import set_candidate_encoding
 from persona_inputs import build_inputs
 from persona_shared_prefix import encode_shared_prefix, shared_prefix_lengths, shared_prefix_unsupported_reason
-from persona_tokens import SpecialTokenIds
-
-SPEAKERS = SpecialTokenIds(bos=1, eos=2, speaker1=3, speaker2=4)
-PAD = 0
-VOCAB = 64
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
 
 
-def tiny_gpt2(seed: int = 0, n_positions: int = 256, **overrides) -> PersonaGPT2DoubleHeadsModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return PersonaGPT2DoubleHeadsModel(config).eval()
-
-
-def random_example(rng: random.Random, num_candidates: int, max_history: int, long: bool, shared_start: bool) -> dict:
-    """One `build_features`-style row (built with the reference builder) with random lengths."""
-    words = lambda n: [rng.randrange(5, VOCAB) for _ in range(n)]  # noqa: E731
-    scale = 4 if long else 1
-    persona = [words(rng.randint(1, 5 * scale)) for _ in range(rng.randint(0, 3))]
-    history = [words(rng.randint(1, 6 * scale)) for _ in range(rng.choice([1, 3, 5, 7]))]
-    history = history[-(2 * max_history + 1) :]
-    start = words(2) if shared_start else []  # candidates sharing their first reply tokens
-    replies = [start + words(rng.randint(1, 9)) for _ in range(num_candidates)]
-    gold = num_candidates - 1
-    rows = [build_inputs(persona, history, r, SPEAKERS, lm_labels=i == gold) for i, r in enumerate(replies)]
-    row = {key: [r[key] for r in rows] for key in ("input_ids", "token_type_ids", "labels", "mc_token_ids")}
-    row["mc_labels"] = num_candidates - 1
-    return row
-
-
-def random_batch(seed: int, batch_size: int, num_candidates: int, max_history: int = 2, mixed: bool = True) -> dict:
-    rng = random.Random(seed)
-    rows = [
-        random_example(rng, num_candidates, max_history, long=mixed and b % 2 == 0, shared_start=b % 3 == 1)
-        for b in range(batch_size)
-    ]
-    return PersonaCollator(pad_token_id=PAD)(rows)
-
-
-def run(model, batch: dict, shared: bool, backward: bool = True) -> tuple:
-    set_candidate_encoding(model, "shared_prefix" if shared else "plain")
+def run(model, batch: dict, shared: bool, backward: bool = True, expect: str | None = None) -> tuple:
+    """Forward (and backward) with the shared prefix or the plain encoding asked for; asserts that `expect` (default:
+    the one asked for) ran."""
+    asked = "shared_prefix" if shared else "plain"
+    set_candidate_encoding(model, asked)
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
+    with encodings_run() as ran:
+        out = model(**batch)
+    assert ran == [expect or asked], f"asked for {asked}, expected {expect or asked} to run, ran {ran}"
     if backward:
         (out.lm_loss + out.mc_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def assert_same(model, batch: dict, atol: float = 1e-5) -> None:
+def assert_same(model, batch: dict, atol: float = 1e-5, shared_runs: str = "shared_prefix") -> None:
+    """The shared-prefix forward and backward equal the plain ones; `shared_runs` is the encoding that must run when
+    shared_prefix is asked for ("plain" where it falls back)."""
     plain, plain_grads = run(model, batch, shared=False)
-    shared, shared_grads = run(model, batch, shared=True)
+    shared, shared_grads = run(model, batch, shared=True, expect=shared_runs)
     for key in ("lm_loss", "mc_loss", "mc_logits", "lm_nll", "lm_tokens", "mc_nll", "lm_end_nll"):
         torch.testing.assert_close(getattr(shared, key), getattr(plain, key), atol=atol, rtol=1e-5, msg=key)
     assert plain_grads.keys() == shared_grads.keys() and plain_grads
@@ -139,18 +113,6 @@ def test_shared_path_really_runs():
     assert shapes[1][1] < t
 
 
-@pytest.fixture(scope="module")
-def persona_setup(tmp_path_factory):
-    """Synthetic dialogs and a tiny checkpoint of our own (conftest's synthetic_data is too small for 20 candidates)."""
-    from persona_model import load_model_and_tokenizer
-    from persona_synthetic import corpus_texts, make_synthetic_personachat, make_tiny_checkpoint
-
-    data = make_synthetic_personachat(num_train=16, num_valid=16, seed=0)
-    out = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-gpt2-sp")), corpus_texts(data), n_embd=32, n_head=2)
-    model, tokenizer = load_model_and_tokenizer(out)
-    return data, model, tokenizer
-
-
 def test_through_build_features(persona_setup):
     """Real rows from build_features (max_history and max_length cuts), the tiny checkpoint, eval mode."""
     from datasets import Dataset
@@ -167,12 +129,10 @@ def test_through_build_features(persona_setup):
 
 
 def test_openai_gpt_falls_back_with_a_message(caplog):
-    torch.manual_seed(0)
-    config = OpenAIGPTConfig(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, **NO_DROPOUT)
-    model = PersonaOpenAIGPTDoubleHeadsModel(config).eval()
+    model = tiny_openai_gpt()
     batch = random_batch(0, batch_size=2, num_candidates=4)
     with caplog.at_level(logging.WARNING, logger="persona_encoding"):
-        assert_same(model, batch, atol=0)
+        assert_same(model, batch, atol=0, shared_runs="plain")
     assert "no key/value cache" in caplog.text
 
 
@@ -180,7 +140,7 @@ def test_gradient_checkpointing_falls_back():
     model = tiny_gpt2()
     model.activation_checkpointing_enable()
     model.train()  # dropout is 0: train mode is deterministic
-    assert_same(model, random_batch(1, batch_size=2, num_candidates=2), atol=0)
+    assert_same(model, random_batch(1, batch_size=2, num_candidates=2), atol=0, shared_runs="plain")
 
 
 def _rows(seed: int, n: int, num_candidates: int) -> list[dict]:
@@ -218,8 +178,10 @@ def _train_and_evaluate(tmp_path, shared: bool) -> tuple[dict, dict]:
         train_dataset=Dataset.from_list(_rows(0, 12, num_candidates=4)),
         eval_dataset=Dataset.from_list(_rows(1, 7, num_candidates=20)),
     )
-    trainer.train()
-    metrics = trainer.evaluate()
+    with encodings_run() as ran:
+        trainer.train()
+        metrics = trainer.evaluate()
+    assert set(ran) == {"shared_prefix" if shared else "plain"}, ran
     return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
 
 
@@ -237,17 +199,11 @@ def test_trainer_with_gradient_accumulation_matches_plain_path(tmp_path):
 
 
 def _tiny_backbone(model_type: str):
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     torch.manual_seed(0)
-    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32}
-    extra = {
-        "gpt2": {"n_positions": 256, **NO_DROPOUT},
-        "llama": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
-        "qwen2": {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 256},
-        "opt": {"ffn_dim": 64, "max_position_embeddings": 256, "word_embed_proj_dim": 32, "dropout": 0.0},
-    }[model_type]
-    return AutoModel.from_config(AutoConfig.for_model(model_type, **common, **extra)).eval()
+    unprojected = {"word_embed_proj_dim": 32} if model_type == "opt" else {}  # hidden states of hidden_size
+    return AutoModel.from_config(backbone_config(model_type, VOCAB, **unprojected)).eval()
 
 
 @pytest.mark.parametrize(
@@ -322,32 +278,6 @@ def test_run_persona_flag():
 # The generic double-heads model (any causal LM backbone): the same shared-prefix path through `inputs_embeds`.
 
 
-def tiny_double_heads(family: str, seed: int = 0, **overrides):
-    """A tiny random `PersonaDoubleHeadsModel` on `family` (configs as in test_backbones.py: OPT with a projection)."""
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
-
-    small = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-    small["max_position_embeddings"] = 256
-    if family == "opt":
-        config = OPTConfig(**small, ffn_dim=64, word_embed_proj_dim=16, dropout=0.0, **overrides)
-    elif family == "llama":
-        config = LlamaConfig(
-            **small, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **overrides
-        )
-    else:
-        config = Qwen2Config(**small, intermediate_size=64, num_key_value_heads=2, **overrides)
-    torch.manual_seed(seed)
-    model = PersonaDoubleHeadsModel(PersonaDoubleHeadsConfig.from_backbone(config, summary_first_dropout=0.0))
-    return model.eval()
-
-
-def count_backbone_calls(backbone) -> list:
-    """Shapes [N, L] of the backbone's outputs, one per call (a forward hook)."""
-    shapes = []
-    backbone.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.last_hidden_state.shape[:2])))
-    return shapes
-
-
 GENERIC_FAMILIES = ["llama", "qwen2", "opt"]
 
 
@@ -393,7 +323,7 @@ def test_generic_double_heads_falls_back_with_gradient_checkpointing_and_sliding
     model.train()  # dropout is 0: train mode is deterministic
     calls = count_backbone_calls(model.decoder)
     with caplog.at_level(logging.WARNING, logger="persona_encoding"):
-        assert_same(model, batch, atol=0)
+        assert_same(model, batch, atol=0, shared_runs="plain")
     assert "gradient checkpointing" in caplog.text
     assert len(calls) == 2  # one full pass per path
 
@@ -401,5 +331,5 @@ def test_generic_double_heads_falls_back_with_gradient_checkpointing_and_sliding
     model = tiny_double_heads("qwen2", seed=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert any(t != "full_attention" for t in model.config.text_config.layer_types)
     with caplog.at_level(logging.WARNING, logger="persona_encoding"):
-        assert_same(model, batch, atol=0)
+        assert_same(model, batch, atol=0, shared_runs="plain")
     assert "non-full attention" in caplog.text

@@ -11,44 +11,13 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, error_line, no_loading
 
 import persona_chat
 import persona_demo
 import persona_eval
 import run_persona
 from persona_errors import UsageError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
-
-
-def error_line(cli, argv, capsys) -> str:
-    """Run a console script's `cli(argv)` in-process; assert status 2 and exactly one `prog: error:` line on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-def no_loading(monkeypatch):
-    """Fail the test if a model gets loaded: flag checks come first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flags were checked")
-
-    import persona_generation
-    import persona_model
-
-    # The scripts import the loaders inside main, from their homes: patched there, every script sees the refusal.
-    monkeypatch.setattr(persona_generation, "load_for_chat", refuse)
-    monkeypatch.setattr(persona_model, "load_model_and_tokenizer", refuse)
 
 
 @pytest.mark.parametrize(
@@ -439,6 +408,7 @@ def test_corrupted_feature_cache_hints_overwrite_cache(tiny_checkpoint, personac
     assert str(cache) in line and "--overwrite_cache true" in line
 
 
+@pytest.mark.slow
 def test_one_line_through_the_real_console_script_and_once_under_torchrun(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONA_DEBUG": "0", "OMP_NUM_THREADS": "1"}
     args = ["--output_dir", str(tmp_path / "o"), "--gradient_accumulation_steps", "0"]
