@@ -350,16 +350,29 @@ def readme_section() -> str:
 
 @pytest.mark.slow
 def test_readme_self_chat_commands_run(persona_checkpoint, personachat_json, tiny_nli_checkpoints, tmp_path):
-    (bash,) = re.findall(r"```bash\n(.*?)```", readme_section(), flags=re.S)
+    commands, plot = re.findall(r"```bash\n(.*?)```", readme_section(), flags=re.S)
     swaps = {"runs/my-run": persona_checkpoint, "data.json": personachat_json}
     swaps["path/to/nli-checkpoint"] = tiny_nli_checkpoints["deberta-style"]
-    lines = [line for line in bash.strip().splitlines() if line.startswith("persona-eval")]
-    assert len(lines) == 2
+    lines = commands.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("persona-eval ") for line in lines)
     for k, line in enumerate(lines):
         for old, new in swaps.items():
             line = line.replace(old, new)
-        argv = shlex.split(line)[1:]
-        run_eval([*argv, "--output_file", str(tmp_path / f"{k}.json"), "--max_new_tokens", "4"])
+        run_eval([*shlex.split(line)[1:], "--output_file", str(tmp_path / f"{k}.json"), "--max_new_tokens", "4"])
         report = json.loads((tmp_path / f"{k}.json").read_text())
         assert report["self_chat_turns"] == 16 and report["conversations"] == 8
         assert "probe_agreement_first" in report["summary"]
+    assert "self_contradiction_rate" in report["summary"]  # the second command has an NLI model
+
+    # The plot's commands, as written, in a fresh folder.
+    synthetic, evaluation = (shlex.split(line) for line in plot.strip().splitlines())
+    assert synthetic[:2] == ["python", "persona_synthetic.py"] and evaluation[0] == "persona-eval"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for argv in ([sys.executable, os.path.join(ROOT, "persona_synthetic.py"), *synthetic[2:]],
+                 [sys.executable, os.path.join(ROOT, "persona_eval.py"), *evaluation[1:]]):  # fmt: skip
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "docs" / "self_chat_drift.json").read_text())
+    assert report["plot_file"] == "docs/self_chat_drift.png" and report["self_chat_turns"] == 16
+    assert ("Drift plot: docs/self_chat_drift.png" in proc.stdout) == (tmp_path / report["plot_file"]).exists()
+    assert os.path.exists(os.path.join(ROOT, "docs", "self_chat_drift.png"))  # the README's image
