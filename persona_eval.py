@@ -5,6 +5,7 @@ consistency (NLI C-score) of generated replies.
     persona-eval --model_name_or_path runs/my-run --dataset_path personachat_self_original.json
     persona-eval --model_name_or_path runs/my-run --dataset_path data.json --max_turns 200 --no_f1
     persona-eval --model_name_or_path runs/my-run --dataset_path data.json --nli_model path/to/nli-checkpoint
+    persona-eval --model_name_or_path runs/my-run --dataset_path data.json --self_chat 16 --probe_turns 2,8,16
     accelerate launch persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
     torchrun --nproc_per_node 8 persona_eval.py --model_name_or_path runs/my-run --dataset_path data.json
 
@@ -19,6 +20,8 @@ diversity (`distinct_*`, `repeat_*`) and, with `--nli_model`, the C-score are re
 `PersonaTrainer`'s own evaluation step, so these numbers and the Trainer's `eval_*` metrics come from one piece of
 code. The same F1, Hits@k and C-score ship as an `evaluate` metric:
 `evaluate.load(persona_eval.CONVAI2_METRIC_PATH)` (config "f1", "hits" or "consistency").
+`--self_chat N` runs N-turn conversations with a partner instead and scores the bot's consistency turn by turn
+(`persona_selfchat`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from persona_errors import UsageError, check_positive
 from persona_inputs import MIN_INPUT_LENGTH, history_window
 from persona_locations import check_model_path, check_writable
 from persona_metrics import PAIR_ORDERS, f1_score  # noqa: F401 (f1_score: public API, the ConvAI2 F1 of one pair)
+from persona_probes import MAX_SELF_CHAT_TURNS, PARTNERS, check_turns, parse_probe_turns
 from persona_process import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -95,11 +99,38 @@ class EvalArguments(DialogArguments, ModelArguments):
     )
     nli_batch_size: int = field(default=64, metadata={"help": "(reply, persona sentence) pairs per NLI batch."})
     nli_penalty: float = field(default=0.0, metadata={"help": "Re-rank --num_ranked replies by --nli_model (README)."})
+    self_chat: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Self-chat instead of the ConvAI2 scores: N-turn conversations (1..{MAX_SELF_CHAT_TURNS}) of the "
+            "bot with a partner, scored turn by turn (README: Self-chat)."
+        },
+    )
+    num_conversations: int = field(default=8, metadata={"help": "Self-chats: one per dialog persona of the split."})
+    partner: str = field(
+        default="bot",
+        metadata={
+            "help": "The self-chat partner: bot (the checkpoint, or --partner_model, with the next dialog's persona) "
+            "or scripted (the partner turns of the split's dialogs).",
+            "choices": list(PARTNERS),
+        },
+    )
+    partner_model: str | None = field(
+        default=None, metadata={"help": "Another checkpoint as the partner bot (its own tokenizer and input format)."}
+    )
+    probe_turns: str | None = field(
+        default=None, metadata={"help": "Bot turns (1-based, e.g. 2,8,16) where the partner asks about a persona fact."}
+    )
+    probe_file: str | None = field(
+        default=None,
+        metadata={"help": 'JSONL probes, one a line: {"persona": DIALOG_INDEX, "question": "...", "sentence": INDEX}.'},
+    )
 
     def __post_init__(self):
-        check_positive(self, "max_turns", "batch_size", "nli_batch_size")
+        check_positive(self, "max_turns", "batch_size", "nli_batch_size", "num_conversations")
+        self._check_self_chat()
         check_positive(self, "max_length", minimum=MIN_INPUT_LENGTH)
-        if self.save_predictions and not self.f1:
+        if self.save_predictions and not self.f1 and self.self_chat is None:
             raise UsageError("--save_predictions keeps the replies generated for F1; drop --no_f1 (or --f1 false).")
         if not (math.isfinite(self.nli_penalty) and self.nli_penalty >= 0):
             raise UsageError(f"--nli_penalty must be a finite number >= 0, got {self.nli_penalty}.")
@@ -112,7 +143,7 @@ class EvalArguments(DialogArguments, ModelArguments):
             warn_ignored("persona-eval", unused, "NLI options apply with --nli_model")
         else:
             check_model_path(self.nli_model, "--nli_model")
-            if not self.f1:
+            if not self.f1 and self.self_chat is None:
                 raise UsageError("--nli_model scores the replies generated for F1; drop --no_f1 (or --f1 false).")
         super().__post_init__()
         # Where the results go, checked before anything loads: an evaluation must not end with nowhere to save.
@@ -121,6 +152,28 @@ class EvalArguments(DialogArguments, ModelArguments):
         else:
             folder = self.model_name_or_path if os.path.isdir(self.model_name_or_path) else "."
             check_writable(folder, "--output_file (none: the checkpoint folder, or here)", folder=True)
+
+    def _check_self_chat(self) -> None:
+        only = ("num_conversations", "partner", "partner_model", "probe_turns", "probe_file")
+        if self.self_chat is None:
+            given = set_by_user(self, only)
+            if given:
+                raise UsageError(f"--{given[0]} is an option of the self-chat; add --self_chat N (turns).")
+            return
+        check_turns(self.self_chat, parse_probe_turns(self.probe_turns) if self.probe_turns else ())
+        if self.partner not in PARTNERS:
+            raise UsageError(f"--partner must be one of {', '.join(PARTNERS)}, got {self.partner!r}.")
+        if self.partner_model is not None:
+            if self.partner == "scripted":
+                raise UsageError("--partner_model is a partner bot; --partner scripted says scripted turns. Pick one.")
+            check_model_path(self.partner_model, "--partner_model")
+        if self.probe_file is not None and not self.probe_turns:
+            raise UsageError("--probe_file gives the probe questions; say when to ask them with --probe_turns 2,8,16.")
+        warn_ignored(
+            "persona-eval",
+            set_by_user(self, ("max_turns", "f1", "save_predictions", "max_length")),
+            "the self-chat scores its own conversations (saved beside the results)",
+        )
 
 
 def make_parser() -> HfArgumentParser:
@@ -135,7 +188,7 @@ UNTRAINED_HEAD = "untrained (not in the checkpoint): hits@k rank at random, lm_h
 
 
 def default_output_file(args: EvalArguments, split: str | None = None) -> str:
-    name = f"convai2_eval_{split or args.split}.json"
+    name = f"{'self_chat' if args.self_chat else 'convai2_eval'}_{split or args.split}.json"
     if os.path.isdir(args.model_name_or_path):
         return os.path.join(args.model_name_or_path, name)
     return name
@@ -181,6 +234,8 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
     from persona_nli import NLIScorer
 
     generation = generation or EvalGenerationArguments()
+    if args.self_chat is not None:
+        return main_self_chat(args, generation)
     if args.nli_penalty > 0 and generation.num_ranked < 2:
         raise UsageError(f"--nli_penalty re-ranks sampled replies; set --num_ranked > 1 (got {generation.num_ranked}).")
     setup_logging(logging.INFO if is_rank_zero() else logging.WARNING)
@@ -239,6 +294,68 @@ def main(args: EvalArguments, generation: EvalGenerationArguments | None = None)
         print(format_table({k: v for k, v in metrics.items() if k != "candidates_per_turn"}, head_trained))
         print(f"Saved {output_file}" + (" (it replaces the earlier results that file held)" if replaced else ""))
     return results
+
+
+def main_self_chat(args: EvalArguments, generation: EvalGenerationArguments) -> dict:
+    """`--self_chat N`: the conversations (JSONL), the per-turn drift curves and their summary (JSON), the plot."""
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    from persona_data import find_split, load_dialogs
+    from persona_model import load_model_and_tokenizer
+    from persona_nli import NLIScorer
+    from persona_selfchat import build_report, dialog_conversations, save_self_chat, self_chat, summary_table
+    from persona_trainer import has_accelerator
+
+    if args.nli_penalty > 0 and generation.num_ranked < 2:
+        raise UsageError(f"--nli_penalty re-ranks sampled replies; set --num_ranked > 1 (got {generation.num_ranked}).")
+    setup_logging(logging.INFO if is_rank_zero() else logging.WARNING)
+    # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator.
+    accelerator = Accelerator(cpu=not has_accelerator())
+    nli = None
+    if args.nli_model is not None:
+        options = {"pair_order": args.nli_pair_order, "batch_size": args.nli_batch_size}
+        nli = NLIScorer.from_pretrained(args.nli_model, device=accelerator.device, **options)
+    with accelerator.main_process_first():
+        dialogs = load_dialogs(args.dataset_path, args.dataset_format, **args.read_options())
+    split = find_split(dialogs, args.split, args.dataset_path)
+    plan = dialog_conversations(dialogs[split], args.num_conversations, args.self_chat, args.partner, args.probe_file)
+    set_seed(generation.seed or 0)  # before loading: new persona-token embeddings are the same on every process
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype, **args.load_options())
+    partner = {}
+    if args.partner_model is not None:
+        partner_model, partner_tokenizer = load_model_and_tokenizer(
+            args.partner_model, dtype=args.dtype, **args.load_options()
+        )
+        partner = {"partner_model": partner_model.to(accelerator.device).eval(), "partner_tokenizer": partner_tokenizer}
+    options = generation.generation_options()
+    if nli is not None and args.nli_penalty > 0:
+        options.update(nli_scorer=nli, nli_penalty=args.nli_penalty)
+    results = self_chat(
+        model.to(accelerator.device).eval(),
+        tokenizer,
+        **plan,
+        **partner,
+        turns=args.self_chat,
+        probe_turns=parse_probe_turns(args.probe_turns) if args.probe_turns else (),
+        nli=nli,
+        max_history=args.max_history,
+        batch_size=args.batch_size,
+        accelerator=accelerator,
+        **options,
+    )
+    output_file = args.output_file or default_output_file(args, split)
+    meta = {"checkpoint": args.model_name_or_path, "dataset": args.dataset_path, "split": split}
+    meta.update(partner=args.partner_model or args.partner, num_processes=accelerator.num_processes)
+    meta["options"] = {**asdict(args), **asdict(generation)}
+    report = build_report(results, meta, output_file)
+    if accelerator.is_main_process:
+        plot_line = save_self_chat(results, report, output_file)
+        print(f"Self-chat of {args.model_name_or_path}: {report['conversations']} chats of {args.self_chat} turns")
+        print(summary_table(results["summary"]))
+        print(f"Saved {output_file} and {report['conversations_file']}")
+        print(plot_line)
+    return report
 
 
 def cli(argv: list[str] | None = None) -> int:

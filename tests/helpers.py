@@ -10,13 +10,16 @@ import random
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 
 from persona_chat_options import DEFAULT_SYSTEM_PROMPT
 from persona_collator import PersonaCollator
 from persona_inputs import build_inputs
+from persona_nli import NLIScorer
 from persona_tokens import SpecialTokenIds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -420,3 +423,30 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class RuleNLI(torch.nn.Module):
+    """A stub NLI checkpoint whose label for a (reply, persona sentence) pair comes from `judge`; its tokenizer hands
+    the pair's index to the model, so no text is really encoded."""
+
+    def __init__(self, judge, id2label=("contradiction", "entailment", "neutral")):
+        super().__init__()
+        self.config = PretrainedConfig(id2label=dict(enumerate(id2label)))
+        self.judge, self.id2label, self.pairs = judge, id2label, []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a parameter, so the scorer finds a device
+
+    def tokenizer(self, first, second, **kwargs):
+        start = len(self.pairs)
+        self.pairs.extend(zip(first, second))
+        return {"input_ids": torch.arange(start, len(self.pairs))[:, None]}
+
+    def forward(self, input_ids):
+        logits = torch.zeros(len(input_ids), 3)
+        for row, index in enumerate(input_ids[:, 0].tolist()):
+            logits[row, self.id2label.index(self.judge(*self.pairs[index]))] = 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def stub_scorer(judge) -> NLIScorer:
+    model = RuleNLI(judge)
+    return NLIScorer(model, model.tokenizer, name="rule-nli", batch_size=4)

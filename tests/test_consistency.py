@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import run_cli
-from transformers import GPT2DoubleHeadsModel, PretrainedConfig, pipeline
+from helpers import run_cli, stub_scorer
+from transformers import GPT2DoubleHeadsModel, pipeline
 
 from persona_assets import CONVAI2_METRIC_PATH
 from persona_convai2 import evaluate_convai2, flatten_turns, reply_metrics
@@ -83,33 +83,6 @@ def test_consistency_worked_example():
         "contradiction_rate_gold": 0.5,
         "entailment_rate_gold": 0.5,
     }
-
-
-class RuleNLI(torch.nn.Module):
-    """A stub NLI checkpoint whose label for a (reply, persona sentence) pair comes from `judge`; its tokenizer hands
-    the pair's index to the model, so no text is really encoded."""
-
-    def __init__(self, judge, id2label=("contradiction", "entailment", "neutral")):
-        super().__init__()
-        self.config = PretrainedConfig(id2label=dict(enumerate(id2label)))
-        self.judge, self.id2label, self.pairs = judge, id2label, []
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a parameter, so the scorer finds a device
-
-    def tokenizer(self, first, second, **kwargs):
-        start = len(self.pairs)
-        self.pairs.extend(zip(first, second))
-        return {"input_ids": torch.arange(start, len(self.pairs))[:, None]}
-
-    def forward(self, input_ids):
-        logits = torch.zeros(len(input_ids), 3)
-        for row, index in enumerate(input_ids[:, 0].tolist()):
-            logits[row, self.id2label.index(self.judge(*self.pairs[index]))] = 5.0
-        return SimpleNamespace(logits=logits)
-
-
-def stub_scorer(judge) -> NLIScorer:
-    model = RuleNLI(judge)
-    return NLIScorer(model, model.tokenizer, name="rule-nli", batch_size=4)
 
 
 def test_a_stub_nli_moves_c_score_by_the_expected_amount(synthetic_data):
