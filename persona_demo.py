@@ -35,7 +35,7 @@ from persona_decoding import GENERATION_DEFAULTS, MAX_RANKED, NLIRankingArgument
 from persona_errors import PersonaError  # noqa: E402
 
 # The generation API (torch and the model stack), loaded on first use (PEP 562): flags are parsed first.
-GENERATION_API = ("PersonaBot", "check_device", "load_for_chat")
+GENERATION_API = ("check_device", "generate_replies", "load_for_chat")
 
 
 __getattr__ = lazy_exports(__name__, {"persona_generation": GENERATION_API})
@@ -117,33 +117,31 @@ def build_demo(
         if not message:
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
+        # The generation API on this session's turns: the context cut to the last turns it uses, and the bot's
+        # own turns (all of them) counted by the repetition options.
+        options = {
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "top_k": int(top_k),
+            "max_new_tokens": int(max_new_tokens),
+            "min_length": min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
+            "no_sample": bool(greedy),
+            "num_ranked": 1 if greedy else int(num_ranked),  # greedy decoding gives one reply: nothing to rank
+            "no_repeat_ngram_size": int(no_repeat_ngram_size),
+            "repetition_penalty": float(repetition_penalty),
+        }
         try:
-            bot = sys.modules[__name__].PersonaBot(
+            (answer,) = sys.modules[__name__].generate_replies(
                 model,
                 tokenizer,
-                _persona_lines(persona_text),
+                [(_persona_lines(persona_text), [*turns, message])],
                 max_history=max_history,
-                temperature=float(temperature),
-                top_p=float(top_p),
-                top_k=int(top_k),
-                max_new_tokens=int(max_new_tokens),
-                min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
-                no_sample=bool(greedy),
-                # Greedy decoding gives one reply: nothing to rank.
-                num_ranked=1 if greedy else int(num_ranked),
-                no_repeat_ngram_size=int(no_repeat_ngram_size),
-                repetition_penalty=float(repetition_penalty),
+                own_turns=[list(turns[1::2])],
                 nli_scorer=nli_scorer,
                 nli_penalty=nli_penalty,
+                **options,
             )
-        except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
-            raise gr.Error(str(err)) from None
-        # The bot keeps only the turns its context uses; the page shows them all (the bot's own for repetition).
-        bot.history = list(turns)
-        bot.own_replies = list(turns[1::2])
-        try:
-            answer = bot.reply(message)
-        except ValueError as err:  # e.g. a reply budget the model's window cannot hold
+        except ValueError as err:  # e.g. ranking without a trained head, a reply budget the window cannot hold
             raise gr.Error(str(err)) from None
         turns = [*turns, message, answer]
         return "", _messages(turns), turns
