@@ -48,6 +48,7 @@ GENERATION_API = (
     "check_device",
     "check_reply_budget",
     "generate_ranked",
+    "generate_ranked_replies",
     "generate_replies",
     "generate_reply_ids",
     "load_for_chat",

@@ -7,8 +7,9 @@ processors. Every generated token carries the reply segment's token type because
 its template's rendering of the system message and the history with the assistant header.
 
 The decoding options live in `persona_decoding`. With `num_ranked` N > 1 the context is encoded once, N replies are
-sampled behind it and the multiple-choice head picks one (`persona_ranking`); the repetition options are logits
-processors that never count the persona (`persona_repetition`).
+sampled behind it and the multiple-choice head picks one, scoring the candidates' rows on the key/value cache sampling
+built (`persona_ranking.score_on_cache`); the repetition options are logits processors that never count the persona
+(`persona_repetition`).
 """
 
 from __future__ import annotations
