@@ -14,7 +14,6 @@ built (`persona_ranking.score_on_cache`); the repetition options are logits proc
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from persona_ranking import (
     best_first,
     check_can_rank,
     continuation,
+    forward_without_vocabulary,
     reply_rows,
     score_on_cache,
     score_replies,
@@ -119,20 +119,6 @@ def _bot_turns(history: Sequence[str]) -> list[str]:
     return list(history[-2::-2])
 
 
-def _encode_prefix(model, prefix: dict[str, torch.Tensor], cache) -> None:
-    """Fill `cache` with the keys and values of `prefix`, skipping the vocabulary projection where the model allows:
-    no logit of the prefix is read (GPT-2's double-heads forward would project every position)."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        model(**prefix, cache=cache, use_cache=True, logits_to_keep=1)
-        return
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: the LoRA'd model
-    backbone = getattr(inner, inner.base_model_prefix, None)
-    if isinstance(backbone, torch.nn.Module) and "cache" in inspect.signature(backbone.forward).parameters:
-        backbone(**prefix, cache=cache, use_cache=True)  # GPT-2: the transformer, token types included
-    else:
-        model(**prefix, cache=cache, use_cache=True)
-
-
 def _generate_rows(model, batch: dict[str, torch.Tensor], config, processors, num_ranked: int):
     """`model.generate` on a [B, T] batch, `num_ranked` sampled rows per context: the sequences [B * num_ranked,
     T + new] and the key/value cache of every token fed (None when the model keeps none)."""
@@ -144,7 +130,8 @@ def _generate_rows(model, batch: dict[str, torch.Tensor], config, processors, nu
         # num_return_sequences would encode it num_ranked times); generate() then runs the last context token and
         # the replies only.
         cache = DynamicCache(config=model.config)
-        _encode_prefix(model, {key: value[:, :-1] for key, value in batch.items()}, cache)
+        # No logit of the prefix is read: its keys and values only.
+        forward_without_vocabulary(model, {key: value[:, :-1] for key, value in batch.items()}, cache)
         cache.batch_repeat_interleave(num_ranked)
         rows = {key: value.repeat_interleave(num_ranked, dim=0) for key, value in batch.items()}
         output = model.generate(**rows, cache=cache, **options)

@@ -16,6 +16,7 @@ on. Two computations give those scores:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,7 +151,8 @@ def score_on_cache(model: PreTrainedModel, cache, key_mask: torch.Tensor, width:
     """
     device = key_mask.device
     rows = torch.tensor([c.row for c in continuations], device=device)
-    cache.batch_select_indices(rows)
+    if len(continuations) != key_mask.size(0) or rows.ne(torch.arange(len(rows), device=device)).any():
+        cache.batch_select_indices(rows)
     keys = key_mask[rows].clone()  # [D, L]
     generated = torch.arange(keys.size(1) - width, device=device)
     kept = torch.tensor([c.keep for c in continuations], device=device)
@@ -171,7 +173,25 @@ def score_on_cache(model: PreTrainedModel, cache, key_mask: torch.Tensor, width:
     }
     if continuations[0].token_type_ids is not None:
         inputs["token_type_ids"] = torch.tensor([[padded(c.token_type_ids) for c in continuations]], device=device)
-    return model(**inputs, cache=cache, use_cache=True).mc_logits[0].float().cpu()
+    return forward_without_vocabulary(model, inputs, cache)[0].float().cpu()
+
+
+def forward_without_vocabulary(model: PreTrainedModel, inputs: dict, cache) -> torch.Tensor | None:
+    """Run `inputs` on `cache` without projecting onto the vocabulary (no logit of them is read): with
+    `logits_to_keep=1` where the model takes it (the generic backbone), else through its base transformer (GPT-2's
+    double-heads forward would project every position), or the plain forward for a model with neither. Returns the
+    multiple-choice scores when `inputs` holds `mc_token_ids`."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).mc_logits
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: the adapted model
+    backbone = getattr(inner, inner.base_model_prefix, None)
+    if not (isinstance(backbone, torch.nn.Module) and "cache" in inspect.signature(backbone.forward).parameters):
+        return model(**inputs, cache=cache, use_cache=True).mc_logits
+    inputs = dict(inputs)
+    mc_token_ids = inputs.pop("mc_token_ids", None)
+    hidden = backbone(**inputs, cache=cache, use_cache=True).last_hidden_state  # GPT-2: token types included
+    # As GPT2DoubleHeadsModel.forward reads them: the head on the hidden state at each mc_token_ids position.
+    return None if mc_token_ids is None else inner.multiple_choice_head(hidden, mc_token_ids).squeeze(-1)
 
 
 def nli_penalised(scores: torch.Tensor, contradiction: torch.Tensor, penalty: float) -> torch.Tensor:
