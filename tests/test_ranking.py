@@ -475,3 +475,17 @@ def test_the_real_nli_scorer_penalises_as_the_formula_says(model, tokenizer, tin
     expected = {r: plain[r] - 1.5 * spread * c for r, c in zip(replies, contradiction)}
     ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=scorer, nli_penalty=1.5)
     assert dict(ranked) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ranked_latency_bench_runs(tmp_path):
+    """bench/ranked_latency.py as the README gives it (`--tokenizer_vocab`), on the small model and a short reply."""
+    argv = ["--tokenizer_vocab", "--threads", "1", "--small", "--repeats", "1", "--new_tokens", "3", "--ranked", "4"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "ranked_latency.py"), *argv],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"num_ranked=4: [1-4] distinct candidates", result.stdout), result.stdout
+    assert re.search(r"num_ranked 4 / num_ranked 1: \d+\.\d\dx wall, \d+\.\d\dx CPU", result.stdout), result.stdout
