@@ -30,7 +30,7 @@ PERSONA_FILE = "a text file, one sentence per line"  # what to pass instead of a
 
 # The public generation API, importable from here (`persona_chat.PersonaBot`, `persona_chat.load_for_chat`, ...), loaded
 # on first use, so that the flags parse (and --help prints) before torch loads.
-PUBLIC_API = ("PersonaBot", "generate_ranked", "generate_replies", "load_for_chat")
+PUBLIC_API = ("PersonaBot", "generate_ranked", "generate_ranked_replies", "generate_replies", "load_for_chat")
 
 
 def __getattr__(name: str):

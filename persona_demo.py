@@ -73,7 +73,6 @@ def build_demo(
     import gradio as gr
 
     from persona_data import random_persona as draw_persona
-    from persona_generation import PersonaBot
 
     rng = random.Random(seed)
     persona = list(persona) or draw_persona(personas, rng)
@@ -108,33 +107,33 @@ def build_demo(
         if not message:
             return "", _messages(turns), turns
         check_sizes(message, persona_text or "")
+        # The generation API on this session's turns: the context cut to the last turns it uses, and the bot's
+        # own turns (all of them) counted by the repetition options.
+        options = {
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "top_k": int(top_k),
+            "max_new_tokens": int(max_new_tokens),
+            "min_length": min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
+            "no_sample": bool(greedy),
+            "num_ranked": 1 if greedy else int(num_ranked),  # greedy decoding gives one reply: nothing to rank
+            "no_repeat_ngram_size": int(no_repeat_ngram_size),
+            "repetition_penalty": float(repetition_penalty),
+        }
         try:
-            bot = PersonaBot(
+            from persona_generation import generate_replies  # looked up per message: a test may wrap it
+
+            (answer,) = generate_replies(
                 model,
                 tokenizer,
-                _persona_lines(persona_text),
+                [(_persona_lines(persona_text), [*turns, message])],
                 max_history=max_history,
-                temperature=float(temperature),
-                top_p=float(top_p),
-                top_k=int(top_k),
-                max_new_tokens=int(max_new_tokens),
-                min_length=min(GENERATION_DEFAULTS["min_length"], int(max_new_tokens)),
-                no_sample=bool(greedy),
-                # Greedy decoding gives one reply: nothing to rank.
-                num_ranked=1 if greedy else int(num_ranked),
-                no_repeat_ngram_size=int(no_repeat_ngram_size),
-                repetition_penalty=float(repetition_penalty),
+                own_turns=[list(turns[1::2])],
                 nli_scorer=nli_scorer,
                 nli_penalty=nli_penalty,
+                **options,
             )
-        except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
-            raise gr.Error(str(err)) from None
-        # The bot keeps only the turns its context uses; the page shows them all (the bot's own for repetition).
-        bot.history = list(turns)
-        bot.own_replies = list(turns[1::2])
-        try:
-            answer = bot.reply(message)
-        except ValueError as err:  # e.g. a reply budget the model's window cannot hold
+        except ValueError as err:  # e.g. ranking without a trained head, a reply budget the window cannot hold
             raise gr.Error(str(err)) from None
         turns = [*turns, message, answer]
         return "", _messages(turns), turns

@@ -7,15 +7,16 @@ processors. Every generated token carries the reply segment's token type because
 its template's rendering of the system message and the history with the assistant header.
 
 The decoding options live in `persona_decoding`. With `num_ranked` N > 1 the context is encoded once, N replies are
-sampled behind it and the multiple-choice head picks one (`persona_ranking`); the repetition options are logits
-processors that never count the persona (`persona_repetition`).
+sampled behind it and the multiple-choice head picks one, scoring the candidates' rows on the key/value cache sampling
+built (`persona_ranking.score_on_cache`); the repetition options are logits processors that never count the persona
+(`persona_repetition`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, set_seed
@@ -35,7 +36,16 @@ from persona_formats import input_format_of
 from persona_inputs import history_window
 from persona_model import load_model_and_tokenizer, max_positions
 from persona_process import check_device, resolve_device
-from persona_ranking import check_can_rank, rank_replies
+from persona_ranking import (
+    RankedReply,
+    best_first,
+    check_can_rank,
+    continuation,
+    forward_without_vocabulary,
+    reply_rows,
+    score_on_cache,
+    score_replies,
+)
 from persona_repetition import repetition_processors
 from persona_text import decode_reply, encode_texts
 
@@ -90,47 +100,53 @@ def _bot_turns(history: Sequence[str]) -> list[str]:
     return list(history[-2::-2])
 
 
-def _generate_rows(model, batch: dict[str, torch.Tensor], config, processors, num_ranked: int) -> torch.Tensor:
-    """`model.generate` on a [B, T] batch, `num_ranked` sampled rows per context ([B * num_ranked, T + new])."""
+def _generate_rows(model, batch: dict[str, torch.Tensor], config, processors, num_ranked: int):
+    """`model.generate` on a [B, T] batch, `num_ranked` sampled rows per context: the sequences [B * num_ranked,
+    T + new] and the key/value cache of every token fed (None when the model keeps none)."""
+    options = {"generation_config": config, "logits_processor": processors}
     if num_ranked == 1:
-        return model.generate(**batch, generation_config=config, logits_processor=processors)
-    # The context is encoded once and its key/value cache repeated for the samples (generate's num_return_sequences
-    # would encode it num_ranked times); generate() then runs the last context token and the replies only.
-    cache = DynamicCache(config=model.config)
-    prefix = {key: value[:, :-1] for key, value in batch.items()}
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    model(**prefix, cache=cache, use_cache=True, **keep)
-    cache.batch_repeat_interleave(num_ranked)
-    rows = {key: value.repeat_interleave(num_ranked, dim=0) for key, value in batch.items()}
-    return model.generate(**rows, cache=cache, generation_config=config, logits_processor=processors)
+        output = model.generate(**batch, **options)
+    else:
+        # The context is encoded once and its key/value cache repeated for the samples (generate's
+        # num_return_sequences would encode it num_ranked times); generate() then runs the last context token and
+        # the replies only.
+        cache = DynamicCache(config=model.config)
+        # No logit of the prefix is read: its keys and values only.
+        forward_without_vocabulary(model, {key: value[:, :-1] for key, value in batch.items()}, cache)
+        cache.batch_repeat_interleave(num_ranked)
+        rows = {key: value.repeat_interleave(num_ranked, dim=0) for key, value in batch.items()}
+        output = model.generate(**rows, cache=cache, **options)
+    return output.sequences, getattr(output, "cache", None)
 
 
-@torch.inference_mode()
-def generate_candidate_ids(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
-    *,
-    max_history: int = 2,
-    batch_size: int = 8,
-    own_turns: Sequence[Sequence[str]] | None = None,
-    **generation_options,
-) -> list[list[list[int]]]:
-    """The `num_ranked` sampled replies (token ids without the stop token) of each `(persona, history)` context.
+@dataclass
+class _SampledBatch:
+    """One `generate()` call: its contexts (left-padded `batch`, `width` wide), the samples of each context (token ids
+    without the stop token), the sequences and the cache of every token fed (None when the model keeps none)."""
 
-    `own_turns[i]`: the bot's earlier turns in context i that `no_repeat_ngram_size` and `repetition_penalty` count
-    (default: the bot's turns in its history); the persona and the partner's turns are never counted.
-    """
+    start: int
+    batch: dict[str, torch.Tensor]
+    width: int
+    samples: list[list[list[int]]]
+    sequences: torch.Tensor
+    cache: object | None
+
+
+def _sample(
+    model, tokenizer, contexts, *, max_history: int = 2, batch_size: int = 8, own_turns=None, **generation_options
+):
+    """Yield a `_SampledBatch` per `batch_size` contexts (see `generate_candidate_ids`)."""
     options, seed = split_options(generation_options)
     check_generation_options(**options)
     if seed is not None:
         set_seed(seed)
     around = {name: options.pop(name) for name in AROUND_GENERATE}
     config = generation_config_from_options(tokenizer, **options)
+    config.return_dict_in_generate = True  # the sequences and the cache (ranking scores on it)
     stops = set(config.eos_token_id)
     window = max_positions(model)
     own_turns = [_bot_turns(h) for _, h in contexts] if own_turns is None else own_turns
-    candidates = []
+    n = around["num_ranked"]
     for start in range(0, len(contexts), batch_size):
         rows = [
             build_context(tokenizer, p, h, max_history, max_length=window, reply_budget=config.max_new_tokens)
@@ -149,35 +165,109 @@ def generate_candidate_ids(
             max_new_tokens=config.max_new_tokens,
             stop_token_ids=sorted(stops),
         )
-        output = _generate_rows(model, batch, config, processors, around["num_ranked"])  # [B * N, T + new]
+        sequences, cache = _generate_rows(model, batch, config, processors, n)  # [B * N, T + new]
+        if options["num_beams"] > 1 or any(
+            getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())
+        ):
+            cache = None  # beams: its rows are the last step's beams, not the sequences; a window: not every key kept
         replies = []
-        for new_tokens in output[:, width:].tolist():
+        for new_tokens in sequences[:, width:].tolist():
             # Cut at the first stop token: finished rows are padded with <pad> while the others go on.
             end = next((i for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
             replies.append(new_tokens[:end])
-        n = around["num_ranked"]
-        candidates += [replies[i : i + n] for i in range(0, len(replies), n)]
-    return candidates
+        samples = [replies[i : i + n] for i in range(0, len(replies), n)]
+        yield _SampledBatch(start, batch, width, samples, sequences, cache)
 
 
-def _sample_and_rank(model, tokenizer, contexts, *, max_history, nli_scorer, nli_penalty, **options):
-    """The samples (token ids) of each context and its distinct decoded replies with their scores, best first."""
-    check_can_rank(model)
-    samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **options)
-    ranked = [
-        rank_replies(
-            model,
-            tokenizer,
-            persona,
-            history,
-            [decode_reply(tokenizer, ids) for ids in replies],
-            max_history=max_history,
-            nli_scorer=nli_scorer,
-            nli_penalty=nli_penalty,
+@torch.inference_mode()
+def generate_candidate_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    batch_size: int = 8,
+    own_turns: Sequence[Sequence[str]] | None = None,
+    **generation_options,
+) -> list[list[list[int]]]:
+    """The `num_ranked` sampled replies (token ids without the stop token) of each `(persona, history)` context.
+
+    `own_turns[i]`: the bot's earlier turns in context i that `no_repeat_ngram_size` and `repetition_penalty` count
+    (default: the bot's turns in its history); the persona and the partner's turns are never counted.
+    """
+    sampled = _sample(
+        model, tokenizer, contexts, max_history=max_history, batch_size=batch_size, own_turns=own_turns,
+        **generation_options,
+    )  # fmt: skip
+    return [samples for part in sampled for samples in part.samples]
+
+
+def _rank_batch(model, tokenizer, contexts, part: _SampledBatch, *, max_history, nli_scorer, nli_penalty):
+    """The ranked replies of each context of one sampled batch: every distinct sample's row scored on the sampling
+    cache (`persona_ranking.score_on_cache`), or, for a context whose rows do not continue it, by the reference
+    forward (`score_replies`)."""
+    n = len(part.samples[0])
+    cache_len = part.cache.get_seq_length() if part.cache is not None else 0
+    fed = part.sequences[:, part.width : cache_len].tolist()  # [B * N, generated tokens fed]
+    mask = part.batch["attention_mask"]
+    types = part.batch.get("token_type_ids")
+    per_context, continuations = [], []
+    for b, samples in enumerate(part.samples):
+        persona, history = contexts[part.start + b]
+        texts = [decode_reply(tokenizer, ids) for ids in samples]
+        distinct = list(dict.fromkeys(texts))  # a duplicate sample is scored once
+        first = [texts.index(text) for text in distinct]  # the first sample of each
+        rows = reply_rows(model, tokenizer, persona, history, distinct, max_history=max_history)
+        real = mask[b].bool()
+        context_ids = part.batch["input_ids"][b][real].tolist()
+        context_types = types[b][real].tolist() if types is not None else None
+        planned = None
+        if part.cache is not None:
+            planned = [
+                continuation(rows, c, b * n + j, context_ids, context_types, fed[b * n + j])
+                for c, j in enumerate(first)
+            ]
+            planned = None if None in planned else planned
+        per_context.append((persona, history, distinct, [samples[j] for j in first], rows, len(continuations), planned))
+        continuations += planned or []
+    if continuations:
+        key_mask = torch.cat(
+            [mask.repeat_interleave(n, dim=0), mask.new_ones(mask.size(0) * n, cache_len - part.width)], 1
         )
-        for (persona, history), replies in zip(contexts, samples)
-    ]
-    return samples, ranked
+        cached_scores = score_on_cache(model, part.cache, key_mask, part.width, continuations)
+    ranked = []
+    for persona, history, distinct, ids, rows, offset, planned in per_context:
+        if planned is not None:
+            scores = cached_scores[offset : offset + len(planned)]
+        else:
+            scores = score_replies(model, tokenizer, persona, history, distinct, rows=rows)
+        ranked.append(best_first(distinct, scores, persona, ids=ids, nli_scorer=nli_scorer, nli_penalty=nli_penalty))
+    return ranked
+
+
+@torch.inference_mode()
+def generate_ranked_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    max_history: int = 2,
+    nli_scorer=None,
+    nli_penalty: float = 0.0,
+    **generation_options,
+) -> list[list[RankedReply]]:
+    """For each context, its `num_ranked` sampled replies (each distinct one once) as `persona_ranking.RankedReply`s
+    (text, multiple-choice score, token ids), best first; `nli_scorer`/`nli_penalty` subtract Welleck et al.'s
+    contradiction penalty (`persona_ranking.rank_replies`). With `num_ranked=1` the one reply, scored. The rows are
+    scored on the cache sampling built (`persona_ranking.score_on_cache`): the context and the replies are not
+    encoded again. Other options: those of `generate_candidate_ids`."""
+    check_can_rank(model)
+    ranked = []
+    for part in _sample(model, tokenizer, contexts, max_history=max_history, **generation_options):
+        ranked += _rank_batch(
+            model, tokenizer, contexts, part, max_history=max_history, nli_scorer=nli_scorer, nli_penalty=nli_penalty
+        )
+    return ranked
 
 
 def generate_ranked(
@@ -191,9 +281,8 @@ def generate_ranked(
     **generation_options,
 ) -> list[list[tuple[str, float]]]:
     """For each context, its `num_ranked` sampled replies (each distinct one once) with their multiple-choice scores,
-    best first (`persona_ranking.rank_replies`; `nli_scorer`/`nli_penalty` subtract Welleck et al.'s contradiction
-    penalty). With `num_ranked=1` the one reply, scored. Other options: those of `generate_candidate_ids`."""
-    return _sample_and_rank(
+    best first: `generate_ranked_replies` as `(reply, score)` pairs."""
+    ranked = generate_ranked_replies(
         model,
         tokenizer,
         contexts,
@@ -201,7 +290,8 @@ def generate_ranked(
         nli_scorer=nli_scorer,
         nli_penalty=nli_penalty,
         **generation_options,
-    )[1]
+    )
+    return [[(r.reply, r.score) for r in candidates] for candidates in ranked]
 
 
 def generate_reply_ids(
@@ -214,11 +304,12 @@ def generate_reply_ids(
     nli_penalty: float = 0.0,
     **generation_options,
 ) -> list[list[int]]:
-    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`."""
+    """Reply token ids (without the stop token) for `(persona, history)` pairs; see `generate_replies`. With
+    `num_ranked` > 1, those of the first sample that decoded to the best reply."""
     if generation_options.get("num_ranked", 1) == 1:
         samples = generate_candidate_ids(model, tokenizer, contexts, max_history=max_history, **generation_options)
         return [ids for (ids,) in samples]
-    samples, ranked = _sample_and_rank(
+    ranked = generate_ranked_replies(
         model,
         tokenizer,
         contexts,
@@ -227,11 +318,7 @@ def generate_reply_ids(
         nli_penalty=nli_penalty,
         **generation_options,
     )
-    # The first sample that decodes to the best reply.
-    return [
-        next(ids for ids in ids_list if decode_reply(tokenizer, ids) == best[0][0])
-        for ids_list, best in zip(samples, ranked)
-    ]
+    return [list(candidates[0].ids) for candidates in ranked]
 
 
 def generate_replies(
@@ -253,7 +340,7 @@ def generate_replies(
     """
     kwargs = {"max_history": max_history, "batch_size": batch_size, **generation_options}
     if generation_options.get("num_ranked", 1) > 1:
-        return [ranked[0][0] for ranked in generate_ranked(model, tokenizer, contexts, **kwargs)]
+        return [ranked[0].reply for ranked in generate_ranked_replies(model, tokenizer, contexts, **kwargs)]
     return [decode_reply(tokenizer, ids) for ids in generate_reply_ids(model, tokenizer, contexts, **kwargs)]
 
 

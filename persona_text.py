@@ -146,7 +146,9 @@ def _without_broken_characters(tokenizer, ids: Sequence[int], text: str) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
         return text.replace("\ufffd", "")
-    raw = b"".join(_token_bytes(t) for t in tokenizer.convert_ids_to_tokens(list(ids), skip_special_tokens=True))
+    # An id past the tokenizer's vocabulary (embedding tables larger than it, as Qwen2's) has no token and no text.
+    tokens = tokenizer.convert_ids_to_tokens(list(ids), skip_special_tokens=True)
+    raw = b"".join(_token_bytes(t) for t in tokens if t is not None)
     plain = backend.decode(list(ids), skip_special_tokens=True)
     if raw.decode("utf-8", errors="replace") != plain:  # not the decoder's own bytes: leave nothing to chance
         return text.replace("\ufffd", "")

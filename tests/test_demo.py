@@ -93,6 +93,31 @@ def test_api_sends_with_ranking_and_repetition_control(demo_url, tiny_model_and_
     assert len(chat) == 4 and text(chat[3])
 
 
+def test_send_calls_the_generation_api_with_the_session_turns(demo_url, monkeypatch):
+    """Each message is one call of `generate_replies` on the session's turns (the bot's own counted by the repetition
+    options), with the page's decoding options: no bot object is built per message."""
+    import persona_generation
+
+    calls = []
+    generate_replies = persona_generation.generate_replies
+
+    def spy(model, tokenizer, contexts, **kwargs):
+        calls.append((contexts, kwargs))
+        return generate_replies(model, tokenizer, contexts, **kwargs)
+
+    monkeypatch.setattr(persona_generation, "generate_replies", spy)
+    client = gradio_client.Client(demo_url, verbose=False)
+    first = text(send(client, "hi , how are you ?", PERSONA)[1])
+    sampled = {**DECODING, "greedy": False, "num_ranked": 3, "no_repeat_ngram_size": 2}
+    _, chat = client.predict("what do you do ?", "\n".join(PERSONA), **sampled, api_name="/send")
+    assert len(calls) == 2 and text(chat[3])
+    (contexts, kwargs) = calls[1]
+    assert contexts == [(PERSONA, ["hi , how are you ?", first, "what do you do ?"])]
+    assert kwargs["own_turns"] == [[first]] and kwargs["max_history"] == 2
+    assert (kwargs["num_ranked"], kwargs["no_sample"], kwargs["no_repeat_ngram_size"]) == (3, False, 2)
+    assert calls[0][1]["num_ranked"] == 1 and calls[0][1]["no_sample"] is True  # greedy: nothing to rank
+
+
 @pytest.mark.slow
 def test_missing_checkpoint_gives_a_clear_error(tmp_path):
     result = subprocess.run(

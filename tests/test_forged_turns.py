@@ -156,6 +156,8 @@ def test_replies_decode_without_broken_characters(tokenizer):
         (byte_ids(tokenizer, b"caf" + e_acute) + hi, "caf\u00e9hi"),  # whole characters, byte by byte
         (hi + byte_ids(tokenizer, replacement), "hi\ufffd"),  # a U+FFFD generated whole
         (byte_ids(tokenizer, "😀".encode()[:3]) + hi + [tokenizer.eos_token_id], "hi"),  # special token skipped
+        # an id past the vocabulary (an embedding table larger than the tokenizer) decodes to nothing
+        (hi + [len(tokenizer) + 7] + byte_ids(tokenizer, e_acute[:1]), "hi"),
     ]
     for ids, expected in cases:
         assert decode_reply(tokenizer, ids) == expected, (ids, tokenizer.decode(ids))

@@ -1,7 +1,9 @@
 """Generate, then rank: the chosen reply is the best of the samples by the multiple-choice head scored independently
-(training rows through the plain forward, one candidate at a time); the context is encoded once; N=1 is the plain
-reply; the NLI penalty follows Welleck et al.'s formula; chat-template and LoRA checkpoints; a checkpoint without a
-trained head refuses to rank."""
+(training rows through the plain forward, one candidate at a time); the scores on the sampling cache equal the
+two-pass reference (`rank_replies`: the rows' own double-heads forward) to 1e-5, the reference taking over where a
+row does not continue the generation context; the context is encoded once and the replies are not fed again; N=1 is
+the plain reply; the NLI penalty follows Welleck et al.'s formula; chat-template and LoRA checkpoints; a checkpoint
+without a trained head refuses to rank."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
 import persona_chat
 import persona_convai2
 import persona_eval
+import persona_generation
 from persona_chat import PersonaBot
 from persona_data import build_features
 from persona_decoding import generation_config_from_options
@@ -29,6 +32,7 @@ from persona_generation import (
     build_context,
     generate_candidate_ids,
     generate_ranked,
+    generate_ranked_replies,
     generate_replies,
     generate_reply_ids,
 )
@@ -95,24 +99,104 @@ def test_samples_equal_generates_own_num_return_sequences(model, tokenizer):
     assert samples == out[:, context["input_ids"].size(1) :].tolist()
 
 
-def test_the_context_is_encoded_once(model, tokenizer):
+def test_the_context_is_encoded_once_and_the_replies_are_not_fed_again(model, tokenizer):
     seen = []
 
     def record(module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
-        seen.append(tuple((ids if ids is not None else embeds).shape[:2]))
+        seen.append(tuple(ids.shape) if ids is not None else tuple(embeds.shape[:-1]))
 
     handle = model.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        generate_replies(model, tokenizer, CONTEXTS[:1], num_ranked=8, seed=0, max_new_tokens=6)
+        ranked = generate_ranked_replies(model, tokenizer, CONTEXTS[:1], num_ranked=8, seed=0, max_new_tokens=6)[0]
     finally:
         handle.remove()
     context_len = build_context(tokenizer, *CONTEXTS[0])["input_ids"].size(1)
     prefill, *steps, ranking = seen
     assert prefill == (1, context_len - 1)  # the context once, for all 8 samples
-    assert steps[0] == (8, 1) and all(s == (8, 1) for s in steps)  # then one token per sample and step
-    assert ranking[0] == 1  # the candidates scored in one forward (packed: one row)
+    assert 1 <= len(steps) <= 6 and all(s == (8, 1) for s in steps)  # then one token per sample and step
+    # The candidates in one forward on the sampling cache: each row's tokens from where its sample's fed ones end
+    # (at most the reply and its end token), never the context.
+    assert ranking[:2] == (1, len(ranked)) and ranking[2] <= 6 + 1 < context_len
+
+
+class Spy:
+    """Records the calls of `function` (its keyword or positional argument `name`)."""
+
+    def __init__(self, function, name=None, index=None):
+        self.function, self.name, self.index, self.calls = function, name, index, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[self.index] if self.index is not None else kwargs.get(self.name))
+        return self.function(*args, **kwargs)
+
+
+def no_fallback(*args, **kwargs):
+    raise AssertionError("the reference forward ran: a row did not continue the sampling cache")
+
+
+RANKED_OPTIONS = [
+    {"num_ranked": 8, "seed": 0, "temperature": 1.5, "max_new_tokens": 8},
+    {"num_ranked": 5, "seed": 4, "max_new_tokens": 10, "min_length": 10},  # no sample stops: none fed its last token
+    {"num_ranked": 4, "seed": 1, "top_k": 3, "top_p": 1.0, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3},
+    {"num_ranked": 1, "seed": 2},
+    {"num_ranked": 1, "no_sample": True},
+]
+
+
+def test_cached_scores_equal_the_two_pass_reference(model, tokenizer, monkeypatch):
+    """The same replies, order and scores (1e-5) as ranking the decoded samples by the reference forward of their
+    training rows; two contexts of different lengths in one batch (left padding); ids, text and score together."""
+    cached = Spy(persona_generation.score_on_cache, index=4)
+    monkeypatch.setattr(persona_generation, "score_on_cache", cached)
+    monkeypatch.setattr(persona_generation, "score_replies", no_fallback)
+    for options in RANKED_OPTIONS:
+        ranked = generate_ranked_replies(model, tokenizer, CONTEXTS, **options)
+        samples = generate_candidate_ids(model, tokenizer, CONTEXTS, **options)  # the same draws
+        for (persona, history), candidates, ids_list in zip(CONTEXTS, ranked, samples):
+            texts = [decode_reply(tokenizer, ids) for ids in ids_list]
+            reference = rank_replies(model, tokenizer, persona, history, texts)
+            assert [c.reply for c in candidates] == [r for r, _ in reference]
+            assert [c.score for c in candidates] == pytest.approx([s for _, s in reference], abs=1e-5)
+            for c in candidates:  # the ids of the first sample that decoded to the reply
+                assert list(c.ids) == ids_list[texts.index(c.reply)]
+        assert generate_replies(model, tokenizer, CONTEXTS, **options) == [c[0].reply for c in ranked]
+        assert generate_reply_ids(model, tokenizer, CONTEXTS, **options) == [list(c[0].ids) for c in ranked]
+    continuations = [c for call in cached.calls for c in call]
+    # Both cases ran: rows continuing after every reply token their sample fed (the end token alone left), and rows
+    # whose re-encoded text parts from the sampled tokens earlier (fed from there).
+    assert any(c.keep > 0 and len(c.input_ids) == 1 for c in continuations)
+    assert any(len(c.input_ids) > 1 for c in continuations)
+
+
+def test_rows_that_do_not_continue_the_generation_context_are_scored_by_the_reference(model, tokenizer, monkeypatch):
+    """Rows whose context is not the one sampling encoded (here: built with another history length) and beam search
+    (the cache holds the last step's beams) go through the reference forward; a context the window cuts is scored
+    as the reference scores it."""
+    reference = Spy(persona_generation.score_replies, name="rows")
+    monkeypatch.setattr(persona_generation, "score_replies", reference)
+    options = {"num_ranked": 6, "seed": 0, "max_new_tokens": 8, "temperature": 1.5}
+    (samples,) = generate_candidate_ids(model, tokenizer, CONTEXTS[:1], **options)
+    texts = [decode_reply(tokenizer, ids) for ids in samples]
+    with pytest.MonkeyPatch.context() as patch:
+        rows = persona_generation.reply_rows
+        patch.setattr(persona_generation, "reply_rows", lambda *a, **k: rows(*a, **{**k, "max_history": 0}))
+        (ranked,) = generate_ranked(model, tokenizer, CONTEXTS[:1], **options)
+    assert len(reference.calls) == 1
+    assert ranked == rank_replies(model, tokenizer, *CONTEXTS[0], texts, max_history=0)
+    beams = PersonaBot(model, tokenizer, PERSONA, no_sample=True, num_beams=3, max_new_tokens=6)
+    (reply, score), *rest = beams.reply("hi", return_ranked=True)
+    assert len(reference.calls) == 2 and not rest
+    assert score == pytest.approx(rank_replies(model, tokenizer, PERSONA, ["hi"], [reply])[0][1], abs=1e-6)
+    # A context cut to the window (the last turn loses its oldest tokens), samples that never stop.
+    history = ["hi , tell me about your things , all of them ? " * 30]
+    options = {"num_ranked": 6, "seed": 0, "max_new_tokens": 20, "min_length": 20, "temperature": 1.5}
+    (ranked,) = generate_ranked_replies(model, tokenizer, [(PERSONA, history)], **options)
+    (samples,) = generate_candidate_ids(model, tokenizer, [(PERSONA, history)], **options)
+    expected = rank_replies(model, tokenizer, PERSONA, history, [decode_reply(tokenizer, ids) for ids in samples])
+    assert [r.reply for r in ranked] == [r for r, _ in expected]
+    assert [r.score for r in ranked] == pytest.approx([s for _, s in expected], abs=1e-5)
 
 
 def test_num_ranked_1_is_the_plain_reply(model, tokenizer):
@@ -165,6 +249,16 @@ def test_nli_penalty_follows_the_formula(model, tokenizer):
     # Through the bot: the stub's penalty is applied to the sampled candidates.
     bot = PersonaBot(model, tokenizer, PERSONA, num_ranked=4, seed=0, nli_scorer=StubNLI({}), nli_penalty=1.0)
     assert bot.reply("hi", return_ranked=True)[0][0] == bot.history[-1]
+    # Through generation (scored on the sampling cache): the reference's penalised ranking of the same samples.
+    options = {"num_ranked": 6, "seed": 3, "temperature": 1.5, "max_new_tokens": 8}
+    (samples,) = generate_candidate_ids(model, tokenizer, [(PERSONA, HISTORY)], **options)
+    texts = list(dict.fromkeys(decode_reply(tokenizer, ids) for ids in samples))
+    best = rank_replies(model, tokenizer, PERSONA, HISTORY, texts)[0][0]
+    stubs = [StubNLI({best: 1.0, texts[-1]: 0.3}) for _ in range(2)]
+    (ranked,) = generate_ranked(model, tokenizer, [(PERSONA, HISTORY)], nli_scorer=stubs[0], nli_penalty=0.7, **options)
+    expected = rank_replies(model, tokenizer, PERSONA, HISTORY, texts, nli_scorer=stubs[1], nli_penalty=0.7)
+    assert [r for r, _ in ranked] == [r for r, _ in expected] and ranked[0][0] != best
+    assert [s for _, s in ranked] == pytest.approx([s for _, s in expected], abs=1e-5)
 
 
 def test_return_ranked_lists_every_candidate_best_first(model, tokenizer):
@@ -234,7 +328,15 @@ def test_chat_template_checkpoint_ranks_on_the_end_of_turn_token(tokenizers, tmp
     model.eval()
     chat_format = input_format_of(tok)
     assert chat_format.kind == "chat_template" and multiple_choice_head_loaded(model)
-    ranked = generate_ranked(model, tok, CONTEXTS[:1], num_ranked=4, seed=0, max_new_tokens=6)[0]
+    with pytest.MonkeyPatch.context() as patch:  # scored on the sampling cache, as the reference scores the rows
+        patch.setattr(persona_generation, "score_replies", no_fallback)
+        ranked = generate_ranked(model, tok, CONTEXTS, num_ranked=4, seed=0, max_new_tokens=6)
+        samples = generate_candidate_ids(model, tok, CONTEXTS, num_ranked=4, seed=0, max_new_tokens=6)
+    for context, candidates, ids_list in zip(CONTEXTS, ranked, samples):
+        reference = rank_replies(model, tok, *context, [decode_reply(tok, ids) for ids in ids_list])
+        assert [r for r, _ in candidates] == [r for r, _ in reference]
+        assert [s for _, s in candidates] == pytest.approx([s for _, s in reference], abs=1e-5)
+    ranked = ranked[0]
     texts = [r for r, _ in ranked]
     expected = independent_scores(model, tok, *CONTEXTS[0], texts, input_format=chat_format)
     assert [s for _, s in ranked] == pytest.approx(expected, abs=1e-4)
@@ -377,3 +479,17 @@ def test_the_real_nli_scorer_penalises_as_the_formula_says(model, tokenizer, tin
     expected = {r: plain[r] - 1.5 * spread * c for r, c in zip(replies, contradiction)}
     ranked = rank_replies(model, tokenizer, PERSONA, HISTORY, replies, nli_scorer=scorer, nli_penalty=1.5)
     assert dict(ranked) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ranked_latency_bench_runs(tmp_path):
+    """bench/ranked_latency.py as the README gives it (`--tokenizer_vocab`), on the small model and a short reply."""
+    argv = ["--tokenizer_vocab", "--threads", "1", "--small", "--repeats", "1", "--new_tokens", "3", "--ranked", "4"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "ranked_latency.py"), *argv],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"num_ranked=4: [1-4] distinct candidates", result.stdout), result.stdout
+    assert re.search(r"num_ranked 4 / num_ranked 1: \d+\.\d\dx wall, \d+\.\d\dx CPU", result.stdout), result.stdout
