@@ -9,6 +9,7 @@ import io
 import pytest
 
 import persona_chat
+import persona_eval
 import run_persona
 
 
@@ -113,3 +114,65 @@ def test_commands_as_typed_and_mistyped(persona_checkpoint, monkeypatch, capsys)
     assert "(unknown command /rset (did you mean /reset?): /reset clears the history" in out
     assert "(unknown command /bogus: /reset clears" in out
     assert out.count(">>> ") == len(lines) + 1  # every line answered, then EOF
+
+
+# --- persona-eval --nli_model: decoder classifiers and other tokenizer quirks --------------------------------------
+
+
+def gpt2_nli_classifier(out, tiny_checkpoint, *, pad: str | None = None, padding_side: str = "right") -> str:
+    """A tiny GPT-2 sequence classifier with NLI labels, saved without `pad_token_id` in its config (as a decoder
+    classifier often is); its tokenizer has no pad token unless `pad` names one."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.pad_token = pad
+    tokenizer.padding_side = padding_side
+    assert pad is not None or tokenizer.pad_token_id is None
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2, num_labels=3)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.initializer_range = 0.5  # labels that vary with the pair
+    config.id2label = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.pad_token_id = None
+    GPT2ForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "pad, padding_side", [(None, "right"), (None, "left"), ("<|endoftext|>", "left")], ids=["no-pad", "left", "pad"]
+)
+def test_persona_eval_scores_a_gpt2_classifier_without_a_padding_token(
+    pad, padding_side, tiny_checkpoint, persona_checkpoint, personachat_json, tmp_path, capsys
+):
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    nli = gpt2_nli_classifier(tmp_path / "nli", tiny_checkpoint, pad=pad, padding_side=padding_side)
+    out = tmp_path / "out.json"
+    argv = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--max_turns", "6"]
+    argv += ["--batch_size", "4", "--nli_model", nli, "--nli_batch_size", "7", "--save_predictions"]
+    argv += ["--max_new_tokens", "6", "--output_file", str(out)]
+    assert persona_eval.cli(argv) == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert "c_score_gold" in results["metrics"]
+    # Independent expectation: every (reply, persona sentence) pair scored alone by the saved classifier, no padding.
+    model, tokenizer = GPT2ForSequenceClassification.from_pretrained(nli).eval(), AutoTokenizer.from_pretrained(nli)
+    assert model.config.pad_token_id is None
+
+    def alone(reply, sentence):
+        with torch.no_grad():
+            label = model(**tokenizer(reply, sentence, return_tensors="pt")).logits.argmax(-1).item()
+        return {"CONTRADICTION": -1, "NEUTRAL": 0, "ENTAILMENT": 1}[model.config.id2label[label]]
+
+    seen = set()
+    for turn in results["predictions"]:
+        for key, reply in (("nli_labels", turn["reply"]), ("nli_labels_gold", turn["gold"])):
+            expected = [alone(reply, sentence) for sentence in turn["persona"]]
+            assert turn[key] == expected, (key, reply)
+            seen.update(expected)
+    assert len(seen) > 1  # the classifier tells pairs apart, so a wrong pooling position would show
