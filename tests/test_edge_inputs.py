@@ -176,3 +176,95 @@ def test_persona_eval_scores_a_gpt2_classifier_without_a_padding_token(
             assert turn[key] == expected, (key, reply)
             seen.update(expected)
     assert len(seen) > 1  # the classifier tells pairs apart, so a wrong pooling position would show
+
+
+# --- a damaged or mismatched multiple_choice_head.safetensors --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_checkpoint) -> str:
+    """A tiny Llama persona checkpoint as persona-train saves it: a causal-LM folder plus its head file (hidden 32)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from persona_model import load_model_and_tokenizer
+
+    root = tmp_path_factory.mktemp("llama-head")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    model, tokenizer = load_model_and_tokenizer(str(root / "base"))
+    model.save_pretrained(root / "run")
+    tokenizer.save_pretrained(root / "run")
+    return str(root / "run")
+
+
+def damaged_heads():
+    import torch
+    from safetensors.torch import save_file
+
+    def tensors(weight, bias=None):
+        return {"summary.weight": weight, "summary.bias": torch.zeros(1) if bias is None else bias}
+
+    def write(kind, path):
+        if kind == "other-model":  # the head of a model with hidden size 64
+            save_file(tensors(torch.randn(1, 64)), path)
+        elif kind == "transposed":
+            save_file(tensors(torch.randn(32, 1)), path)
+        elif kind == "integers":
+            save_file(tensors(torch.ones(1, 32, dtype=torch.int64)), path)
+        elif kind == "nan":
+            save_file(tensors(torch.full((1, 32), float("nan"))), path)
+        elif kind == "other-tensors":
+            save_file({"score.weight": torch.randn(3, 32)}, path)
+        elif kind == "truncated":
+            data = open(path, "rb").read()
+            open(path, "wb").write(data[: len(data) // 2])
+        elif kind == "empty":
+            open(path, "wb").close()
+        elif kind == "text":
+            open(path, "w").write("not a tensor file\n")
+
+    expected = {
+        "other-model": "summary.weight has shape [1, 64], this model's head needs [1, 32]",
+        "transposed": "summary.weight has shape [32, 1], this model's head needs [1, 32]",
+        "integers": "summary.weight holds torch.int64 values, not weights",
+        "nan": "summary.weight holds non-finite values",
+        "other-tensors": "holds ['score.weight'], not the multiple-choice head's tensors (summary.weight [1, 32]",
+        "truncated": "not a readable safetensors file (",
+        "empty": "not a readable safetensors file (",
+        "text": "not a readable safetensors file (",
+    }
+    return write, expected
+
+
+@pytest.mark.parametrize("kind", list(damaged_heads()[1]))
+def test_a_damaged_head_file_is_one_line_in_persona_eval_and_persona_chat(
+    kind, llama_run, personachat_json, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    from persona_backbone import MC_HEAD_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run)
+    write, expected = damaged_heads()
+    write(kind, str(run / MC_HEAD_FILE))
+    argv = ["--model_name_or_path", str(run), "--dataset_path", personachat_json, "--max_turns", "2"]
+    line = error_line(persona_eval.cli, argv, capsys)
+    assert f"{run / MC_HEAD_FILE}: " in line and expected[kind] in line, line
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    line = error_line(
+        persona_chat.cli, ["--model_name_or_path", str(run), "--persona", "i like tea.", "--stdin"], capsys
+    )
+    assert f"{run / MC_HEAD_FILE}: " in line and expected[kind] in line, line
+
+
+def test_a_sound_head_file_still_loads(llama_run):
+    from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
+
+    model, _ = load_model_and_tokenizer(llama_run)
+    assert multiple_choice_head_loaded(model)
