@@ -268,3 +268,70 @@ def test_a_sound_head_file_still_loads(llama_run):
 
     model, _ = load_model_and_tokenizer(llama_run)
     assert multiple_choice_head_loaded(model)
+
+
+# --- DPO's beta and runs that go non-finite -----------------------------------------------------------------------
+
+
+def train_argv(checkpoint, data, tmp_path, out, *flags):
+    return ["--model_name_or_path", checkpoint, "--dataset_path", data, "--dataset_cache", str(tmp_path / "cache"),
+            "--output_dir", str(out), "--num_candidates", "3", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--max_steps", "4", "--do_eval", "false", "--save_strategy", "no",
+            "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--max_train_samples", "16",
+            "--seed", "1", *flags]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "beta, words",
+    [("1e30", "--beta 1e+30: out of the range that trains (0.001 to 10"), ("1e-9", "--beta 1e-09: out of the range")],
+)
+def test_dpo_beta_out_of_range_is_refused_before_loading(
+    beta, words, tiny_checkpoint, personachat_json, tmp_path, capsys, monkeypatch
+):
+    import persona_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(persona_model, "load_model_and_tokenizer", refuse)
+    argv = train_argv(tiny_checkpoint, personachat_json, tmp_path, tmp_path / "run", "--objective", "dpo")
+    line = error_line(run_persona.cli, [*argv, "--beta", beta], capsys)
+    assert words in line and "0.01-0.5 in practice" in line, line
+
+
+@pytest.mark.parametrize(
+    "flags, likely",
+    [
+        (["--learning_rate", "1e30"], "--learning_rate 1e+30 is large"),
+        (
+            ["--objective", "dpo", "--beta", "10", "--learning_rate", "1e30"],
+            "--learning_rate 1e+30 is large for fine-tuning (1e-5 to 1e-4 in practice); --beta 10 is large",
+        ),
+        (["--objective", "dpo", "--learning_rate", "1e30", "--max_grad_norm", "0"], "--learning_rate 1e+30 is large"),
+    ],
+)
+def test_a_run_that_goes_non_finite_stops_at_that_step_unsaved(
+    flags, likely, tiny_checkpoint, personachat_json, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    line = error_line(run_persona.cli, train_argv(tiny_checkpoint, personachat_json, tmp_path, out, *flags), capsys)
+    assert line.startswith("persona-train: error: training went non-finite at step ") and likely in line, line
+    step = int(line.split("at step ")[1].split()[0])
+    assert 1 <= step <= 4 and "stopped without saving the model" in line
+    assert not (out / "model.safetensors").exists()
+    if flags == ["--learning_rate", "1e30"]:  # the README shows this line as it is printed
+        assert line.split("step ")[1] in " ".join(readme().split()), line
+
+
+def test_a_finite_run_at_the_edge_of_the_beta_range_trains(tiny_checkpoint, personachat_json, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(tiny_checkpoint, personachat_json, tmp_path, out, "--objective", "dpo", "--beta", "10")
+    assert run_persona.cli([*argv, "--learning_rate", "1e-3"]) == 0
+    assert (out / "model.safetensors").exists()
+
+
+def readme() -> str:
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        return f.read()
