@@ -228,3 +228,36 @@ def inspect_run_folder(
             "from (the run saved none); pass --overwrite_output_dir true to train afresh, or another --output_dir."
         )
     return folder
+
+
+def recorded_options(output_dir: str) -> dict | None:
+    """The options a run folder's `training_config.yaml` records (None when it has none or it cannot be read)."""
+    import yaml
+
+    try:
+        with open(os.path.join(output_dir, TRAINING_CONFIG_NAME), encoding="utf-8") as f:
+            recorded = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_resume_objective(output_dir: str, checkpoint: str | None, wanted: dict, defaults: dict) -> None:
+    """A `UsageError` when resuming `checkpoint` of the run in `output_dir` would train under another loss than the
+    run's: `wanted` holds the new run's objective options (`objective`, `dpo_loss`), compared with those its
+    `training_config.yaml` records (`defaults` for the ones it leaves out, as it keeps only the options a user set).
+    A checkpoint carries its optimizer state and schedule, which belong to the loss they were trained under."""
+    recorded = None if checkpoint is None else recorded_options(output_dir)
+    if recorded is None:
+        return
+    for name, value in wanted.items():
+        before = recorded.get(name, defaults.get(name))
+        if name == "dpo_loss" and wanted.get("objective") != "dpo":
+            continue
+        if before is not None and before != value:
+            raise UsageError(
+                f"{output_dir}: holds a run trained with --{name} {before} ({TRAINING_CONFIG_NAME}); resuming its "
+                f"{os.path.basename(checkpoint)} under --{name} {value} would carry that run's optimizer state and "
+                f"schedule into another loss. Pass a new --output_dir (--model_name_or_path {output_dir} starts from "
+                "its weights), or --overwrite_output_dir true to discard its checkpoints."
+            )

@@ -335,3 +335,57 @@ def readme() -> str:
 
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
         return f.read()
+
+
+# --- resuming a run folder under another objective -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory, tiny_checkpoint, personachat_json) -> dict[str, str]:
+    """A double-heads run and a DPO run of two steps, each with its checkpoint-1 and checkpoint-2."""
+    root = tmp_path_factory.mktemp("objective-runs")
+    runs = {}
+    for objective in ("double_heads", "dpo"):
+        out = root / objective
+        argv = train_argv(tiny_checkpoint, personachat_json, root, out, "--max_steps", "2", "--save_strategy", "steps",
+                          "--save_steps", "1", "--learning_rate", "1e-3")  # fmt: skip
+        if objective == "dpo":
+            argv += ["--objective", "dpo"]
+        assert run_persona.cli(argv) == 0
+        runs[objective] = str(out)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "before, flags, words",
+    [
+        ("double_heads", ["--objective", "dpo"], "trained with --objective double_heads"),
+        ("dpo", ["--objective", "double_heads"], "trained with --objective dpo"),
+        ("dpo", ["--objective", "dpo", "--dpo_loss", "listwise"], "trained with --dpo_loss pairwise"),
+    ],
+)
+@pytest.mark.parametrize("how", ["into-the-folder", "resume_from_checkpoint"])
+def test_resuming_a_run_under_another_objective_is_refused(
+    before, flags, words, how, finished_runs, personachat_json, tmp_path, capsys
+):
+    import os
+
+    run = finished_runs[before]
+    config = open(os.path.join(run, "training_config.yaml")).read()
+    contents = sorted(os.listdir(run))
+    if how == "into-the-folder":  # the issue's case: a longer run into the folder, from its own weights
+        argv = train_argv(run, personachat_json, tmp_path, run, "--max_steps", "4", *flags)
+    else:
+        argv = train_argv(run, personachat_json, tmp_path, tmp_path / "new", *flags)
+        argv += ["--resume_from_checkpoint", os.path.join(run, "checkpoint-2")]
+    line = error_line(run_persona.cli, argv, capsys)
+    assert f"{run}: holds a run {words} (training_config.yaml); resuming its checkpoint-2 under" in line, line
+    assert "Pass a new --output_dir" in line
+    assert open(os.path.join(run, "training_config.yaml")).read() == config and sorted(os.listdir(run)) == contents
+
+
+def test_a_new_objective_in_a_new_folder_from_the_runs_weights_trains(finished_runs, personachat_json, tmp_path):
+    run = finished_runs["double_heads"]
+    argv = train_argv(run, personachat_json, tmp_path, tmp_path / "dpo", "--objective", "dpo", "--max_steps", "1")
+    assert run_persona.cli(argv) == 0
+    assert (tmp_path / "dpo" / "model.safetensors").exists()
