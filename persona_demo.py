@@ -30,6 +30,17 @@ from persona_errors import (
 from persona_process import check_device, say
 
 TITLE = "persona-chat"
+logger = logging.getLogger(__name__)
+
+
+def refusal(message: str) -> Exception:
+    """The page's answer to a message it refuses (too long, a persona over the limits, options the checkpoint cannot
+    serve): shown in the page and logged as one line. A refusal is not a bug, so Gradio prints no traceback for it;
+    any other exception keeps Gradio's traceback."""
+    import gradio as gr
+
+    logger.warning("persona-demo: refused a message: %s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def _persona_lines(text: str) -> list[str]:
@@ -80,12 +91,12 @@ def build_demo(
 
     def check_sizes(message: str, persona_text: str) -> None:
         if len(message) > max_message_chars:
-            raise gr.Error(
+            raise refusal(
                 f"Your message has {len(message)} characters; the limit is {max_message_chars}. Send a shorter one."
             )
         sentences = _persona_lines(persona_text)
         if len(sentences) > max_persona_sentences or len(persona_text or "") > max_persona_chars:
-            raise gr.Error(
+            raise refusal(
                 f"The persona has {len(sentences)} sentences and {len(persona_text)} characters; the limits are "
                 f"{max_persona_sentences} sentences and {max_persona_chars} characters. Shorten it."
             )
@@ -127,15 +138,19 @@ def build_demo(
                 nli_scorer=nli_scorer,
                 nli_penalty=nli_penalty,
             )
-        except ValueError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
-            raise gr.Error(str(err)) from None
+        except PersonaError as err:  # e.g. ranking with a checkpoint that has no trained multiple-choice head
+            raise refusal(str(err)) from None
+        except ValueError as err:
+            raise gr.Error(str(err)) from err  # not the user's: its traceback is printed
         # The bot keeps only the turns its context uses; the page shows them all (the bot's own for repetition).
         bot.history = list(turns)
         bot.own_replies = list(turns[1::2])
         try:
             answer = bot.reply(message)
-        except ValueError as err:  # e.g. a reply budget the model's window cannot hold
-            raise gr.Error(str(err)) from None
+        except PersonaError as err:  # e.g. a reply budget the model's window cannot hold
+            raise refusal(str(err)) from None
+        except ValueError as err:
+            raise gr.Error(str(err)) from err  # not the user's: its traceback is printed
         turns = [*turns, message, answer]
         return "", _messages(turns), turns
 

@@ -389,3 +389,83 @@ def test_a_new_objective_in_a_new_folder_from_the_runs_weights_trains(finished_r
     argv = train_argv(run, personachat_json, tmp_path, tmp_path / "dpo", "--objective", "dpo", "--max_steps", "1")
     assert run_persona.cli(argv) == 0
     assert (tmp_path / "dpo" / "model.safetensors").exists()
+
+
+# --- persona-demo: a refusal is one log line, never a server traceback -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_lm_demo(llama_run):
+    """The demo over a plain causal LM (no trained multiple-choice head: ranking is refused), on loopback."""
+    import os
+    import socket
+
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e .[demo]")
+    from persona_demo import build_demo
+    from persona_generation import load_for_chat
+
+    model, tokenizer = load_for_chat(os.path.join(os.path.dirname(llama_run), "base"), device="cpu")
+    demo = build_demo(model.eval(), tokenizer, persona=["i love cats."], seed=0, max_message_chars=200)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+DEMO_DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 4, "greedy": True}
+
+
+def demo_send(client, message, persona="i love cats.", **options):
+    _, chat = client.predict(message, persona, **{**DEMO_DECODING, **options}, api_name="/send")
+    return chat
+
+
+@pytest.mark.parametrize(
+    "message, persona, options, words",
+    [
+        ("hi", "i love cats.", {"greedy": False, "num_ranked": 4}, "multiple-choice head"),
+        ("hello " * 50, "i love cats.", {}, "the limit is 200"),
+        ("hi", "\n".join(f"i like thing {i}." for i in range(51)), {}, "the limits are 50 sentences"),
+    ],
+    ids=["ranking-without-a-head", "long-message", "long-persona"],
+)
+def test_demo_refusals_log_one_line_and_the_session_goes_on(
+    message, persona, options, words, plain_lm_demo, capfd, caplog
+):
+    import logging
+
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(plain_lm_demo, verbose=False)
+    assert len(demo_send(client, "hi there")) == 2
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="persona_demo"):
+        with pytest.raises(Exception, match=words):
+            demo_send(client, message, persona, **options)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    refused = [r.getMessage() for r in caplog.records if "refused a message" in r.getMessage()]
+    assert len(refused) == 1 and words in refused[0] and "\n" not in refused[0], refused
+    # The page goes on: the refused message is not in the history, the next one gets its reply.
+    chat = demo_send(client, "and now ?")
+    assert len(chat) == 4 and [m["role"] for m in chat] == ["user", "assistant"] * 2
+
+
+def test_demo_keeps_the_traceback_of_a_real_error(plain_lm_demo, capfd, monkeypatch):
+    import persona_generation
+
+    gradio_client = pytest.importorskip("gradio_client")
+
+    def broken(self, text, return_ranked=False):
+        raise ValueError("a bug inside generation")
+
+    monkeypatch.setattr(persona_generation.PersonaBot, "reply", broken)
+    client = gradio_client.Client(plain_lm_demo, verbose=False)
+    capfd.readouterr()
+    with pytest.raises(Exception, match="a bug inside generation"):
+        demo_send(client, "hi")
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug inside generation" in err, err
