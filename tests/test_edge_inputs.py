@@ -128,6 +128,8 @@ def gpt2_nli_classifier(out, tiny_checkpoint, *, pad: str | None = None, padding
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     tokenizer.pad_token = pad
     tokenizer.padding_side = padding_side
+    if pad == "none at all":  # not even an end-of-text, unknown or start token to pad with
+        tokenizer.pad_token = tokenizer.eos_token = tokenizer.bos_token = tokenizer.unk_token = None
     assert pad is not None or tokenizer.pad_token_id is None
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2, num_labels=3)
@@ -142,7 +144,9 @@ def gpt2_nli_classifier(out, tiny_checkpoint, *, pad: str | None = None, padding
 
 
 @pytest.mark.parametrize(
-    "pad, padding_side", [(None, "right"), (None, "left"), ("<|endoftext|>", "left")], ids=["no-pad", "left", "pad"]
+    "pad, padding_side",
+    [(None, "right"), (None, "left"), ("<|endoftext|>", "left"), ("none at all", "right")],
+    ids=["no-pad", "left", "pad", "no-special-tokens"],
 )
 def test_persona_eval_scores_a_gpt2_classifier_without_a_padding_token(
     pad, padding_side, tiny_checkpoint, persona_checkpoint, personachat_json, tmp_path, capsys
@@ -176,6 +180,38 @@ def test_persona_eval_scores_a_gpt2_classifier_without_a_padding_token(
             assert turn[key] == expected, (key, reply)
             seen.update(expected)
     assert len(seen) > 1  # the classifier tells pairs apart, so a wrong pooling position would show
+
+
+def test_persona_eval_passes_a_classifier_only_the_inputs_it_takes(
+    tiny_nli_checkpoints, persona_checkpoint, personachat_json, tmp_path, capsys
+):
+    """A BERT tokenizer returns token_type_ids; a DistilBERT classifier takes none."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_nli_checkpoints["mnli-style"])
+    assert "token_type_ids" in tokenizer("a", "b")
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128, num_labels=3, initializer_range=0.5)  # fmt: skip
+    config.id2label = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    model = DistilBertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "nli")
+    tokenizer.save_pretrained(tmp_path / "nli")
+    out = tmp_path / "out.json"
+    argv = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--max_turns", "4"]
+    argv += ["--nli_model", str(tmp_path / "nli"), "--save_predictions", "--max_new_tokens", "6"]
+    assert persona_eval.cli([*argv, "--output_file", str(out)]) == 0, capsys.readouterr().err
+    for turn in json.loads(out.read_text())["predictions"]:
+        expected = []
+        for sentence in turn["persona"]:
+            encoded = tokenizer(turn["gold"], sentence, return_tensors="pt", return_token_type_ids=False)
+            with torch.no_grad():
+                expected.append((1, 0, -1)[model(**encoded).logits.argmax(-1).item()])
+        assert turn["nli_labels_gold"] == expected
 
 
 # --- a damaged or mismatched multiple_choice_head.safetensors --------------------------------------------------
