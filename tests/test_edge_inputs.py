@@ -299,6 +299,20 @@ def test_a_damaged_head_file_is_one_line_in_persona_eval_and_persona_chat(
     assert f"{run / MC_HEAD_FILE}: " in line and expected[kind] in line, line
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+def test_a_damaged_json_file_of_a_checkpoint_is_named(name, persona_checkpoint, personachat_json, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(persona_checkpoint, run)
+    data = (run / name).read_bytes()
+    (run / name).write_bytes(data[: len(data) // 2])  # a copy cut short
+    argv = ["--model_name_or_path", str(run), "--dataset_path", personachat_json, "--max_turns", "2"]
+    line = error_line(persona_eval.cli, argv, capsys)
+    assert line.startswith(f"persona-eval: error: {run / name}: not valid JSON ("), line
+    assert line.endswith("the checkpoint is damaged: copy it again or re-train."), line
+
+
 def test_a_sound_head_file_still_loads(llama_run):
     from persona_model import load_model_and_tokenizer, multiple_choice_head_loaded
 
