@@ -242,11 +242,14 @@ def recorded_options(output_dir: str) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def check_resume_objective(output_dir: str, checkpoint: str | None, wanted: dict, defaults: dict) -> None:
+def check_resume_objective(
+    output_dir: str, checkpoint: str | None, wanted: dict, defaults: dict, *, explicit: bool = False
+) -> None:
     """A `UsageError` when resuming `checkpoint` of the run in `output_dir` would train under another loss than the
     run's: `wanted` holds the new run's objective options (`objective`, `dpo_loss`), compared with those its
     `training_config.yaml` records (`defaults` for the ones it leaves out, as it keeps only the options a user set).
-    A checkpoint carries its optimizer state and schedule, which belong to the loss they were trained under."""
+    A checkpoint carries its optimizer state and schedule, which belong to the loss they were trained under.
+    `explicit`: the checkpoint was named by --resume_from_checkpoint (the fix is then to drop it)."""
     recorded = None if checkpoint is None else recorded_options(output_dir)
     if recorded is None:
         return
@@ -255,9 +258,14 @@ def check_resume_objective(output_dir: str, checkpoint: str | None, wanted: dict
         if name == "dpo_loss" and wanted.get("objective") != "dpo":
             continue
         if before is not None and before != value:
+            fix = (
+                f"Drop --resume_from_checkpoint (--model_name_or_path {checkpoint} starts from its weights)"
+                if explicit
+                else f"Pass a new --output_dir (--model_name_or_path {output_dir} starts from its weights), or "
+                "--overwrite_output_dir true to discard its checkpoints"
+            )
             raise UsageError(
                 f"{output_dir}: holds a run trained with --{name} {before} ({TRAINING_CONFIG_NAME}); resuming its "
                 f"{os.path.basename(checkpoint)} under --{name} {value} would carry that run's optimizer state and "
-                f"schedule into another loss. Pass a new --output_dir (--model_name_or_path {output_dir} starts from "
-                "its weights), or --overwrite_output_dir true to discard its checkpoints."
+                f"schedule into another loss. {fix}."
             )
