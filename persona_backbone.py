@@ -240,7 +240,7 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         head = self.multiple_choice_head
         needed = {name: tuple(value.shape) for name, value in head.state_dict().items()}
         shown = ", ".join(f"{name} {list(shape)}" for name, shape in needed.items())
-        fix = "restore it from the run that trained this model, or delete it to train a new head"
+        fix = "restore it from the run that trained this model (without the file the model has no trained head)"
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
