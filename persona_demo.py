@@ -39,7 +39,7 @@ def refusal(message: str) -> Exception:
     any other exception keeps Gradio's traceback."""
     import gradio as gr
 
-    logger.warning("persona-demo: refused a message: %s", message)
+    logger.warning("refused a message: %s", message)
     return gr.Error(message, print_exception=False)
 
 
