@@ -160,12 +160,13 @@ class NLIScorer:
         None when the tokenizer has none of these tokens: pairs are then scored one at a time, with no padding."""
         try:
             vocab_size = self.model.get_input_embeddings().num_embeddings
-        except (AttributeError, NotImplementedError):
-            vocab_size = len(self.tokenizer)
+        except (AttributeError, NotImplementedError, TypeError):
+            vocab_size = None  # a model without an embedding table to check the id against
         tokenizer, config = self.tokenizer, self.model.config
-        options = [getattr(config, "pad_token_id", None), tokenizer.pad_token_id, tokenizer.eos_token_id]
-        options += [tokenizer.unk_token_id, tokenizer.bos_token_id]
-        pad_id = next((i for i in options if isinstance(i, int) and 0 <= i < vocab_size), None)
+        names = ("pad_token_id", "eos_token_id", "unk_token_id", "bos_token_id")
+        options = [getattr(config, "pad_token_id", None), *(getattr(tokenizer, name, None) for name in names)]
+        limit = vocab_size if vocab_size is not None else float("inf")
+        pad_id = next((i for i in options if isinstance(i, int) and 0 <= i < limit), None)
         if pad_id is None:
             logger.warning("NLI model %s: its tokenizer has no padding token; pairs are scored one by one.", self.name)
         elif pad_id != getattr(config, "pad_token_id", None):
@@ -173,13 +174,15 @@ class NLIScorer:
             config.pad_token_id = pad_id
         return pad_id
 
-    def _input_names(self) -> set[str]:
-        """The inputs the classifier's forward names: a tokenizer may return `token_type_ids` that a model without
-        token types does not take."""
+    def _input_names(self) -> set[str] | None:
+        """The inputs the classifier's forward names (a tokenizer may return `token_type_ids` that a model without
+        token types does not take); None when it takes keyword arguments of any name."""
         import inspect
 
         parameters = inspect.signature(self.model.forward).parameters.values()
-        return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return None
+        return {p.name for p in parameters if p.kind != p.VAR_POSITIONAL}
 
     @property
     def device(self) -> torch.device:
@@ -223,8 +226,9 @@ class NLIScorer:
                 )
                 self._warned_truncation = True
             encoded = self.tokenizer(first, second, truncation=True, max_length=self.window)
-        names = [name for name in encoded if name in self.input_names or name in ("input_ids", "attention_mask")]
-        rows = [{name: encoded[name][i] for name in names} for i in range(len(pairs))]
+        taken = self.input_names
+        columns = {name: _as_lists(values) for name, values in encoded.items() if taken is None or name in taken}
+        rows = [{name: values[i] for name, values in columns.items()} for i in range(len(pairs))]
         groups = [rows] if self.pad_id is not None else [[row] for row in rows]
         logits = torch.cat([self._logits(group) for group in groups])  # [b, 3] in the checkpoint's order
         return logits[:, self.label_order].softmax(-1).cpu()
@@ -236,7 +240,7 @@ class NLIScorer:
         for name in rows[0]:
             value = self.pad_id if name == "input_ids" else 0
             batch[name] = torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows])
-        if "attention_mask" not in batch:
+        if "attention_mask" not in batch and (self.input_names is None or "attention_mask" in self.input_names):
             lengths = torch.tensor([len(row["input_ids"]) for row in rows])
             batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
         batch = {name: value.to(self.device) for name, value in batch.items()}
@@ -269,6 +273,11 @@ class NLIScorer:
             out.append(flat[start : start + len(persona)])
             start += len(persona)
         return out
+
+
+def _as_lists(values) -> list[list[int]]:
+    """A tokenizer's column (lists, or a tensor or array when the tokenizer returns one) as lists of ids."""
+    return values.tolist() if hasattr(values, "tolist") else [list(row) for row in values]
 
 
 def probabilities_to_labels(probabilities: torch.Tensor) -> torch.Tensor:
