@@ -162,6 +162,9 @@ def non_finite_error(args: PersonaTrainingArguments, step: int, what: str) -> Us
         likely.append(f"--learning_rate {lr:g} is large for fine-tuning (1e-5 to 1e-4 in practice)")
     if args.objective == "dpo" and args.beta > 1:
         likely.append(f"--beta {args.beta:g} is large (0.01-0.5 in practice)")
+    for name in ("lm_coef", "mc_coef"):
+        if getattr(args, name) > 100:
+            likely.append(f"--{name} {getattr(args, name):g} is large (the loss weights are about 1)")
     if args.fp16:
         likely.append("--fp16 overflows: train with --bf16 true or in float32")
     if not likely:
@@ -274,9 +277,10 @@ class PersonaTrainer(Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm of the step, before the optimizer takes it: a non-finite norm stops the run
-        (with fp16 loss scaling an overflow is the scaler's, which skips that step and lowers its scale)."""
+        (under --fp16 an overflow is the loss scaler's, torch's or DeepSpeed's, which skips that step and lowers its
+        scale)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
+        if grad_norm is not None and not self.args.fp16:
             norm = float(grad_norm)
             if not math.isfinite(norm):
                 raise non_finite_error(self.args, self.state.global_step + 1, f"gradient norm {norm}")

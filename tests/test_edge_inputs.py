@@ -358,6 +358,11 @@ def test_dpo_beta_out_of_range_is_refused_before_loading(
             "--learning_rate 1e+30 is large for fine-tuning (1e-5 to 1e-4 in practice); --beta 10 is large",
         ),
         (["--objective", "dpo", "--learning_rate", "1e30", "--max_grad_norm", "0"], "--learning_rate 1e+30 is large"),
+        # A finite loss (about 5e37) whose gradient norm overflows float32: stopped before the optimizer step.
+        (
+            ["--lm_coef", "1e37", "--mc_coef", "0"],
+            "(gradient norm inf); stopped without saving the model: --lm_coef 1e+37",
+        ),
     ],
 )
 def test_a_run_that_goes_non_finite_stops_at_that_step_unsaved(
