@@ -243,14 +243,22 @@ def recorded_options(output_dir: str) -> dict | None:
 
 
 def check_resume_objective(
-    output_dir: str, checkpoint: str | None, wanted: dict, defaults: dict, *, explicit: bool = False
+    output_dir: str,
+    checkpoint: str | None,
+    wanted: dict,
+    defaults: dict,
+    *,
+    explicit: bool = False,
+    finished: bool = False,
 ) -> None:
     """A `UsageError` when resuming `checkpoint` of the run in `output_dir` would train under another loss than the
     run's: `wanted` holds the new run's objective options (`objective`, `dpo_loss`), compared with those its
     `training_config.yaml` records (`defaults` for the ones it leaves out, as it keeps only the options a user set).
     A checkpoint carries its optimizer state and schedule, which belong to the loss they were trained under.
-    `explicit`: the checkpoint was named by --resume_from_checkpoint (the fix is then to drop it)."""
-    recorded = None if checkpoint is None else recorded_options(output_dir)
+    `explicit`: the checkpoint was named by --resume_from_checkpoint (the fix is then to drop it). `finished`: the
+    folder holds a finished run as long as the one asked for, which a run under another loss must not take for its
+    own ("nothing to do")."""
+    recorded = None if checkpoint is None and not finished else recorded_options(output_dir)
     if recorded is None:
         return
     for name, value in wanted.items():
@@ -265,7 +273,12 @@ def check_resume_objective(
                 "--overwrite_output_dir true to discard its checkpoints"
             )
             raise UsageError(
-                f"{output_dir}: holds a run trained with --{name} {before} ({TRAINING_CONFIG_NAME}); resuming its "
-                f"{os.path.basename(checkpoint)} under --{name} {value} would carry that run's optimizer state and "
-                f"schedule into another loss. {fix}."
+                f"{output_dir}: holds a run trained with --{name} {before} ({TRAINING_CONFIG_NAME}); "
+                + (
+                    f"resuming its {os.path.basename(checkpoint)} under --{name} {value} would carry that run's "
+                    "optimizer state and schedule into another loss."
+                    if checkpoint is not None
+                    else f"it is finished, and not a run under --{name} {value}."
+                )
+                + f" {fix}."
             )

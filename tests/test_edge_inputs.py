@@ -419,7 +419,7 @@ def finished_runs(tmp_path_factory, tiny_checkpoint, personachat_json) -> dict[s
         ("dpo", ["--objective", "dpo", "--dpo_loss", "listwise"], "trained with --dpo_loss pairwise"),
     ],
 )
-@pytest.mark.parametrize("how", ["into-the-folder", "resume_from_checkpoint"])
+@pytest.mark.parametrize("how", ["into-the-folder", "resume_from_checkpoint", "as-long"])
 def test_resuming_a_run_under_another_objective_is_refused(
     before, flags, words, how, finished_runs, personachat_json, tmp_path, capsys
 ):
@@ -430,12 +430,18 @@ def test_resuming_a_run_under_another_objective_is_refused(
     contents = sorted(os.listdir(run))
     if how == "into-the-folder":  # the case: a longer run into the folder, from its own weights
         argv = train_argv(run, personachat_json, tmp_path, run, "--max_steps", "4", *flags)
+    elif how == "as-long":  # the finished run is as long as asked: not "nothing to do" for another objective
+        argv = train_argv(run, personachat_json, tmp_path, run, "--max_steps", "2", *flags)
     else:
         argv = train_argv(run, personachat_json, tmp_path, tmp_path / "new", *flags)
         argv += ["--resume_from_checkpoint", os.path.join(run, "checkpoint-2")]
     line = error_line(run_persona.cli, argv, capsys)
-    assert f"{run}: holds a run {words} (training_config.yaml); resuming its checkpoint-2 under" in line, line
-    assert ("Pass a new --output_dir" if how == "into-the-folder" else "Drop --resume_from_checkpoint") in line
+    assert f"{run}: holds a run {words} (training_config.yaml); " in line, line
+    if how == "as-long":
+        assert "it is finished, and not a run under --" in line and "Pass a new --output_dir" in line, line
+    else:
+        assert "resuming its checkpoint-2 under --" in line, line
+        assert ("Pass a new --output_dir" if how == "into-the-folder" else "Drop --resume_from_checkpoint") in line
     assert open(os.path.join(run, "training_config.yaml")).read() == config and sorted(os.listdir(run)) == contents
 
 
