@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -39,6 +39,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import cached_file
 
 from persona_encoding import ENCODING_ATTR, encode_candidates
+from persona_errors import CheckpointError, quote
 from persona_heads import DoubleHeadsOutput, PersonaMultipleChoiceHead
 
 logger = logging.getLogger(__name__)
@@ -231,11 +232,41 @@ class PersonaDoubleHeadsModel(PreTrainedModel, GenerationMixin):
         return loaded
 
     def load_multiple_choice_head(self, path: str) -> None:
-        """Load the head's weights from `MC_HEAD_FILE` (a file, or a folder holding it)."""
+        """Load the head's weights from `MC_HEAD_FILE` (a file, or a folder holding it); a damaged or mismatched file
+        (cut short, another model's head, other tensors, integer or non-finite weights) is a `CheckpointError` naming
+        the file, what it holds and what this backbone needs."""
         if os.path.isdir(path):
             path = os.path.join(path, MC_HEAD_FILE)
-        tensors = load_file(path)
         head = self.multiple_choice_head
+        needed = {name: tuple(value.shape) for name, value in head.state_dict().items()}
+        shown = ", ".join(f"{name} {list(shape)}" for name, shape in needed.items())
+        fix = "restore it from the run that trained this model (without the file the model has no trained head)"
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({str(err).strip() or type(err).__name__}; cut short or "
+                f"damaged?); it should hold the multiple-choice head ({shown}): {fix}."
+            ) from None
+        found = {name: tuple(value.shape) for name, value in tensors.items()}
+        if set(found) != set(needed):
+            raise CheckpointError(
+                f"{path}: holds {quote(sorted(found))}, not the multiple-choice head's tensors ({shown}): {fix}."
+            )
+        for name, value in tensors.items():
+            if found[name] != needed[name]:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {list(found[name])}, this model's head needs {list(needed[name])} "
+                    f"(hidden size {needed['summary.weight'][-1]}): a head from another model? {fix}."
+                )
+            if not value.is_floating_point():
+                raise CheckpointError(
+                    f"{path}: {name} holds {value.dtype} values, not weights (floating point): {fix}."
+                )
+            if not torch.isfinite(value).all():
+                raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity): {fix}.")
         head.load_state_dict({k: v.to(head.summary.weight.dtype) for k, v in tensors.items()})
         setattr(self, MC_HEAD_LOADED_ATTR, True)
 

@@ -114,13 +114,38 @@ def _type_persona() -> list[str]:
     return sentences
 
 
-def _show_persona(persona: Sequence[str], file=sys.stdout) -> None:
+def _show_persona(persona: Sequence[str], file=None) -> None:
+    file = file or sys.stdout  # the stream of the moment, not the one at import
     print("Persona:" if persona else "Persona: (none)", file=file)
     for sentence in persona:
         print(f"  - {sentence}", file=file)
 
 
 COMMANDS_HELP = "/reset clears the history, /persona shows it, /persona a. | b. replaces it, /quit (or Ctrl-D) quits"
+# Each command and whether it takes an argument (/persona's is optional: the new persona).
+COMMANDS = {"/quit": False, "/exit": False, "/reset": False, "/persona": True}
+
+
+def _split_command(text: str) -> tuple[str, str]:
+    """`/persona a. | b.` -> ("/persona", "a. | b."); any whitespace separates the command from its argument."""
+    name, *argument = text.split(None, 1)
+    return name, argument[0].strip() if argument else ""
+
+
+def _command_problem(text: str) -> str | None:
+    """What is wrong with a /command line, or None when it is a command as typed (or not a command at all)."""
+    if not text.startswith("/") or text.startswith("//"):
+        return None
+    name, argument = _split_command(text)
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), COMMANDS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown command {name}{hint}: {COMMANDS_HELP}; begin a message with '//' to send a '/'"
+    if argument and not COMMANDS[name]:
+        return f"{name} takes no argument, got {argument!r}: type {name} alone; begin a message with '//' to send a '/'"
+    return None
 
 
 def _interactive_loop(bot) -> None:
@@ -133,19 +158,24 @@ def _interactive_loop(bot) -> None:
             continue
         if not text:
             continue
-        if text in ("/quit", "/exit"):
+        problem = _command_problem(text)
+        if problem:
+            print(f"({problem})")
+            continue
+        command, argument = _split_command(text)
+        if command in ("/quit", "/exit"):
             return
-        if text == "/reset":
+        if command == "/reset":
             bot.reset()
             print("(history cleared)")
-        elif text == "/persona":
+        elif command == "/persona" and not argument:
             _show_persona(bot.persona)
-        elif text.startswith("/persona "):
-            bot.persona = [s.strip() for s in text[len("/persona ") :].split("|")]
+        elif command == "/persona" and not argument.replace("|", "").strip():
+            print("(/persona a. | b. needs sentences between the '|'; the persona is unchanged)")
+        elif command == "/persona":
+            bot.persona = [s.strip() for s in argument.split("|")]
             _show_persona(bot.persona)
             print("(new persona, history cleared)")
-        elif text.startswith("/") and not text.startswith("//"):
-            print(f"(unknown command {text.split()[0]}: {COMMANDS_HELP}; begin a message with '//' to send a '/')")
         else:
             if text.startswith("//"):
                 text = text[1:]

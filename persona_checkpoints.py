@@ -228,3 +228,57 @@ def inspect_run_folder(
             "from (the run saved none); pass --overwrite_output_dir true to train afresh, or another --output_dir."
         )
     return folder
+
+
+def recorded_options(output_dir: str) -> dict | None:
+    """The options a run folder's `training_config.yaml` records (None when it has none or it cannot be read)."""
+    import yaml
+
+    try:
+        with open(os.path.join(output_dir, TRAINING_CONFIG_NAME), encoding="utf-8") as f:
+            recorded = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_resume_objective(
+    output_dir: str,
+    checkpoint: str | None,
+    wanted: dict,
+    defaults: dict,
+    *,
+    explicit: bool = False,
+    finished: bool = False,
+) -> None:
+    """A `UsageError` when resuming `checkpoint` of the run in `output_dir` would train under another loss than the
+    run's: `wanted` holds the new run's objective options (`objective`, `dpo_loss`), compared with those its
+    `training_config.yaml` records (`defaults` for the ones it leaves out, as it keeps only the options a user set).
+    A checkpoint carries its optimizer state and schedule, which belong to the loss they were trained under.
+    `explicit`: the checkpoint was named by --resume_from_checkpoint (the fix is then to drop it). `finished`: the
+    folder holds a finished run as long as the one asked for, which a run under another loss must not take for its
+    own ("nothing to do")."""
+    recorded = None if checkpoint is None and not finished else recorded_options(output_dir)
+    if recorded is None:
+        return
+    for name, value in wanted.items():
+        before = recorded.get(name, defaults.get(name))
+        if name == "dpo_loss" and wanted.get("objective") != "dpo":
+            continue
+        if before is not None and before != value:
+            fix = (
+                f"Drop --resume_from_checkpoint (--model_name_or_path {checkpoint} starts from its weights)"
+                if explicit
+                else f"Pass a new --output_dir (--model_name_or_path {output_dir} starts from its weights), or "
+                "--overwrite_output_dir true to discard its checkpoints"
+            )
+            raise UsageError(
+                f"{output_dir}: holds a run trained with --{name} {before} ({TRAINING_CONFIG_NAME}); "
+                + (
+                    f"resuming its {os.path.basename(checkpoint)} under --{name} {value} would carry that run's "
+                    "optimizer state and schedule into another loss."
+                    if checkpoint is not None
+                    else f"it is finished, and not a run under --{name} {value}."
+                )
+                + f" {fix}."
+            )

@@ -210,13 +210,28 @@ def read_config_file(path: str) -> dict:
 def _load_yaml_config(path: str, text: str):
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """A key twice in one mapping is refused, as `persona_files.loads_strict` refuses it in JSON."""
+    merge_tag = "tag:yaml.org,2002:merge"
 
-        def construct_mapping(self, node, deep=False):
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """A key twice in one mapping is refused, as `persona_files.loads_strict` refuses it in JSON. Only the keys
+        written in a mapping count: a merge key (`<<: *base`) brings defaults that the mapping's own keys override,
+        as `yaml.safe_load` reads it."""
+
+        def check_own_keys(self, node):
+            own = sum(key_node.tag != merge_tag for key_node, _ in node.value)
+            merged = [value for key_node, value in node.value if key_node.tag == merge_tag]
+            for value in merged:  # a mapping written inside `<<:` is never constructed on its own
+                for sub in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                    if isinstance(sub, yaml.MappingNode):
+                        self.check_own_keys(sub)
+            self.flatten_mapping(node)  # the merged keys first, then the mapping's own (`=` keys made text)
             seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
+            for key_node, _ in node.value[len(node.value) - own :]:
+                key = self.construct_object(key_node, deep=False)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader itself refuses it below ("found unhashable key")
                 if key in seen:
                     mark = key_node.start_mark
                     raise UsageError(
@@ -224,6 +239,10 @@ def _load_yaml_config(path: str, text: str):
                         "mapping (YAML keeps only the last value); remove one."
                     )
                 seen.add(key)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.check_own_keys(node)
             return super().construct_mapping(node, deep=deep)
 
     try:

@@ -22,14 +22,21 @@ from transformers import HfArgumentParser  # noqa: E402
 from persona_arguments import DialogArguments, InferenceArguments  # noqa: E402
 from persona_cli import parse_args_with_config, run_console_script, sentence_list, setup_logging
 from persona_decoding import GENERATION_DEFAULTS, MAX_RANKED, NLIRankingArguments  # noqa: E402
-from persona_errors import (
-    PersonaError,  # noqa: E402
-    UsageError,
-    check_positive,
-)
+from persona_errors import PersonaError, UsageError, check_positive  # noqa: E402
 from persona_process import check_device, say
 
 TITLE = "persona-chat"
+logger = logging.getLogger(__name__)
+
+
+def refusal(message: str) -> Exception:
+    """The page's answer to a message it refuses (too long, a persona over the limits, options the checkpoint cannot
+    serve): shown in the page and logged as one line. A refusal is not a bug, so Gradio prints no traceback for it;
+    any other exception keeps Gradio's traceback."""
+    import gradio as gr
+
+    logger.warning("refused a message: %s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def _persona_lines(text: str) -> list[str]:
@@ -79,12 +86,12 @@ def build_demo(
 
     def check_sizes(message: str, persona_text: str) -> None:
         if len(message) > max_message_chars:
-            raise gr.Error(
+            raise refusal(
                 f"Your message has {len(message)} characters; the limit is {max_message_chars}. Send a shorter one."
             )
         sentences = _persona_lines(persona_text)
         if len(sentences) > max_persona_sentences or len(persona_text or "") > max_persona_chars:
-            raise gr.Error(
+            raise refusal(
                 f"The persona has {len(sentences)} sentences and {len(persona_text)} characters; the limits are "
                 f"{max_persona_sentences} sentences and {max_persona_chars} characters. Shorten it."
             )
@@ -133,8 +140,10 @@ def build_demo(
                 nli_penalty=nli_penalty,
                 **options,
             )
-        except ValueError as err:  # e.g. ranking without a trained head, a reply budget the window cannot hold
-            raise gr.Error(str(err)) from None
+        except PersonaError as err:  # e.g. ranking without a trained head, a reply budget the window cannot hold
+            raise refusal(str(err)) from None
+        except ValueError as err:
+            raise gr.Error(str(err)) from err  # not the user's: its traceback is printed
         turns = [*turns, message, answer]
         return "", _messages(turns), turns
 

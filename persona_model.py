@@ -119,8 +119,28 @@ def library_load_errors(name_or_path: str):
     except PersonaError:
         raise
     except (OSError, ValueError) as err:
+        damaged = _damaged_json_file(name_or_path)
+        if damaged is not None:  # the JSON error names no file: which one of the folder's is cut short or broken
+            raise CheckpointError(
+                f"{damaged[0]}: not valid JSON ({damaged[1]}); the checkpoint is damaged: copy it again or re-train."
+            ) from err
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise CheckpointError(f"{name_or_path}: cannot be loaded: {first[:300]}") from err
+
+
+def _damaged_json_file(name_or_path: str) -> tuple[str, str] | None:
+    """The first `.json` file of a local checkpoint folder that does not parse, with the parser's words."""
+    if not os.path.isdir(name_or_path):
+        return None
+    for name in sorted(os.listdir(name_or_path)):
+        path = os.path.join(name_or_path, name)
+        if name.endswith(".json") and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, OSError) as err:
+                return path, str(err)
+    return None
 
 
 # Messages transformers logs at a load that one line of ours replaces: the load report (a table, with terminal

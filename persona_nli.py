@@ -113,6 +113,8 @@ class NLIScorer:
         self.batch_size = batch_size
         self.label_order = nli_label_order(model.config, self.name)
         self.window = self._window()
+        self.pad_id = self._padding_id()
+        self.input_names = self._input_names()
         self._warned_truncation = False
 
     @classmethod
@@ -150,6 +152,38 @@ class NLIScorer:
         limits = [int(n) for n in limits if n is not None and 0 < n < 1_000_000]
         return min(limits) if limits else 512
 
+    def _padding_id(self) -> int | None:
+        """The id pairs are padded with (on the right, under the attention mask, so every pair scores as it would
+        alone): the classifier's own `pad_token_id`, else the tokenizer's pad, end-of-text, unknown or start token,
+        set on the classifier's config. A decoder classifier (GPT-2, Llama, Qwen2 ...ForSequenceClassification)
+        scores the last token that is not `config.pad_token_id`, so padding with any other id would score a pad.
+        None when the tokenizer has none of these tokens: pairs are then scored one at a time, with no padding."""
+        try:
+            vocab_size = self.model.get_input_embeddings().num_embeddings
+        except (AttributeError, NotImplementedError, TypeError):
+            vocab_size = None  # a model without an embedding table to check the id against
+        tokenizer, config = self.tokenizer, self.model.config
+        names = ("pad_token_id", "eos_token_id", "unk_token_id", "bos_token_id")
+        options = [getattr(config, "pad_token_id", None), *(getattr(tokenizer, name, None) for name in names)]
+        limit = vocab_size if vocab_size is not None else float("inf")
+        pad_id = next((i for i in options if isinstance(i, int) and 0 <= i < limit), None)
+        if pad_id is None:
+            logger.warning("NLI model %s: its tokenizer has no padding token; pairs are scored one by one.", self.name)
+        elif pad_id != getattr(config, "pad_token_id", None):
+            logger.info("NLI model %s: pairs are padded with token id %d (its pad_token_id).", self.name, pad_id)
+            config.pad_token_id = pad_id
+        return pad_id
+
+    def _input_names(self) -> set[str] | None:
+        """The inputs the classifier's forward names (a tokenizer may return `token_type_ids` that a model without
+        token types does not take); None when it takes keyword arguments of any name."""
+        import inspect
+
+        parameters = inspect.signature(self.model.forward).parameters.values()
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return None
+        return {p.name for p in parameters if p.kind != p.VAR_POSITIONAL}
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -184,20 +218,34 @@ class NLIScorer:
 
     def _batch_probabilities(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         first, second = [a for a, _ in pairs], [b for _, b in pairs]
-        encoded = self.tokenizer(first, second, padding=True, truncation=False, return_tensors="pt")
-        if encoded["input_ids"].size(1) > self.window:
+        encoded = self.tokenizer(first, second, truncation=False)
+        if max(len(ids) for ids in encoded["input_ids"]) > self.window:
             if not self._warned_truncation:
                 logger.warning(
                     "NLI model %s: pairs longer than its window of %d tokens are truncated.", self.name, self.window
                 )
                 self._warned_truncation = True
-            encoded = self.tokenizer(
-                first, second, padding=True, truncation=True, max_length=self.window, return_tensors="pt"
-            )
-        encoded = {key: value.to(self.device) for key, value in encoded.items()}
-        with torch.inference_mode():
-            logits = self.model(**encoded).logits.float()  # [b, 3] in the checkpoint's order
+            encoded = self.tokenizer(first, second, truncation=True, max_length=self.window)
+        taken = self.input_names
+        columns = {name: _as_lists(values) for name, values in encoded.items() if taken is None or name in taken}
+        rows = [{name: values[i] for name, values in columns.items()} for i in range(len(pairs))]
+        groups = [rows] if self.pad_id is not None else [[row] for row in rows]
+        logits = torch.cat([self._logits(group) for group in groups])  # [b, 3] in the checkpoint's order
         return logits[:, self.label_order].softmax(-1).cpu()
+
+    def _logits(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """The classifier's logits of tokenized pairs, padded on the right with `pad_id` (attention 0, types 0)."""
+        width = max(len(row["input_ids"]) for row in rows)
+        batch = {}
+        for name in rows[0]:
+            value = self.pad_id if name == "input_ids" else 0
+            batch[name] = torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows])
+        if "attention_mask" not in batch and (self.input_names is None or "attention_mask" in self.input_names):
+            lengths = torch.tensor([len(row["input_ids"]) for row in rows])
+            batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
+        batch = {name: value.to(self.device) for name, value in batch.items()}
+        with torch.inference_mode():
+            return self.model(**batch).logits.float()
 
     def probabilities(self, replies: Sequence[str], persona: Sequence[str]) -> torch.Tensor:
         """Probabilities [len(replies), len(persona), 3] in `NLI_LABELS` order of every reply against every sentence."""
@@ -225,6 +273,11 @@ class NLIScorer:
             out.append(flat[start : start + len(persona)])
             start += len(persona)
         return out
+
+
+def _as_lists(values) -> list[list[int]]:
+    """A tokenizer's column (lists, or a tensor or array when the tokenizer returns one) as lists of ids."""
+    return values.tolist() if hasattr(values, "tolist") else [list(row) for row in values]
 
 
 def probabilities_to_labels(probabilities: torch.Tensor) -> torch.Tensor:

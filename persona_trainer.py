@@ -25,6 +25,10 @@ from persona_heads import candidate_labels
 from persona_metrics import compute_metrics, gold_rank
 from persona_model import unsafe_pickle_error
 
+# DPO's beta: the rewards beta * (log pi - log pi_ref) and their gradients scale with it. Sequence log-probabilities
+# run to hundreds of nats, so far above 10 a step overflows; far below 0.001 the loss stays at log 2.
+BETA_MIN, BETA_MAX = 1e-3, 10.0
+
 
 @dataclass
 class PersonaTrainingArguments(TrainingArguments):
@@ -52,7 +56,13 @@ class PersonaTrainingArguments(TrainingArguments):
         metadata={"help": "Weight of the multiple-choice (next-utterance) loss (default 1; 0 with --objective dpo)."},
     )
     beta: float = field(
-        default=0.1, metadata={"help": "dpo: how far from the reference model the policy may move (DPO's beta)."}
+        default=0.1,
+        metadata={
+            "help": "dpo: how far from the reference model the policy may move (DPO's beta; 0.001 to 10, 0.01-0.5 "
+            "in practice: a larger beta multiplies the gradients until they overflow, a smaller one trains nothing). "
+            "A run whose loss or gradient norm goes non-finite stops at that step with one line naming the step and "
+            "the likely flag, and the model is not saved."
+        },
     )
     dpo_loss: str = field(
         default="pairwise",
@@ -137,8 +147,32 @@ def check_objective(args: PersonaTrainingArguments) -> None:
         raise UsageError(f"--lm_coef and --mc_coef must not both be 0, got {args.lm_coef}, {args.mc_coef}.")
     if not (math.isfinite(args.beta) and args.beta > 0):
         raise UsageError(f"--beta must be a finite number > 0, got {args.beta}.")
+    if not BETA_MIN <= args.beta <= BETA_MAX:
+        raise UsageError(
+            f"--beta {args.beta:g}: out of the range that trains ({BETA_MIN:g} to {BETA_MAX:g}; 0.01-0.5 in practice): "
+            + ("the DPO gradients scale with beta and overflow." if args.beta > BETA_MAX else "DPO learns nothing.")
+        )
     if args.dpo_loss not in ("pairwise", "listwise"):
         raise UsageError(f"--dpo_loss must be 'pairwise' or 'listwise', got {args.dpo_loss!r}.")
+
+
+def non_finite_error(args: PersonaTrainingArguments, step: int, what: str) -> UsageError:
+    """The one line for a run that went non-finite at optimizer step `step`, naming the flag most likely behind it."""
+    lr, likely = args.learning_rate, []
+    if lr > 1e-3:
+        likely.append(f"--learning_rate {lr:g} is large for fine-tuning (1e-5 to 1e-4 in practice)")
+    if args.objective == "dpo" and args.beta > 1:
+        likely.append(f"--beta {args.beta:g} is large (0.01-0.5 in practice)")
+    for name in ("lm_coef", "mc_coef"):
+        if getattr(args, name) > 100:
+            likely.append(f"--{name} {getattr(args, name):g} is large (the loss weights are about 1)")
+    if args.fp16:
+        likely.append("--fp16 overflows: train with --bf16 true or in float32")
+    if not likely:
+        clip = " or clip with --max_grad_norm 1.0" if not args.max_grad_norm else ""
+        likely.append(f"lower --learning_rate (now {lr:g}){clip}, and check the base model's weights")
+    likely = "; ".join(likely)
+    return UsageError(f"training went non-finite at step {step} ({what}); stopped without saving the model: {likely}.")
 
 
 def check_training_values(args: TrainingArguments) -> None:
@@ -234,6 +268,25 @@ class PersonaTrainer(Trainer):
         self._metrics[mode]["lm_loss"].append(self.accelerator.gather(outputs.lm_loss.detach()).nanmean().item())
         self._metrics[mode]["mc_loss"].append(self.accelerator.gather(outputs.mc_loss.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; a non-finite loss stops the run (`non_finite_error`) instead of being left out of the
+        logs by the Trainer's NaN filter while the weights go on updating."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():  # one sync, as the Trainer's own NaN filter makes every step
+            raise non_finite_error(self.args, self.state.global_step + 1, f"loss {loss.item()}")
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of the step, before the optimizer takes it: a non-finite norm stops the run
+        (under --fp16 an overflow is the loss scaler's, torch's or DeepSpeed's, which skips that step and lowers its
+        scale)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not self.args.fp16:
+            norm = float(grad_norm)
+            if not math.isfinite(norm):
+                raise non_finite_error(self.args, self.state.global_step + 1, f"gradient norm {norm}")
+        return grad_norm
 
     def _remove_unused_columns(self, dataset, description=None):
         """The Trainer's column filter, then `ArrowBatches` when the collator is a `PersonaCollator`: the DataLoader

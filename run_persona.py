@@ -241,9 +241,23 @@ def previous_run(training_args) -> tuple[str | None, bool]:
         max_steps=training_args.max_steps,
         num_train_epochs=training_args.num_train_epochs,
     )
+    check_same_objective(training_args, folder.path, folder.resume_from, finished=folder.finished_step is not None)
     for line in folder.messages():
         say(f"persona-train: {line}")
     return folder.resume_from, folder.finished_step is not None
+
+
+def check_same_objective(
+    training_args, output_dir: str, checkpoint: str | None, explicit: bool = False, finished: bool = False
+) -> None:
+    """Resuming `checkpoint` of the run in `output_dir` (or taking its finished run for done) under another objective
+    is refused in one line."""
+    from persona_checkpoints import check_resume_objective
+
+    names = ("objective", "dpo_loss")
+    defaults = {f.name: f.default for f in dataclasses.fields(training_args) if f.name in names}
+    wanted = {name: getattr(training_args, name) for name in names}
+    check_resume_objective(output_dir, checkpoint, wanted, defaults, explicit=explicit, finished=finished)
 
 
 def needed_splits(dialogs, data_args, training_args) -> tuple[str | None, str | None]:
@@ -372,6 +386,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Pe
         last_checkpoint, done = previous_run(training_args)
         if done:
             return {}
+    elif training_args.do_train and isinstance(training_args.resume_from_checkpoint, str):
+        checkpoint = os.path.normpath(training_args.resume_from_checkpoint)
+        check_same_objective(training_args, os.path.dirname(checkpoint), checkpoint, explicit=True)
 
     if training_args.deepspeed and training_args.world_size > 1:
         import deepspeed
