@@ -45,8 +45,8 @@ def heldout_scores(folder: str, dialogs, batch_size: int = 4) -> dict[str, float
             batch = collator(list(rows.select(range(start, min(start + batch_size, rows.num_rows)))))
             logps, outputs = candidate_logps(model, batch)
             gold = batch["mc_labels"]
-            lm_hits += float((gold_rank(logps, gold) == 1).sum())
-            mc_hits += float((gold_rank(outputs.mc_logits.float(), gold) == 1).sum())
+            lm_hits += float((gold_rank(logps, gold) == 0).sum())
+            mc_hits += float((gold_rank(outputs.mc_logits.float(), gold) == 0).sum())
             nll += float(outputs.lm_candidate_nll.gather(1, gold[:, None]).sum())
             tokens += float(outputs.lm_candidate_tokens.gather(1, gold[:, None]).sum())
     return {"lm_hits@1": lm_hits / rows.num_rows, "mc_hits@1": mc_hits / rows.num_rows, "ppl": math.exp(nll / tokens)}

