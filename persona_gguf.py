@@ -209,6 +209,9 @@ def load_gguf_model(source: GGUFSource, model_cls, config, dtype=None, **model_k
         raise RuntimeError(f"{source.path}: transformers kept the GGUF quantizer on a de-quantized model.")
     state_dict, loaded_dtype = lm.state_dict(), lm.dtype
     del lm
-    return model_cls.from_pretrained(
+    model, loading_info = model_cls.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=loaded_dtype, output_loading_info=True, **model_kwargs
     )
+    # Built from no folder: the file is the model's name, so that a LoRA adapter trained on it names its base.
+    model.name_or_path = model.config._name_or_path = source.path
+    return model, loading_info

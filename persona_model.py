@@ -346,7 +346,7 @@ def load_lora_adapter(
     if not base_name:
         raise CheckpointError(f"{field} is empty; set it to the base model's folder or Hub id.")
     fix = "edit that field to the base model's folder or Hub id (or load a merged checkpoint instead)"
-    if looks_local(base_name) and not os.path.isdir(os.path.expanduser(base_name)):
+    if looks_local(base_name) and not os.path.exists(os.path.expanduser(base_name)):  # a folder, or a GGUF file
         raise CheckpointError(f"{field} {base_name!r}: no such folder (the LoRA adapter's base model); {fix}.")
     # The adapter folder holds the tokenizer with the persona tokens, so the base gets no tokens added: its
     # embeddings grow to that tokenizer as in training; the adapter then restores the trained rows.
