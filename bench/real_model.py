@@ -99,7 +99,15 @@ def script(name: str) -> list[str]:
 
 
 def train(args, base: str, data: str, out: str, extra: list[str]) -> tuple[str, float]:
+    """Train one stage (persona-train) into `output_dir/out`; its wall time. With --reuse, a stage trained before
+    (its folder and recorded time present) is taken as it is."""
     folder = os.path.join(args.output_dir, out)
+    timing = os.path.join(args.output_dir, f"{out}.train_seconds")
+    trained = any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json"))
+    if args.reuse and trained and os.path.isfile(timing):
+        with open(timing, encoding="utf-8") as f:
+            print(f"real_model: reusing {folder}", flush=True)
+            return folder, float(f.read())
     command = script("run_persona.py") + [
         "--model_name_or_path", base, "--dataset_path", data, "--output_dir", folder, "--overwrite_output_dir", "true",
         "--max_steps", str(args.max_steps), "--per_device_train_batch_size", "1",
@@ -108,7 +116,10 @@ def train(args, base: str, data: str, out: str, extra: list[str]) -> tuple[str, 
         "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "10",
         "--seed", str(args.seed), "--dtype", "float32", *extra,
     ]  # fmt: skip
-    return folder, run(command, os.path.join(args.output_dir, f"{out}.train.log"))
+    seconds = run(command, os.path.join(args.output_dir, f"{out}.train.log"))
+    with open(timing, "w", encoding="utf-8") as f:
+        f.write(f"{seconds:.1f}")
+    return folder, seconds
 
 
 def evaluate(args, model: str, data: str, name: str, extra: list[str]) -> tuple[dict, float]:
@@ -163,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="A larger budget for a GPU: 10x the steps and turns.")
     parser.add_argument("--stages", default="a,b,b-lora,c,d")
+    parser.add_argument("--reuse", action="store_true", help="Take the stages already trained in --output_dir.")
     args = parser.parse_args()
     if args.gpu:
         args.max_steps, args.eval_turns = args.max_steps * 10, args.eval_turns * 10
