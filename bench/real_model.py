@@ -124,12 +124,18 @@ def train(args, base: str, data: str, out: str, extra: list[str]) -> tuple[str, 
 
 def evaluate(args, model: str, data: str, name: str, extra: list[str]) -> tuple[dict, float]:
     output = os.path.join(args.output_dir, f"{slug(name)}.eval.json")
+    timing = output + ".seconds"
+    if args.reuse and os.path.isfile(output) and os.path.isfile(timing):  # scored before: taken as it is
+        with open(output, encoding="utf-8") as f, open(timing, encoding="utf-8") as t:
+            return json.load(f), float(t.read())
     command = script("persona_eval.py") + [
         "--model_name_or_path", model, "--dataset_path", data, "--split", "valid", "--max_turns", str(args.eval_turns),
         "--batch_size", "4", "--max_length", str(args.max_length), "--output_file", output, "--seed", str(args.seed),
         *(["--nli_model", args.nli_model] if args.nli_model else []), *extra,
     ]  # fmt: skip
     seconds = run(command, os.path.join(args.output_dir, f"{slug(name)}.eval.log"))
+    with open(timing, "w", encoding="utf-8") as f:
+        f.write(f"{seconds:.1f}")
     with open(output, encoding="utf-8") as f:
         return json.load(f), seconds
 
@@ -215,7 +221,9 @@ def main() -> None:
         record("c b + ranked 8, no-repeat 3", full, 0.0, ["--no_sample", "false", *ranked],
                {"num_ranked": 8, "no_repeat_ngram_size": 3})  # fmt: skip
     if "d" in stages:
-        dpo, seconds = train(args, full, data, "d_dpo", ["--objective", "dpo", "--num_candidates", "2"])
+        # The rows the stage trains on, no more: the DPO reference pass scores every training row before step 1.
+        rows = str(args.max_steps * args.accumulation)
+        dpo, seconds = train(args, full, data, "d_dpo", ["--objective", "dpo", "--max_train_samples", rows])
         record("d b + DPO", dpo, seconds, [], {})
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
