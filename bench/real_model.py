@@ -222,8 +222,8 @@ def main() -> None:
                {"num_ranked": 8, "no_repeat_ngram_size": 3})  # fmt: skip
     if "d" in stages:
         # The rows the stage trains on, no more: the DPO reference pass scores every training row before step 1.
-        rows = str(args.max_steps * args.accumulation)
-        dpo, seconds = train(args, full, data, "d_dpo", ["--objective", "dpo", "--max_train_samples", rows])
+        used = str(args.max_steps * args.accumulation)
+        dpo, seconds = train(args, full, data, "d_dpo", ["--objective", "dpo", "--max_train_samples", used])
         record("d b + DPO", dpo, seconds, [], {})
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
