@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from helpers import error_line
 
 import persona_chat
 import persona_eval
@@ -16,17 +17,6 @@ import run_persona
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
     monkeypatch.delenv("PERSONA_DEBUG", raising=False)
-
-
-def error_line(cli, argv, capsys) -> str:
-    """Run a console script's `cli(argv)` in-process; assert status 2 and exactly one `prog: error:` line on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 # --- config files: YAML merge keys load as yaml.safe_load reads them --------------------------------------------
