@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 
 from transformers import TrainingArguments
@@ -9,6 +11,7 @@ from transformers import TrainingArguments
 # Card rows: (label, metric key, format). The convai2_* rows come from persona_eval (--do_convai2_eval).
 CARD_METRICS = [
     ("Hits@1", "eval_hits@1", "{:.4f}"),
+    ("LM Hits@1 (gold first by the reply's per-token log-probability)", "eval_lm_hits@1", "{:.4f}"),
     ("Perplexity (token-level)", "eval_ppl", "{:.2f}"),
     ("Perplexity (word-level: ParlAI words, end token excluded)", "convai2_ppl_word", "{:.2f}"),
     ("F1 (greedy, ConvAI2 normalisation)", "convai2_f1", "{:.4f}"),
@@ -37,6 +40,24 @@ def card_metric_rows(metrics: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def self_chat_summary(folder: str) -> dict | None:
+    """The newest self-chat results of `folder` (`persona-eval --self_chat` writes `self_chat_<split>.json` into the
+    checkpoint folder): `{"turns": N, "summary": {metric: {"mean", "slope", "last", "last_turn"}}}`, or None."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), "self_chat_*.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):  # a file cut short: the card goes without it
+            continue
+        if isinstance(data, dict) and isinstance(data.get("summary"), dict):
+            found.append((os.path.getmtime(path), data))
+    if not found:
+        return None
+    data = max(found, key=lambda item: item[0])[1]
+    return {"turns": data.get("self_chat_turns"), "summary": data["summary"]}
+
+
 def persona_model_card(
     *,
     model_id: str,
@@ -46,8 +67,10 @@ def persona_model_card(
     args: TrainingArguments,
     metrics: dict,
     is_adapter: bool = False,
+    self_chat: dict | None = None,
 ) -> str:
-    """The README.md of a pushed persona model: metadata header, usage, data, recipe and evaluation."""
+    """The README.md of a pushed persona model: metadata header, usage, data, recipe and evaluation (with
+    `self_chat` (`self_chat_summary`), each drift metric's mean, slope per turn and value at the last turn)."""
     from huggingface_hub import ModelCardData
 
     is_hub_dataset = bool(dataset) and "://" not in dataset and not os.path.exists(dataset)
@@ -132,7 +155,28 @@ def persona_model_card(
         ]
     else:
         lines.append("No evaluation was run.")
+    if self_chat:
+        lines += [
+            "",
+            "## Persona over a conversation (self-chat)",
+            "",
+            f"`persona-eval --self_chat {self_chat.get('turns')}`: the bot answers its own earlier replies; each "
+            "metric by bot turn, averaged over the conversations.",
+            "",
+            "| metric | mean | slope per turn | last turn |",
+            "|---|---|---|---|",
+            *[
+                f"| {name} | {_number(row.get('mean'), '.3f')} | {_number(row.get('slope'), '+.4f')} | "
+                f"{_number(row.get('last'), '.3f')} (turn {row.get('last_turn')}) |"
+                for name, row in self_chat["summary"].items()
+            ],
+        ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _number(value, spec: str) -> str:
+    """A card figure, or a dash where a metric had nothing to average (a probe metric without probes)."""
+    return "—" if value is None else format(value, spec)
 
 
 def _loss_description(args) -> str:

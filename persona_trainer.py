@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from persona_backbone import MC_HEAD_FILE, MC_HEAD_PREFIX, PersonaDoubleHeadsModel
-from persona_card import persona_model_card
+from persona_card import persona_model_card, self_chat_summary
 from persona_collator import ArrowBatches, PersonaCollator, candidate_counts
 from persona_errors import UsageError
 from persona_files import file_in_the_way
@@ -405,6 +405,7 @@ class PersonaTrainer(Trainer):
             args=self.args,
             metrics=eval_metrics,
             is_adapter=hasattr(self.model, "peft_config"),
+            self_chat=self_chat_summary(self.args.output_dir),
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)

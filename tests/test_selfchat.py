@@ -373,3 +373,35 @@ def test_readme_self_chat_commands_run(persona_checkpoint, personachat_json, tin
     assert report["plot_file"] == "docs/self_chat_drift.png" and report["self_chat_turns"] == 16
     assert ("Drift plot: docs/self_chat_drift.png" in proc.stdout) == (tmp_path / report["plot_file"]).exists()
     assert os.path.exists(os.path.join(ROOT, "docs", "self_chat_drift.png"))  # the README's image
+
+
+def test_the_model_card_carries_the_self_chat_summary(persona_checkpoint, personachat_json, tmp_path):
+    """A self-chat saved in the run folder (its default place) gives the card one row per metric: mean, slope per
+    turn and the value at the last turn, as the results JSON holds them; a folder without one gives no section."""
+    from persona_card import persona_model_card, self_chat_summary
+    from persona_trainer import PersonaTrainingArguments as TrainingArguments
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert self_chat_summary(str(folder)) is None
+    (folder / "self_chat_old.json").write_text('{"summary": ')  # cut short: passed over
+    output = folder / "self_chat_valid.json"
+    argv = ["--model_name_or_path", persona_checkpoint, "--dataset_path", personachat_json, "--self_chat", "4",
+            "--num_conversations", "2", "--probe_turns", "2", "--max_new_tokens", "4"]  # fmt: skip
+    run_eval([*argv, "--output_file", str(output)])
+    report = json.loads(output.read_text())
+    summary = self_chat_summary(str(folder))
+    assert summary == {"turns": 4, "summary": report["summary"]}
+    card = persona_model_card(
+        model_id="me/bot", base_model="gpt2", dataset=None, recipe={}, args=TrainingArguments(output_dir=str(tmp_path)),
+        metrics={}, self_chat=summary,
+    )  # fmt: skip
+    assert "## Persona over a conversation (self-chat)" in card and "`persona-eval --self_chat 4`" in card
+    for name, row in report["summary"].items():
+        mean, slope, last = (("—" if row[k] is None else format(row[k], spec))
+                             for k, spec in (("mean", ".3f"), ("slope", "+.4f"), ("last", ".3f")))  # fmt: skip
+        expected = f"| {name} | {mean} | {slope} | {last} (turn {row['last_turn']}) |"
+        assert expected in card.splitlines()
+    plain = persona_model_card(model_id="me/bot", base_model="gpt2", dataset=None, recipe={},
+                               args=TrainingArguments(output_dir=str(tmp_path)), metrics={})  # fmt: skip
+    assert "self-chat" not in plain
